@@ -1,0 +1,106 @@
+"""Build script: the Cython core `iocp._core` on top of the native library.
+
+The native C code (src/native) is built first as a static library with its
+own strict warning flags (build_clib), then linked into the extension, so
+the generated Cython C is not held to -Wextra.  Backend sources are chosen
+per platform here (libuv's pattern): Windows gets the IOCP backend, Linux
+the io_uring backend and the epoll emulation, picked at run time.
+
+Environment knobs for developers (see the Makefile):
+  IOCP_DEBUG=1   -O0 -g, assertions, Cython line tracing
+  IOCP_ASAN=1    AddressSanitizer + UndefinedBehaviorSanitizer
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+WINDOWS = sys.platform == "win32"
+DEBUG = os.environ.get("IOCP_DEBUG") == "1"
+ASAN = os.environ.get("IOCP_ASAN") == "1"
+
+COMMON_SOURCES = ["src/native/core.c", "src/native/pool.c", "src/native/queue.c"]
+if WINDOWS:
+    BACKEND_SOURCES = ["src/native/win/iocp.c"]
+    MACROS: list[tuple[str, str]] = [("WIN32_LEAN_AND_MEAN", "1"), ("_WIN32_WINNT", "0x0600")]
+    SYSTEM_LIBS = ["ws2_32"]
+else:
+    BACKEND_SOURCES = ["src/native/linux/epoll.c"]
+    MACROS = [("_GNU_SOURCE", "1")]
+    if os.path.exists("src/native/linux/uring.c"):
+        BACKEND_SOURCES.append("src/native/linux/uring.c")
+        MACROS.append(("IOCP_WITH_URING", "1"))
+    SYSTEM_LIBS = ["pthread"]
+
+if WINDOWS and "GCC" not in sys.version:
+    NATIVE_CFLAGS = ["/W3"]
+    EXT_CFLAGS: list[str] = []
+    LINK_FLAGS: list[str] = []
+else:
+    NATIVE_CFLAGS = ["-std=c99", "-Wall", "-Wextra", "-fPIC", "-fvisibility=hidden"]
+    EXT_CFLAGS = []
+    LINK_FLAGS = []
+    if DEBUG or ASAN:
+        dbg = ["-O0", "-g3", "-UNDEBUG"]
+        NATIVE_CFLAGS += dbg
+        EXT_CFLAGS += dbg
+    else:
+        NATIVE_CFLAGS += ["-O2"]
+    if ASAN:
+        san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+        NATIVE_CFLAGS += san
+        EXT_CFLAGS += san
+        LINK_FLAGS += san
+
+native_lib = (
+    "iocp_native",
+    {
+        "sources": COMMON_SOURCES + BACKEND_SOURCES,
+        "macros": MACROS,
+        "include_dirs": ["src/native"],
+        "cflags": NATIVE_CFLAGS,
+    },
+)
+
+core = Extension(
+    "iocp._core",
+    sources=["src/iocp_core.pyx"],
+    include_dirs=["src/native", "src/includes"],
+    define_macros=MACROS + ([("CYTHON_TRACE_NOGIL", "1")] if DEBUG else []),
+    libraries=["iocp_native", *SYSTEM_LIBS],
+    extra_compile_args=EXT_CFLAGS,
+    extra_link_args=LINK_FLAGS,
+)
+
+extensions = [core]
+if not WINDOWS and os.path.exists("src/native/bench/benchtools.c"):
+    # Load generator and C echo server for `iocp bench`: shipped in the
+    # wheel so benchmarks run without a compiler.
+    extensions.append(
+        Extension(
+            "iocp._benchtools",
+            sources=["src/native/bench/benchtools.c"],
+            define_macros=[("_GNU_SOURCE", "1")],
+            extra_compile_args=["-O2"],
+            libraries=["pthread"],
+        )
+    )
+
+directives = {"language_level": "3", "embedsignature": True}
+if DEBUG:
+    directives.update({"linetrace": True, "boundscheck": True})
+else:
+    directives.update({"boundscheck": False, "wraparound": False})
+
+setup(
+    libraries=[native_lib],
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives=directives,
+        include_path=["src/includes"],
+    ),
+)

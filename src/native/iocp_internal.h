@@ -1,0 +1,118 @@
+/*
+ * iocp_internal.h -- what the platform-neutral core (core.c, pool.c,
+ * queue.c) shares with the backends.  Never included by Cython.
+ *
+ * Locking contract: one mutex per port (port->lock).  The core calls the
+ * backend's register/unregister/submit/cancel with the lock held.  It calls
+ * poll(), wake() and destroy() without it; poll() takes the lock itself
+ * (iocp__lock) around iocp__deliver().  At most one thread is inside poll()
+ * at a time (the core elects it), so a backend's reaping state needs no lock
+ * of its own.
+ */
+#ifndef IOCP_INTERNAL_H
+#define IOCP_INTERNAL_H
+
+#include "iocp_native.h"
+
+#ifdef _WIN32
+typedef SRWLOCK iocp__mutex;
+typedef CONDITION_VARIABLE iocp__cond;
+#else
+#include <pthread.h>
+typedef pthread_mutex_t iocp__mutex;
+typedef pthread_cond_t iocp__cond;
+#endif
+
+typedef struct iocp_backend {
+    const char *name;
+    /* 0 if the backend can run on this machine; fills a feature list. */
+    int (*probe)(char *features, size_t features_len);
+    int (*init)(iocp_port *port, const iocp_port_options *opts);
+    void (*destroy)(iocp_port *port);
+    int (*register_socket)(iocp_port *port, iocp_socket_t sock);
+    int (*unregister_socket)(iocp_port *port, iocp_socket_t sock);
+    int (*submit)(iocp_port *port, iocp_op *op);
+    int (*cancel)(iocp_port *port, iocp_op *op);
+    /*
+     * Reaps at most `max` completions (delivering each with iocp__deliver
+     * under the lock), waiting up to timeout_ms (< 0: forever) for the
+     * first.  Returns how many were delivered, 0 on timeout or wake-up,
+     * IOCP_EINTR on a signal, or another negative error.
+     */
+    int (*poll)(iocp_port *port, int max, int timeout_ms);
+    /* Makes a thread blocked in poll() return soon.  Any thread. */
+    int (*wake)(iocp_port *port);
+    /* Optional: takes back a buffer the backend handed out (buf_id != 0;
+     * the backend counts it in port->live_buffers when it hands it out). */
+    void (*release_buffer)(iocp_port *port, char *data, uint32_t buf_id);
+} iocp_backend;
+
+/* Size classes of the port-owned receive buffer pool. */
+#define IOCP__BUF_CLASSES 10          /* 128 B .. 64 KiB */
+#define IOCP__BUF_MIN_SHIFT 7
+#define IOCP__BUF_KEEP 256            /* free buffers kept per class */
+
+struct iocp__buf_hdr;
+
+struct iocp_port {
+    const iocp_backend *backend;
+    void *be;                          /* backend state */
+    iocp__mutex lock;
+    iocp__cond cond;
+
+    /* Bounded completion queue (ring), then the overflow for completions
+     * produced synchronously (inline success, cancel) while it is full. */
+    iocp_completion *q;
+    unsigned qcap, qhead, qlen;
+    iocp_completion *ovf;
+    unsigned ovfcap, ovfhead, ovflen;
+
+    /* Op record pool and in-flight list. */
+    iocp_op *free_ops;
+    iocp_op inflight_head;             /* sentinel of a circular list */
+    int64_t live_ops, inflight;
+
+    /* Receive buffer pool. */
+    struct iocp__buf_hdr *free_bufs[IOCP__BUF_CLASSES];
+    unsigned free_buf_count[IOCP__BUF_CLASSES];
+    int64_t live_buffers;
+
+    /* Waiting and dispatch. */
+    int polling;                       /* a thread is inside backend->poll */
+    int poll_blocking;                 /* ... with a non-zero timeout */
+    int delivered;                     /* set by iocp__deliver */
+    unsigned wake_gen;
+    unsigned concurrency, active;
+    int64_t queue_peak, completions;
+};
+
+void iocp__lock(iocp_port *port);
+void iocp__unlock(iocp_port *port);
+
+/*
+ * Hands one outcome of `op` to the queue.  Lock held.  Without
+ * IOCP_CF_MORE in flags this is the op's final completion: it leaves the
+ * in-flight list.  Never fails: when the bounded queue is full the
+ * completion goes to the overflow list, which keeps order.
+ */
+void iocp__deliver(iocp_port *port, iocp_op *op, int64_t result,
+                   int64_t error, unsigned flags, char *data, uint32_t buf_id);
+
+/* Port-owned receive buffers (lock held). */
+char *iocp__buffer_get(iocp_port *port, size_t size);
+void iocp__buffer_put(iocp_port *port, char *data);
+
+/* Monotonic milliseconds, for deadlines. */
+int64_t iocp__now_ms(void);
+
+/* Backends compiled into this build (defined by their files). */
+#ifdef _WIN32
+extern const iocp_backend iocp__backend_iocp;
+#else
+extern const iocp_backend iocp__backend_epoll;
+#  ifdef IOCP_WITH_URING
+extern const iocp_backend iocp__backend_uring;
+#  endif
+#endif
+
+#endif /* IOCP_INTERNAL_H */

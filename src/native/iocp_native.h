@@ -1,0 +1,213 @@
+/*
+ * iocp_native.h -- the only header the Cython layer sees.
+ *
+ * The model is the Windows I/O completion port.  A port owns a set of
+ * registered sockets; the caller posts operations (accept, connect, recv,
+ * send, user posts), each described by an iocp_op record taken from the
+ * port's pool; the backend (IOCP, io_uring or the epoll emulation) performs
+ * them and turns every outcome into an iocp_completion.  Completions travel
+ * through a bounded queue to whoever calls iocp_port_wait().
+ *
+ * Ownership rule: from iocp_submit() until the completion that carries the
+ * op without IOCP_CF_MORE has been handed out by iocp_port_wait(), the op
+ * record and any buffer it points to belong to the backend (and the kernel).
+ * Only after that may the caller free the record (iocp_op_free) and unpin
+ * the buffer.
+ *
+ * Every function returns >= 0 on success or a negative error code:
+ * -errno on POSIX, -(Win32/WSA error) on Windows.  Nothing sets errno for
+ * the caller.
+ */
+#ifndef IOCP_NATIVE_H
+#define IOCP_NATIVE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef _WIN32
+#  ifndef WIN32_LEAN_AND_MEAN
+#    define WIN32_LEAN_AND_MEAN
+#  endif
+#  include <winsock2.h>
+#  include <ws2tcpip.h>
+#  include <windows.h>
+typedef SOCKET iocp_socket_t;
+typedef int iocp_socklen_t;
+#  define IOCP_INVALID_SOCKET ((iocp_socket_t)INVALID_SOCKET)
+#  define IOCP_ECANCELED   (-(int)ERROR_OPERATION_ABORTED)
+#  define IOCP_ETIMEDOUT   (-(int)WAIT_TIMEOUT)
+#  define IOCP_EINTR       (-(int)WSAEINTR)
+#  define IOCP_EBADF       (-(int)WSAEBADF)
+#  define IOCP_EINVAL      (-(int)WSAEINVAL)
+#  define IOCP_ENOMEM      (-(int)ERROR_NOT_ENOUGH_MEMORY)
+#  define IOCP_ENOENT      (-(int)ERROR_NOT_FOUND)
+#  define IOCP_EEXIST      (-(int)ERROR_ALREADY_EXISTS)
+#  define IOCP_ESHUTDOWN   (-(int)WSAESHUTDOWN)
+#  define IOCP_ENOSYS      (-(int)ERROR_NOT_SUPPORTED)
+#else
+#  include <errno.h>
+#  include <sys/socket.h>
+typedef int iocp_socket_t;
+typedef socklen_t iocp_socklen_t;
+#  define IOCP_INVALID_SOCKET (-1)
+#  define IOCP_ECANCELED   (-ECANCELED)
+#  define IOCP_ETIMEDOUT   (-ETIMEDOUT)
+#  define IOCP_EINTR       (-EINTR)
+#  define IOCP_EBADF       (-EBADF)
+#  define IOCP_EINVAL      (-EINVAL)
+#  define IOCP_ENOMEM      (-ENOMEM)
+#  define IOCP_ENOENT      (-ENOENT)
+#  define IOCP_EEXIST      (-EEXIST)
+#  define IOCP_ESHUTDOWN   (-ESHUTDOWN)
+#  define IOCP_ENOSYS      (-ENOSYS)
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Operation kinds. */
+enum iocp_op_kind {
+    IOCP_OP_NONE = 0,
+    IOCP_OP_ACCEPT = 1,     /* result: accepted socket; addr: peer address   */
+    IOCP_OP_CONNECT = 2,    /* result: 0; addr: target (set by the caller)   */
+    IOCP_OP_RECV = 3,       /* port-owned buffer chosen when data arrives;
+                               result: bytes; completion.data: the buffer    */
+    IOCP_OP_RECV_INTO = 4,  /* caller's pinned buffer; result: bytes         */
+    IOCP_OP_SEND = 5,       /* caller's pinned buffer; completes when all of
+                               it is sent or an error stops it; result: bytes
+                               sent, error in completion.error if any        */
+    IOCP_OP_POST = 6        /* user packet; result: the nbytes given         */
+};
+
+/* Op flags set by the caller before iocp_submit(). */
+#define IOCP_OPF_MULTISHOT 0x1u  /* accept: keep accepting until cancelled */
+
+/* Completion flags. */
+#define IOCP_CF_MORE      0x1u  /* multishot: the op stays in flight        */
+#define IOCP_CF_CANCELLED 0x2u  /* the op was cancelled (result is error)   */
+#define IOCP_CF_BUFFER    0x4u  /* data is a port buffer: iocp_buffer_release */
+
+/* Space AcceptEx needs for the two addresses it writes. */
+#define IOCP_ACCEPT_ADDR_SPACE (sizeof(struct sockaddr_storage) + 16)
+
+/*
+ * The overlapped record.  On Windows it begins with the OVERLAPPED so the
+ * pointer GetQueuedCompletionStatusEx returns is the record itself (the
+ * MYOV pattern).  Fields below "backend private" belong to the backend
+ * while the op is in flight.
+ */
+typedef struct iocp_op {
+#ifdef _WIN32
+    OVERLAPPED ov;                    /* must stay first */
+#endif
+    /* Set by the caller. */
+    int kind;                         /* enum iocp_op_kind */
+    unsigned flags;                   /* IOCP_OPF_* */
+    iocp_socket_t sock;               /* the socket it operates on */
+    char *buf;                        /* RECV_INTO / SEND: pinned buffer */
+    size_t len;                       /* buffer length / RECV size / POST nbytes */
+    void *user;                       /* opaque to C: the Python Operation */
+    struct sockaddr_storage addr;     /* CONNECT target; ACCEPT peer */
+    iocp_socklen_t addrlen;
+
+    /* Backend private. */
+    size_t done;                      /* bytes already moved (partial send) */
+    iocp_socket_t aux_sock;           /* Windows: socket made for AcceptEx */
+    struct iocp_op *next, *prev;      /* in-flight list / backend queues */
+    struct iocp_op *fd_next;          /* backend per-socket queue */
+    void *backend_data;               /* e.g. Windows recv buffer */
+    int state;                        /* backend state machine */
+    int inflight;                     /* 1 from submit until final completion */
+#ifdef _WIN32
+    char accept_addrs[2 * IOCP_ACCEPT_ADDR_SPACE];
+    WSABUF wsabuf;
+#endif
+} iocp_op;
+
+/* One completion, as handed to the caller of iocp_port_wait(). */
+typedef struct iocp_completion {
+    iocp_op *op;        /* the record (final completion: caller frees it) */
+    int64_t result;     /* >= 0: bytes, socket or nbytes; < 0: error      */
+    int64_t error;      /* SEND only: error that stopped a partial send   */
+    unsigned flags;     /* IOCP_CF_* */
+    char *data;         /* RECV: port buffer holding `result` bytes        */
+    uint32_t buf_id;    /* backend buffer id, passed back on release       */
+} iocp_completion;
+
+typedef struct iocp_port iocp_port;
+
+typedef struct iocp_port_options {
+    const char *backend;     /* "epoll", "io_uring", "iocp" or NULL (best)   */
+    unsigned queue_capacity; /* bounded completion queue; 0 = default 1024   */
+    unsigned concurrency;    /* dispatching threads at once; 0 = CPU count   */
+    unsigned ring_entries;   /* io_uring SQ size; 0 = default                */
+} iocp_port_options;
+
+/* Port life cycle. */
+int iocp_port_create(const iocp_port_options *opts, iocp_port **out);
+/* Frees the port; every op must have completed (see iocp_port_inflight). */
+void iocp_port_destroy(iocp_port *port);
+const char *iocp_port_backend(const iocp_port *port);
+
+/* Sockets. */
+int iocp_register(iocp_port *port, iocp_socket_t sock);
+/* Cancels the socket's pending ops; their completions still arrive. */
+int iocp_unregister(iocp_port *port, iocp_socket_t sock);
+
+/* Op records: pooled, so steady-state submission allocates nothing. */
+iocp_op *iocp_op_alloc(iocp_port *port);
+void iocp_op_free(iocp_port *port, iocp_op *op);
+
+/* Starts an op (the caller filled kind, sock, buf, len, addr, user). */
+int iocp_submit(iocp_port *port, iocp_op *op);
+/*
+ * Asks for an op to stop.  Returns 0 if the request was made (the op then
+ * completes, cancelled or -- if it raced -- with its real result) or
+ * IOCP_ENOENT if the op is not in flight.
+ */
+int iocp_cancel(iocp_port *port, iocp_op *op);
+/* Cancels every op in flight (used by close). Returns how many. */
+int iocp_cancel_all(iocp_port *port);
+
+/*
+ * Takes up to `max` completions.  timeout_ms < 0 waits forever, 0 polls.
+ * Returns the number taken (0 on timeout), IOCP_EINTR when a signal
+ * interrupted the wait, or another negative error.  Must be called without
+ * any lock the callers' callbacks need (Cython: without the GIL).
+ * A successful call with n > 0 counts the caller as a dispatching thread
+ * until it calls iocp_port_dispatch_done().
+ */
+int iocp_port_wait(iocp_port *port, iocp_completion *out, int max, int timeout_ms);
+void iocp_port_dispatch_done(iocp_port *port);
+/* Wakes every thread blocked in iocp_port_wait (which returns 0). */
+int iocp_port_wake(iocp_port *port);
+
+/* Returns a RECV completion's buffer to the port. */
+void iocp_buffer_release(iocp_port *port, char *data, uint32_t buf_id);
+
+/* Introspection. */
+typedef struct iocp_port_stats {
+    int64_t live_ops;        /* op records allocated and not freed */
+    int64_t inflight;        /* ops submitted and not finally completed */
+    int64_t live_buffers;    /* port buffers handed out and not released */
+    int64_t queued;          /* completions in the bounded queue */
+    int64_t queue_capacity;
+    int64_t queue_peak;      /* highest queue length seen */
+    int64_t completions;     /* completions handed out so far */
+} iocp_port_stats;
+void iocp_port_get_stats(iocp_port *port, iocp_port_stats *st);
+
+/*
+ * Backends compiled into this build, with their feature words, e.g.
+ * "io_uring: multishot-accept provided-buffers".  probe() returns 0 when the
+ * backend can run here, else a negative error.
+ */
+int iocp_backend_count(void);
+const char *iocp_backend_name(int i);
+int iocp_backend_probe(int i, char *features, size_t features_len);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* IOCP_NATIVE_H */

@@ -1,0 +1,561 @@
+/*
+ * epoll.c -- the completion model emulated on readiness.
+ *
+ * What the kernel gives: readiness, not completion.  Each registered socket
+ * is added once to an epoll set, edge-triggered for both directions, so
+ * arming an op never costs a syscall.  The backend keeps, per socket, a FIFO
+ * of read-side ops (accept, recv, recv_into) and one of write-side ops
+ * (connect, send), and a "maybe ready" bit per direction.
+ *
+ * How ops map: submit tries the syscall at once when the direction may be
+ * ready and nothing is queued ahead (most recv/send on a busy connection
+ * complete right there, like IOCP's inline success); otherwise the op waits
+ * in its FIFO.  An edge sets the bit and poll() runs the FIFO head until
+ * EAGAIN clears it, the FIFO empties, or the bounded queue has no room
+ * (then the socket goes on a ready list that the next poll() resumes
+ * first, since the edge will not fire again).  One completion per op, in
+ * order per socket and direction.  A send completes only when all of its
+ * bytes are written or an error stops it (then it reports both the bytes
+ * written and the error), as WSASend does.
+ *
+ * Cancel and close: an op still in a FIFO has not touched the kernel, so
+ * cancel unlinks it and delivers a cancelled completion on the spot.
+ * Unregister cancels every op of the socket and leaves the epoll set.  A
+ * socket closed behind our back leaves stale FIFOs; registering its reused
+ * descriptor cancels them first.  Wake-ups use an eventfd.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* accept4 */
+#endif
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "../iocp_internal.h"
+
+#define IOCP__EPOLL_BATCH 256
+
+struct iocp__fdstate {
+    unsigned char registered;
+    unsigned char readable, writable;  /* "maybe ready" after the last edge */
+    unsigned char on_ready_list;
+    iocp_op *rq_head, *rq_tail;        /* accept / recv / recv_into */
+    iocp_op *wq_head, *wq_tail;        /* connect / send */
+    int ready_next;                    /* ready list link (fd), -1 ends */
+};
+
+struct iocp__epoll {
+    int epfd;
+    int evfd;
+    struct iocp__fdstate *fds;
+    int nfds;
+    int ready_head;                    /* sockets with work left over */
+};
+
+enum { IOCP__ST_NONE = 0, IOCP__ST_RQ = 1, IOCP__ST_WQ = 2, IOCP__ST_CONNECTING = 3 };
+
+static int iocp__is_read_side(int kind)
+{
+    return kind == IOCP_OP_ACCEPT || kind == IOCP_OP_RECV || kind == IOCP_OP_RECV_INTO;
+}
+
+static struct iocp__fdstate *iocp__fd(struct iocp__epoll *e, int fd, int grow)
+{
+    if (fd < 0)
+        return NULL;
+    if (fd >= e->nfds) {
+        int n = e->nfds ? e->nfds : 64;
+        struct iocp__fdstate *nf;
+        if (!grow)
+            return NULL;
+        while (n <= fd)
+            n *= 2;
+        nf = realloc(e->fds, (size_t)n * sizeof(*nf));
+        if (!nf)
+            return NULL;
+        memset(nf + e->nfds, 0, (size_t)(n - e->nfds) * sizeof(*nf));
+        e->fds = nf;
+        e->nfds = n;
+    }
+    return &e->fds[fd];
+}
+
+/* ---- per-socket FIFOs ---------------------------------------------- */
+
+static void iocp__fifo_push(iocp_op **head, iocp_op **tail, iocp_op *op)
+{
+    op->fd_next = NULL;
+    if (*tail)
+        (*tail)->fd_next = op;
+    else
+        *head = op;
+    *tail = op;
+}
+
+static void iocp__fifo_pop(iocp_op **head, iocp_op **tail)
+{
+    iocp_op *op = *head;
+    *head = op->fd_next;
+    if (!*head)
+        *tail = NULL;
+    op->fd_next = NULL;
+}
+
+static int iocp__fifo_remove(iocp_op **head, iocp_op **tail, iocp_op *op)
+{
+    iocp_op *prev = NULL, *cur;
+
+    for (cur = *head; cur; prev = cur, cur = cur->fd_next) {
+        if (cur != op)
+            continue;
+        if (prev)
+            prev->fd_next = cur->fd_next;
+        else
+            *head = cur->fd_next;
+        if (*tail == cur)
+            *tail = prev;
+        cur->fd_next = NULL;
+        return 1;
+    }
+    return 0;
+}
+
+/* ---- the syscalls ---------------------------------------------------- */
+
+/*
+ * Runs one op's syscall.  Returns 1 when the op finished (completion
+ * delivered), 0 when it must wait for readiness (EAGAIN).  Lock held.
+ * `budget` bounds how many completions a multishot accept may deliver.
+ */
+static int iocp__attempt(iocp_port *p, iocp_op *op, int *budget)
+{
+    ssize_t n;
+
+    switch (op->kind) {
+    case IOCP_OP_ACCEPT:
+        for (;;) {
+            socklen_t alen = sizeof(op->addr);
+            int fd = accept4(op->sock, (struct sockaddr *)&op->addr, &alen,
+                             SOCK_NONBLOCK | SOCK_CLOEXEC);
+            if (fd < 0) {
+                int err = errno;
+                if (err == EINTR)
+                    continue;
+                if (err == EAGAIN || err == EWOULDBLOCK)
+                    return 0;
+                /* A connection that died in the backlog is not the
+                 * listener's error: accept the next one. */
+                if (err == ECONNABORTED)
+                    continue;
+                iocp__deliver(p, op, -err, 0, 0, NULL, 0);
+                return 1;
+            }
+            op->addrlen = alen;
+            if ((op->flags & IOCP_OPF_MULTISHOT) && *budget > 1) {
+                iocp__deliver(p, op, fd, 0, IOCP_CF_MORE, NULL, 0);
+                (*budget)--;
+                continue;
+            }
+            if (op->flags & IOCP_OPF_MULTISHOT) {
+                iocp__deliver(p, op, fd, 0, IOCP_CF_MORE, NULL, 0);
+                (*budget)--;
+                return 0; /* stays queued: more next time */
+            }
+            iocp__deliver(p, op, fd, 0, 0, NULL, 0);
+            return 1;
+        }
+    case IOCP_OP_RECV: {
+        char *buf = iocp__buffer_get(p, op->len);
+        if (!buf) {
+            iocp__deliver(p, op, IOCP_ENOMEM, 0, 0, NULL, 0);
+            return 1;
+        }
+        do
+            n = recv(op->sock, buf, op->len, 0);
+        while (n < 0 && errno == EINTR);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            iocp__buffer_put(p, buf);
+            return 0;
+        }
+        if (n <= 0) {
+            int err = n < 0 ? -errno : 0;
+            iocp__buffer_put(p, buf);
+            iocp__deliver(p, op, err, 0, 0, NULL, 0);
+        } else {
+            iocp__deliver(p, op, n, 0, IOCP_CF_BUFFER, buf, 0);
+        }
+        return 1;
+    }
+    case IOCP_OP_RECV_INTO:
+        do
+            n = recv(op->sock, op->buf, op->len, 0);
+        while (n < 0 && errno == EINTR);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return 0;
+        iocp__deliver(p, op, n < 0 ? -errno : n, 0, 0, NULL, 0);
+        return 1;
+    case IOCP_OP_SEND:
+        while (op->done < op->len) {
+            n = send(op->sock, op->buf + op->done, op->len - op->done, MSG_NOSIGNAL);
+            if (n >= 0) {
+                op->done += (size_t)n;
+                continue;
+            }
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return 0;
+            if (op->done > 0)
+                iocp__deliver(p, op, (int64_t)op->done, -errno, 0, NULL, 0);
+            else
+                iocp__deliver(p, op, -errno, 0, 0, NULL, 0);
+            return 1;
+        }
+        iocp__deliver(p, op, (int64_t)op->done, 0, 0, NULL, 0);
+        return 1;
+    case IOCP_OP_CONNECT:
+        if (op->state != IOCP__ST_CONNECTING) {
+            /* EINTR from a non-blocking connect means it goes on. */
+            int r = connect(op->sock, (struct sockaddr *)&op->addr, op->addrlen);
+            if (r == 0) {
+                iocp__deliver(p, op, 0, 0, 0, NULL, 0);
+                return 1;
+            }
+            if (errno == EINPROGRESS || errno == EINTR) {
+                /* The handshake goes on; writability reports its end. */
+                op->state = IOCP__ST_CONNECTING;
+                return 0;
+            }
+            iocp__deliver(p, op, -errno, 0, 0, NULL, 0);
+            return 1;
+        } else {
+            int err = 0;
+            socklen_t len = sizeof(err);
+            if (getsockopt(op->sock, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+                err = errno;
+            if (err == EINPROGRESS || err == EALREADY)
+                return 0;
+            if (err == 0) {
+                /* Spurious edge before the handshake ended? */
+                struct sockaddr_storage ss;
+                socklen_t sl = sizeof(ss);
+                if (getpeername(op->sock, (struct sockaddr *)&ss, &sl) < 0 &&
+                    errno == ENOTCONN)
+                    return 0;
+            }
+            iocp__deliver(p, op, -err, 0, 0, NULL, 0);
+            return 1;
+        }
+    default:
+        iocp__deliver(p, op, IOCP_EINVAL, 0, 0, NULL, 0);
+        return 1;
+    }
+}
+
+/*
+ * Runs one direction's FIFO while it may be ready and the budget lasts.
+ * Returns 1 if work is left that only budget (not readiness) stopped.
+ */
+static int iocp__run_fifo(iocp_port *p, iocp_op **head, iocp_op **tail,
+                          unsigned char *ready, int *budget)
+{
+    while (*head && *ready) {
+        iocp_op *op = *head;
+        if (*budget <= 0)
+            return 1;
+        if (iocp__attempt(p, op, budget)) {
+            iocp__fifo_pop(head, tail);
+            op->state = IOCP__ST_NONE;
+            (*budget)--;
+        } else if ((op->flags & IOCP_OPF_MULTISHOT) && op->kind == IOCP_OP_ACCEPT &&
+                   *budget <= 0) {
+            return 1;           /* multishot stopped by budget, not EAGAIN */
+        } else {
+            *ready = 0;
+        }
+    }
+    return 0;
+}
+
+static void iocp__ready_list_add(struct iocp__epoll *e, int fd)
+{
+    struct iocp__fdstate *st = &e->fds[fd];
+    if (st->on_ready_list)
+        return;
+    st->on_ready_list = 1;
+    st->ready_next = e->ready_head;
+    e->ready_head = fd;
+}
+
+static void iocp__process_fd(iocp_port *p, struct iocp__epoll *e, int fd, int *budget)
+{
+    struct iocp__fdstate *st = &e->fds[fd];
+    int left = 0;
+
+    left |= iocp__run_fifo(p, &st->rq_head, &st->rq_tail, &st->readable, budget);
+    left |= iocp__run_fifo(p, &st->wq_head, &st->wq_tail, &st->writable, budget);
+    if (left)
+        iocp__ready_list_add(e, fd);
+}
+
+/* ---- backend interface --------------------------------------------- */
+
+static int iocp__epoll_probe(char *features, size_t len)
+{
+    int fd = epoll_create1(EPOLL_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    close(fd);
+    if (features && len)
+        snprintf(features, len, "edge-triggered inline-completion");
+    return 0;
+}
+
+static int iocp__epoll_init(iocp_port *p, const iocp_port_options *opts)
+{
+    struct iocp__epoll *e;
+    struct epoll_event ev;
+    int r;
+
+    (void)opts;
+    e = calloc(1, sizeof(*e));
+    if (!e)
+        return IOCP_ENOMEM;
+    e->ready_head = -1;
+    e->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (e->epfd < 0) {
+        r = -errno;
+        free(e);
+        return r;
+    }
+    e->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (e->evfd < 0) {
+        r = -errno;
+        close(e->epfd);
+        free(e);
+        return r;
+    }
+    memset(&ev, 0, sizeof(ev));
+    ev.events = EPOLLIN;
+    ev.data.fd = -1;
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->evfd, &ev) < 0) {
+        r = -errno;
+        close(e->evfd);
+        close(e->epfd);
+        free(e);
+        return r;
+    }
+    p->be = e;
+    return 0;
+}
+
+static void iocp__epoll_destroy(iocp_port *p)
+{
+    struct iocp__epoll *e = p->be;
+    close(e->evfd);
+    close(e->epfd);
+    free(e->fds);
+    free(e);
+    p->be = NULL;
+}
+
+static void iocp__cancel_fifo(iocp_port *p, iocp_op **head, iocp_op **tail)
+{
+    while (*head) {
+        iocp_op *op = *head;
+        iocp__fifo_pop(head, tail);
+        op->state = IOCP__ST_NONE;
+        if (op->kind == IOCP_OP_SEND && op->done > 0)
+            iocp__deliver(p, op, (int64_t)op->done, IOCP_ECANCELED, IOCP_CF_CANCELLED, NULL, 0);
+        else
+            iocp__deliver(p, op, IOCP_ECANCELED, 0, IOCP_CF_CANCELLED, NULL, 0);
+    }
+}
+
+static int iocp__epoll_register(iocp_port *p, iocp_socket_t sock)
+{
+    struct iocp__epoll *e = p->be;
+    struct iocp__fdstate *st = iocp__fd(e, sock, 1);
+    struct epoll_event ev;
+    int fl;
+
+    if (!st)
+        return sock < 0 ? IOCP_EBADF : IOCP_ENOMEM;
+    fl = fcntl(sock, F_GETFL);
+    if (fl < 0)
+        return -errno;
+    if (!(fl & O_NONBLOCK) && fcntl(sock, F_SETFL, fl | O_NONBLOCK) < 0)
+        return -errno;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    ev.data.fd = sock;
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, sock, &ev) < 0)
+        return -errno;   /* EEXIST: this very socket is registered already */
+    if (st->registered) {
+        /* The descriptor was closed without unregister and reused. */
+        iocp__cancel_fifo(p, &st->rq_head, &st->rq_tail);
+        iocp__cancel_fifo(p, &st->wq_head, &st->wq_tail);
+    }
+    st->registered = 1;
+    st->readable = st->writable = 1;
+    return 0;
+}
+
+static int iocp__epoll_unregister(iocp_port *p, iocp_socket_t sock)
+{
+    struct iocp__epoll *e = p->be;
+    struct iocp__fdstate *st = iocp__fd(e, sock, 0);
+
+    if (!st || !st->registered)
+        return IOCP_ENOENT;
+    iocp__cancel_fifo(p, &st->rq_head, &st->rq_tail);
+    iocp__cancel_fifo(p, &st->wq_head, &st->wq_tail);
+    /* EBADF/ENOENT: already closed by the caller; the set forgot it. */
+    (void)epoll_ctl(e->epfd, EPOLL_CTL_DEL, sock, NULL);
+    st->registered = 0;
+    return 0;
+}
+
+static int iocp__epoll_submit(iocp_port *p, iocp_op *op)
+{
+    struct iocp__epoll *e = p->be;
+    struct iocp__fdstate *st;
+    int budget = 1;
+
+    if (op->kind == IOCP_OP_POST) {
+        iocp__deliver(p, op, (int64_t)op->len, 0, 0, NULL, 0);
+        return 0;
+    }
+    st = iocp__fd(e, op->sock, 0);
+    if (!st || !st->registered)
+        return IOCP_EBADF;
+    op->state = IOCP__ST_NONE;
+    if (iocp__is_read_side(op->kind)) {
+        if (!st->rq_head && st->readable && !(op->flags & IOCP_OPF_MULTISHOT) &&
+            iocp__attempt(p, op, &budget))
+            return 0;
+        if (op->kind == IOCP_OP_ACCEPT && (op->flags & IOCP_OPF_MULTISHOT))
+            iocp__ready_list_add(e, op->sock);   /* let poll() try it */
+        else if (!st->rq_head)
+            st->readable = 0;
+        iocp__fifo_push(&st->rq_head, &st->rq_tail, op);
+        op->state = IOCP__ST_RQ;
+    } else {
+        if (!st->wq_head && (st->writable || op->kind == IOCP_OP_CONNECT) &&
+            iocp__attempt(p, op, &budget))
+            return 0;
+        if (!st->wq_head)
+            st->writable = 0;
+        iocp__fifo_push(&st->wq_head, &st->wq_tail, op);
+        if (op->state != IOCP__ST_CONNECTING)
+            op->state = IOCP__ST_WQ;
+    }
+    return 0;
+}
+
+static int iocp__epoll_cancel(iocp_port *p, iocp_op *op)
+{
+    struct iocp__epoll *e = p->be;
+    struct iocp__fdstate *st = iocp__fd(e, op->sock, 0);
+    int found;
+
+    if (!st || op->state == IOCP__ST_NONE)
+        return IOCP_ENOENT;
+    if (op->state == IOCP__ST_RQ)
+        found = iocp__fifo_remove(&st->rq_head, &st->rq_tail, op);
+    else
+        found = iocp__fifo_remove(&st->wq_head, &st->wq_tail, op);
+    if (!found)
+        return IOCP_ENOENT;
+    op->state = IOCP__ST_NONE;
+    if (op->kind == IOCP_OP_SEND && op->done > 0)
+        iocp__deliver(p, op, (int64_t)op->done, IOCP_ECANCELED, IOCP_CF_CANCELLED, NULL, 0);
+    else
+        iocp__deliver(p, op, IOCP_ECANCELED, 0, IOCP_CF_CANCELLED, NULL, 0);
+    return 0;
+}
+
+static int iocp__epoll_poll(iocp_port *p, int max, int timeout_ms)
+{
+    struct iocp__epoll *e = p->be;
+    struct epoll_event evs[IOCP__EPOLL_BATCH];
+    int n, i, budget = max, start;
+
+    /* Sockets with work left over from last time come first, and mean
+     * there is something to do now: do not block. */
+    iocp__lock(p);
+    if (e->ready_head >= 0)
+        timeout_ms = 0;
+    iocp__unlock(p);
+
+    /* EINTR is returned, not retried: the caller checks for Ctrl-C. */
+    n = epoll_wait(e->epfd, evs, IOCP__EPOLL_BATCH, timeout_ms);
+    if (n < 0) {
+        if (errno == EINTR)
+            return IOCP_EINTR;
+        return -errno;
+    }
+    iocp__lock(p);
+    start = budget;
+    while (e->ready_head >= 0 && budget > 0) {
+        int fd = e->ready_head;
+        struct iocp__fdstate *st = &e->fds[fd];
+        e->ready_head = st->ready_next;
+        st->on_ready_list = 0;
+        if (st->registered)
+            iocp__process_fd(p, e, fd, &budget);
+    }
+    for (i = 0; i < n; i++) {
+        int fd = evs[i].data.fd;
+        uint32_t ev = evs[i].events;
+        struct iocp__fdstate *st;
+        if (fd < 0) {
+            uint64_t v;
+            ssize_t rr = read(e->evfd, &v, sizeof(v));
+            (void)rr;
+            continue;
+        }
+        st = iocp__fd(e, fd, 0);
+        if (!st || !st->registered)
+            continue;
+        if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+            st->readable = 1;
+        if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR))
+            st->writable = 1;
+        if (budget > 0)
+            iocp__process_fd(p, e, fd, &budget);
+        else if (st->rq_head || st->wq_head)
+            iocp__ready_list_add(e, fd);
+    }
+    iocp__unlock(p);
+    return start - budget;
+}
+
+static int iocp__epoll_wake(iocp_port *p)
+{
+    struct iocp__epoll *e = p->be;
+    uint64_t one = 1;
+
+    if (write(e->evfd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+        return -errno;
+    return 0;
+}
+
+const iocp_backend iocp__backend_epoll = {
+    "epoll",
+    iocp__epoll_probe,
+    iocp__epoll_init,
+    iocp__epoll_destroy,
+    iocp__epoll_register,
+    iocp__epoll_unregister,
+    iocp__epoll_submit,
+    iocp__epoll_cancel,
+    iocp__epoll_poll,
+    iocp__epoll_wake,
+    NULL,
+};

@@ -1,0 +1,138 @@
+/*
+ * pool.c -- op records and port-owned receive buffers, reused instead of
+ * allocated per operation.
+ *
+ * Op records live on a free list for the life of the port, so a server in
+ * steady state submits millions of ops without touching malloc.  Receive
+ * buffers (IOCP_OP_RECV, where the backend picks the memory only when data
+ * arrives) come in power-of-two size classes from 128 B to 64 KiB with a
+ * small free list per class; larger ones go straight to malloc.  Both pools
+ * are protected by the port lock.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "iocp_internal.h"
+
+struct iocp__buf_hdr {
+    struct iocp__buf_hdr *next;  /* free-list link while pooled */
+    size_t cls;                  /* size class, or IOCP__BUF_CLASSES: malloc */
+    union { long double ld; void *p; long long ll; } align[]; /* data */
+};
+
+iocp_op *iocp_op_alloc(iocp_port *p)
+{
+    iocp_op *op;
+
+    iocp__lock(p);
+    op = p->free_ops;
+    if (op) {
+        p->free_ops = op->next;
+    }
+    p->live_ops++;
+    iocp__unlock(p);
+    if (!op) {
+        op = malloc(sizeof(*op));
+        if (!op) {
+            iocp__lock(p);
+            p->live_ops--;
+            iocp__unlock(p);
+            return NULL;
+        }
+    }
+    memset(op, 0, sizeof(*op));
+    op->sock = IOCP_INVALID_SOCKET;
+    op->aux_sock = IOCP_INVALID_SOCKET;
+    return op;
+}
+
+void iocp_op_free(iocp_port *p, iocp_op *op)
+{
+    if (!op)
+        return;
+    iocp__lock(p);
+    op->next = p->free_ops;
+    p->free_ops = op;
+    p->live_ops--;
+    iocp__unlock(p);
+}
+
+void iocp__pool_destroy(iocp_port *p)
+{
+    int i;
+
+    while (p->free_ops) {
+        iocp_op *op = p->free_ops;
+        p->free_ops = op->next;
+        free(op);
+    }
+    for (i = 0; i < IOCP__BUF_CLASSES; i++) {
+        while (p->free_bufs[i]) {
+            struct iocp__buf_hdr *h = p->free_bufs[i];
+            p->free_bufs[i] = h->next;
+            free(h);
+        }
+        p->free_buf_count[i] = 0;
+    }
+}
+
+static size_t iocp__buf_class(size_t size)
+{
+    size_t cls = 0;
+
+    while (cls < IOCP__BUF_CLASSES && ((size_t)1 << (cls + IOCP__BUF_MIN_SHIFT)) < size)
+        cls++;
+    return cls;
+}
+
+char *iocp__buffer_get(iocp_port *p, size_t size)
+{
+    size_t cls = iocp__buf_class(size);
+    struct iocp__buf_hdr *h = NULL;
+
+    if (cls < IOCP__BUF_CLASSES) {
+        h = p->free_bufs[cls];
+        if (h) {
+            p->free_bufs[cls] = h->next;
+            p->free_buf_count[cls]--;
+        } else {
+            h = malloc(sizeof(*h) + ((size_t)1 << (cls + IOCP__BUF_MIN_SHIFT)));
+        }
+    } else {
+        h = malloc(sizeof(*h) + size);
+    }
+    if (!h)
+        return NULL;
+    h->cls = cls;
+    p->live_buffers++;
+    return (char *)h->align;
+}
+
+void iocp__buffer_put(iocp_port *p, char *data)
+{
+    struct iocp__buf_hdr *h;
+
+    if (!data)
+        return;
+    h = (struct iocp__buf_hdr *)(data - offsetof(struct iocp__buf_hdr, align));
+    p->live_buffers--;
+    if (h->cls < IOCP__BUF_CLASSES && p->free_buf_count[h->cls] < IOCP__BUF_KEEP) {
+        h->next = p->free_bufs[h->cls];
+        p->free_bufs[h->cls] = h;
+        p->free_buf_count[h->cls]++;
+    } else {
+        free(h);
+    }
+}
+
+void iocp_buffer_release(iocp_port *p, char *data, uint32_t buf_id)
+{
+    iocp__lock(p);
+    if (buf_id != 0 && p->backend->release_buffer) {
+        p->live_buffers--;
+        p->backend->release_buffer(p, data, buf_id);
+    }
+    else
+        iocp__buffer_put(p, data);
+    iocp__unlock(p);
+}
