@@ -1,0 +1,729 @@
+/*
+ * iocp.c -- the Windows backend: the real I/O completion port.
+ *
+ * What the kernel gives: completion, natively.  A socket associated with
+ * an I/O completion port (CreateIoCompletionPort) reports the end of every
+ * overlapped operation as a packet {bytes, key, OVERLAPPED*} that
+ * GetQueuedCompletionStatusEx hands back in batches.  Our op record begins
+ * with its OVERLAPPED (iocp_native.h), so a packet's OVERLAPPED pointer *is*
+ * the op; the completion key only tells our own wake-up packets apart.
+ *
+ * How ops map:
+ *   ACCEPT    AcceptEx on a socket we create (same family/type/protocol as
+ *             the listener), then SO_UPDATE_ACCEPT_CONTEXT and
+ *             GetAcceptExSockaddrs for the peer address.  Multishot accept
+ *             (which IOCP does not have) is emulated: after each success we
+ *             deliver an IOCP_CF_MORE completion and issue AcceptEx again.
+ *   CONNECT   ConnectEx, which insists on a bound socket: an unbound one is
+ *             bound to the family's wildcard address first; then
+ *             SO_UPDATE_CONNECT_CONTEXT so shutdown()/getpeername() work.
+ *   RECV      WSARecv into a port buffer taken at submit (iocp__buffer_get).
+ *             The simple choice: an idle connection pins op->len bytes.
+ *             The alternative (a zero-byte WSARecv, then a non-blocking
+ *             recv into a buffer taken only when data is there) needs the
+ *             socket in non-blocking mode, which would change the caller's
+ *             socket behind its back; left for when it is measured to
+ *             matter.
+ *   RECV_INTO WSARecv into the caller's pinned buffer.
+ *   SEND      WSASend, issued again for the rest after a partial completion
+ *             (rare on Windows, but allowed), so one completion reports the
+ *             whole send or the bytes sent plus the error that stopped it.
+ *   POST      PostQueuedCompletionStatus with the op's OVERLAPPED; result is
+ *             op->len (not the DWORD the packet can carry).
+ *
+ * Inline completion: every socket is set to FILE_SKIP_COMPLETION_PORT_ON_
+ * SUCCESS when it is registered.  An overlapped call that succeeds at once
+ * then queues no packet, so we finish the op right there, under the lock,
+ * with iocp__deliver -- exactly once.  If the mode cannot be set (a non-IFS
+ * layered provider), the socket is remembered without it and an inline
+ * success is treated like a pending op: its packet will come.  Failure
+ * other than WSA_IO_PENDING never queues a packet, in either mode.
+ *
+ * Errors come from the packet's NTSTATUS (OVERLAPPED.Internal), turned into
+ * a Win32 error by GetOverlappedResult (which never touches the handle for
+ * a finished op -- WSAGetOverlappedResult would, and fails with WSAENOTSOCK
+ * once the socket is closed).  The network ones are then translated to the
+ * WSA codes Winsock itself reports (64 -> WSAECONNRESET, 1225 ->
+ * WSAECONNREFUSED, ...) because CPython maps WSA codes to the right OSError
+ * subclasses and most Win32 network codes to plain OSError(EINVAL).
+ *
+ * Cancel and close: cancel marks the op (so a partial send or a multishot
+ * accept is not issued again) and calls CancelIoEx on that OVERLAPPED.  The
+ * kernel then completes it with ERROR_OPERATION_ABORTED (995), which we
+ * deliver with IOCP_CF_CANCELLED; if the op finished first, CancelIoEx says
+ * ERROR_NOT_FOUND and the real result arrives, which the contract allows.
+ * Unregister cancels every op of the socket found on port->inflight (a
+ * socket cannot leave a port; it stays associated until it is closed).
+ * Closing a socket aborts its pending ops (995 on Windows; Wine 8 says
+ * ERROR_HANDLES_CLOSED, 676, which we treat the same).  A failed or
+ * cancelled AcceptEx closes the socket it made.
+ *
+ * Wake-ups are packets with an internal key and no OVERLAPPED; they never
+ * surface.  One GetQueuedCompletionStatusEx batch may hold wake packets that
+ * were meant for other waiting threads; only one thread polls at a time
+ * (the core elects it), so the others sleep on the core's condition
+ * variable, not in the kernel, and swallowing them all is right.
+ */
+#ifndef _WIN32_WINNT
+#define _WIN32_WINNT 0x0600   /* GQCSEx, CancelIoEx, SetFileCompletion... */
+#endif
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../iocp_internal.h"
+
+#include <mswsock.h>
+
+#ifndef FILE_SKIP_COMPLETION_PORT_ON_SUCCESS
+#define FILE_SKIP_COMPLETION_PORT_ON_SUCCESS 0x1
+#endif
+#ifndef FILE_SKIP_SET_EVENT_ON_HANDLE
+#define FILE_SKIP_SET_EVENT_ON_HANDLE 0x2
+#endif
+#ifndef WSA_FLAG_NO_HANDLE_INHERIT
+#define WSA_FLAG_NO_HANDLE_INHERIT 0x80
+#endif
+#ifndef ERROR_HANDLES_CLOSED
+#define ERROR_HANDLES_CLOSED 676L
+#endif
+
+#define IOCP__WIN_BATCH 256
+#define IOCP__KEY_OP   ((ULONG_PTR)0)   /* packets carrying an iocp_op */
+#define IOCP__KEY_WAKE ((ULONG_PTR)1)   /* internal wake-ups */
+
+/* op->state bits. */
+#define IOCP__WST_CANCEL 0x1   /* cancel requested: do not issue again */
+
+/* One registered socket.  Chained hash table keyed by SOCKET. */
+struct iocp__sockent {
+    SOCKET s;
+    unsigned char registered;  /* between register and unregister */
+    unsigned char skip;        /* FILE_SKIP_COMPLETION_PORT_ON_SUCCESS set */
+    struct iocp__sockent *next;
+};
+
+#define IOCP__SOCK_BUCKETS 1024
+
+/* Extension functions, per address family (they belong to the provider). */
+struct iocp__ext {
+    int family;
+    LPFN_ACCEPTEX acceptex;
+    LPFN_CONNECTEX connectex;
+    LPFN_GETACCEPTEXSOCKADDRS getsockaddrs;
+};
+
+struct iocp__win {
+    HANDLE port;
+    struct iocp__sockent *buckets[IOCP__SOCK_BUCKETS];
+    struct iocp__ext ext[4];
+    int next_ext;
+};
+
+/* ---- registered sockets --------------------------------------------- */
+
+static unsigned iocp__sock_hash(SOCKET s)
+{
+    /* Handle values are multiples of 4. */
+    unsigned long long v = (unsigned long long)s >> 2;
+    v ^= v >> 17;
+    return (unsigned)(v * 0x9E3779B1u) & (IOCP__SOCK_BUCKETS - 1);
+}
+
+static struct iocp__sockent *iocp__sock_find(struct iocp__win *w, SOCKET s, int create)
+{
+    unsigned h = iocp__sock_hash(s);
+    struct iocp__sockent *e;
+
+    for (e = w->buckets[h]; e; e = e->next)
+        if (e->s == s)
+            return e;
+    if (!create)
+        return NULL;
+    e = calloc(1, sizeof(*e));
+    if (!e)
+        return NULL;
+    e->s = s;
+    e->next = w->buckets[h];
+    w->buckets[h] = e;
+    return e;
+}
+
+/* ---- errors ----------------------------------------------------------- */
+
+/* Win32 network errors -> the WSA codes Winsock reports for them. */
+static int iocp__wsa_error(DWORD err)
+{
+    switch (err) {
+    case ERROR_NETNAME_DELETED:          return WSAECONNRESET;   /* 64 */
+    case ERROR_CONNECTION_REFUSED:       return WSAECONNREFUSED; /* 1225 */
+    case ERROR_CONNECTION_ABORTED:       return WSAECONNABORTED; /* 1236 */
+    case ERROR_NETWORK_UNREACHABLE:      return WSAENETUNREACH;  /* 1231 */
+    case ERROR_HOST_UNREACHABLE:         return WSAEHOSTUNREACH; /* 1232 */
+    case ERROR_PORT_UNREACHABLE:         return WSAECONNRESET;   /* 1234 */
+    case ERROR_SEM_TIMEOUT:              return WSAETIMEDOUT;    /* 121 */
+    case ERROR_CONNECTION_INVALID:       return WSAENOTCONN;     /* 1229 */
+    case ERROR_ADDRESS_ALREADY_ASSOCIATED: return WSAEADDRINUSE; /* 1227 */
+    case ERROR_HANDLES_CLOSED:           return ERROR_OPERATION_ABORTED; /* Wine */
+    default:                             return (int)err;
+    }
+}
+
+/* The outcome of a finished overlapped op: 0 or a (WSA) error. */
+static int iocp__ov_error(iocp_op *op, DWORD *bytes)
+{
+    DWORD n = 0;
+
+    if (GetOverlappedResult((HANDLE)op->sock, &op->ov, &n, FALSE)) {
+        *bytes = n;
+        return 0;
+    }
+    *bytes = n;
+    return iocp__wsa_error(GetLastError());
+}
+
+/* ---- extension functions --------------------------------------------- */
+
+static void *iocp__ext_fn(SOCKET s, GUID guid)
+{
+    void *fn = NULL;
+    DWORD n = 0;
+
+    if (WSAIoctl(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &guid, sizeof(guid),
+                 &fn, sizeof(fn), &n, NULL, NULL) != 0)
+        return NULL;
+    return fn;
+}
+
+/* Extension functions for `family`, looked up once through socket `s`. */
+static struct iocp__ext *iocp__ext_get(struct iocp__win *w, SOCKET s, int family, int *err)
+{
+    GUID g_accept = WSAID_ACCEPTEX, g_connect = WSAID_CONNECTEX,
+         g_addrs = WSAID_GETACCEPTEXSOCKADDRS;
+    struct iocp__ext *x;
+    int i;
+
+    for (i = 0; i < w->next_ext; i++)
+        if (w->ext[i].family == family)
+            return &w->ext[i];
+    if (w->next_ext == (int)(sizeof(w->ext) / sizeof(w->ext[0]))) {
+        *err = WSAEAFNOSUPPORT;
+        return NULL;
+    }
+    x = &w->ext[w->next_ext];
+    x->acceptex = (LPFN_ACCEPTEX)iocp__ext_fn(s, g_accept);
+    x->connectex = (LPFN_CONNECTEX)iocp__ext_fn(s, g_connect);
+    x->getsockaddrs = (LPFN_GETACCEPTEXSOCKADDRS)iocp__ext_fn(s, g_addrs);
+    if (!x->acceptex || !x->connectex || !x->getsockaddrs) {
+        *err = WSAGetLastError();
+        if (*err == 0)
+            *err = WSAEOPNOTSUPP;
+        return NULL;
+    }
+    x->family = family;
+    w->next_ext++;
+    return x;
+}
+
+/* ---- issuing ---------------------------------------------------------- */
+
+enum { IOCP__PENDING = 1, IOCP__INLINE = 2 };
+
+/*
+ * Starts the kernel side of op's next step.  Returns IOCP__PENDING (a
+ * packet will come), IOCP__INLINE (finished now, no packet: *bytes holds
+ * the count) or a negative error (finished now with that error, no packet).
+ * Lock held.
+ */
+static int iocp__issue(iocp_port *p, iocp_op *op, const struct iocp__sockent *se, DWORD *bytes)
+{
+    struct iocp__win *w = p->be;
+    struct iocp__ext *x;
+    DWORD flags = 0;
+    int r, err = 0;
+
+    *bytes = 0;
+    memset(&op->ov, 0, sizeof(op->ov));
+    switch (op->kind) {
+    case IOCP_OP_ACCEPT: {
+        WSAPROTOCOL_INFOW info;
+        int ilen = sizeof(info);
+        SOCKET a;
+
+        if (getsockopt(op->sock, SOL_SOCKET, SO_PROTOCOL_INFOW, (char *)&info, &ilen) != 0)
+            return -WSAGetLastError();
+        x = iocp__ext_get(w, op->sock, info.iAddressFamily, &err);
+        if (!x)
+            return -err;
+        a = WSASocketW(info.iAddressFamily, info.iSocketType, info.iProtocol, NULL, 0,
+                       WSA_FLAG_OVERLAPPED | WSA_FLAG_NO_HANDLE_INHERIT);
+        if (a == INVALID_SOCKET && WSAGetLastError() == WSAEINVAL)
+            /* Before Windows 7 SP1 the no-inherit flag is unknown. */
+            a = WSASocketW(info.iAddressFamily, info.iSocketType, info.iProtocol, NULL, 0,
+                           WSA_FLAG_OVERLAPPED);
+        if (a == INVALID_SOCKET)
+            return -WSAGetLastError();
+        op->aux_sock = a;
+        if (x->acceptex(op->sock, a, op->accept_addrs, 0, IOCP_ACCEPT_ADDR_SPACE,
+                        IOCP_ACCEPT_ADDR_SPACE, bytes, &op->ov))
+            return se->skip ? IOCP__INLINE : IOCP__PENDING;
+        err = WSAGetLastError();
+        break;
+    }
+    case IOCP_OP_CONNECT: {
+        struct sockaddr_storage ss;
+        int sl = sizeof(ss);
+
+        x = iocp__ext_get(w, op->sock, op->addr.ss_family, &err);
+        if (!x)
+            return -err;
+        if (getsockname(op->sock, (struct sockaddr *)&ss, &sl) != 0) {
+            /* ConnectEx requires a bound socket; getsockname fails with
+             * WSAEINVAL on an unbound one.  Bind to the wildcard. */
+            memset(&ss, 0, sizeof(ss));
+            ss.ss_family = op->addr.ss_family;
+            sl = ss.ss_family == AF_INET6 ? (int)sizeof(struct sockaddr_in6)
+                                          : (int)sizeof(struct sockaddr_in);
+            if (bind(op->sock, (struct sockaddr *)&ss, sl) != 0)
+                return -WSAGetLastError();
+        }
+        if (x->connectex(op->sock, (struct sockaddr *)&op->addr, op->addrlen, NULL, 0,
+                         NULL, &op->ov))
+            return se->skip ? IOCP__INLINE : IOCP__PENDING;
+        err = WSAGetLastError();
+        break;
+    }
+    case IOCP_OP_RECV:
+    case IOCP_OP_RECV_INTO:
+        if (op->kind == IOCP_OP_RECV) {
+            if (!op->backend_data)
+                op->backend_data = iocp__buffer_get(p, op->len);
+            if (!op->backend_data)
+                return IOCP_ENOMEM;
+            op->wsabuf.buf = op->backend_data;
+        } else {
+            op->wsabuf.buf = op->buf;
+        }
+        op->wsabuf.len = op->len > 0x7fffffffu ? 0x7fffffffu : (ULONG)op->len;
+        r = WSARecv(op->sock, &op->wsabuf, 1, bytes, &flags, &op->ov, NULL);
+        if (r == 0)
+            return se->skip ? IOCP__INLINE : IOCP__PENDING;
+        err = WSAGetLastError();
+        break;
+    case IOCP_OP_SEND: {
+        size_t left = op->len - op->done;
+        op->wsabuf.buf = op->buf + op->done;
+        op->wsabuf.len = left > 0x7fffffffu ? 0x7fffffffu : (ULONG)left;
+        r = WSASend(op->sock, &op->wsabuf, 1, bytes, 0, &op->ov, NULL);
+        if (r == 0)
+            return se->skip ? IOCP__INLINE : IOCP__PENDING;
+        err = WSAGetLastError();
+        break;
+    }
+    default:
+        return IOCP_EINVAL;
+    }
+    if (err == WSA_IO_PENDING)
+        return IOCP__PENDING;
+    return -err;
+}
+
+/* ---- finishing -------------------------------------------------------- */
+
+static void iocp__close_aux(iocp_op *op)
+{
+    if (op->aux_sock != INVALID_SOCKET) {
+        closesocket(op->aux_sock);
+        op->aux_sock = INVALID_SOCKET;
+    }
+}
+
+static void iocp__drop_buffer(iocp_port *p, iocp_op *op)
+{
+    if (op->backend_data) {
+        iocp__buffer_put(p, op->backend_data);
+        op->backend_data = NULL;
+    }
+}
+
+/*
+ * A step of `op` ended with (bytes, err): deliver, or return 1 if the op
+ * must be issued again (rest of a partial send, next multishot accept, an
+ * accept whose connection died in the backlog).  Lock held.
+ */
+static int iocp__finish(iocp_port *p, iocp_op *op, DWORD bytes, int err)
+{
+    int cancel_req = (op->state & IOCP__WST_CANCEL) != 0;
+    int cancelled;
+
+    if (err == ERROR_HANDLES_CLOSED)
+        err = ERROR_OPERATION_ABORTED;     /* Wine's word for "closed" */
+    cancelled = err == ERROR_OPERATION_ABORTED || (err != 0 && cancel_req);
+
+    switch (op->kind) {
+    case IOCP_OP_ACCEPT:
+        if (err == 0) {
+            SOCKET a = op->aux_sock;
+            struct sockaddr *local = NULL, *remote = NULL;
+            int llen = 0, rlen = 0;
+            struct iocp__ext *x;
+            WSAPROTOCOL_INFOW info;
+            int ilen = sizeof(info), e2 = 0;
+
+            /* Without it the accepted socket knows no addresses and
+             * shutdown() fails. */
+            if (setsockopt(a, SOL_SOCKET, SO_UPDATE_ACCEPT_CONTEXT,
+                           (char *)&op->sock, sizeof(op->sock)) != 0) {
+                err = WSAGetLastError();
+                iocp__close_aux(op);
+                goto accept_failed;
+            }
+            if (getsockopt(op->sock, SOL_SOCKET, SO_PROTOCOL_INFOW, (char *)&info, &ilen) == 0 &&
+                (x = iocp__ext_get(p->be, op->sock, info.iAddressFamily, &e2)) != NULL) {
+                x->getsockaddrs(op->accept_addrs, 0, IOCP_ACCEPT_ADDR_SPACE,
+                                IOCP_ACCEPT_ADDR_SPACE, &local, &llen, &remote, &rlen);
+            }
+            if (remote && rlen > 0 && (size_t)rlen <= sizeof(op->addr)) {
+                memcpy(&op->addr, remote, (size_t)rlen);
+                op->addrlen = rlen;
+            } else {
+                int sl = sizeof(op->addr);
+                if (getpeername(a, (struct sockaddr *)&op->addr, &sl) == 0)
+                    op->addrlen = sl;
+                else
+                    op->addrlen = 0;
+            }
+            op->aux_sock = INVALID_SOCKET;  /* the caller's now */
+            if (op->flags & IOCP_OPF_MULTISHOT) {
+                iocp__deliver(p, op, (int64_t)a, 0, IOCP_CF_MORE, NULL, 0);
+                if (!cancel_req)
+                    return 1;
+                iocp__deliver(p, op, IOCP_ECANCELED, 0, IOCP_CF_CANCELLED, NULL, 0);
+                return 0;
+            }
+            iocp__deliver(p, op, (int64_t)a, 0, 0, NULL, 0);
+            return 0;
+        }
+        iocp__close_aux(op);
+    accept_failed:
+        if (cancelled) {
+            iocp__deliver(p, op, IOCP_ECANCELED, 0, IOCP_CF_CANCELLED, NULL, 0);
+            return 0;
+        }
+        /* A connection reset while in the backlog is not the listener's
+         * error (epoll's ECONNABORTED): accept the next one. */
+        if (err == WSAECONNRESET || err == WSAECONNABORTED)
+            return 1;
+        iocp__deliver(p, op, -(int64_t)err, 0, 0, NULL, 0);
+        return 0;
+
+    case IOCP_OP_CONNECT:
+        if (err == 0 &&
+            setsockopt(op->sock, SOL_SOCKET, SO_UPDATE_CONNECT_CONTEXT, NULL, 0) != 0)
+            err = WSAGetLastError();
+        if (err == 0)
+            iocp__deliver(p, op, 0, 0, 0, NULL, 0);
+        else if (cancelled)
+            iocp__deliver(p, op, IOCP_ECANCELED, 0, IOCP_CF_CANCELLED, NULL, 0);
+        else
+            iocp__deliver(p, op, -(int64_t)err, 0, 0, NULL, 0);
+        return 0;
+
+    case IOCP_OP_RECV:
+        if (err == 0 && bytes > 0) {
+            char *buf = op->backend_data;
+            op->backend_data = NULL;
+            iocp__deliver(p, op, (int64_t)bytes, 0, IOCP_CF_BUFFER, buf, 0);
+            return 0;
+        }
+        iocp__drop_buffer(p, op);
+        /* fall through */
+    case IOCP_OP_RECV_INTO:
+        if (err == 0)
+            iocp__deliver(p, op, (int64_t)bytes, 0, 0, NULL, 0);
+        else if (cancelled)
+            iocp__deliver(p, op, IOCP_ECANCELED, 0, IOCP_CF_CANCELLED, NULL, 0);
+        else
+            iocp__deliver(p, op, -(int64_t)err, 0, 0, NULL, 0);
+        return 0;
+
+    case IOCP_OP_SEND:
+        op->done += bytes;
+        if (err == 0) {
+            if (op->done < op->len && bytes > 0 && !cancel_req)
+                return 1;
+            if (op->done < op->len && cancel_req)
+                iocp__deliver(p, op, (int64_t)op->done, IOCP_ECANCELED, IOCP_CF_CANCELLED,
+                              NULL, 0);
+            else
+                iocp__deliver(p, op, (int64_t)op->done, 0, 0, NULL, 0);
+        } else if (cancelled) {
+            if (op->done > 0)
+                iocp__deliver(p, op, (int64_t)op->done, IOCP_ECANCELED, IOCP_CF_CANCELLED,
+                              NULL, 0);
+            else
+                iocp__deliver(p, op, IOCP_ECANCELED, 0, IOCP_CF_CANCELLED, NULL, 0);
+        } else if (op->done > 0) {
+            iocp__deliver(p, op, (int64_t)op->done, -(int64_t)err, 0, NULL, 0);
+        } else {
+            iocp__deliver(p, op, -(int64_t)err, 0, 0, NULL, 0);
+        }
+        return 0;
+
+    case IOCP_OP_POST:
+        iocp__deliver(p, op, (int64_t)op->len, 0, 0, NULL, 0);
+        return 0;
+
+    default:
+        iocp__deliver(p, op, IOCP_EINVAL, 0, 0, NULL, 0);
+        return 0;
+    }
+}
+
+/*
+ * Drives op from a finished step until it is pending in the kernel again
+ * or finally delivered.  Inline completions loop here instead of waiting
+ * for a packet that will never come.  Lock held.
+ */
+static void iocp__advance(iocp_port *p, iocp_op *op, DWORD bytes, int err)
+{
+    struct iocp__win *w = p->be;
+    struct iocp__sockent *se;
+    int r;
+
+    while (iocp__finish(p, op, bytes, err)) {
+        se = iocp__sock_find(w, op->sock, 0);
+        if (!se || !se->registered) {
+            /* Unregistered between steps: stop as cancelled. */
+            op->state |= IOCP__WST_CANCEL;
+            bytes = 0;
+            err = ERROR_OPERATION_ABORTED;
+            continue;
+        }
+        r = iocp__issue(p, op, se, &bytes);
+        if (r == IOCP__PENDING)
+            return;
+        err = r == IOCP__INLINE ? 0 : -r;
+    }
+}
+
+/* ---- backend interface ------------------------------------------------ */
+
+static int iocp__win_probe(char *features, size_t len)
+{
+    HANDLE h = CreateIoCompletionPort(INVALID_HANDLE_VALUE, NULL, 0, 0);
+
+    if (!h)
+        return -(int)GetLastError();
+    CloseHandle(h);
+    if (features && len)
+        snprintf(features, len, "skip-completion-on-success acceptex connectex "
+                                "batched-dequeue");
+    return 0;
+}
+
+static int iocp__win_init(iocp_port *p, const iocp_port_options *opts)
+{
+    struct iocp__win *w;
+    WSADATA wd;
+    int r;
+
+    (void)opts;
+    /* Reference-counted; Python's socket module has called it already,
+     * a C program may not have. */
+    r = WSAStartup(MAKEWORD(2, 2), &wd);
+    if (r != 0)
+        return -r;
+    w = calloc(1, sizeof(*w));
+    if (!w) {
+        WSACleanup();
+        return IOCP_ENOMEM;
+    }
+    /* Concurrency 0: the core limits dispatching threads itself, and only
+     * one thread at a time waits in the kernel. */
+    w->port = CreateIoCompletionPort(INVALID_HANDLE_VALUE, NULL, 0, 0);
+    if (!w->port) {
+        r = -(int)GetLastError();
+        free(w);
+        WSACleanup();
+        return r;
+    }
+    p->be = w;
+    return 0;
+}
+
+static void iocp__win_destroy(iocp_port *p)
+{
+    struct iocp__win *w = p->be;
+    int i;
+
+    CloseHandle(w->port);
+    for (i = 0; i < IOCP__SOCK_BUCKETS; i++) {
+        while (w->buckets[i]) {
+            struct iocp__sockent *e = w->buckets[i];
+            w->buckets[i] = e->next;
+            free(e);
+        }
+    }
+    free(w);
+    p->be = NULL;
+    WSACleanup();
+}
+
+static int iocp__win_register(iocp_port *p, iocp_socket_t sock)
+{
+    struct iocp__win *w = p->be;
+    struct iocp__sockent *se = iocp__sock_find(w, sock, 0);
+
+    if (se && se->registered)
+        return IOCP_EEXIST;
+    if (!CreateIoCompletionPort((HANDLE)sock, w->port, IOCP__KEY_OP, 0)) {
+        DWORD err = GetLastError();
+        /* ERROR_INVALID_PARAMETER: already associated.  A handle cannot
+         * leave a port, so after unregister the same open socket comes
+         * back this way; that is fine when the association is ours. */
+        if (!(se && err == ERROR_INVALID_PARAMETER))
+            return -(int)err;
+        se->registered = 1;
+        return 0;
+    }
+    if (!se) {
+        se = iocp__sock_find(w, sock, 1);
+        if (!se)
+            return IOCP_ENOMEM;   /* associated anyway; harmless */
+    }
+    se->registered = 1;
+    se->skip = SetFileCompletionNotificationModes(
+                   (HANDLE)sock,
+                   FILE_SKIP_COMPLETION_PORT_ON_SUCCESS | FILE_SKIP_SET_EVENT_ON_HANDLE) != 0;
+    return 0;
+}
+
+static int iocp__win_cancel(iocp_port *p, iocp_op *op);
+
+static int iocp__win_unregister(iocp_port *p, iocp_socket_t sock)
+{
+    struct iocp__win *w = p->be;
+    struct iocp__sockent *se = iocp__sock_find(w, sock, 0);
+    iocp_op *op;
+
+    if (!se || !se->registered)
+        return IOCP_ENOENT;
+    se->registered = 0;
+    /* cancel() never delivers synchronously here (the kernel completes
+     * the op later), so the list stays intact while we walk it. */
+    for (op = p->inflight_head.next; op != &p->inflight_head; op = op->next)
+        if (op->kind != IOCP_OP_POST && op->sock == sock)
+            iocp__win_cancel(p, op);
+    return 0;
+}
+
+static int iocp__win_submit(iocp_port *p, iocp_op *op)
+{
+    struct iocp__win *w = p->be;
+    struct iocp__sockent *se;
+    DWORD bytes = 0;
+    int r;
+
+    op->state = 0;
+    op->aux_sock = INVALID_SOCKET;
+    op->backend_data = NULL;
+    if (op->kind == IOCP_OP_POST) {
+        memset(&op->ov, 0, sizeof(op->ov));
+        if (!PostQueuedCompletionStatus(w->port, (DWORD)op->len, IOCP__KEY_OP, &op->ov))
+            return -(int)GetLastError();
+        return 0;
+    }
+    se = iocp__sock_find(w, op->sock, 0);
+    if (!se || !se->registered)
+        return IOCP_EBADF;
+    r = iocp__issue(p, op, se, &bytes);
+    if (r == IOCP__PENDING)
+        return 0;
+    iocp__advance(p, op, bytes, r == IOCP__INLINE ? 0 : -r);
+    return 0;
+}
+
+static int iocp__win_cancel(iocp_port *p, iocp_op *op)
+{
+    (void)p;
+    if (op->kind == IOCP_OP_POST)
+        return IOCP_ENOENT;   /* already queued; it arrives shortly */
+    op->state |= IOCP__WST_CANCEL;
+    if (!CancelIoEx((HANDLE)op->sock, &op->ov)) {
+        DWORD err = GetLastError();
+        /* ERROR_NOT_FOUND: the op finished and its packet is on the way;
+         * the flag stops a partial send or multishot accept there.
+         * ERROR_INVALID_HANDLE: the socket is closed, which aborted the
+         * op already. */
+        if (err != ERROR_NOT_FOUND && err != ERROR_INVALID_HANDLE)
+            return -(int)err;
+    }
+    return 0;
+}
+
+static int iocp__win_poll(iocp_port *p, int max, int timeout_ms)
+{
+    struct iocp__win *w = p->be;
+    OVERLAPPED_ENTRY ents[IOCP__WIN_BATCH];
+    ULONG n = 0, i;
+    int delivered = 0;
+
+    if (max > IOCP__WIN_BATCH)
+        max = IOCP__WIN_BATCH;
+    if (max < 1)
+        max = 1;
+    if (!GetQueuedCompletionStatusEx(w->port, ents, (ULONG)max, &n,
+                                     timeout_ms < 0 ? INFINITE : (DWORD)timeout_ms, FALSE)) {
+        DWORD err = GetLastError();
+        if (err == WAIT_TIMEOUT)
+            return 0;
+        return -(int)err;
+    }
+    iocp__lock(p);
+    for (i = 0; i < n; i++) {
+        iocp_op *op;
+        DWORD bytes;
+        int err;
+
+        if (ents[i].lpCompletionKey == IOCP__KEY_WAKE || !ents[i].lpOverlapped)
+            continue;   /* a wake-up, possibly meant for another waiter */
+        op = (iocp_op *)ents[i].lpOverlapped;
+        if (op->kind == IOCP_OP_POST) {
+            iocp__deliver(p, op, (int64_t)op->len, 0, 0, NULL, 0);
+            delivered++;
+            continue;
+        }
+        err = iocp__ov_error(op, &bytes);
+        {
+            unsigned before = p->qlen + p->ovflen;
+            iocp__advance(p, op, bytes, err);
+            delivered += (int)(p->qlen + p->ovflen - before);
+        }
+    }
+    iocp__unlock(p);
+    return delivered;
+}
+
+static int iocp__win_wake(iocp_port *p)
+{
+    struct iocp__win *w = p->be;
+
+    if (!PostQueuedCompletionStatus(w->port, 0, IOCP__KEY_WAKE, NULL))
+        return -(int)GetLastError();
+    return 0;
+}
+
+const iocp_backend iocp__backend_iocp = {
+    "iocp",
+    iocp__win_probe,
+    iocp__win_init,
+    iocp__win_destroy,
+    iocp__win_register,
+    iocp__win_unregister,
+    iocp__win_submit,
+    iocp__win_cancel,
+    iocp__win_poll,
+    iocp__win_wake,
+    NULL,
+};
