@@ -23,7 +23,12 @@ WINDOWS = sys.platform == "win32"
 DEBUG = os.environ.get("IOCP_DEBUG") == "1"
 ASAN = os.environ.get("IOCP_ASAN") == "1"
 
-COMMON_SOURCES = ["src/native/core.c", "src/native/pool.c", "src/native/queue.c"]
+COMMON_SOURCES = [
+    "src/native/core.c",
+    "src/native/pool.c",
+    "src/native/queue.c",
+    "src/native/addr.c",
+]
 if WINDOWS:
     BACKEND_SOURCES = ["src/native/win/iocp.c"]
     MACROS: list[tuple[str, str]] = [("WIN32_LEAN_AND_MEAN", "1"), ("_WIN32_WINNT", "0x0600")]

@@ -333,7 +333,7 @@ int iocp_port_wait(iocp_port *p, iocp_completion *out, int max, int timeout_ms)
     for (;;) {
         if (p->wake_gen != gen)
             break;
-        if (p->qlen > 0 && p->active < p->concurrency) {
+        if (p->qlen > 0 && (p->active < p->concurrency || p->closing)) {
             n = iocp__queue_pop(p, out, max);
             p->active++;
             /* Others may take what is left, or a freed poll slot. */
@@ -393,6 +393,14 @@ int iocp_port_wake(iocp_port *p)
     iocp__cond_broadcast(&p->cond);
     iocp__unlock(p);
     return kernel ? p->backend->wake(p) : 0;
+}
+
+void iocp_port_begin_close(iocp_port *p)
+{
+    iocp__lock(p);
+    p->closing = 1;
+    iocp__unlock(p);
+    iocp_port_wake(p);
 }
 
 void iocp_port_get_stats(iocp_port *p, iocp_port_stats *st)

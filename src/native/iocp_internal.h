@@ -83,6 +83,7 @@ struct iocp_port {
     int delivered;                     /* set by iocp__deliver */
     unsigned wake_gen;
     unsigned concurrency, active;
+    int closing;                       /* iocp_port_begin_close was called */
     int64_t queue_peak, completions;
 };
 

@@ -182,6 +182,12 @@ int iocp_port_wait(iocp_port *port, iocp_completion *out, int max, int timeout_m
 void iocp_port_dispatch_done(iocp_port *port);
 /* Wakes every thread blocked in iocp_port_wait (which returns 0). */
 int iocp_port_wake(iocp_port *port);
+/*
+ * Starts closing: wakes every waiter, and from now on waits ignore the
+ * concurrency cap, so a close() called from inside a callback (which holds
+ * a dispatch slot) can still drain.
+ */
+void iocp_port_begin_close(iocp_port *port);
 
 /* Returns a RECV completion's buffer to the port. */
 void iocp_buffer_release(iocp_port *port, char *data, uint32_t buf_id);
@@ -206,6 +212,22 @@ void iocp_port_get_stats(iocp_port *port, iocp_port_stats *st);
 int iocp_backend_count(void);
 const char *iocp_backend_name(int i);
 int iocp_backend_probe(int i, char *features, size_t features_len);
+
+/*
+ * Addresses (addr.c).  iocp_sockaddr_inet takes a numeric host only.
+ * iocp_sockaddr_parse returns the family; for AF_UNIX it copies the path
+ * into host and stores its length in *port.
+ */
+int iocp_sockaddr_inet(int family, const char *host, int port, uint32_t flowinfo,
+                       uint32_t scope_id, struct sockaddr_storage *out,
+                       iocp_socklen_t *outlen);
+int iocp_sockaddr_unix(const char *path, size_t len, struct sockaddr_storage *out,
+                       iocp_socklen_t *outlen);
+int iocp_sockaddr_parse(const struct sockaddr_storage *ss, iocp_socklen_t len,
+                        char *host, size_t hostlen, int *port, uint32_t *flowinfo,
+                        uint32_t *scope_id);
+/* Text for a negative error code (used on Windows; POSIX has strerror). */
+void iocp_error_message(int code, char *buf, size_t len);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,18 @@
+"""I/O completion ports for Python.
+
+The Windows IOCP model -- a port, sockets associated with it, overlapped
+operations that each complete exactly once, worker loops that take
+completions off the port's queue -- on Windows IOCP, Linux io_uring, or an
+epoll emulation, with one API and one semantics.
+
+    import iocp
+    with iocp.CompletionPort() as port:
+        port.register(sock)
+        port.recv(sock, 4096, on_data)
+        port.run()
+"""
+
+from iocp._core import Completion, CompletionPort, Operation, backends
+
+__all__ = ["Completion", "CompletionPort", "Operation", "backends", "__version__"]
+__version__ = "0.1.0"

@@ -1,0 +1,850 @@
+# cython: language_level=3, embedsignature=True
+"""I/O completion ports: the Cython core (built as ``iocp._core``).
+
+Everything here runs with the GIL held except the waits, which call
+``iocp_port_wait`` inside ``with nogil``.  The native layer (src/native)
+owns op records and buffers while the kernel may touch them; this layer
+pins Python buffers (a Py_buffer export plus a strong reference, held by
+the ``Operation``) from submission until the op's final completion has been
+dequeued, and only then releases them.
+
+Reference discipline: a submitted ``Operation`` carries one extra strong
+reference owned by its native record (``op.user``), taken before
+``iocp_submit`` and dropped when the final completion is turned into a
+``Completion``.  So an op in flight can never be freed, whoever else lets go
+of it, and its callback, socket and buffer stay alive with it.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.ref cimport Py_DECREF, Py_INCREF
+from libc.stdint cimport int64_t, uint32_t
+from libc.string cimport memset
+
+from native cimport *
+
+import logging as _logging
+import os as _os
+import socket as _socket
+import sys as _sys
+import threading as _threading
+from collections import deque as _deque
+
+_log = _logging.getLogger("iocp")
+
+cdef enum:
+    # Completions taken per wait (GetQueuedCompletionStatusEx-style).
+    BATCH = 128
+    # A wait on the main thread is cut into slices this long so Ctrl-C is
+    # seen even where the kernel wait is not interrupted by signals
+    # (Windows, or a thread waiting for another thread's poll).
+    SIGNAL_SLICE_MS = 50
+
+cdef bint _WINDOWS = _sys.platform == "win32"
+
+KIND_NAMES = ("none", "accept", "connect", "recv", "recv_into", "send", "post")
+
+
+# --------------------------------------------------------------------------
+# Errors
+
+cdef object _oserror(int64_t code):
+    """Turns a negative native error code into the matching OSError."""
+    cdef char msg[256]
+    cdef int c = <int>(-code)
+    if _WINDOWS:
+        iocp_error_message(c, msg, sizeof(msg))
+        return OSError(None, msg.decode("utf-8", "replace"), None, c)
+    return OSError(c, _os.strerror(c))
+
+
+cdef int _check(int r) except -1:
+    if r < 0:
+        raise _oserror(r)
+    return r
+
+
+# --------------------------------------------------------------------------
+# Addresses
+
+cdef int _fill_address(iocp_op *op, object sock, object address) except -1:
+    """Stores `address` for a socket of sock.family into op->addr."""
+    cdef bytes host_b
+    cdef bytes path
+    cdef int family = sock.family
+    cdef int r
+    if hasattr(_socket, "AF_UNIX") and family == _socket.AF_UNIX:
+        if isinstance(address, str):
+            path = _os.fsencode(address)
+        elif isinstance(address, (bytes, bytearray)):
+            path = bytes(address)
+        else:
+            raise TypeError("a Unix socket address is a str or bytes path")
+        r = iocp_sockaddr_unix(path, len(path), &op.addr, &op.addrlen)
+        if r < 0:
+            raise ValueError("invalid Unix socket path")
+        return 0
+    if family != _socket.AF_INET and family != _socket.AF_INET6:
+        raise ValueError(f"unsupported address family {family!r}")
+    if not isinstance(address, tuple) or len(address) < 2:
+        raise TypeError("address must be a (host, port) tuple")
+    host, port = address[0], address[1]
+    if not isinstance(port, int) or isinstance(port, bool):
+        raise TypeError("port must be an int")
+    if not (0 <= port <= 65535):
+        raise ValueError("port must be 0-65535")
+    flowinfo = address[2] if len(address) > 2 else 0
+    scope_id = address[3] if len(address) > 3 else 0
+    if isinstance(host, bytes):
+        host = host.decode("ascii")
+    if not isinstance(host, str):
+        raise TypeError("host must be a str")
+    host_b = host.encode("idna") if host else (b"0.0.0.0" if family == _socket.AF_INET else b"::")
+    r = iocp_sockaddr_inet(family, host_b, port, flowinfo, scope_id, &op.addr, &op.addrlen)
+    if r < 0:
+        # Not a numeric address: resolve it (blocking, like socket.connect).
+        infos = _socket.getaddrinfo(host, port, family, _socket.SOCK_STREAM)
+        if not infos:
+            raise OSError(f"cannot resolve {host!r}")
+        resolved = infos[0][4]
+        r = iocp_sockaddr_inet(family, resolved[0].encode("ascii"), port,
+                               flowinfo, scope_id, &op.addr, &op.addrlen)
+        if r < 0:
+            raise OSError(f"cannot resolve {host!r}")
+    return 0
+
+
+cdef object _address_from(iocp_op *op):
+    cdef char host[512]
+    cdef int port = 0
+    cdef uint32_t flowinfo = 0, scope_id = 0
+    cdef int family = iocp_sockaddr_parse(&op.addr, op.addrlen, host, sizeof(host),
+                                          &port, &flowinfo, &scope_id)
+    if family == _socket.AF_INET:
+        return (host.decode("ascii"), port)
+    if family == _socket.AF_INET6:
+        return (host.decode("ascii"), port, flowinfo, scope_id)
+    if hasattr(_socket, "AF_UNIX") and family == _socket.AF_UNIX:
+        raw = host[:port]
+        if raw[:1] == b"\0":
+            return raw
+        return _os.fsdecode(raw)
+    return None
+
+
+# --------------------------------------------------------------------------
+# Operation and Completion
+
+cdef class Operation:
+    """One overlapped operation: the Python side of a native op record.
+
+    Returned by the submitting methods of :class:`CompletionPort`.  It stays
+    valid after completion (``done`` is then true); ``cancel()`` asks the
+    backend to stop it.
+    """
+    cdef iocp_op *_op
+    cdef CompletionPort _port
+    cdef int _kind
+    cdef readonly object socket
+    """The socket the operation works on (None for posts)."""
+    cdef readonly object key
+    """The completion key: the socket's registration key, or the post key."""
+    cdef readonly object callback
+    """The function called with the Completion by ``run()`` (or None)."""
+    cdef object _obj
+    cdef Py_buffer _view
+    cdef bint _pinned
+    cdef bint _done
+    cdef bint _multishot
+
+    def __cinit__(self):
+        self._op = NULL
+        self._pinned = False
+        self._done = False
+
+    @property
+    def kind(self) -> str:
+        """"accept", "connect", "recv", "recv_into", "send" or "post"."""
+        return KIND_NAMES[self._kind]
+
+    @property
+    def done(self) -> bool:
+        """True once the final completion of the operation was dequeued."""
+        return self._done
+
+    def cancel(self) -> bool:
+        """Asks for the operation to stop.
+
+        Returns True if a cancel request was made: the operation then
+        completes exactly once, either cancelled or -- if it raced with the
+        kernel -- with its real result.  Returns False if it already
+        finished (or the port is closed).
+        """
+        if self._done or self._op == NULL or self._port._port == NULL:
+            return False
+        return iocp_cancel(self._port._port, self._op) == 0
+
+    def __repr__(self) -> str:
+        state = "done" if self._done else "pending"
+        return f"<iocp.Operation {self.kind} {state}>"
+
+    cdef void _unpin(self):
+        if self._pinned:
+            PyBuffer_Release(&self._view)
+            self._pinned = False
+            self._port._pinned -= 1
+
+    def __dealloc__(self):
+        # Only reachable once the native record let go of its reference,
+        # i.e. after the final completion; _finish() already released both.
+        if self._pinned:
+            PyBuffer_Release(&self._view)
+
+
+cdef class Completion:
+    """One completed operation or posted packet (GetQueuedCompletionStatus).
+
+    ``nbytes`` is the number of bytes transferred (for posts, the value given
+    to ``post``); ``error`` is None or the OSError that ended the operation
+    (a partial send reports both the bytes sent and the error); ``data``
+    depends on the kind: ``(socket, address)`` for accept, ``bytes`` for
+    recv (``b""`` means the peer closed its side), the caller's buffer for
+    recv_into, the object given to ``post`` for posts, None otherwise.
+    """
+    cdef readonly object key
+    """The completion key (registration key of the socket, or post key)."""
+    cdef readonly Operation operation
+    """The Operation that completed."""
+    cdef readonly Py_ssize_t nbytes
+    """Bytes transferred (post: the nbytes given)."""
+    cdef readonly object error
+    """None, or the OSError that ended the operation."""
+    cdef readonly object data
+    """Kind-dependent payload; see the class docstring."""
+    cdef readonly bint cancelled
+    """True if the operation was cancelled before it could complete."""
+    cdef readonly bint more
+    """True for a multishot accept that stays armed after this completion."""
+
+    @property
+    def kind(self) -> str:
+        """The operation kind: "accept", "recv", ..., "post"."""
+        return KIND_NAMES[self.operation._kind]
+
+    @property
+    def ok(self) -> bool:
+        """True when the operation succeeded (no error)."""
+        return self.error is None
+
+    @property
+    def eof(self) -> bool:
+        """True for a successful zero-byte recv: the peer closed its side."""
+        return (self.error is None and self.nbytes == 0 and
+                (self.operation._kind == IOCP_OP_RECV or
+                 self.operation._kind == IOCP_OP_RECV_INTO))
+
+    def __repr__(self) -> str:
+        extra = f" error={self.error!r}" if self.error is not None else ""
+        return f"<iocp.Completion {self.kind} key={self.key!r} nbytes={self.nbytes}{extra}>"
+
+
+# --------------------------------------------------------------------------
+# The port
+
+cdef class CompletionPort:
+    """An I/O completion port.
+
+    ``CompletionPort(concurrency=0, *, backend=None, queue_capacity=1024,
+    ring_entries=0)``
+
+    ``concurrency`` caps how many threads dispatch completions at the same
+    time (0: the number of CPUs), like the NumberOfConcurrentThreads of
+    CreateIoCompletionPort.  ``backend`` picks "iocp", "io_uring" or
+    "epoll" (default: the IOCP_BACKEND environment variable, else the best
+    the platform offers).  ``queue_capacity`` bounds the queue between the
+    kernel and Python dispatch: when it is full the port stops reaping and
+    the kernel holds the rest, so memory stays bounded and nothing is lost.
+    """
+    cdef iocp_port *_port
+    cdef dict _registered          # fd -> (socket, key)
+    cdef object _backlog           # Completions taken but not yet delivered
+    cdef readonly str backend
+    """The backend in use: "iocp", "io_uring" or "epoll"."""
+    cdef public object exception_handler
+    """Called as ``handler(exc, completion)`` when a callback raises; None logs."""
+    cdef Py_ssize_t _pinned
+    cdef Py_ssize_t _waiters
+    cdef unsigned long _stop_gen
+    cdef bint _closing
+
+    def __cinit__(self, unsigned concurrency=0, *, backend=None,
+                  unsigned queue_capacity=1024, unsigned ring_entries=0):
+        cdef iocp_port_options opts
+        cdef bytes name_b
+        self._port = NULL
+        memset(&opts, 0, sizeof(opts))
+        if backend is None:
+            backend = _os.environ.get("IOCP_BACKEND") or None
+        if backend is not None:
+            if not isinstance(backend, str):
+                raise TypeError("backend must be a str or None")
+            if backend not in _backend_names():
+                raise ValueError(
+                    f"unknown backend {backend!r}; this build has {_backend_names()}")
+            name_b = backend.encode("ascii")
+            opts.backend = name_b
+        if queue_capacity == 0:
+            raise ValueError("queue_capacity must be positive")
+        opts.queue_capacity = queue_capacity
+        opts.concurrency = concurrency
+        opts.ring_entries = ring_entries
+        r = iocp_port_create(&opts, &self._port)
+        if r < 0:
+            err = _oserror(r)
+            if backend is not None:
+                raise OSError(err.errno, f"backend {backend!r} cannot run here: {err.strerror}")
+            raise err
+        self.backend = iocp_port_backend(self._port).decode("ascii")
+        self._registered = {}
+        self._backlog = _deque()
+        self.exception_handler = None
+
+    def __dealloc__(self):
+        cdef iocp_port_stats st
+        if self._port != NULL:
+            # Ops hold a reference to the port, so none is in flight here
+            # unless the interpreter is tearing down; never free memory the
+            # kernel may still write to.
+            iocp_port_get_stats(self._port, &st)
+            if st.inflight == 0:
+                iocp_port_destroy(self._port)
+            self._port = NULL
+
+    # ---- state ---------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once close() has begun."""
+        return self._port == NULL or self._closing
+
+    @property
+    def pending(self) -> int:
+        """Operations in flight (submitted, final completion not dequeued)."""
+        return self.stats()["inflight"]
+
+    def stats(self) -> dict:
+        """Counters: live op records, ops in flight, port buffers, pinned
+        Python buffers, queued completions, queue capacity and peak,
+        completions handed out so far."""
+        cdef iocp_port_stats st
+        if self._port == NULL:
+            return {"live_ops": 0, "inflight": 0, "live_buffers": 0,
+                    "pinned_buffers": self._pinned, "queued": 0,
+                    "queue_capacity": 0, "queue_peak": 0, "completions": 0,
+                    "backlog": 0}
+        iocp_port_get_stats(self._port, &st)
+        return {"live_ops": st.live_ops, "inflight": st.inflight,
+                "live_buffers": st.live_buffers, "pinned_buffers": self._pinned,
+                "queued": st.queued, "queue_capacity": st.queue_capacity,
+                "queue_peak": st.queue_peak, "completions": st.completions,
+                "backlog": len(self._backlog)}
+
+    cdef int _check_open(self) except -1:
+        if self._port == NULL or self._closing:
+            raise ValueError("I/O operation on a closed completion port")
+        return 0
+
+    # ---- sockets -------------------------------------------------------
+
+    def register(self, sock, key=None) -> None:
+        """Associates a socket with the port (CreateIoCompletionPort).
+
+        The socket is made non-blocking.  Completions of its operations
+        carry ``key``.  A socket must be registered before operations are
+        posted on it; call ``unregister`` before closing it.
+        """
+        self._check_open()
+        if not isinstance(sock, _socket.socket):
+            raise TypeError(f"expected a socket.socket, got {type(sock).__name__}")
+        fd = sock.fileno()
+        if fd < 0:
+            raise OSError(9, "cannot register a closed socket")
+        old = self._registered.get(fd)
+        if old is not None and old[0].fileno() == fd:
+            raise ValueError("socket is already registered with this port")
+        sock.setblocking(False)
+        _check(iocp_register(self._port, fd))
+        self._registered[fd] = (sock, key)
+
+    def unregister(self, sock) -> None:
+        """Forgets a socket, cancelling its pending operations.
+
+        Their completions (cancelled, or successful if they raced) still
+        arrive.  Works on a socket that was already closed.
+        """
+        self._check_open()
+        if not isinstance(sock, _socket.socket):
+            raise TypeError(f"expected a socket.socket, got {type(sock).__name__}")
+        fd = sock.fileno()
+        if fd < 0 or self._registered.get(fd, (None,))[0] is not sock:
+            for k, (s, _) in self._registered.items():
+                if s is sock:
+                    fd = k
+                    break
+            else:
+                raise ValueError("socket is not registered with this port")
+        del self._registered[fd]
+        r = iocp_unregister(self._port, fd)
+        if r < 0 and r != IOCP_ENOENT:
+            raise _oserror(r)
+
+    # ---- submitting ----------------------------------------------------
+
+    cdef Operation _new_op(self, int kind, object sock, object callback):
+        cdef Operation op
+        self._check_open()
+        if callback is not None and not callable(callback):
+            raise TypeError("callback must be callable or None")
+        op = Operation.__new__(Operation)
+        op._port = self
+        op._kind = kind
+        op.callback = callback
+        if sock is not None:
+            if not isinstance(sock, _socket.socket):
+                raise TypeError(f"expected a socket.socket, got {type(sock).__name__}")
+            fd = sock.fileno()
+            entry = self._registered.get(fd)
+            if entry is None or fd < 0:
+                raise ValueError("socket is not registered with this port")
+            op.socket = sock
+            op.key = entry[1]
+        op._op = iocp_op_alloc(self._port)
+        if op._op == NULL:
+            raise MemoryError()
+        op._op.kind = kind
+        op._op.user = <void *>op
+        if sock is not None:
+            op._op.sock = fd
+        return op
+
+    cdef Operation _submit(self, Operation op):
+        cdef int r
+        Py_INCREF(op)          # owned by the native record until completion
+        r = iocp_submit(self._port, op._op)
+        if r < 0:
+            Py_DECREF(op)
+            op._unpin()
+            iocp_op_free(self._port, op._op)
+            op._op = NULL
+            op._done = True
+            raise _oserror(r)
+        return op
+
+    cdef int _pin(self, Operation op, object data, int flags) except -1:
+        PyObject_GetBuffer(data, &op._view, flags)
+        op._pinned = True
+        self._pinned += 1
+        op._obj = data
+        op._op.buf = <char *>op._view.buf
+        op._op.len = <size_t>op._view.len
+        return 0
+
+    cdef int _discard(self, Operation op) except -1:
+        op._unpin()
+        iocp_op_free(self._port, op._op)
+        op._op = NULL
+        op._done = True
+        return 0
+
+    def accept(self, listen_sock, callback=None, *, bint multishot=False) -> Operation:
+        """Accepts one connection (AcceptEx) on a registered listening socket.
+
+        The completion's ``data`` is ``(conn, address)``; ``conn`` is a new
+        socket, not yet registered.  With ``multishot=True`` the operation
+        stays armed and completes once per connection (``completion.more``)
+        until cancelled.
+        """
+        cdef Operation op = self._new_op(IOCP_OP_ACCEPT, listen_sock, callback)
+        if multishot:
+            op._op.flags |= IOCP_OPF_MULTISHOT
+            op._multishot = True
+        return self._submit(op)
+
+    def connect(self, sock, address, callback=None) -> Operation:
+        """Connects a registered socket (ConnectEx): IPv4, IPv6 or Unix.
+
+        Host names are resolved first (blocking, as ``socket.connect``).
+        """
+        cdef Operation op = self._new_op(IOCP_OP_CONNECT, sock, callback)
+        try:
+            _fill_address(op._op, sock, address)
+        except BaseException:
+            self._discard(op)
+            raise
+        return self._submit(op)
+
+    def recv(self, sock, Py_ssize_t nbytes, callback=None) -> Operation:
+        """Receives up to ``nbytes`` (WSARecv) into a buffer the port picks
+        when data arrives; the completion's ``data`` is the bytes received
+        and ``b""`` when the peer closed its side."""
+        if nbytes <= 0:
+            raise ValueError("nbytes must be positive")
+        cdef Operation op = self._new_op(IOCP_OP_RECV, sock, callback)
+        op._op.len = <size_t>nbytes
+        return self._submit(op)
+
+    def recv_into(self, sock, buffer, callback=None) -> Operation:
+        """Receives into a writable buffer (bytearray, memoryview, array...).
+
+        The buffer is pinned until the completion is dequeued; do not resize
+        it meanwhile.  ``completion.nbytes`` tells how much was written.
+        """
+        cdef Operation op = self._new_op(IOCP_OP_RECV_INTO, sock, callback)
+        try:
+            self._pin(op, buffer, PyBUF_WRITABLE)
+            if op._op.len == 0:
+                raise ValueError("cannot receive into an empty buffer")
+        except BaseException:
+            self._discard(op)
+            raise
+        return self._submit(op)
+
+    def send(self, sock, data, callback=None) -> Operation:
+        """Sends all of a bytes-like object (WSASend).
+
+        The buffer is pinned until the completion is dequeued.  The op
+        completes when every byte is sent, or when an error stops it: then
+        ``completion.nbytes`` is what was sent and ``completion.error`` why
+        it stopped.
+        """
+        cdef Operation op = self._new_op(IOCP_OP_SEND, sock, callback)
+        try:
+            self._pin(op, data, PyBUF_SIMPLE)
+        except BaseException:
+            self._discard(op)
+            raise
+        return self._submit(op)
+
+    def post(self, key=None, Py_ssize_t nbytes=0, obj=None, callback=None) -> Operation:
+        """Queues a user packet (PostQueuedCompletionStatus).
+
+        Thread-safe; wakes a waiting loop.  The completion carries ``key``,
+        ``nbytes`` and ``data=obj``.
+        """
+        if nbytes < 0:
+            raise ValueError("nbytes must not be negative")
+        cdef Operation op = self._new_op(IOCP_OP_POST, None, callback)
+        op.key = key
+        op._obj = obj
+        op._op.len = <size_t>nbytes
+        return self._submit(op)
+
+    # ---- completing ----------------------------------------------------
+
+    cdef Completion _complete(self, iocp_completion *c):
+        """Turns a native completion into a Completion and, if it is the
+        op's last, releases the native record, the pin and the native
+        reference.  Runs no user code."""
+        cdef Operation op = <Operation>c.op.user
+        cdef Completion comp = Completion.__new__(Completion)
+        cdef int kind = op._kind
+        cdef bint final = not (c.flags & IOCP_CF_MORE)
+        comp.operation = op
+        comp.key = op.key
+        comp.cancelled = (c.flags & IOCP_CF_CANCELLED) != 0
+        comp.more = not final
+        if c.result < 0:
+            comp.error = _oserror(c.result)
+            comp.nbytes = 0
+        else:
+            comp.nbytes = <Py_ssize_t>c.result
+            if c.error < 0:
+                comp.error = _oserror(c.error)
+        if kind == IOCP_OP_RECV:
+            if c.flags & IOCP_CF_BUFFER:
+                try:
+                    comp.data = PyBytes_FromStringAndSize(c.data, <Py_ssize_t>c.result)
+                finally:
+                    iocp_buffer_release(self._port, c.data, c.buf_id)
+            elif c.result >= 0:
+                comp.data = b""
+        elif kind == IOCP_OP_ACCEPT:
+            if c.result >= 0:
+                comp.data = self._accepted(op, c.result)
+                comp.nbytes = 0
+        elif kind == IOCP_OP_RECV_INTO or kind == IOCP_OP_POST:
+            comp.data = op._obj
+        if final:
+            op._unpin()
+            op._obj = None
+            iocp_op_free(self._port, op._op)
+            op._op = NULL
+            op._done = True
+            Py_DECREF(op)      # the native record's reference
+        return comp
+
+    cdef object _accepted(self, Operation op, int64_t fd):
+        ls = op.socket
+        try:
+            conn = _socket.socket(ls.family, ls.type, ls.proto, fileno=fd)
+        except BaseException:
+            _close_fd(fd)
+            raise
+        return (conn, _address_from(op._op))
+
+    cdef int _deliver(self, Completion comp, object handler) except -1:
+        """Runs a completion's callback (or the run() handler).  Exceptions
+        go to the exception handler; the loop goes on."""
+        cb = comp.operation.callback
+        if cb is None:
+            cb = handler
+        if cb is None:
+            _log.warning("completion without callback or handler dropped: %r", comp)
+            return 0
+        try:
+            cb(comp)
+        except Exception as exc:
+            self._handle_exception(exc, comp)
+        return 0
+
+    cdef int _handle_exception(self, object exc, object comp) except -1:
+        handler = self.exception_handler
+        if handler is not None:
+            try:
+                handler(exc, comp)
+                return 0
+            except Exception:
+                _log.exception("exception handler raised")
+        _log.error("callback for %r raised", comp, exc_info=exc)
+        return 0
+
+    cdef int _wait(self, iocp_completion *batch, int max, int timeout_ms) except? -1:
+        """One native wait, counted so close() knows when nobody waits."""
+        cdef int n
+        self._waiters += 1
+        try:
+            with nogil:
+                n = iocp_port_wait(self._port, batch, max, timeout_ms)
+        finally:
+            self._waiters -= 1
+        if n == IOCP_EINTR:
+            PyErr_CheckSignals()
+            return 0
+        if n < 0:
+            raise _oserror(n)
+        return n
+
+    def run(self, timeout=None, handler=None) -> int:
+        """The completion loop: waits (GIL released), takes completions in
+        batches and calls each operation's callback with its Completion.
+
+        Completions of operations without a callback go to ``handler``.
+        Returns the number dispatched when ``stop()`` or ``close()`` is
+        called, or when ``timeout`` seconds pass.  Several threads may run
+        the loop at once; ``concurrency`` caps how many dispatch together.
+        """
+        cdef iocp_completion batch[BATCH]
+        cdef int n, i, slice_ms
+        cdef unsigned long gen = self._stop_gen
+        cdef bint main = _threading.current_thread() is _threading.main_thread()
+        cdef Py_ssize_t dispatched = 0
+        cdef double deadline = 0.0, left
+        cdef object pending_exc = None
+        self._check_open()
+        if timeout is not None:
+            deadline = _monotonic() + float(timeout)
+        while not self._closing and gen == self._stop_gen:
+            if self._backlog:
+                comp = self._backlog.popleft()
+                self._deliver(comp, handler)
+                dispatched += 1
+                continue
+            slice_ms = -1
+            if timeout is not None:
+                left = deadline - _monotonic()
+                if left <= 0:
+                    break
+                slice_ms = <int>(left * 1000.0) + 1
+            if main and (slice_ms < 0 or slice_ms > SIGNAL_SLICE_MS):
+                slice_ms = SIGNAL_SLICE_MS
+            n = self._wait(batch, BATCH, slice_ms)
+            if n == 0:
+                if main:
+                    PyErr_CheckSignals()
+                continue
+            try:
+                for i in range(n):
+                    comp = self._complete(&batch[i])
+                    if pending_exc is not None:
+                        self._backlog.append(comp)
+                        continue
+                    try:
+                        self._deliver(comp, handler)
+                        dispatched += 1
+                    except BaseException as exc:   # KeyboardInterrupt, SystemExit
+                        pending_exc = exc
+            finally:
+                # close() from a callback may have freed the port already.
+                if self._port != NULL:
+                    iocp_port_dispatch_done(self._port)
+            if pending_exc is not None:
+                raise pending_exc
+        return dispatched
+
+    def stop(self) -> None:
+        """Makes every running ``run()`` return after its current batch.
+
+        Thread-safe (also from a callback or a signal handler).
+        """
+        self._stop_gen += 1
+        if self._port != NULL:
+            iocp_port_wake(self._port)
+
+    def get(self, timeout=None):
+        """Takes one completion (GetQueuedCompletionStatus), or None on
+        timeout.  Does not call the operation's callback.  ``timeout`` in
+        seconds; None waits forever, 0 polls."""
+        got = self.get_many(1, timeout)
+        return got[0] if got else None
+
+    def get_many(self, int max=BATCH, timeout=None):
+        """Takes up to ``max`` completions (GetQueuedCompletionStatusEx),
+        waiting up to ``timeout`` seconds for the first.  Returns [] on
+        timeout.  Does not call callbacks."""
+        cdef iocp_completion batch[BATCH]
+        cdef int n, i, slice_ms
+        cdef bint main = _threading.current_thread() is _threading.main_thread()
+        cdef double deadline = 0.0, left
+        self._check_open()
+        if max <= 0:
+            raise ValueError("max must be positive")
+        if max > BATCH:
+            max = BATCH
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be None or >= 0")
+        out = []
+        while self._backlog and len(out) < max:
+            out.append(self._backlog.popleft())
+        if out:
+            return out
+        if timeout is not None:
+            deadline = _monotonic() + float(timeout)
+        while not self._closing:
+            slice_ms = -1
+            if timeout is not None:
+                left = deadline - _monotonic()
+                slice_ms = <int>(left * 1000.0 + 0.999) if left > 0 else 0
+            if main and (slice_ms < 0 or slice_ms > SIGNAL_SLICE_MS):
+                slice_ms = SIGNAL_SLICE_MS
+            n = self._wait(batch, max, slice_ms)
+            if n > 0:
+                try:
+                    for i in range(n):
+                        out.append(self._complete(&batch[i]))
+                finally:
+                    iocp_port_dispatch_done(self._port)
+                return out
+            if main:
+                PyErr_CheckSignals()
+            if timeout is not None and _monotonic() >= deadline:
+                return out
+        return out
+
+    # ---- closing -------------------------------------------------------
+
+    def close(self) -> None:
+        """Cancels every pending operation, delivers their completions
+        (callbacks run; completions of ops without one are discarded), and
+        frees the port.  Idempotent.  Other threads in ``run()`` return.
+        """
+        cdef iocp_completion batch[BATCH]
+        cdef iocp_port_stats st
+        cdef int n, i, idle = 0
+        if self._port == NULL or self._closing:
+            return
+        self._closing = True
+        self._stop_gen += 1
+        iocp_port_begin_close(self._port)
+        iocp_cancel_all(self._port)
+        while True:
+            while self._backlog:
+                comp = self._backlog.popleft()
+                if comp.operation.callback is not None:
+                    self._deliver(comp, None)
+            iocp_port_get_stats(self._port, &st)
+            if st.inflight == 0 and st.queued == 0:
+                break
+            with nogil:
+                n = iocp_port_wait(self._port, batch, BATCH, 100)
+            if n <= 0:
+                idle += 1
+                if idle % 10 == 0:
+                    iocp_cancel_all(self._port)   # ops submitted by racing threads
+                if idle >= 600:
+                    _log.error("iocp: %d operations never completed after cancel; "
+                               "leaking the port rather than freeing memory the "
+                               "kernel may still use", st.inflight)
+                    self._port = NULL
+                    return
+                continue
+            idle = 0
+            try:
+                for i in range(n):
+                    comp = self._complete(&batch[i])
+                    if comp.operation.callback is not None:
+                        try:
+                            self._deliver(comp, None)
+                        except BaseException as exc:
+                            self._handle_exception(exc, comp)
+            finally:
+                iocp_port_dispatch_done(self._port)
+        # Threads still inside a wait were woken above; let them leave.
+        while self._waiters > 0:
+            iocp_port_wake(self._port)
+            _sleep(0.001)
+        for sock, _ in list(self._registered.values()):
+            fd = sock.fileno()
+            if fd >= 0:
+                iocp_unregister(self._port, fd)
+        self._registered.clear()
+        iocp_port_destroy(self._port)
+        self._port = NULL
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"pending={self.pending}"
+        return f"<iocp.CompletionPort backend={self.backend} {state}>"
+
+
+# --------------------------------------------------------------------------
+# Module helpers
+
+from time import monotonic as _monotonic, sleep as _sleep
+
+
+cdef void _close_fd(int64_t fd):
+    try:
+        _socket.socket(fileno=fd).close()
+    except OSError:
+        pass
+
+
+def _backend_names() -> list:
+    return [iocp_backend_name(i).decode("ascii") for i in range(iocp_backend_count())]
+
+
+def backends() -> dict:
+    """The backends that can run on this machine, best first, each with the
+    features it found: ``{"io_uring": ["nodrop", ...], "epoll": [...]}``."""
+    cdef char features[512]
+    out = {}
+    for i in range(iocp_backend_count()):
+        if iocp_backend_probe(i, features, sizeof(features)) == 0:
+            out[iocp_backend_name(i).decode("ascii")] = features.decode("ascii").split()
+    return out
