@@ -442,7 +442,12 @@ cdef class CompletionPort:
         return op
 
     cdef int _pin(self, Operation op, object data, int flags) except -1:
-        PyObject_GetBuffer(data, &op._view, flags)
+        try:
+            PyObject_GetBuffer(data, &op._view, flags)
+        except BufferError:
+            # As socket.recv_into does: a read-only buffer is a type error.
+            raise TypeError(
+                f"a writable bytes-like object is required, not {type(data).__name__}")
         op._pinned = True
         self._pinned += 1
         op._obj = data

@@ -1,0 +1,27 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import socket
+
+
+def tcp_pair(family: int = socket.AF_INET) -> tuple[socket.socket, socket.socket]:
+    """A connected (client, server) TCP pair over loopback, made blocking."""
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    with socket.socket(family) as ls:
+        ls.bind((host, 0))
+        ls.listen(1)
+        client = socket.socket(family)
+        client.connect(ls.getsockname()[:2])
+        server, _ = ls.accept()
+    return client, server
+
+
+def close_all(port, *socks: socket.socket) -> None:
+    """Unregisters (if registered) and closes sockets."""
+    for s in socks:
+        try:
+            port.unregister(s)
+        except (ValueError, OSError):
+            pass
+        s.close()
