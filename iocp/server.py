@@ -833,6 +833,7 @@ class Server(_Endpoint):
         self._last_refusal_log = 0.0
         self._stop_event = threading.Event()
         self._signal_count = 0
+        self._first_signal = 0.0
         self.final_stats: Dict[str, Any] | None = None
         self.worker_id: int | None = None
 
@@ -956,8 +957,16 @@ class Server(_Endpoint):
         return self._serve_here(threads, handle_signals)
 
     def request_shutdown(self) -> None:
-        """Ask :meth:`serve_forever` to shut down gracefully (thread- and signal-safe)."""
-        self._signal_count += 1
+        """Ask :meth:`serve_forever` to shut down gracefully (thread- and signal-safe).
+
+        A second request more than half a second after the first skips the
+        drain (so Ctrl-C twice means "now").
+        """
+        now = time.monotonic()
+        if self._signal_count == 0 or now - self._first_signal > 0.5:
+            self._signal_count += 1
+        if self._signal_count == 1:
+            self._first_signal = now
         self._stop_event.set()
 
     def _serve_here(self, threads: int, handle_signals: bool) -> int:
