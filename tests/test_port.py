@@ -85,7 +85,10 @@ def test_echo_1000_connections_100_messages(make_port, listener, many_fds):
         if not r.ok or r.eof:
             close_all(port, conn)
             return
-        port.send(conn, r.data, lambda s: s.ok and port.recv(conn, 65536, lambda r2: echo(conn, r2)))
+        port.send(conn, r.data, lambda s: s.ok and port.recv(conn, 65536, on_data))
+
+        def on_data(r2):
+            echo(conn, r2)
 
     class Client:
         def __init__(self, i):
@@ -319,7 +322,7 @@ def test_bounded_queue_backpressure_loses_nothing(make_port):
 def test_bounded_queue_never_exceeds_capacity_while_kernel_holds_the_rest(make_port):
     port = make_port(queue_capacity=8)
     pairs = [tcp_pair() for _ in range(64)]
-    for client, server in pairs:
+    for _client, server in pairs:
         port.register(server)
         port.recv(server, 100)
     for client, _ in pairs:
