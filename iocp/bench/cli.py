@@ -1,0 +1,171 @@
+"""`iocp bench`: argument parsing and the top-level run.
+
+    iocp bench --quick                      # ~30 s, the README default
+    iocp bench --full --json r.json --plot r.png
+    iocp bench --servers iocp-port,uvloop-protocol --scenarios 100x64B
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from typing import List
+
+DESCRIPTION = ("Echo-server benchmark: iocp side by side with asyncio, uvloop, threads "
+               "and a plain C epoll server, on loopback, each server in its own process.")
+
+QUICK = {"rounds": 1, "warmup": 0.3, "duration": 1.2}
+FULL = {"rounds": 3, "warmup": 0.5, "duration": 2.5}
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from iocp.bench.runner import SCENARIOS
+    from iocp.bench.servers import SERVERS
+
+    parser.description = parser.description or DESCRIPTION
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("servers: " + ", ".join(SERVERS) + "\nscenarios: " +
+                     ", ".join(f"{k} ({v.description})" for k, v in SCENARIOS.items()))
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true",
+                      help="about 30 s: 2 scenarios, short windows, 1 round (default)")
+    mode.add_argument("--full", action="store_true",
+                      help="every scenario, 3 interleaved rounds (several minutes)")
+    parser.add_argument("--servers", metavar="A,B",
+                        help="comma-separated servers to run (default: all available)")
+    parser.add_argument("--scenarios", metavar="A,B",
+                        help="comma-separated scenarios (default: by mode)")
+    parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    parser.add_argument("--duration", type=float, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, help="warm-up seconds per run")
+    parser.add_argument("--backend", help="iocp backend for the iocp servers (default: best)")
+    parser.add_argument("--loadgen-threads", type=int, default=0,
+                        help="load generator threads (default: automatic)")
+    parser.add_argument("--json", metavar="FILE", help="write every measurement as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="bar chart (needs matplotlib)")
+    parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    parser.add_argument("--list", action="store_true", help="list servers and scenarios")
+
+
+def _split(value: str) -> List[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    from iocp.bench import report, runner, servers
+
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    ok, skipped = servers.available()
+    if getattr(args, "list", False):
+        for name, (_, _, desc) in servers.SERVERS.items():
+            state = "" if name in ok else f"  [skipped: {skipped[name]}]"
+            print(f"{name:<18} {desc}{state}")
+        print()
+        for sc in runner.SCENARIOS.values():
+            print(f"{sc.name:<10} {sc.description}")
+        return 0
+
+    if "c-epoll" in skipped and not sys.platform.startswith("linux"):
+        print("iocp bench needs Linux for now (the load generator is epoll-based)",
+              file=sys.stderr)
+        return 2
+    try:
+        from iocp import _benchtools  # noqa: F401
+    except ImportError as exc:
+        print(f"iocp bench: the native load generator iocp._benchtools is missing ({exc}); "
+              "rebuild the package on Linux", file=sys.stderr)
+        return 2
+
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("iocp bench: --plot needs matplotlib: pip install matplotlib "
+                  "(or pip install 'pyiocp[bench]')", file=sys.stderr)
+            return 2
+    if args.servers:
+        wanted = _split(args.servers)
+        unknown = [s for s in wanted if s not in servers.SERVERS]
+        if unknown:
+            print(f"unknown server(s): {', '.join(unknown)}; choose from "
+                  f"{', '.join(servers.SERVERS)}", file=sys.stderr)
+            return 2
+        chosen = [s for s in wanted if s in ok]
+        skipped = {s: r for s, r in skipped.items() if s in wanted}
+    else:
+        chosen = ok
+    if args.scenarios:
+        names = _split(args.scenarios)
+        unknown = [s for s in names if s not in runner.SCENARIOS]
+        if unknown:
+            print(f"unknown scenario(s): {', '.join(unknown)}; choose from "
+                  f"{', '.join(runner.SCENARIOS)}", file=sys.stderr)
+            return 2
+    else:
+        names = list(runner.SCENARIOS) if args.full else runner.QUICK_SCENARIOS
+    preset = FULL if args.full else QUICK
+    cfg = runner.Config(
+        servers=chosen,
+        scenarios=[runner.SCENARIOS[n] for n in names],
+        rounds=args.rounds or preset["rounds"],
+        warmup=args.warmup if args.warmup is not None else preset["warmup"],
+        duration=args.duration or preset["duration"],
+        backend=args.backend,
+        loadgen_threads=args.loadgen_threads,
+    )
+    for name, reason in skipped.items():
+        progress(f"skipping {name}: {reason}")
+    if not chosen:
+        print("no server to run", file=sys.stderr)
+        return 2
+    machine = runner.machine_info(args.backend)
+    progress(f"{len(cfg.servers)} servers x {len(cfg.scenarios)} scenarios x {cfg.rounds} "
+             f"round(s), {cfg.warmup:g} s warm-up + {cfg.duration:g} s measured each; "
+             f"iocp backend {machine.get('iocp_backend', '?')}; "
+             f"server on CPU {machine['pinning']['server_cpus']}, "
+             f"load on {machine['pinning']['loadgen_cpus']}")
+    results, skipped_sc = runner.run_all(cfg, progress)
+    for name, reason in skipped_sc.items():
+        progress(f"skipped scenario {name}: {reason}")
+    rows = runner.summarize(results)
+    try:
+        with open("/proc/loadavg") as f:
+            machine["loadavg_after"] = f.read().split()[:3]
+    except OSError:
+        pass
+
+    print(f"iocp bench ({'full' if args.full else 'quick'}): {machine.get('cpu', '?')}, "
+          f"{machine.get('cores')} cores, Linux {machine.get('kernel')}, Python "
+          f"{machine.get('python')}, iocp {machine.get('iocp_version', '?')} "
+          f"backend {machine.get('iocp_backend', '?')}, "
+          f"{cfg.rounds} round(s), median; {cfg.duration:g} s windows\n")
+    print(report.table(rows, markdown=args.markdown))
+    for name, reason in skipped.items():
+        print(f"skipped server {name}: {reason}")
+    if "loadavg_before" in machine:
+        print(f"load average before/after: {' '.join(machine['loadavg_before'])} / "
+              f"{' '.join(machine.get('loadavg_after', []))} (other work skews results)")
+    for name, reason in skipped_sc.items():
+        print(f"skipped scenario {name}: {reason}")
+
+    command = "iocp bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
+        if sys.argv and sys.argv[0].endswith("iocp") else " ".join(
+            shlex.quote(a) for a in ["python"] + sys.argv)
+    if args.json:
+        data = runner.to_json(cfg, results, rows, skipped, skipped_sc, machine, command)
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
+        progress(f"wrote {args.json}")
+    if args.plot:
+        try:
+            report.plot(rows, args.plot)
+        except RuntimeError as exc:
+            print(f"iocp bench: {exc}", file=sys.stderr)
+            return 2
+        progress(f"wrote {args.plot}")
+    failed = [r for r in rows if "msgs_per_s" not in r or r.get("errors")]
+    return 1 if failed else 0

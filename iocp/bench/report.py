@@ -1,0 +1,135 @@
+"""Text table and bar chart of a benchmark summary."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from iocp.bench.runner import SCENARIOS
+from iocp.bench.servers import CEILING, IOCP_SERVERS
+
+RATIO_NOTE = ("vs peer = msgs/s / the best of asyncio-protocol, asyncio-streams, "
+              "uvloop-protocol and threads in the same scenario")
+
+
+def _num(v: float) -> str:
+    if v >= 100:
+        return f"{v:,.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def _rss(kib: float) -> str:
+    return f"{kib / 1024:.1f} MiB"
+
+
+def table(rows: List[Dict[str, Any]], markdown: bool = False) -> str:
+    """One block per scenario, one row per server."""
+    out: List[str] = []
+    scenarios: List[str] = []
+    for r in rows:
+        if r["scenario"] not in scenarios:
+            scenarios.append(r["scenario"])
+    for sc in scenarios:
+        spec = SCENARIOS.get(sc)
+        idle = spec is not None and spec.active >= 0
+        head = ["server", "msgs/s", "MB/s", "p50 us", "p99 us", "CPU s/100k", "peak RSS"]
+        if idle:
+            head.append("KiB/conn")
+        head += ["vs peer", "errors"]
+        body: List[List[str]] = []
+        for r in rows:
+            if r["scenario"] != sc:
+                continue
+            name = r["server"] + (" (ceiling)" if r["server"] == CEILING else "")
+            if "msgs_per_s" not in r:
+                body.append([name, "failed: " + r.get("note", "?")] + [""] * (len(head) - 2))
+                continue
+            ratio = r.get("vs_best_peer")
+            line = [name, _num(r["msgs_per_s"]), _num(r["mb_per_s"]), _num(r["p50_us"]),
+                    _num(r["p99_us"]), f"{r['cpu_s_per_100k']:.2f}", _rss(r["peak_rss_kib"])]
+            if idle:
+                line.append(f"{r['kib_per_conn']:.1f}")
+            line += [f"{ratio:.2f}" if ratio else "-", str(r.get("errors", 0))]
+            body.append(line)
+        title = f"{sc}: {spec.description}" if spec else sc
+        if markdown:
+            out.append(f"### {title}\n")
+            out.append("| " + " | ".join(head) + " |")
+            out.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
+            for line in body:
+                out.append("| " + " | ".join(line) + " |")
+            out.append("")
+        else:
+            widths = [max(len(head[i]), *(len(b[i]) for b in body)) for i in range(len(head))]
+            out.append(title)
+            out.append("  " + "  ".join(h.ljust(widths[0]) if i == 0 else h.rjust(widths[i])
+                                        for i, h in enumerate(head)))
+            for line in body:
+                if line[1].startswith("failed"):
+                    out.append("  " + line[0].ljust(widths[0]) + "  " + line[1])
+                    continue
+                out.append("  " + "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i])
+                                            for i, c in enumerate(line)))
+            out.append("")
+    out.append(RATIO_NOTE + "; CPU s/100k = server CPU seconds per 100,000 echoed messages"
+               " (warm-up included); latencies are per-message round trips.")
+    return "\n".join(out)
+
+
+def plot(rows: List[Dict[str, Any]], path: str, title: str | None = None) -> None:
+    """Throughput and p99 bars per scenario.  Needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError(
+            "--plot needs matplotlib: pip install matplotlib  (or the extra: "
+            "pip install 'pyiocp[bench]')") from exc
+    scenarios: List[str] = []
+    for r in rows:
+        if r["scenario"] not in scenarios and "msgs_per_s" in r:
+            scenarios.append(r["scenario"])
+    if not scenarios:
+        raise RuntimeError("nothing to plot: no successful measurement")
+    fig, axes = plt.subplots(len(scenarios), 2, figsize=(12, 2.2 + 1.9 * len(scenarios)),
+                             squeeze=False)
+
+    def color(name: str) -> str:
+        if name in IOCP_SERVERS:
+            return "#1f77b4"
+        if name == CEILING:
+            return "#7f7f7f"
+        return "#ff7f0e"
+
+    for i, sc in enumerate(scenarios):
+        rs = [r for r in rows if r["scenario"] == sc and "msgs_per_s" in r]
+        names = [r["server"] for r in rs]
+        ys = list(range(len(rs)))
+        for j, (key, label) in enumerate((("msgs_per_s", "messages/s (higher is better)"),
+                                          ("p99_us", "p99 latency, us (lower is better)"))):
+            ax = axes[i][j]
+            vals = [r[key] for r in rs]
+            ax.barh(ys, vals, color=[color(n) for n in names])
+            ax.set_yticks(ys)
+            ax.set_yticklabels(names, fontsize=8)
+            ax.invert_yaxis()
+            ax.tick_params(axis="x", labelsize=8)
+            top = max(vals) if vals else 1
+            for y, v in zip(ys, vals):
+                ax.text(v + top * 0.01, y, f"{v:,.0f}", va="center", fontsize=7)
+            ax.set_xlim(0, top * 1.18)
+            spec = SCENARIOS.get(sc)
+            ax.set_title(f"{sc} ({spec.description})" if spec and j == 0 else
+                         (label if i == 0 else ""), fontsize=9)
+            if j == 0 and i == 0:
+                ax.set_xlabel(label, fontsize=8)
+            if j == 1:
+                ax.set_xlabel(label if i == len(scenarios) - 1 else "", fontsize=8)
+    fig.suptitle(title or "iocp bench: echo servers on loopback "
+                 "(blue: iocp, orange: peers, grey: C ceiling)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,427 @@
+"""Runs servers x scenarios x rounds; each server in its own process.
+
+One measurement: start the server (pinned to one CPU), wait until it echoes,
+run the native load generator in another process (pinned to the other
+CPUs), read the server's CPU time and peak RSS from /proc, stop it
+(SIGTERM, then SIGKILL).  Servers are interleaved within each round
+(A B C A B C ...) so a slow drift of the machine hits all of them alike;
+results are medians over rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Tuple
+
+from iocp.bench import servers as _servers
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    connections: int
+    size: int
+    inflight: int = 1
+    active: int = -1          # -1: all connections busy
+    description: str = ""
+
+    @property
+    def busy(self) -> int:
+        return self.connections if self.active < 0 else self.active
+
+
+SCENARIOS: Dict[str, Scenario] = {s.name: s for s in (
+    Scenario("100x64B", 100, 64, description="100 connections, 64 B messages"),
+    Scenario("100x1KiB", 100, 1024, description="100 connections, 1 KiB messages"),
+    Scenario("1000x64B", 1000, 64, description="1,000 connections, 64 B messages"),
+    Scenario("10x64KiB", 10, 65536, description="10 connections, 64 KiB messages"),
+    Scenario("10x64Bx16", 10, 64, inflight=16,
+             description="10 connections, 64 B, 16 messages in flight each"),
+    Scenario("10k-idle", 10000, 64, active=100,
+             description="10,000 connections, 100 active (memory per connection)"),
+)}
+
+QUICK_SCENARIOS = ["100x64B", "10x64Bx16"]
+
+
+@dataclass
+class Config:
+    servers: List[str]
+    scenarios: List[Scenario]
+    rounds: int = 1
+    warmup: float = 0.3
+    duration: float = 1.2
+    host: str = "127.0.0.1"
+    backend: str | None = None
+    loadgen_threads: int = 0          # 0: automatic
+    startup_timeout: float = 20.0
+
+
+@dataclass
+class Measurement:
+    server: str
+    scenario: str
+    round: int
+    ok: bool
+    msgs_per_s: float = 0.0
+    mb_per_s: float = 0.0
+    p50_us: float = 0.0
+    p99_us: float = 0.0
+    p999_us: float = 0.0
+    errors: int = 0
+    error_detail: Dict[str, int] = field(default_factory=dict)
+    messages_total: int = 0
+    server_cpu_s: float = 0.0
+    cpu_s_per_100k: float = 0.0
+    peak_rss_kib: int = 0
+    base_rss_kib: int = 0
+    kib_per_conn: float = 0.0
+    connected: int = 0
+    connect_s: float = 0.0
+    note: str = ""
+    load: Dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ /proc
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of pid, in seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def proc_status_kib(pid: int, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_plan(loadgen_threads: int) -> Tuple[set | None, set | None, int]:
+    """(server CPUs, load generator CPUs, load generator threads)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return None, None, max(1, loadgen_threads)
+    if len(cpus) < 2:
+        return None, None, max(1, loadgen_threads)
+    server = {cpus[-1]}
+    load = set(cpus[:-1])
+    threads = loadgen_threads or max(1, min(4, len(load)))
+    return server, load, threads
+
+
+def _pin(pid: int, cpus: set | None) -> None:
+    if cpus:
+        try:
+            os.sched_setaffinity(pid, cpus)
+        except OSError:
+            pass
+
+
+def echo_probe(host: str, port: int, timeout: float = 0.5) -> bool:
+    """True when something on host:port echoes a short message back."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(b"probe")
+            got = b""
+            while len(got) < 5:
+                chunk = s.recv(5 - len(got))
+                if not chunk:
+                    return False
+                got += chunk
+            return got == b"probe"
+    except OSError:
+        return False
+
+
+def ensure_nofile(needed: int) -> str | None:
+    """Raises RLIMIT_NOFILE (inherited by the children); None or a reason."""
+    try:
+        import resource
+    except ImportError:
+        return "no resource module on this platform"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    inf = resource.RLIM_INFINITY
+    if soft == inf or soft >= needed:
+        return None
+    if hard != inf and hard < needed:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+            return None
+        except (ValueError, OSError):
+            return (f"RLIMIT_NOFILE hard limit is {hard}, {needed} needed "
+                    "(raise it with `ulimit -Hn` as root)")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    except (ValueError, OSError) as exc:
+        return f"cannot raise RLIMIT_NOFILE to {needed}: {exc}"
+    return None
+
+
+def _stop(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=3.0)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5.0)
+
+
+# ------------------------------------------------------------------ one run
+
+
+def measure(cfg: Config, server: str, sc: Scenario, rnd: int) -> Measurement:
+    m = Measurement(server=server, scenario=sc.name, round=rnd, ok=False)
+    srv_cpus, load_cpus, threads = cpu_plan(cfg.loadgen_threads)
+    threads = min(threads, sc.connections)
+    port = free_port(cfg.host)
+    cmd = [sys.executable, "-m", "iocp.bench.servers", server, "--host", cfg.host,
+           "--port", str(port)]
+    if cfg.backend:
+        cmd += ["--backend", cfg.backend]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _pin(proc.pid, srv_cpus)
+    try:
+        deadline = time.monotonic() + cfg.startup_timeout
+        while not echo_probe(cfg.host, port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = b""
+                if proc.poll() is not None and proc.stderr is not None:
+                    err = proc.stderr.read()
+                m.note = "server did not start: " + (
+                    err.decode(errors="replace").strip().splitlines() or ["timeout"])[-1]
+                return m
+            time.sleep(0.05)
+        m.base_rss_kib = proc_status_kib(proc.pid, "VmRSS")
+        cpu0 = proc_cpu_seconds(proc.pid)
+        connect_timeout = 10.0 + sc.connections / 1000.0
+        lcmd = [sys.executable, "-m", "iocp.bench.loadgen", "--host", cfg.host,
+                "--port", str(port), "--connections", str(sc.connections),
+                "--size", str(sc.size), "--inflight", str(sc.inflight),
+                "--warmup", str(cfg.warmup), "--duration", str(cfg.duration),
+                "--active", str(sc.active), "--threads", str(threads),
+                "--connect-timeout", str(connect_timeout), "--drain-timeout", "2.0"]
+        lg = subprocess.Popen(lcmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _pin(lg.pid, load_cpus)
+        budget = cfg.warmup + cfg.duration + connect_timeout + 2.0 + 30.0
+        try:
+            out, err = lg.communicate(timeout=budget)
+        except subprocess.TimeoutExpired:
+            lg.kill()
+            lg.communicate()
+            m.note = "load generator timed out"
+            return m
+        cpu1 = proc_cpu_seconds(proc.pid)
+        m.peak_rss_kib = proc_status_kib(proc.pid, "VmHWM")
+        if lg.returncode != 0:
+            m.note = "load generator failed: " + (
+                err.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+            return m
+        r = json.loads(out)
+        m.load = r
+        m.msgs_per_s = r["msgs_per_s"]
+        m.mb_per_s = r["mb_per_s"]
+        m.p50_us = r["latency_us"]["p50"]
+        m.p99_us = r["latency_us"]["p99"]
+        m.p999_us = r["latency_us"]["p999"]
+        m.errors = r["error_total"]
+        m.error_detail = {k: v for k, v in r["errors"].items() if v}
+        m.messages_total = r["messages_total"]
+        m.connected = r["connected"]
+        m.connect_s = r["connect_s"]
+        m.server_cpu_s = cpu1 - cpu0
+        if m.messages_total:
+            m.cpu_s_per_100k = m.server_cpu_s / m.messages_total * 1e5
+        if sc.active >= 0 and m.connected:
+            m.kib_per_conn = max(0, m.peak_rss_kib - m.base_rss_kib) / m.connected
+        if proc.poll() is not None:
+            m.note = f"server exited during the run (status {proc.returncode})"
+            return m
+        m.ok = True
+        return m
+    finally:
+        _stop(proc)
+
+
+# ------------------------------------------------------------------ all runs
+
+
+def run_all(cfg: Config, progress: Callable[[str], None]) -> Tuple[List[Measurement],
+                                                                  Dict[str, str]]:
+    """Every (server, scenario) once per round, interleaved; returns
+    (measurements, {scenario: skip reason})."""
+    skipped: Dict[str, str] = {}
+    scenarios: List[Scenario] = []
+    for sc in cfg.scenarios:
+        reason = ensure_nofile(sc.connections + 1024) if sc.connections > 500 else None
+        if reason:
+            skipped[sc.name] = reason
+        else:
+            scenarios.append(sc)
+    jobs = [(rnd, sc, srv) for rnd in range(1, cfg.rounds + 1)
+            for sc in scenarios for srv in cfg.servers]
+    results: List[Measurement] = []
+    t_start = time.monotonic()
+    est_each = cfg.warmup + cfg.duration + 0.8
+    for i, (rnd, sc, srv) in enumerate(jobs):
+        done = i
+        elapsed = time.monotonic() - t_start
+        per = elapsed / done if done else est_each
+        left = per * (len(jobs) - done)
+        progress(f"[round {rnd}/{cfg.rounds}] {sc.name:<10} {srv:<17} "
+                 f"run {i + 1}/{len(jobs)}, ~{_fmt_time(left)} left")
+        m = measure(cfg, srv, sc, rnd)
+        if not m.ok:
+            progress(f"    {srv} on {sc.name}: {m.note}")
+        elif m.errors:
+            progress(f"    {srv} on {sc.name}: {m.errors} load errors {m.error_detail}")
+        results.append(m)
+    progress(f"done in {_fmt_time(time.monotonic() - t_start)}")
+    return results, skipped
+
+
+def _fmt_time(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def summarize(results: List[Measurement]) -> List[Dict[str, Any]]:
+    """Median of each metric over the ok rounds of every (scenario, server)."""
+    groups: Dict[Tuple[str, str], List[Measurement]] = {}
+    order: List[Tuple[str, str]] = []
+    for m in results:
+        key = (m.scenario, m.server)
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(m)
+    rows: List[Dict[str, Any]] = []
+    for key in order:
+        ms = groups[key]
+        ok = [m for m in ms if m.ok]
+        row: Dict[str, Any] = {"scenario": key[0], "server": key[1], "rounds": len(ok),
+                               "failed_rounds": len(ms) - len(ok)}
+        if ok:
+            for attr in ("msgs_per_s", "mb_per_s", "p50_us", "p99_us", "p999_us",
+                         "cpu_s_per_100k", "peak_rss_kib", "kib_per_conn", "connect_s"):
+                row[attr] = statistics.median(getattr(m, attr) for m in ok)
+            row["errors"] = sum(m.errors for m in ok)
+        else:
+            row["note"] = ms[-1].note
+        rows.append(row)
+    # Ratio to the best non-iocp Python peer in the same scenario.
+    for sc in {r["scenario"] for r in rows}:
+        peers = [r["msgs_per_s"] for r in rows if r["scenario"] == sc and "msgs_per_s" in r
+                 and r["server"] not in _servers.IOCP_SERVERS and r["server"] != _servers.CEILING]
+        best = max(peers) if peers else 0.0
+        for r in rows:
+            if r["scenario"] == sc and "msgs_per_s" in r:
+                r["vs_best_peer"] = r["msgs_per_s"] / best if best else None
+    return rows
+
+
+# ------------------------------------------------------------------ machine
+
+
+def machine_info(backend: str | None) -> Dict[str, Any]:
+    info: Dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "kernel": platform.release(),
+        "cores": os.cpu_count(),
+    }
+    try:
+        with open("/proc/loadavg") as f:
+            info["loadavg_before"] = f.read().split()[:3]
+    except OSError:
+        pass
+    try:
+        info["usable_cpus"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        info["cpu"] = platform.processor()
+    srv, load, threads = cpu_plan(0)
+    info["pinning"] = {"server_cpus": sorted(srv) if srv else None,
+                       "loadgen_cpus": sorted(load) if load else None,
+                       "loadgen_threads": threads}
+    try:
+        import iocp
+
+        info["iocp_version"] = getattr(iocp, "__version__", "?")
+        with iocp.CompletionPort(backend=backend) as port:
+            info["iocp_backend"] = port.backend
+        if hasattr(iocp, "backends"):
+            try:
+                info["iocp_backends"] = repr(iocp.backends())
+            except Exception:
+                pass
+    except Exception as exc:
+        info["iocp_error"] = str(exc)
+    peers: Dict[str, str] = {"asyncio": info["python"]}
+    for mod in ("uvloop", "matplotlib"):
+        try:
+            peers[mod] = __import__(mod).__version__
+        except Exception:
+            pass
+    info["peers"] = peers
+    return info
+
+
+def to_json(cfg: Config, results: List[Measurement], rows: List[Dict[str, Any]],
+            skipped_servers: Dict[str, str], skipped_scenarios: Dict[str, str],
+            machine: Dict[str, Any], command: str) -> Dict[str, Any]:
+    return {
+        "command": command,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine,
+        "config": {"rounds": cfg.rounds, "warmup_s": cfg.warmup, "duration_s": cfg.duration,
+                   "servers": cfg.servers, "backend": cfg.backend,
+                   "scenarios": [asdict(s) for s in cfg.scenarios]},
+        "skipped_servers": skipped_servers,
+        "skipped_scenarios": skipped_scenarios,
+        "summary": rows,
+        "measurements": [asdict(m) for m in results],
+    }

@@ -1,0 +1,405 @@
+"""Echo servers under test, one per process.
+
+    python -m iocp.bench.servers NAME --port N [--host H] [--backend B]
+
+Every server echoes each byte it receives on the same connection, sets
+TCP_NODELAY on accepted sockets (asyncio and uvloop do that themselves),
+listens with the same backlog, and stops on SIGTERM or SIGINT.  The
+listening socket is made here, the same way for all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import signal
+import socket
+import sys
+import threading
+from typing import Callable, Dict, List, Tuple
+
+BACKLOG = 4096
+RECV_SIZE = 65536
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def raise_nofile_limit(wanted: int = 1 << 20) -> Tuple[int, int]:
+    """Raises RLIMIT_NOFILE's soft limit as far as allowed; returns (soft, hard)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return (-1, -1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(BACKLOG)
+    return sock
+
+
+def _nodelay(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+class _Stop(Exception):
+    """Raised by the SIGTERM handler to unwind a blocking server."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop()
+
+
+# --------------------------------------------------------------------- iocp
+
+
+def serve_iocp_port(lsock: socket.socket, backend: str | None) -> None:
+    """Echo written directly on iocp.CompletionPort: recv -> send -> recv."""
+    import iocp
+
+    port = iocp.CompletionPort(backend=backend)
+    port.register(lsock)
+    closing = False
+
+    def serve(conn: socket.socket) -> None:
+        def close() -> None:
+            try:
+                port.unregister(conn)
+            except Exception:
+                pass
+            conn.close()
+
+        def on_recv(c: iocp.Completion) -> None:
+            data = c.data
+            if c.error is not None or not data:
+                close()
+                return
+            port.send(conn, data, on_sent)
+
+        def on_sent(c: iocp.Completion) -> None:
+            if c.error is not None:
+                close()
+                return
+            port.recv(conn, RECV_SIZE, on_recv)
+
+        port.recv(conn, RECV_SIZE, on_recv)
+
+    def on_accept(c: iocp.Completion) -> None:
+        if closing:
+            if c.error is None:
+                c.data[0].close()
+            return
+        if c.error is None:
+            conn = c.data[0]
+            _nodelay(conn)
+            port.register(conn)
+            serve(conn)
+        port.accept(lsock, on_accept)
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal closing
+        closing = True
+        port.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for _ in range(16):
+        port.accept(lsock, on_accept)
+    try:
+        port.run()
+    finally:
+        closing = True
+        port.close()
+
+
+def _iocp_server_class():  # type: ignore[no-untyped-def]
+    import iocp
+
+    cls = getattr(iocp, "Server", None)
+    if cls is None:
+        try:
+            from iocp.server import Server as cls  # type: ignore[no-redef]
+        except ImportError:
+            return None
+    return cls
+
+
+def serve_iocp_server(lsock: socket.socket, backend: str | None) -> None:
+    """The callback server iocp.Server with an echo protocol, one loop thread."""
+    Server = _iocp_server_class()
+
+    class Echo:
+        def data_received(self, conn, data: bytes) -> None:  # type: ignore[no-untyped-def]
+            conn.send(data)
+
+    server = Server(Echo, sock=lsock, backend=backend, backlog=BACKLOG)
+    server.serve_forever()  # returns on SIGINT/SIGTERM
+
+
+def _aio_loop(backend: str | None):  # type: ignore[no-untyped-def]
+    import iocp.aio as aio  # type: ignore[import-not-found]
+
+    for name in ("new_event_loop", "EventLoop", "IOCPEventLoop"):
+        factory = getattr(aio, name, None)
+        if factory is not None:
+            try:
+                return factory(backend=backend) if backend else factory()
+            except TypeError:
+                return factory()
+    policy = getattr(aio, "EventLoopPolicy", None)
+    if policy is not None:
+        return policy().new_event_loop()
+    raise RuntimeError("iocp.aio has no new_event_loop/EventLoop/EventLoopPolicy")
+
+
+def serve_iocp_aio(lsock: socket.socket, backend: str | None) -> None:
+    _serve_protocol(lsock, _aio_loop(backend))
+
+
+# --------------------------------------------------------------------- peers
+
+
+class EchoProtocol:
+    """asyncio.Protocol echo (no base class needed beyond duck typing)."""
+
+    transport = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: object) -> None:
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
+def _serve_protocol(lsock: socket.socket, loop) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    asyncio.set_event_loop(loop)
+
+    async def main() -> None:
+        server = await loop.create_server(EchoProtocol, sock=lsock, backlog=BACKLOG)
+        stop = loop.create_future()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        await stop
+        server.close()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def serve_asyncio_protocol(lsock: socket.socket, backend: str | None) -> None:
+    import asyncio
+
+    _serve_protocol(lsock, asyncio.new_event_loop())
+
+
+def serve_uvloop_protocol(lsock: socket.socket, backend: str | None) -> None:
+    import uvloop
+
+    _serve_protocol(lsock, uvloop.new_event_loop())
+
+
+def serve_asyncio_streams(lsock: socket.socket, backend: str | None) -> None:
+    import asyncio
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                data = await reader.read(RECV_SIZE)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await asyncio.start_server(handle, sock=lsock, backlog=BACKLOG)
+        stop = loop.create_future()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        await stop
+        server.close()
+
+    asyncio.run(main())
+
+
+def serve_threads(lsock: socket.socket, backend: str | None) -> None:
+    """Thread per connection, blocking sockets."""
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while True:
+                    data = conn.recv(RECV_SIZE)
+                    if not data:
+                        return
+                    conn.sendall(data)
+            except OSError:
+                return
+
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    try:
+        while True:
+            conn, _ = lsock.accept()
+            _nodelay(conn)
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+    except _Stop:
+        pass
+
+
+def serve_c(lsock: socket.socket, backend: str | None) -> None:
+    """Plain C single-threaded epoll echo (iocp._benchtools.echo_server)."""
+    from iocp import _benchtools  # type: ignore[attr-defined]
+
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    try:
+        _benchtools.echo_server(fd=lsock.fileno())
+    except _Stop:
+        pass
+
+
+# --------------------------------------------------------------------- registry
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _iocp_ok() -> str | None:
+    try:
+        import iocp  # noqa: F401
+    except Exception as exc:  # the core may be unbuilt
+        return f"iocp does not import ({exc})"
+    return None
+
+
+def _need_iocp_server() -> str | None:
+    err = _iocp_ok()
+    if err:
+        return err
+    if _iocp_server_class() is None:
+        return "iocp.Server is not available in this iocp build"
+    return None
+
+
+def _need_aio() -> str | None:
+    err = _iocp_ok()
+    if err:
+        return err
+    if not _has_module("iocp.aio"):
+        return "iocp.aio (the iocp asyncio event loop) does not exist yet"
+    return None
+
+
+def _need_module(mod: str, hint: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        return None if _has_module(mod) else f"{mod} not installed ({hint})"
+
+    return check
+
+
+def _need_benchtools() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "the C echo server is Linux-only"
+    return None if _has_module("iocp._benchtools") else "iocp._benchtools not built"
+
+
+# name -> (function, availability check returning None or a reason, description)
+SERVERS: Dict[str, Tuple[Callable[[socket.socket, str | None], None],
+                         Callable[[], str | None], str]] = {
+    "iocp-port": (serve_iocp_port, _iocp_ok, "iocp.CompletionPort callback loop"),
+    "iocp-server": (serve_iocp_server, _need_iocp_server,
+                    "iocp.Server callback server"),
+    "iocp-aio": (serve_iocp_aio, _need_aio, "asyncio Protocol on the iocp event loop"),
+    "asyncio-protocol": (serve_asyncio_protocol, lambda: None,
+                         "asyncio Protocol, default loop"),
+    "asyncio-streams": (serve_asyncio_streams, lambda: None, "asyncio streams, default loop"),
+    "uvloop-protocol": (serve_uvloop_protocol,
+                        _need_module("uvloop", "pip install 'pyiocp[bench]'"),
+                        "asyncio Protocol on uvloop"),
+    "threads": (serve_threads, lambda: None, "thread per connection, blocking sockets"),
+    "c-epoll": (serve_c, _need_benchtools, "plain C epoll echo (ceiling)"),
+}
+
+IOCP_SERVERS = ("iocp-port", "iocp-server", "iocp-aio")
+CEILING = "c-epoll"
+
+
+def available() -> Tuple[List[str], Dict[str, str]]:
+    """(servers that can run here, {server: reason} for the others)."""
+    ok: List[str] = []
+    skipped: Dict[str, str] = {}
+    for name, (_, check, _) in SERVERS.items():
+        reason = check()
+        if reason:
+            skipped[name] = reason
+        else:
+            ok.append(name)
+    return ok, skipped
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m iocp.bench.servers",
+                                     description="Run one benchmark echo server.")
+    parser.add_argument("name", choices=sorted(SERVERS))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--backend", default=None, help="iocp backend for iocp servers")
+    args = parser.parse_args(argv)
+    func, check, _ = SERVERS[args.name]
+    reason = check()
+    if reason:
+        print(f"server {args.name} unavailable: {reason}", file=sys.stderr)
+        return 2
+    raise_nofile_limit()
+    lsock = listen_socket(args.host, args.port)
+    try:
+        func(lsock, args.backend)
+    except (_Stop, KeyboardInterrupt):
+        pass
+    finally:
+        lsock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
