@@ -11,6 +11,8 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/un.h>
+#else
+#include <afunix.h>   /* struct sockaddr_un (Windows 10 1803+ SDK, mingw-w64) */
 #endif
 
 int iocp_sockaddr_inet(int family, const char *host, int port, uint32_t flowinfo,
