@@ -18,6 +18,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Tuple
@@ -191,6 +192,17 @@ def ensure_nofile(needed: int) -> str | None:
     return None
 
 
+def child_env() -> dict[str, str]:
+    """Environment for the children: they must import this same iocp."""
+    import iocp
+
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(iocp.__file__)))
+    old = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = root + (os.pathsep + old if old else "")
+    return env
+
+
 def _stop(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
     if proc.poll() is not None:
         return
@@ -214,15 +226,19 @@ def measure(cfg: Config, server: str, sc: Scenario, rnd: int) -> Measurement:
            "--port", str(port)]
     if cfg.backend:
         cmd += ["--backend", cfg.backend]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = child_env()
+    # stderr to a file, not a pipe: a chatty server must never block on it.
+    errfile = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errfile, env=env)
     _pin(proc.pid, srv_cpus)
     try:
         deadline = time.monotonic() + cfg.startup_timeout
         while not echo_probe(cfg.host, port):
             if proc.poll() is not None or time.monotonic() > deadline:
                 err = b""
-                if proc.poll() is not None and proc.stderr is not None:
-                    err = proc.stderr.read()
+                if proc.poll() is not None:
+                    errfile.seek(0)
+                    err = errfile.read()[-4000:]
                 m.note = "server did not start: " + (
                     err.decode(errors="replace").strip().splitlines() or ["timeout"])[-1]
                 return m
@@ -236,7 +252,7 @@ def measure(cfg: Config, server: str, sc: Scenario, rnd: int) -> Measurement:
                 "--warmup", str(cfg.warmup), "--duration", str(cfg.duration),
                 "--active", str(sc.active), "--threads", str(threads),
                 "--connect-timeout", str(connect_timeout), "--drain-timeout", "2.0"]
-        lg = subprocess.Popen(lcmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        lg = subprocess.Popen(lcmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         _pin(lg.pid, load_cpus)
         budget = cfg.warmup + cfg.duration + connect_timeout + 2.0 + 30.0
         try:
@@ -276,6 +292,7 @@ def measure(cfg: Config, server: str, sc: Scenario, rnd: int) -> Measurement:
         return m
     finally:
         _stop(proc)
+        errfile.close()
 
 
 # ------------------------------------------------------------------ all runs

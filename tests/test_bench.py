@@ -1,0 +1,207 @@
+"""The benchmark's load generator catches bad echo servers; the runner works.
+
+Bad servers are tiny thread-per-connection echo servers in this process.
+Everything is on loopback and bounded: a few seconds in all.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import sys
+import threading
+from typing import Callable, Iterator
+
+import pytest
+
+if not sys.platform.startswith("linux"):
+    pytest.skip("the benchmark tools are Linux-only (epoll)", allow_module_level=True)
+
+bt = pytest.importorskip("iocp._benchtools")
+
+# Short windows: enough for thousands of round trips on loopback.
+FAST = dict(warmup=0.05, duration=0.3, drain_timeout=0.5, connect_timeout=5.0)
+
+
+class EchoServer:
+    """Thread per connection; `transform(conn, data, total)` returns what to
+    send back (or None to reset the connection)."""
+
+    def __init__(self, transform: Callable[[bytes, int], bytes | None]) -> None:
+        self.transform = transform
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.stopping = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.acceptor = threading.Thread(target=self._accept, daemon=True)
+        self.acceptor.start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(0.1)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        total = 0
+        with conn:
+            while not self.stopping.is_set():
+                try:
+                    data = conn.recv(65536)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                out = self.transform(data, total)
+                total += len(data)
+                if out is None:   # reset: RST instead of FIN
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+                    return
+                try:
+                    conn.sendall(out)
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.acceptor.join(2)
+        for t in self.threads:
+            t.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Callable[[bytes, int], bytes | None]], EchoServer]]:
+    servers: list[EchoServer] = []
+
+    def start(transform: Callable[[bytes, int], bytes | None]) -> EchoServer:
+        s = EchoServer(transform)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def load(port: int, connections: int = 4, size: int = 64, inflight: int = 1) -> dict:
+    return bt.run_load("127.0.0.1", port, connections, size, inflight, **FAST)
+
+
+def test_correct_python_server_has_no_errors(serve) -> None:
+    srv = serve(lambda data, total: data)
+    r = load(srv.port, connections=4, size=1000, inflight=4)
+    assert r["error_total"] == 0, r["errors"]
+    assert r["connected"] == 4
+    assert r["messages"] > 50
+    assert r["latency_us"]["p50"] > 0
+    assert r["latency_us"]["p50"] <= r["latency_us"]["p99"] <= r["latency_us"]["max"]
+    assert r["mb_per_s"] == pytest.approx(r["msgs_per_s"] * 1000 / 1e6)
+
+
+def test_c_echo_server_has_no_errors() -> None:
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(128)
+    port = lsock.getsockname()[1]
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(bt.echo_server(fd=lsock.fileno(),
+                                                                  max_seconds=0.8)))
+    t.start()
+    try:
+        r = load(port, connections=8, size=3000, inflight=3)   # odd size: partial writes
+    finally:
+        t.join(5)
+        lsock.close()
+    assert r["error_total"] == 0, r["errors"]
+    assert r["messages"] > 50
+    assert out["accepted"] == 8
+    assert out["bytes"] >= r["messages_total"] * 3000
+
+
+def test_dropped_bytes_are_caught(serve) -> None:
+    # Loses the last byte of every 10th chunk: the echo stalls (short) or
+    # the following bytes arrive shifted (mismatch).
+    calls = {"n": 0}
+
+    def drop(data: bytes, total: int) -> bytes:
+        calls["n"] += 1
+        return data[:-1] if calls["n"] % 10 == 0 else data
+
+    srv = serve(drop)
+    r = load(srv.port)
+    assert r["errors"]["short"] + r["errors"]["mismatch"] > 0, r["errors"]
+
+
+def test_corrupted_bytes_are_caught(serve) -> None:
+    def corrupt(data: bytes, total: int) -> bytes:
+        if total >= 640:      # after ten good 64-byte messages
+            b = bytearray(data)
+            b[len(b) // 2] ^= 0x01
+            return bytes(b)
+        return data
+
+    srv = serve(corrupt)
+    r = load(srv.port)
+    assert r["errors"]["mismatch"] == 4, r["errors"]
+    assert r["error_total"] == 4
+
+
+def test_resets_are_caught(serve) -> None:
+    srv = serve(lambda data, total: None if total >= 640 else data)
+    r = load(srv.port)
+    assert r["errors"]["reset"] == 4, r["errors"]
+
+
+def test_unprompted_bytes_and_refused_connections() -> None:
+    # Nothing listens: every connection fails to connect.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = bt.run_load("127.0.0.1", port, 3, 64, 1, 0.0, 0.1, connect_timeout=2.0)
+    assert r["errors"]["connect"] == 3
+    assert r["connected"] == 0
+
+
+def test_pattern_is_per_connection() -> None:
+    a, b = bt.pattern(0, 0, 64), bt.pattern(1, 0, 64)
+    assert len(a) == 64 and a != b
+    assert bt.pattern(0, 10, 20) == a[10:30]
+
+
+def test_runner_smoke(tmp_path, capsys) -> None:
+    import argparse
+
+    from iocp.bench import cli
+
+    parser = argparse.ArgumentParser()
+    cli.configure_parser(parser)
+    out = tmp_path / "r.json"
+    args = parser.parse_args(["--servers", "c-epoll,asyncio-protocol", "--scenarios",
+                              "10x64Bx16", "--warmup", "0.05", "--duration", "0.3",
+                              "--json", str(out)])
+    assert cli.run(args) == 0
+    printed = capsys.readouterr().out
+    assert "c-epoll" in printed and "asyncio-protocol" in printed
+    data = json.loads(out.read_text())
+    assert {r["server"] for r in data["summary"]} == {"c-epoll", "asyncio-protocol"}
+    for row in data["summary"]:
+        assert row["errors"] == 0
+        assert row["msgs_per_s"] > 1000
+        assert row["peak_rss_kib"] > 0
+    assert data["machine"]["python"]
+    assert len(data["measurements"]) == 2
