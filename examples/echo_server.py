@@ -1,0 +1,37 @@
+"""Echo server: every byte a client sends comes back to it.
+
+    python examples/echo_server.py [--host 127.0.0.1] [--port 9527] [--threads 1]
+
+Try it with ``python -m iocp client`` or ``nc 127.0.0.1 9527``.  Ctrl-C (or
+SIGTERM) shuts it down gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from iocp.server import Connection, Protocol, Server
+
+
+class Echo(Protocol):
+    """Sends back what it receives; one instance per connection."""
+
+    def data_received(self, conn: Connection, data: bytes) -> None:
+        conn.send(data)
+
+
+def main() -> int:
+    """Parse the command line and serve until interrupted."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9527)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    server = Server(Echo, args.host, args.port)
+    return server.serve_forever(threads=args.threads)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,530 @@
+"""iocp.server: Server, Client and Connection on every backend."""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import socket
+import sys
+import threading
+import time
+from typing import Any, List, Optional
+
+import pytest
+
+from iocp.server import Client, Connection, Protocol, Server, WriteBufferFull, connect
+
+LEAK_KEYS = ("live_ops", "inflight", "pinned_buffers", "live_buffers")
+
+
+def assert_no_leaks(stats: dict) -> None:
+    """The final stats of a server/client show no op, buffer or pin left."""
+    for key in LEAK_KEYS:
+        if key in stats:
+            assert stats[key] == 0, stats
+    assert stats.get("connections", 0) == 0, stats
+
+
+def wait_until(pred: Any, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return bool(pred())
+
+
+def recv_exact(sock: socket.socket, n: int, timeout: float = 5.0) -> bytes:
+    sock.settimeout(timeout)
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def recv_until_eof(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    sock.settimeout(timeout)
+    out = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return out
+        out += chunk
+
+
+class Echo(Protocol):
+    def data_received(self, conn: Connection, data: bytes) -> None:
+        conn.send(data)
+
+
+class Recorder:
+    """A shared handler recording every callback."""
+
+    def __init__(self) -> None:
+        self.events: List[tuple] = []
+        self.lock = threading.Lock()
+        self.lost = threading.Event()
+
+    def connection_made(self, conn: Connection) -> None:
+        with self.lock:
+            self.events.append(("made", conn))
+
+    def data_received(self, conn: Connection, data: bytes) -> None:
+        with self.lock:
+            self.events.append(("data", data))
+
+    def eof_received(self, conn: Connection) -> None:
+        with self.lock:
+            self.events.append(("eof",))
+
+    def connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
+        with self.lock:
+            self.events.append(("lost", exc))
+        self.lost.set()
+
+
+@pytest.fixture
+def server_factory(backend: str):
+    """Makes started servers on the current backend; shuts them down and checks leaks."""
+    servers: List[Server] = []
+
+    def make(handler: Any, threads: int = 1, **kw: Any) -> Server:
+        kw.setdefault("port", 0)
+        srv = Server(handler, backend=backend, drain_timeout=2.0, **kw)
+        srv.start(threads=threads)
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        assert_no_leaks(srv.shutdown())
+
+
+def test_echo_roundtrip(server_factory: Any) -> None:
+    srv = server_factory(Echo)
+    assert srv.backend
+    with socket.create_connection(srv.address, timeout=5) as s:
+        s.sendall(b"hello iocp")
+        assert recv_exact(s, 10) == b"hello iocp"
+    assert wait_until(lambda: srv.stats()["connections"] == 0)
+
+
+def test_callbacks_in_order_with_shared_handler(server_factory: Any) -> None:
+    rec = Recorder()
+    srv = server_factory(rec)
+    with socket.create_connection(srv.address, timeout=5) as s:
+        s.sendall(b"abc")
+        assert wait_until(lambda: any(e[0] == "data" for e in rec.events))
+        s.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(s) == b""  # eof_received returned None: server closes
+    assert rec.lost.wait(5)
+    kinds = [e[0] for e in rec.events]
+    assert kinds[0] == "made" and kinds[-2:] == ["eof", "lost"]
+    assert b"".join(e[1] for e in rec.events if e[0] == "data") == b"abc"
+    assert rec.events[-1][1] is None
+
+
+def test_factory_makes_one_protocol_per_connection(server_factory: Any) -> None:
+    made: List[Any] = []
+
+    class P(Protocol):
+        def connection_made(self, conn: Connection) -> None:
+            made.append(self)
+
+    srv = server_factory(P)
+    a = socket.create_connection(srv.address)
+    b = socket.create_connection(srv.address)
+    assert wait_until(lambda: len(made) == 2)
+    assert made[0] is not made[1]
+    a.close()
+    b.close()
+
+
+def test_bad_handler_rejected() -> None:
+    with pytest.raises(TypeError):
+        Server(42, port=0)
+    with pytest.raises(ValueError):
+        Server(Echo, port=0, write_high_water=10, write_low_water=20)
+    with pytest.raises(ValueError):
+        Server(Echo, port=70000)
+
+
+def test_close_flushes_then_closes(server_factory: Any) -> None:
+    payload = os.urandom(3 * 1024 * 1024)
+
+    class Burst(Protocol):
+        def connection_made(self, conn: Connection) -> None:
+            conn.send(payload[: len(payload) // 2])
+            conn.send(bytearray(payload[len(payload) // 2 :]))
+            conn.close()
+            conn.send(b"dropped after close")
+
+    srv = server_factory(Burst, write_limit=8 * 1024 * 1024)
+    with socket.create_connection(srv.address, timeout=5) as s:
+        assert recv_until_eof(s, timeout=10) == payload
+
+
+def test_abort_resets(server_factory: Any) -> None:
+    lost: List[Any] = []
+
+    class Abort(Protocol):
+        def data_received(self, conn: Connection, data: bytes) -> None:
+            conn.send(b"x" * 100000)
+            conn.abort()
+
+        def connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
+            lost.append(exc)
+
+    srv = server_factory(Abort)
+    with socket.create_connection(srv.address, timeout=5) as s:
+        s.sendall(b"go")
+        with pytest.raises((ConnectionResetError, socket.timeout)):
+            while s.recv(65536):
+                pass
+    assert wait_until(lambda: lost == [None])
+
+
+def test_echo_1000_connections(server_factory: Any, many_fds: None) -> None:
+    srv = server_factory(Echo, threads=2, backlog=1024)
+    n = 1000
+    socks: List[socket.socket] = []
+    t0 = time.monotonic()
+    try:
+        for _ in range(n):
+            socks.append(socket.create_connection(srv.address, timeout=10))
+        assert wait_until(lambda: srv.stats()["connections"] == n, 10), srv.stats()
+        sel = selectors.DefaultSelector()
+        for i, s in enumerate(socks):
+            s.sendall(b"%06d" % i)
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ, [i, b""])
+        remaining = n
+        deadline = time.monotonic() + 30
+        while remaining and time.monotonic() < deadline:
+            for key, _ in sel.select(1.0):
+                i, got = key.data
+                got += key.fileobj.recv(64)  # type: ignore[union-attr]
+                key.data[1] = got
+                if len(got) == 6:
+                    assert got == b"%06d" % i
+                    sel.unregister(key.fileobj)
+                    remaining -= 1
+        sel.close()
+        assert remaining == 0
+    finally:
+        for s in socks:
+            s.close()
+    assert wait_until(lambda: srv.stats()["connections"] == 0, 10)
+    assert srv.stats()["accepted"] == n
+    assert time.monotonic() - t0 < 60
+
+
+def test_peer_never_reads_pauses_and_bounds_memory(server_factory: Any) -> None:
+    events: List[str] = []
+    peak = [0]
+    chunk = b"z" * 65536
+    conns: List[Connection] = []
+
+    class Flood(Protocol):
+        """Writes as fast as allowed: until paused, then again on resume."""
+
+        def connection_made(self, conn: Connection) -> None:
+            conns.append(conn)
+            self.fill(conn)
+
+        def fill(self, conn: Connection) -> None:
+            while not conn.writing_paused and not conn.closing:
+                conn.send(chunk)
+                peak[0] = max(peak[0], conn.write_buffer_size)
+
+        def pause_writing(self, conn: Connection) -> None:
+            events.append("pause")
+
+        def resume_writing(self, conn: Connection) -> None:
+            events.append("resume")
+            self.fill(conn)
+
+    high = 256 * 1024
+    srv = server_factory(Flood, write_high_water=high, write_low_water=64 * 1024)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(srv.address)
+    try:
+        assert wait_until(lambda: "pause" in events)
+        time.sleep(0.3)  # a peer that never reads: nothing may grow now
+        assert conns[0].write_buffer_size <= high + len(chunk)
+        assert peak[0] <= high + len(chunk)
+        # Now read: the buffer drains, resume_writing fires, flooding goes on.
+        s.settimeout(5)
+        got = 0
+        while "resume" not in events and got < 64 * 1024 * 1024:
+            got += len(s.recv(1 << 20))
+        assert "resume" in events
+    finally:
+        s.close()
+
+
+def test_write_limit_aborts_a_protocol_ignoring_pause(server_factory: Any) -> None:
+    lost: List[Any] = []
+    sizes: List[int] = []
+
+    class Ignorant(Protocol):
+        def connection_made(self, conn: Connection) -> None:
+            for _ in range(400):  # 400 x 64 KiB = 25 MiB, far past the limit
+                conn.send(b"q" * 65536)
+                sizes.append(conn.write_buffer_size)
+
+        def connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
+            lost.append(exc)
+
+    srv = server_factory(Ignorant, write_high_water=64 * 1024, write_limit=1024 * 1024)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(srv.address)
+    try:
+        assert wait_until(lambda: bool(lost))
+        assert isinstance(lost[0], WriteBufferFull)
+        assert max(sizes) <= 1024 * 1024 + 65536
+    finally:
+        s.close()
+
+
+def test_max_connections_refuses_extra(server_factory: Any, caplog: Any) -> None:
+    caplog.set_level(logging.WARNING, logger="iocp.server")
+    srv = server_factory(Echo, max_connections=2)
+    a = socket.create_connection(srv.address, timeout=5)
+    b = socket.create_connection(srv.address, timeout=5)
+    assert wait_until(lambda: srv.stats()["connections"] == 2)
+    c = socket.create_connection(srv.address, timeout=5)
+    try:
+        c.settimeout(5)
+        try:
+            assert c.recv(10) == b""
+        except ConnectionResetError:
+            pass
+        assert wait_until(lambda: srv.stats()["refused"] == 1)
+        assert any("max_connections" in r.getMessage() for r in caplog.records)
+        a.sendall(b"still here")
+        assert recv_exact(a, 10) == b"still here"
+        a.close()
+        assert wait_until(lambda: srv.stats()["connections"] == 1)
+        d = socket.create_connection(srv.address, timeout=5)
+        d.sendall(b"hi")
+        assert recv_exact(d, 2) == b"hi"
+        d.close()
+    finally:
+        for s in (a, b, c):
+            s.close()
+
+
+def test_idle_timeout_closes_silent_connections(server_factory: Any) -> None:
+    rec = Recorder()
+    srv = server_factory(rec, idle_timeout=0.4)
+    silent = socket.create_connection(srv.address, timeout=5)
+    talker = socket.create_connection(srv.address, timeout=5)
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < 1.0:  # keeps talking past the timeout
+            talker.sendall(b".")
+            time.sleep(0.1)
+        silent.settimeout(5)
+        assert silent.recv(10) == b""  # closed by the server
+        assert time.monotonic() - t0 < 3
+        assert any(e[0] == "lost" and isinstance(e[1], TimeoutError) for e in rec.events)
+        assert srv.stats()["connections"] == 1  # the talker survived
+    finally:
+        silent.close()
+        talker.close()
+
+
+def test_callbacks_of_one_connection_never_overlap(server_factory: Any) -> None:
+    errors: List[str] = []
+    received: List[bytes] = []
+
+    class Checker(Protocol):
+        def __init__(self) -> None:
+            self.inside = False
+            self.data = b""
+
+        def data_received(self, conn: Connection, data: bytes) -> None:
+            if self.inside:
+                errors.append("overlap")
+            self.inside = True
+            time.sleep(0.0005)  # lets other loop threads run meanwhile
+            self.data += data
+            conn.send(data)
+            self.inside = False
+
+        def connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
+            received.append(self.data)
+
+    srv = server_factory(Checker, threads=4)
+    payloads = [os.urandom(200_000) for _ in range(8)]
+
+    def client(p: bytes) -> None:
+        with socket.create_connection(srv.address, timeout=10) as s:
+            sender = threading.Thread(target=s.sendall, args=(p,))
+            sender.start()
+            got = recv_exact(s, len(p), timeout=20)
+            sender.join()
+            if got != p:
+                errors.append("corrupt echo")
+
+    threads = [threading.Thread(target=client, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert wait_until(lambda: len(received) == len(payloads))
+    assert sorted(received) == sorted(payloads)
+
+
+def test_send_from_another_thread(server_factory: Any) -> None:
+    conns: List[Connection] = []
+
+    class Keep(Protocol):
+        def connection_made(self, conn: Connection) -> None:
+            conns.append(conn)
+
+    srv = server_factory(Keep)
+    with socket.create_connection(srv.address, timeout=5) as s:
+        assert wait_until(lambda: bool(conns))
+        t = threading.Thread(target=lambda: [conns[0].send(b"%d," % i) for i in range(100)])
+        t.start()
+        t.join()
+        want = b"".join(b"%d," % i for i in range(100))
+        assert recv_exact(s, len(want)) == want
+        conns[0].close()
+        assert recv_until_eof(s) == b""
+
+
+def test_shutdown_with_open_connections(backend: str) -> None:
+    srv = Server(Echo, port=0, backend=backend, drain_timeout=2.0).start(threads=2)
+    socks = [socket.create_connection(srv.address, timeout=5) for _ in range(20)]
+    try:
+        assert wait_until(lambda: srv.stats()["connections"] == 20)
+        t0 = time.monotonic()
+        final = srv.shutdown()
+        assert time.monotonic() - t0 < 5
+        assert_no_leaks(final)
+        for s in socks:
+            assert recv_until_eof(s) == b""
+        with pytest.raises(OSError):
+            socket.create_connection(srv.address or ("127.0.0.1", 1), timeout=1)
+        assert srv.completion_port.closed
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_context_manager(backend: str) -> None:
+    with Server(Echo, port=0, backend=backend) as srv:
+        with socket.create_connection(srv.address, timeout=5) as s:
+            s.sendall(b"ctx")
+            assert recv_exact(s, 3) == b"ctx"
+    assert_no_leaks(srv.final_stats or {})
+
+
+def test_ipv6(server_factory: Any) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        probe = socket.socket(socket.AF_INET6)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError:
+        pytest.skip("::1 is not available")
+    srv = server_factory(Echo, host="::1")
+    assert srv.address[0] == "::1"
+    with socket.create_connection(srv.address[:2], timeout=5) as s:
+        s.sendall(b"six")
+        assert recv_exact(s, 3) == b"six"
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX") or sys.platform == "win32", reason="POSIX")
+def test_unix_socket(server_factory: Any, tmp_path: Any, backend: str) -> None:
+    path = str(tmp_path / "echo.sock")
+    srv = server_factory(Echo, path=path)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(path)
+        s.sendall(b"unix")
+        assert recv_exact(s, 4) == b"unix"
+    got: List[bytes] = []
+    done = threading.Event()
+
+    class Got(Protocol):
+        def data_received(self, conn: Connection, data: bytes) -> None:
+            got.append(data)
+            done.set()
+
+    with Client(Got, path=path, backend=backend) as client:
+        assert client.connection is not None
+        client.connection.send(b"via client")
+        assert done.wait(5)
+    assert b"".join(got) == b"via client"
+    srv.shutdown()
+    assert not os.path.exists(path)
+
+
+def test_client_roundtrip(server_factory: Any, backend: str) -> None:
+    srv = server_factory(Echo)
+    got = bytearray()
+    lost = threading.Event()
+
+    class Collect(Protocol):
+        def data_received(self, conn: Connection, data: bytes) -> None:
+            got.extend(data)
+
+        def connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
+            lost.set()
+
+    client = connect("127.0.0.1", srv.address[1], Collect, backend=backend)
+    conn = client.connection
+    assert conn is not None and conn.peername == srv.address
+    for i in range(50):
+        conn.send(b"line %d\n" % i)
+    conn.write_eof()  # server echoes what is left, sees EOF, closes
+    assert lost.wait(5)
+    assert bytes(got) == b"".join(b"line %d\n" % i for i in range(50))
+    port = client.completion_port
+    client.close()
+    assert port.closed
+
+
+def test_client_refused(backend: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    with pytest.raises(ConnectionRefusedError):
+        connect("127.0.0.1", free, Echo, backend=backend, timeout=5)
+
+
+def test_shared_completion_port(backend: str) -> None:
+    """A Server and a Client on one port that the caller runs."""
+    from iocp._core import CompletionPort
+
+    port = CompletionPort(backend=backend)
+    srv = Server(Echo, port=0, completion_port=port).start(threads=1)
+    got = threading.Event()
+
+    class One(Protocol):
+        def data_received(self, conn: Connection, data: bytes) -> None:
+            got.set()
+
+    client = Client(One, "127.0.0.1", srv.address[1], completion_port=port)
+    client.connect(timeout=5)
+    assert client.connection is not None
+    client.connection.send(b"ping")
+    assert got.wait(5)
+    client.close()
+    stats = srv.shutdown()
+    assert not port.closed  # not ours to close
+    assert stats["connections"] == 0
+    port.close()
+    assert_no_leaks(port.stats())
