@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, List, Optional
+from typing import Any, List
 
 import pytest
 
@@ -81,7 +81,7 @@ class Recorder:
         with self.lock:
             self.events.append(("eof",))
 
-    def connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
+    def connection_lost(self, conn: Connection, exc: BaseException | None) -> None:
         with self.lock:
             self.events.append(("lost", exc))
         self.lost.set()
@@ -176,7 +176,7 @@ def test_abort_resets(server_factory: Any) -> None:
             conn.send(b"x" * 100000)
             conn.abort()
 
-        def connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
+        def connection_lost(self, conn: Connection, exc: BaseException | None) -> None:
             lost.append(exc)
 
     srv = server_factory(Abort)
@@ -278,7 +278,7 @@ def test_write_limit_aborts_a_protocol_ignoring_pause(server_factory: Any) -> No
                 conn.send(b"q" * 65536)
                 sizes.append(conn.write_buffer_size)
 
-        def connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
+        def connection_lost(self, conn: Connection, exc: BaseException | None) -> None:
             lost.append(exc)
 
     srv = server_factory(Ignorant, write_high_water=64 * 1024, write_limit=1024 * 1024)
@@ -359,7 +359,7 @@ def test_callbacks_of_one_connection_never_overlap(server_factory: Any) -> None:
             conn.send(data)
             self.inside = False
 
-        def connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
+        def connection_lost(self, conn: Connection, exc: BaseException | None) -> None:
             received.append(self.data)
 
     srv = server_factory(Checker, threads=4)
@@ -481,7 +481,7 @@ def test_client_roundtrip(server_factory: Any, backend: str) -> None:
         def data_received(self, conn: Connection, data: bytes) -> None:
             got.extend(data)
 
-        def connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
+        def connection_lost(self, conn: Connection, exc: BaseException | None) -> None:
             lost.set()
 
     client = connect("127.0.0.1", srv.address[1], Collect, backend=backend)
