@@ -1,0 +1,1565 @@
+/*
+ * uring.c -- the completion model on Linux io_uring.
+ *
+ * What the kernel gives: a real completion port.  A submission ring (SQ)
+ * of 64-byte request records and a completion ring (CQ) of 16-byte results,
+ * both shared with the kernel through mmap; each request carries a 64-bit
+ * user_data that comes back in its completion.  The kernel performs the
+ * socket operation itself (arming an internal poll when the socket is not
+ * ready), so an op costs no syscall of its own: SQEs are batched and handed
+ * over by the io_uring_enter() that also waits for completions.  Talking to
+ * the kernel uses raw syscalls and ABI records declared below under our own
+ * names, so this file needs neither liburing nor recent kernel headers.
+ *
+ * How ops map: user_data is the iocp_op pointer (records are at least
+ * 8-byte aligned, so the low three bits are free for tags).  ACCEPT ->
+ * IORING_OP_ACCEPT (multishot where the kernel has it, re-armed after every
+ * connection where it does not), CONNECT -> IORING_OP_CONNECT, RECV ->
+ * IORING_OP_RECV picking a buffer from a provided-buffer ring when the
+ * request fits (an idle recv then pins no memory; the buffer goes to the
+ * caller with buf_id = index + 1 and comes back through release_buffer),
+ * else from the port pool at submit, RECV_INTO -> IORING_OP_RECV into the
+ * caller's buffer, SEND -> IORING_OP_SEND re-submitted for the remainder
+ * after a short send, POST -> IORING_OP_NOP.  Should the kernel hand back
+ * -EAGAIN (old kernels, O_NONBLOCK sockets) the op waits on a one-shot
+ * IORING_OP_POLL_ADD tagged op|1 and is re-issued when it fires.  Internal
+ * requests (wake-up NOPs, cancel requests, poll timeouts) carry tag 2 with
+ * no pointer, so they are never mistaken for ops and never surface.
+ *
+ * Cancel and close: cancel submits IORING_OP_ASYNC_CANCEL for the op's
+ * user_data; the op's own completion then arrives, -ECANCELED (or -EINTR
+ * when an io-wq worker was interrupted), and is flagged cancelled -- or
+ * with its real result if it had already finished.  Requests hold a
+ * reference to their file, so closing a socket does not stop them:
+ * unregister cancels every op of the socket (IORING_ASYNC_CANCEL_FD|ALL,
+ * else one request per op) and submits at once, before the caller closes
+ * the descriptor.  Ops learn they were cancelled from a per-op flag or a
+ * per-descriptor generation that unregister and register bump.  The kernel
+ * also cancels the requests of a thread that exits; such an unrequested
+ * -ECANCELED re-issues the op instead of failing it.
+ *
+ * Completions are never lost: the CQ is 4x the SQ, IORING_FEAT_NODROP is
+ * required, poll() reaps at most `max` CQEs and leaves the rest in the ring
+ * (the kernel's overflow list absorbs more; io_uring_enter(GETEVENTS)
+ * flushes it back when the ring says so).  Submission happens under the
+ * port lock from any thread; SQEs wait for the next poll() while a thread
+ * dispatches (it polls again next) and go at once when a thread is blocked
+ * in the kernel or nobody is waiting (see iocp__submit_policy).  If the SQ is
+ * full we submit to make room; if even that fails, ops wait on a backlog.
+ *
+ * Environment, for tests: IOCP_URING_FAIL_SETUP=1 makes probe() and init()
+ * fail with -EPERM as if io_uring were disabled (the default port then falls
+ * back to epoll).  IOCP_URING_DISABLE="ext-arg,provided-buffers,
+ * multishot-accept,cancel-fd,submit-all" turns the named kernel features
+ * off to exercise the fallback paths on a new kernel.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "../iocp_internal.h"
+
+/* ---- kernel ABI (include/uapi/linux/io_uring.h), under our names ---- */
+
+#ifndef __NR_io_uring_setup
+#  define __NR_io_uring_setup 425
+#endif
+#ifndef __NR_io_uring_enter
+#  define __NR_io_uring_enter 426
+#endif
+#ifndef __NR_io_uring_register
+#  define __NR_io_uring_register 427
+#endif
+
+typedef struct iocp__uring_sqe {
+    uint8_t opcode;
+    uint8_t flags;          /* IOSQE_* */
+    uint16_t ioprio;        /* accept/recv: multishot bits */
+    int32_t fd;
+    uint64_t off;           /* connect: addrlen; accept: &addrlen */
+    uint64_t addr;          /* buffer / sockaddr; cancel: target user_data */
+    uint32_t len;
+    uint32_t op_flags;      /* msg_flags, accept_flags, cancel_flags, poll32 */
+    uint64_t user_data;
+    uint16_t buf_group;
+    uint16_t personality;
+    uint32_t file_index;
+    uint64_t addr3;
+    uint64_t pad2;
+} iocp__uring_sqe;
+
+typedef struct iocp__uring_cqe {
+    uint64_t user_data;
+    int32_t res;
+    uint32_t flags;
+} iocp__uring_cqe;
+
+struct iocp__uring_sq_offsets {
+    uint32_t head, tail, ring_mask, ring_entries, flags, dropped, array, resv1;
+    uint64_t user_addr;
+};
+
+struct iocp__uring_cq_offsets {
+    uint32_t head, tail, ring_mask, ring_entries, overflow, cqes, flags, resv1;
+    uint64_t user_addr;
+};
+
+struct iocp__uring_params {
+    uint32_t sq_entries, cq_entries, flags, sq_thread_cpu, sq_thread_idle;
+    uint32_t features, wq_fd, resv[3];
+    struct iocp__uring_sq_offsets sq_off;
+    struct iocp__uring_cq_offsets cq_off;
+};
+
+struct iocp__uring_getevents_arg {
+    uint64_t sigmask;
+    uint32_t sigmask_sz;
+    uint32_t pad;
+    uint64_t ts;
+};
+
+struct iocp__uring_ts {
+    int64_t tv_sec;
+    long long tv_nsec;
+};
+
+struct iocp__uring_probe_op {
+    uint8_t op, resv;
+    uint16_t flags;
+    uint32_t resv2;
+};
+
+struct iocp__uring_probe {
+    uint8_t last_op, ops_len;
+    uint16_t resv;
+    uint32_t resv2[3];
+    struct iocp__uring_probe_op ops[256];
+};
+
+struct iocp__uring_buf {          /* one provided-buffer ring slot */
+    uint64_t addr;
+    uint32_t len;
+    uint16_t bid;
+    uint16_t resv;                /* slot 0: the ring tail lives here */
+};
+
+struct iocp__uring_buf_reg {
+    uint64_t ring_addr;
+    uint32_t ring_entries;
+    uint16_t bgid;
+    uint16_t flags;
+    uint64_t resv[3];
+};
+
+enum {
+    IOCP__OP_NOP = 0, IOCP__OP_POLL_ADD = 6, IOCP__OP_TIMEOUT = 11,
+    IOCP__OP_TIMEOUT_REMOVE = 12, IOCP__OP_ACCEPT = 13,
+    IOCP__OP_ASYNC_CANCEL = 14, IOCP__OP_CONNECT = 16, IOCP__OP_SEND = 26,
+    IOCP__OP_RECV = 27
+};
+
+#define IOCP__SETUP_CQSIZE      (1u << 3)
+#define IOCP__SETUP_CLAMP       (1u << 4)
+#define IOCP__SETUP_SUBMIT_ALL  (1u << 7)
+
+#define IOCP__FEAT_SINGLE_MMAP  (1u << 0)
+#define IOCP__FEAT_NODROP       (1u << 1)
+#define IOCP__FEAT_FAST_POLL    (1u << 5)
+#define IOCP__FEAT_EXT_ARG      (1u << 8)
+
+#define IOCP__ENTER_GETEVENTS   (1u << 0)
+#define IOCP__ENTER_EXT_ARG     (1u << 3)
+
+#define IOCP__SQ_CQ_OVERFLOW    (1u << 1)
+
+#define IOCP__SQE_BUFFER_SELECT (1u << 5)
+
+#define IOCP__CQE_F_BUFFER      (1u << 0)
+#define IOCP__CQE_F_MORE        (1u << 1)
+#define IOCP__CQE_BUFFER_SHIFT  16
+
+#define IOCP__ACCEPT_MULTISHOT  (1u << 0)   /* sqe->ioprio */
+#define IOCP__RECV_MULTISHOT    (1u << 1)   /* sqe->ioprio */
+#define IOCP__CANCEL_ALL        (1u << 0)
+#define IOCP__CANCEL_FD         (1u << 1)
+
+#define IOCP__OFF_SQ_RING       0ULL
+#define IOCP__OFF_CQ_RING       0x8000000ULL
+#define IOCP__OFF_SQES          0x10000000ULL
+
+#define IOCP__REGISTER_PROBE          8
+#define IOCP__REGISTER_PBUF_RING      22
+#define IOCP__UNREGISTER_PBUF_RING    23
+#define IOCP__PROBE_OP_SUPPORTED      (1u << 0)
+
+/* ---- our own constants ---------------------------------------------- */
+
+/* user_data tags (low three bits). */
+#define IOCP__UD_OP        0u     /* the op itself */
+#define IOCP__UD_POLL      1u     /* the op's readiness wait */
+#define IOCP__UD_INTERNAL  2u     /* no op: kind << 3 | payload << 8 */
+#define IOCP__UD_MASK      7u
+enum { IOCP__IN_WAKE = 1, IOCP__IN_CANCEL = 2, IOCP__IN_TIMEOUT = 3,
+       IOCP__IN_TIMEOUT_REMOVE = 4, IOCP__IN_PROBE = 5 };
+#define IOCP__UD_IN(kind, payload) \
+    (IOCP__UD_INTERNAL | ((uint64_t)(kind) << 3) | ((uint64_t)(payload) << 8))
+
+/* Capability bits (probe results, maskable by IOCP_URING_DISABLE). */
+#define IOCP__CAP_EXT_ARG    (1u << 0)
+#define IOCP__CAP_SUBMIT_ALL (1u << 1)
+#define IOCP__CAP_PBUF       (1u << 2)
+#define IOCP__CAP_MS_ACCEPT  (1u << 3)
+#define IOCP__CAP_MS_RECV    (1u << 4)
+#define IOCP__CAP_CANCEL_FD  (1u << 5)
+
+/* op->state bits (backend private). */
+#define IOCP__ST_ARMED     0x01   /* an SQE with user_data == op is out */
+#define IOCP__ST_POLL      0x02   /* a POLL_ADD with op|1 is out */
+#define IOCP__ST_CANCEL    0x04   /* cancel requested */
+#define IOCP__ST_BACKLOG   0x08   /* waiting for an SQE to be issued */
+#define IOCP__ST_CBACKLOG  0x10   /* its cancel waits for an SQE */
+#define IOCP__ST_RINGBUF   0x20   /* RECV picks from the buffer ring */
+#define IOCP__ST_CONNWAIT  0x40   /* CONNECT in progress, polling POLLOUT */
+#define IOCP__ST_MULTI     0x80   /* ACCEPT armed as kernel multishot */
+
+#define IOCP__DEFAULT_ENTRIES 1024u
+#define IOCP__PBUF_COUNT 128u         /* power of two */
+#define IOCP__PBUF_SIZE  65536u
+
+struct iocp__ufd {
+    unsigned registered;
+    unsigned gen;          /* bumped by unregister/register: old ops cancel */
+    unsigned nops;         /* ops in flight on this descriptor */
+    dev_t dev;
+    ino_t ino;             /* which socket: tells a reused descriptor apart */
+};
+
+struct iocp__uring {
+    int fd;
+    unsigned caps;
+    unsigned features;
+
+    /* SQ */
+    void *sq_map;
+    size_t sq_map_len;
+    unsigned *sq_khead, *sq_ktail, *sq_kflags;
+    unsigned sq_mask, sq_entries;
+    unsigned sq_tail;              /* ours; published to *sq_ktail */
+    iocp__uring_sqe *sqes;
+    size_t sqes_len;
+
+    /* CQ */
+    void *cq_map;                  /* == sq_map with SINGLE_MMAP */
+    size_t cq_map_len;
+    unsigned *cq_khead, *cq_ktail;
+    unsigned cq_mask;
+    iocp__uring_cqe *cqes;
+
+    /* Provided-buffer ring (lazy, on the first RECV that fits). */
+    int pbuf_state;                /* 0 not tried, 1 ready, -1 unavailable */
+    struct iocp__uring_buf *pbuf_ring;
+    char *pbuf_mem;
+    unsigned short pbuf_tail;
+
+    /* Descriptors. */
+    struct iocp__ufd *fds;
+    int nfds;
+
+    /* Ops waiting for an SQE, and ops whose cancel waits (op->fd_next). */
+    iocp_op *backlog, *cbacklog;
+
+    int wake_pending;              /* a wake NOP is out */
+    unsigned timeout_seq;          /* TIMEOUT SQE fallback */
+    int timeout_armed;
+    int ndelivered;                /* counts deliveries within one reap */
+    struct iocp__uring_ts ts;      /* TIMEOUT SQE: read when the kernel takes it */
+};
+
+/* ---- syscalls --------------------------------------------------------- */
+
+static int iocp__sys_setup(unsigned entries, struct iocp__uring_params *p)
+{
+    long r = syscall(__NR_io_uring_setup, entries, p);
+    return r < 0 ? -errno : (int)r;
+}
+
+static int iocp__sys_enter(int fd, unsigned to_submit, unsigned min_complete,
+                           unsigned flags, void *arg, size_t argsz)
+{
+    long r = syscall(__NR_io_uring_enter, fd, to_submit, min_complete, flags, arg, argsz);
+    return r < 0 ? -errno : (int)r;
+}
+
+static int iocp__sys_register(int fd, unsigned opcode, void *arg, unsigned nr)
+{
+    long r = syscall(__NR_io_uring_register, fd, opcode, arg, nr);
+    return r < 0 ? -errno : (int)r;
+}
+
+static int iocp__env_fail_setup(void)
+{
+    const char *v = getenv("IOCP_URING_FAIL_SETUP");
+    return v && v[0] && strcmp(v, "0") != 0;
+}
+
+/* ---- rings ------------------------------------------------------------ */
+
+static void iocp__ring_unmap(struct iocp__uring *u)
+{
+    if (u->sqes)
+        munmap(u->sqes, u->sqes_len);
+    if (u->cq_map && u->cq_map != u->sq_map)
+        munmap(u->cq_map, u->cq_map_len);
+    if (u->sq_map)
+        munmap(u->sq_map, u->sq_map_len);
+    u->sqes = NULL;
+    u->cq_map = u->sq_map = NULL;
+}
+
+/* Creates the ring and maps it.  Returns 0 or -errno (nothing left open). */
+static int iocp__ring_open(struct iocp__uring *u, unsigned entries, unsigned setup_flags)
+{
+    struct iocp__uring_params prm;
+    unsigned i, *array;
+    void *m;
+    int fd, r;
+
+    memset(&prm, 0, sizeof(prm));
+    prm.flags = IOCP__SETUP_CQSIZE | IOCP__SETUP_CLAMP | setup_flags;
+    prm.cq_entries = entries * 4;
+    fd = iocp__sys_setup(entries, &prm);
+    if (fd < 0)
+        return fd;
+    u->fd = fd;
+    u->features = prm.features;
+    u->sq_map_len = prm.sq_off.array + prm.sq_entries * sizeof(unsigned);
+    u->cq_map_len = prm.cq_off.cqes + prm.cq_entries * sizeof(iocp__uring_cqe);
+    if ((prm.features & IOCP__FEAT_SINGLE_MMAP) && u->cq_map_len > u->sq_map_len)
+        u->sq_map_len = u->cq_map_len;
+    m = mmap(NULL, u->sq_map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+             fd, IOCP__OFF_SQ_RING);
+    if (m == MAP_FAILED)
+        goto fail;
+    u->sq_map = m;
+    if (prm.features & IOCP__FEAT_SINGLE_MMAP) {
+        u->cq_map = m;
+    } else {
+        m = mmap(NULL, u->cq_map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                 fd, IOCP__OFF_CQ_RING);
+        if (m == MAP_FAILED)
+            goto fail;
+        u->cq_map = m;
+    }
+    u->sqes_len = prm.sq_entries * sizeof(iocp__uring_sqe);
+    m = mmap(NULL, u->sqes_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+             fd, IOCP__OFF_SQES);
+    if (m == MAP_FAILED)
+        goto fail;
+    u->sqes = m;
+
+    u->sq_khead = (unsigned *)((char *)u->sq_map + prm.sq_off.head);
+    u->sq_ktail = (unsigned *)((char *)u->sq_map + prm.sq_off.tail);
+    u->sq_kflags = (unsigned *)((char *)u->sq_map + prm.sq_off.flags);
+    u->sq_mask = *(unsigned *)((char *)u->sq_map + prm.sq_off.ring_mask);
+    u->sq_entries = prm.sq_entries;
+    u->sq_tail = *u->sq_ktail;
+    /* SQE slot i is always array entry i: the indirection is unused. */
+    array = (unsigned *)((char *)u->sq_map + prm.sq_off.array);
+    for (i = 0; i < prm.sq_entries; i++)
+        array[i] = i;
+
+    u->cq_khead = (unsigned *)((char *)u->cq_map + prm.cq_off.head);
+    u->cq_ktail = (unsigned *)((char *)u->cq_map + prm.cq_off.tail);
+    u->cq_mask = *(unsigned *)((char *)u->cq_map + prm.cq_off.ring_mask);
+    u->cqes = (iocp__uring_cqe *)((char *)u->cq_map + prm.cq_off.cqes);
+    return 0;
+
+fail:
+    r = -errno;
+    iocp__ring_unmap(u);
+    close(fd);
+    u->fd = -1;
+    return r;
+}
+
+static void iocp__ring_close(struct iocp__uring *u)
+{
+    iocp__ring_unmap(u);
+    if (u->fd >= 0)
+        close(u->fd);
+    u->fd = -1;
+}
+
+/* SQEs not yet consumed by the kernel. */
+static unsigned iocp__sq_pending(struct iocp__uring *u)
+{
+    return u->sq_tail - __atomic_load_n(u->sq_khead, __ATOMIC_ACQUIRE);
+}
+
+/*
+ * Hands pending SQEs to the kernel without waiting.  Lock held (or the
+ * ring private to the caller).  Leaves them pending on EBUSY/EAGAIN (old
+ * kernels refuse submission while the CQ overflows; the next poll() reaps
+ * and retries).
+ */
+static int iocp__flush(struct iocp__uring *u)
+{
+    for (;;) {
+        unsigned pending = iocp__sq_pending(u);
+        int r;
+        if (pending == 0)
+            return 0;
+        r = iocp__sys_enter(u->fd, pending, 0, 0, NULL, 0);
+        if (r == -EINTR)
+            continue;
+        if (r <= 0)
+            return r;
+    }
+}
+
+/*
+ * Takes a free SQE slot, zeroed; NULL if the SQ stays full even after a
+ * submit.  The caller fills it and then calls iocp__sqe_commit().
+ */
+static iocp__uring_sqe *iocp__sqe_get(struct iocp__uring *u)
+{
+    iocp__uring_sqe *sqe;
+
+    if (iocp__sq_pending(u) >= u->sq_entries) {
+        (void)iocp__flush(u);
+        if (iocp__sq_pending(u) >= u->sq_entries)
+            return NULL;
+    }
+    sqe = &u->sqes[u->sq_tail & u->sq_mask];
+    memset(sqe, 0, sizeof(*sqe));
+    return sqe;
+}
+
+/* Publishes the SQE filled since iocp__sqe_get (release: the kernel, or
+ * a poller's concurrent io_uring_enter, must see it whole). */
+static void iocp__sqe_commit(struct iocp__uring *u)
+{
+    u->sq_tail++;
+    __atomic_store_n(u->sq_ktail, u->sq_tail, __ATOMIC_RELEASE);
+}
+
+/* ---- capabilities ----------------------------------------------------- */
+
+static struct {
+    pthread_once_t once;
+    int err;                /* 0 or why io_uring cannot run */
+    unsigned caps;
+} iocp__uring_caps = { PTHREAD_ONCE_INIT, 0, 0 };
+
+/* Waits for the CQE tagged `ud` on a private ring; returns its res, or
+ * `absent` if it did not come (the request is pending). */
+static int iocp__probe_result(struct iocp__uring *u, uint64_t ud, int absent)
+{
+    unsigned head = *u->cq_khead, tail = __atomic_load_n(u->cq_ktail, __ATOMIC_ACQUIRE);
+    int res = absent;
+
+    for (; head != tail; head++) {
+        iocp__uring_cqe *c = &u->cqes[head & u->cq_mask];
+        if (c->user_data == ud)
+            res = c->res;
+    }
+    __atomic_store_n(u->cq_khead, head, __ATOMIC_RELEASE);
+    return res;
+}
+
+/* Submits one prepared SQE on a private ring and reports its result. */
+static int iocp__probe_one(struct iocp__uring *u, int absent)
+{
+    iocp__sqe_commit(u);
+    if (iocp__flush(u) < 0)
+        return absent;
+    return iocp__probe_result(u, IOCP__UD_IN(IOCP__IN_PROBE, 0), absent);
+}
+
+/*
+ * Which of the features we use the kernel has.  Opcode support comes from
+ * IORING_REGISTER_PROBE; flags that have no probe (multishot accept and
+ * recv, cancel by descriptor) are tried for real on a throw-away ring:
+ * an old kernel rejects them at once with -EINVAL, a new one leaves the
+ * request pending (or fails it for another reason).
+ */
+static void iocp__detect(void)
+{
+    static const uint8_t needed[] = {
+        IOCP__OP_NOP, IOCP__OP_POLL_ADD, IOCP__OP_TIMEOUT, IOCP__OP_TIMEOUT_REMOVE,
+        IOCP__OP_ACCEPT, IOCP__OP_ASYNC_CANCEL, IOCP__OP_CONNECT, IOCP__OP_SEND,
+        IOCP__OP_RECV
+    };
+    struct iocp__uring u;
+    struct iocp__uring_probe *pr;
+    struct iocp__uring_buf_reg reg;
+    iocp__uring_sqe *sqe;
+    unsigned caps = 0, i;
+    void *ring_mem = MAP_FAILED;
+    int r, sv[2] = { -1, -1 }, lfd = -1;
+
+    memset(&u, 0, sizeof(u));
+    u.fd = -1;
+    r = iocp__ring_open(&u, 8, IOCP__SETUP_SUBMIT_ALL);
+    if (r == -EINVAL)
+        r = iocp__ring_open(&u, 8, 0);
+    else if (r == 0)
+        caps |= IOCP__CAP_SUBMIT_ALL;
+    if (r < 0) {
+        iocp__uring_caps.err = r;
+        return;
+    }
+    /* Without NODROP a CQ overflow loses completions; without FAST_POLL
+     * every idle socket op blocks a kernel worker thread. */
+    if ((u.features & (IOCP__FEAT_NODROP | IOCP__FEAT_FAST_POLL)) !=
+        (IOCP__FEAT_NODROP | IOCP__FEAT_FAST_POLL)) {
+        iocp__uring_caps.err = -ENOSYS;
+        goto out;
+    }
+    if (u.features & IOCP__FEAT_EXT_ARG)
+        caps |= IOCP__CAP_EXT_ARG;
+    pr = calloc(1, sizeof(*pr));
+    if (!pr) {
+        iocp__uring_caps.err = -ENOMEM;
+        goto out;
+    }
+    r = iocp__sys_register(u.fd, IOCP__REGISTER_PROBE, pr, 256);
+    for (i = 0; r >= 0 && i < sizeof(needed); i++) {
+        if (needed[i] > pr->last_op || !(pr->ops[needed[i]].flags & IOCP__PROBE_OP_SUPPORTED))
+            r = -ENOSYS;
+    }
+    free(pr);
+    if (r < 0) {
+        iocp__uring_caps.err = r == -EINVAL ? -ENOSYS : r;
+        goto out;
+    }
+
+    /* Provided-buffer ring: one slot is enough to see it register. */
+    ring_mem = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (ring_mem != MAP_FAILED) {
+        memset(&reg, 0, sizeof(reg));
+        reg.ring_addr = (uint64_t)(uintptr_t)ring_mem;
+        reg.ring_entries = 1;
+        reg.bgid = 0;
+        if (iocp__sys_register(u.fd, IOCP__REGISTER_PBUF_RING, &reg, 1) == 0)
+            caps |= IOCP__CAP_PBUF;
+    }
+
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) == 0) {
+        /* Multishot recv needs a buffer group: the ring registered above. */
+        if ((caps & IOCP__CAP_PBUF) && (sqe = iocp__sqe_get(&u)) != NULL) {
+            sqe->opcode = IOCP__OP_RECV;
+            sqe->fd = sv[0];
+            sqe->ioprio = IOCP__RECV_MULTISHOT;
+            sqe->flags = IOCP__SQE_BUFFER_SELECT;
+            sqe->buf_group = 0;
+            sqe->user_data = IOCP__UD_IN(IOCP__IN_PROBE, 0);
+            /* With no buffer in the ring a new kernel answers -ENOBUFS. */
+            if (iocp__probe_one(&u, 1) != -EINVAL)
+                caps |= IOCP__CAP_MS_RECV;
+        }
+        if ((sqe = iocp__sqe_get(&u)) != NULL) {
+            sqe->opcode = IOCP__OP_ASYNC_CANCEL;
+            sqe->fd = sv[0];
+            sqe->op_flags = IOCP__CANCEL_FD | IOCP__CANCEL_ALL;
+            sqe->user_data = IOCP__UD_IN(IOCP__IN_PROBE, 0);
+            if (iocp__probe_one(&u, -EINVAL) >= 0)
+                caps |= IOCP__CAP_CANCEL_FD;
+        }
+    }
+    /* A Unix listener with an autobound abstract name: no file system. */
+    lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (lfd >= 0) {
+        struct sockaddr_un sa;
+        memset(&sa, 0, sizeof(sa));
+        sa.sun_family = AF_UNIX;
+        if (bind(lfd, (struct sockaddr *)&sa, sizeof(sa.sun_family)) == 0 &&
+            listen(lfd, 1) == 0 && (sqe = iocp__sqe_get(&u)) != NULL) {
+            sqe->opcode = IOCP__OP_ACCEPT;
+            sqe->fd = lfd;
+            sqe->ioprio = IOCP__ACCEPT_MULTISHOT;
+            sqe->op_flags = SOCK_CLOEXEC | SOCK_NONBLOCK;
+            sqe->user_data = IOCP__UD_IN(IOCP__IN_PROBE, 0);
+            if (iocp__probe_one(&u, 1) != -EINVAL)
+                caps |= IOCP__CAP_MS_ACCEPT;
+        }
+    }
+out:
+    /* Closing the ring cancels whatever the tests left pending. */
+    iocp__ring_close(&u);
+    if (ring_mem != MAP_FAILED)
+        munmap(ring_mem, 4096);
+    if (sv[0] >= 0) {
+        close(sv[0]);
+        close(sv[1]);
+    }
+    if (lfd >= 0)
+        close(lfd);
+    iocp__uring_caps.caps = caps;
+}
+
+static const struct { unsigned cap; const char *word; } iocp__cap_words[] = {
+    { IOCP__CAP_EXT_ARG, "ext-arg" },
+    { IOCP__CAP_SUBMIT_ALL, "submit-all" },
+    { IOCP__CAP_MS_ACCEPT, "multishot-accept" },
+    { IOCP__CAP_PBUF, "provided-buffers" },
+    { IOCP__CAP_MS_RECV, "recv-multishot" },
+    { IOCP__CAP_CANCEL_FD, "cancel-fd" },
+};
+#define IOCP__NCAPWORDS (sizeof(iocp__cap_words) / sizeof(iocp__cap_words[0]))
+
+/* Capabilities after IOCP_URING_DISABLE, or a negative error. */
+static int iocp__caps(unsigned *caps)
+{
+    const char *dis = getenv("IOCP_URING_DISABLE");
+    unsigned c, i;
+
+    if (iocp__env_fail_setup())
+        return -EPERM;
+    pthread_once(&iocp__uring_caps.once, iocp__detect);
+    if (iocp__uring_caps.err < 0)
+        return iocp__uring_caps.err;
+    c = iocp__uring_caps.caps;
+    for (i = 0; dis && i < IOCP__NCAPWORDS; i++) {
+        if (strstr(dis, iocp__cap_words[i].word))
+            c &= ~iocp__cap_words[i].cap;
+    }
+    *caps = c;
+    return 0;
+}
+
+static int iocp__uring_probe(char *features, size_t len)
+{
+    unsigned caps = 0, i;
+    size_t used;
+    int r = iocp__caps(&caps);
+
+    if (r < 0)
+        return r;
+    if (features && len) {
+        snprintf(features, len, "nodrop fast-poll");
+        for (i = 0; i < IOCP__NCAPWORDS; i++) {
+            if (!(caps & iocp__cap_words[i].cap))
+                continue;
+            used = strlen(features);
+            snprintf(features + used, len - used, " %s", iocp__cap_words[i].word);
+        }
+    }
+    return 0;
+}
+
+/* ---- per-descriptor state ------------------------------------------- */
+
+static struct iocp__ufd *iocp__ufd(struct iocp__uring *u, int fd, int grow)
+{
+    if (fd < 0)
+        return NULL;
+    if (fd >= u->nfds) {
+        int n = u->nfds ? u->nfds : 64;
+        struct iocp__ufd *nf;
+        if (!grow)
+            return NULL;
+        while (n <= fd)
+            n *= 2;
+        nf = realloc(u->fds, (size_t)n * sizeof(*nf));
+        if (!nf)
+            return NULL;
+        memset(nf + u->nfds, 0, (size_t)(n - u->nfds) * sizeof(*nf));
+        u->fds = nf;
+        u->nfds = n;
+    }
+    return &u->fds[fd];
+}
+
+/* The op's generation is kept in aux_sock (unused on Linux). */
+static int iocp__cancelling(struct iocp__uring *u, iocp_op *op)
+{
+    struct iocp__ufd *st;
+
+    if (op->state & IOCP__ST_CANCEL)
+        return 1;
+    if (op->kind == IOCP_OP_POST)
+        return 0;
+    st = iocp__ufd(u, op->sock, 0);
+    return !st || (unsigned)op->aux_sock != st->gen;
+}
+
+/* ---- provided-buffer ring --------------------------------------------- */
+
+static void iocp__pbuf_add(struct iocp__uring *u, unsigned bid)
+{
+    struct iocp__uring_buf *b = &u->pbuf_ring[u->pbuf_tail & (IOCP__PBUF_COUNT - 1)];
+
+    b->addr = (uint64_t)(uintptr_t)(u->pbuf_mem + (size_t)bid * IOCP__PBUF_SIZE);
+    b->len = IOCP__PBUF_SIZE;
+    b->bid = (uint16_t)bid;
+    u->pbuf_tail++;
+    /* The tail shares slot 0's last field; release so the kernel sees the
+     * slot before the tail that covers it. */
+    __atomic_store_n(&u->pbuf_ring[0].resv, u->pbuf_tail, __ATOMIC_RELEASE);
+}
+
+/* Sets the ring up on first use; memory is reserved, not touched, so it
+ * costs only what receives actually write. */
+static int iocp__pbuf_ready(struct iocp__uring *u)
+{
+    struct iocp__uring_buf_reg reg;
+    size_t ring_len = IOCP__PBUF_COUNT * sizeof(struct iocp__uring_buf);
+    void *ring, *mem;
+    unsigned i;
+
+    if (u->pbuf_state)
+        return u->pbuf_state > 0;
+    u->pbuf_state = -1;
+    if (!(u->caps & IOCP__CAP_PBUF))
+        return 0;
+    ring = mmap(NULL, ring_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (ring == MAP_FAILED)
+        return 0;
+    mem = mmap(NULL, (size_t)IOCP__PBUF_COUNT * IOCP__PBUF_SIZE, PROT_READ | PROT_WRITE,
+               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mem == MAP_FAILED) {
+        munmap(ring, ring_len);
+        return 0;
+    }
+    memset(&reg, 0, sizeof(reg));
+    reg.ring_addr = (uint64_t)(uintptr_t)ring;
+    reg.ring_entries = IOCP__PBUF_COUNT;
+    reg.bgid = 0;
+    if (iocp__sys_register(u->fd, IOCP__REGISTER_PBUF_RING, &reg, 1) < 0) {
+        munmap(mem, (size_t)IOCP__PBUF_COUNT * IOCP__PBUF_SIZE);
+        munmap(ring, ring_len);
+        return 0;
+    }
+    u->pbuf_ring = ring;
+    u->pbuf_mem = mem;
+    u->pbuf_tail = 0;
+    for (i = 0; i < IOCP__PBUF_COUNT; i++)
+        iocp__pbuf_add(u, i);
+    u->pbuf_state = 1;
+    return 1;
+}
+
+static void iocp__uring_release_buffer(iocp_port *p, char *data, uint32_t buf_id)
+{
+    struct iocp__uring *u = p->be;
+
+    (void)data;
+    if (buf_id >= 1 && buf_id <= IOCP__PBUF_COUNT && u->pbuf_state > 0)
+        iocp__pbuf_add(u, buf_id - 1);
+}
+
+/* ---- arming ops ------------------------------------------------------- */
+
+static void iocp__list_push(iocp_op **head, iocp_op *op)
+{
+    iocp_op **pp = head;
+    /* FIFO: the backlog keeps submission order per socket. */
+    while (*pp)
+        pp = &(*pp)->fd_next;
+    op->fd_next = NULL;
+    *pp = op;
+}
+
+static int iocp__list_remove(iocp_op **head, iocp_op *op)
+{
+    iocp_op **pp;
+
+    for (pp = head; *pp; pp = &(*pp)->fd_next) {
+        if (*pp == op) {
+            *pp = op->fd_next;
+            op->fd_next = NULL;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Queues the SQE that (re)issues the op as its state says; with no SQE
+ * free, the op waits on the backlog (drained by poll()). */
+static int iocp__arm_now(struct iocp__uring *u, iocp_op *op)
+{
+    iocp__uring_sqe *sqe = iocp__sqe_get(u);
+
+    if (!sqe)
+        return -1;
+    sqe->fd = op->sock;
+    sqe->user_data = (uint64_t)(uintptr_t)op | IOCP__UD_OP;
+    switch (op->kind) {
+    case IOCP_OP_ACCEPT:
+        sqe->opcode = IOCP__OP_ACCEPT;
+        sqe->op_flags = SOCK_CLOEXEC | SOCK_NONBLOCK;
+        if (op->state & IOCP__ST_MULTI) {
+            /* Every connection would write the same address buffer while
+             * we read it: take the peer from getpeername() instead. */
+            sqe->ioprio = IOCP__ACCEPT_MULTISHOT;
+        } else {
+            op->addrlen = sizeof(op->addr);
+            sqe->addr = (uint64_t)(uintptr_t)&op->addr;
+            sqe->off = (uint64_t)(uintptr_t)&op->addrlen;
+        }
+        break;
+    case IOCP_OP_CONNECT:
+        sqe->opcode = IOCP__OP_CONNECT;
+        sqe->addr = (uint64_t)(uintptr_t)&op->addr;
+        sqe->off = (uint64_t)op->addrlen;
+        break;
+    case IOCP_OP_RECV:
+        sqe->opcode = IOCP__OP_RECV;
+        sqe->len = op->len > 0x7ffff000u ? 0x7ffff000u : (uint32_t)op->len;
+        if (op->state & IOCP__ST_RINGBUF) {
+            sqe->flags = IOCP__SQE_BUFFER_SELECT;
+            sqe->buf_group = 0;
+        } else {
+            sqe->addr = (uint64_t)(uintptr_t)op->backend_data;
+        }
+        break;
+    case IOCP_OP_RECV_INTO:
+        sqe->opcode = IOCP__OP_RECV;
+        sqe->addr = (uint64_t)(uintptr_t)op->buf;
+        sqe->len = op->len > 0x7ffff000u ? 0x7ffff000u : (uint32_t)op->len;
+        break;
+    case IOCP_OP_SEND: {
+        size_t left = op->len - op->done;
+        sqe->opcode = IOCP__OP_SEND;
+        sqe->addr = (uint64_t)(uintptr_t)(op->buf + op->done);
+        sqe->len = left > 0x7ffff000u ? 0x7ffff000u : (uint32_t)left;
+        sqe->op_flags = MSG_NOSIGNAL;
+        break;
+    }
+    default: /* IOCP_OP_POST */
+        sqe->opcode = IOCP__OP_NOP;
+        sqe->fd = -1;
+        break;
+    }
+    iocp__sqe_commit(u);
+    op->state |= IOCP__ST_ARMED;
+    return 0;
+}
+
+static void iocp__arm(struct iocp__uring *u, iocp_op *op)
+{
+    /* Behind a backlog it must wait its turn: order per socket matters. */
+    if (u->backlog || iocp__arm_now(u, op) < 0) {
+        op->state |= IOCP__ST_BACKLOG;
+        iocp__list_push(&u->backlog, op);
+    }
+}
+
+/* Waits for readiness before re-issuing (the kernel said -EAGAIN). */
+static void iocp__arm_poll(struct iocp__uring *u, iocp_op *op, unsigned events)
+{
+    iocp__uring_sqe *sqe = u->backlog ? NULL : iocp__sqe_get(u);
+
+    if (!sqe) {
+        /* Re-issuing the op directly is just as correct, only busier. */
+        op->state &= ~IOCP__ST_CONNWAIT;
+        iocp__arm(u, op);
+        return;
+    }
+    sqe->opcode = IOCP__OP_POLL_ADD;
+    sqe->fd = op->sock;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    events = (events << 16) | (events >> 16);   /* the kernel swaps halves */
+#endif
+    sqe->op_flags = events;
+    sqe->user_data = (uint64_t)(uintptr_t)op | IOCP__UD_POLL;
+    iocp__sqe_commit(u);
+    op->state |= IOCP__ST_POLL;
+}
+
+/* Queues a cancel for whatever request of the op is out. */
+static void iocp__send_cancel(struct iocp__uring *u, iocp_op *op)
+{
+    iocp__uring_sqe *sqe = iocp__sqe_get(u);
+
+    if (!sqe) {
+        op->state |= IOCP__ST_CBACKLOG;
+        iocp__list_push(&u->cbacklog, op);
+        return;
+    }
+    sqe->opcode = IOCP__OP_ASYNC_CANCEL;
+    sqe->fd = -1;
+    sqe->addr = (uint64_t)(uintptr_t)op |
+                ((op->state & IOCP__ST_POLL) ? IOCP__UD_POLL : IOCP__UD_OP);
+    sqe->user_data = IOCP__UD_IN(IOCP__IN_CANCEL, 0);
+    iocp__sqe_commit(u);
+}
+
+/* ---- delivering ------------------------------------------------------- */
+
+static void iocp__finish(iocp_port *p, struct iocp__uring *u, iocp_op *op,
+                         int64_t result, int64_t error, unsigned flags,
+                         char *data, uint32_t buf_id)
+{
+    if (!(flags & IOCP_CF_MORE)) {
+        struct iocp__ufd *st = iocp__ufd(u, op->sock, 0);
+        /* A pool buffer that is not being handed out goes back now. */
+        if (op->backend_data && op->backend_data != data)
+            iocp__buffer_put(p, op->backend_data);
+        op->backend_data = NULL;
+        op->state = 0;
+        if (op->kind != IOCP_OP_POST && st && st->nops > 0)
+            st->nops--;
+    }
+    iocp__deliver(p, op, result, error, flags, data, buf_id);
+    u->ndelivered++;
+}
+
+static void iocp__finish_cancelled(iocp_port *p, struct iocp__uring *u, iocp_op *op)
+{
+    if (op->kind == IOCP_OP_SEND && op->done > 0)
+        iocp__finish(p, u, op, (int64_t)op->done, IOCP_ECANCELED, IOCP_CF_CANCELLED, NULL, 0);
+    else
+        iocp__finish(p, u, op, IOCP_ECANCELED, 0, IOCP_CF_CANCELLED, NULL, 0);
+}
+
+/* A request of the op ended without producing its outcome (-EAGAIN,
+ * -ECONNABORTED, short send, spurious cancel...): go again unless the op
+ * is being cancelled. */
+static void iocp__again(iocp_port *p, struct iocp__uring *u, iocp_op *op)
+{
+    if (iocp__cancelling(u, op))
+        iocp__finish_cancelled(p, u, op);
+    else
+        iocp__arm(u, op);
+}
+
+static void iocp__again_poll(iocp_port *p, struct iocp__uring *u, iocp_op *op, unsigned ev)
+{
+    if (iocp__cancelling(u, op))
+        iocp__finish_cancelled(p, u, op);
+    else
+        iocp__arm_poll(u, op, ev);
+}
+
+static int iocp__is_cancel_res(int res)
+{
+    return res == -ECANCELED || res == -EINTR;
+}
+
+static void iocp__complete_accept(iocp_port *p, struct iocp__uring *u, iocp_op *op,
+                                  int res, unsigned cflags)
+{
+    int multi = (op->flags & IOCP_OPF_MULTISHOT) != 0;
+
+    if (res >= 0) {
+        if (op->state & IOCP__ST_MULTI) {
+            socklen_t alen = sizeof(op->addr);
+            if (getpeername(res, (struct sockaddr *)&op->addr, &alen) == 0)
+                op->addrlen = alen;
+            else
+                op->addrlen = 0;
+        }
+        if (!multi) {
+            iocp__finish(p, u, op, res, 0, 0, NULL, 0);
+            return;
+        }
+        iocp__finish(p, u, op, res, 0, IOCP_CF_MORE, NULL, 0);
+        /* Kernel multishot goes on by itself while F_MORE is set; it ends
+         * on CQ overflow, and emulation ends after every connection. */
+        if (!(cflags & IOCP__CQE_F_MORE))
+            iocp__again(p, u, op);
+        return;
+    }
+    if (cflags & IOCP__CQE_F_MORE)
+        return;                     /* a transient error; still armed */
+    if (res == -EAGAIN)
+        iocp__again_poll(p, u, op, POLLIN);
+    else if (res == -ECONNABORTED || (iocp__is_cancel_res(res) && !iocp__cancelling(u, op)))
+        iocp__again(p, u, op);      /* died in the backlog / thread exit */
+    else if (iocp__is_cancel_res(res))
+        iocp__finish_cancelled(p, u, op);
+    else
+        iocp__finish(p, u, op, res, 0, 0, NULL, 0);
+}
+
+static void iocp__complete_recv(iocp_port *p, struct iocp__uring *u, iocp_op *op,
+                                int res, unsigned cflags)
+{
+    char *data;
+
+    if (cflags & IOCP__CQE_F_BUFFER) {
+        /* A ring buffer came with it: ours until given away or put back. */
+        unsigned bid = cflags >> IOCP__CQE_BUFFER_SHIFT;
+        if (res > 0 && bid < IOCP__PBUF_COUNT) {
+            p->live_buffers++;
+            iocp__finish(p, u, op, res, 0, IOCP_CF_BUFFER,
+                         u->pbuf_mem + (size_t)bid * IOCP__PBUF_SIZE, bid + 1);
+            return;
+        }
+        if (bid < IOCP__PBUF_COUNT)
+            iocp__pbuf_add(u, bid);
+    }
+    if (res > 0) {
+        data = op->backend_data;
+        if (data) {
+            op->backend_data = NULL;
+            iocp__finish(p, u, op, res, 0, IOCP_CF_BUFFER, data, 0);
+        } else {
+            iocp__finish(p, u, op, IOCP_EINVAL, 0, 0, NULL, 0);
+        }
+        return;
+    }
+    if (res == 0) {
+        iocp__finish(p, u, op, 0, 0, 0, NULL, 0);
+    } else if (res == -ENOBUFS && (op->state & IOCP__ST_RINGBUF)) {
+        /* Every ring buffer is out with the caller: use the pool. */
+        if (iocp__cancelling(u, op)) {
+            iocp__finish_cancelled(p, u, op);
+            return;
+        }
+        op->state &= ~IOCP__ST_RINGBUF;
+        op->backend_data = iocp__buffer_get(p, op->len);
+        if (!op->backend_data)
+            iocp__finish(p, u, op, IOCP_ENOMEM, 0, 0, NULL, 0);
+        else
+            iocp__arm(u, op);
+    } else if (res == -EAGAIN) {
+        iocp__again_poll(p, u, op, POLLIN);
+    } else if (iocp__is_cancel_res(res)) {
+        iocp__again(p, u, op);
+    } else {
+        iocp__finish(p, u, op, res, 0, 0, NULL, 0);
+    }
+}
+
+static void iocp__complete_recv_into(iocp_port *p, struct iocp__uring *u, iocp_op *op, int res)
+{
+    if (res == -EAGAIN)
+        iocp__again_poll(p, u, op, POLLIN);
+    else if (iocp__is_cancel_res(res))
+        iocp__again(p, u, op);
+    else
+        iocp__finish(p, u, op, res, 0, 0, NULL, 0);
+}
+
+static void iocp__complete_send(iocp_port *p, struct iocp__uring *u, iocp_op *op, int res)
+{
+    if (res >= 0) {
+        op->done += (size_t)res;
+        if (op->done >= op->len)
+            iocp__finish(p, u, op, (int64_t)op->done, 0, 0, NULL, 0);
+        else
+            iocp__again(p, u, op);      /* short send: the remainder */
+    } else if (res == -EAGAIN) {
+        iocp__again_poll(p, u, op, POLLOUT);
+    } else if (iocp__is_cancel_res(res)) {
+        iocp__again(p, u, op);
+    } else if (op->done > 0) {
+        iocp__finish(p, u, op, (int64_t)op->done, res, 0, NULL, 0);
+    } else {
+        iocp__finish(p, u, op, res, 0, 0, NULL, 0);
+    }
+}
+
+/* After a connect in progress became writable: how did it end? */
+static void iocp__connect_check(iocp_port *p, struct iocp__uring *u, iocp_op *op)
+{
+    int err = 0;
+    socklen_t len = sizeof(err);
+
+    if (getsockopt(op->sock, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        err = errno;
+    if (err == EINPROGRESS || err == EALREADY) {
+        iocp__again_poll(p, u, op, POLLOUT);
+        return;
+    }
+    if (err == 0) {
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof(ss);
+        if (getpeername(op->sock, (struct sockaddr *)&ss, &sl) < 0 && errno == ENOTCONN) {
+            iocp__again_poll(p, u, op, POLLOUT);
+            return;
+        }
+    }
+    iocp__finish(p, u, op, -err, 0, 0, NULL, 0);
+}
+
+static void iocp__complete_connect(iocp_port *p, struct iocp__uring *u, iocp_op *op, int res)
+{
+    if (res == -EINPROGRESS || res == -EALREADY || res == -EAGAIN) {
+        /* Old kernels report a non-blocking socket's handshake like
+         * connect(2) does: wait for writability, then read SO_ERROR. */
+        op->state |= IOCP__ST_CONNWAIT;
+        iocp__again_poll(p, u, op, POLLOUT);
+    } else if (iocp__is_cancel_res(res)) {
+        /* Never re-issued: a second connect() is not the same request. */
+        iocp__finish_cancelled(p, u, op);
+    } else {
+        iocp__finish(p, u, op, res, 0, 0, NULL, 0);
+    }
+}
+
+static void iocp__complete_poll(iocp_port *p, struct iocp__uring *u, iocp_op *op, int res)
+{
+    if (iocp__cancelling(u, op)) {
+        iocp__finish_cancelled(p, u, op);
+    } else if (res < 0 && !iocp__is_cancel_res(res)) {
+        if (op->kind == IOCP_OP_SEND && op->done > 0)
+            iocp__finish(p, u, op, (int64_t)op->done, res, 0, NULL, 0);
+        else
+            iocp__finish(p, u, op, res, 0, 0, NULL, 0);
+    } else if (op->state & IOCP__ST_CONNWAIT) {
+        if (res < 0)
+            iocp__arm_poll(u, op, POLLOUT);
+        else
+            iocp__connect_check(p, u, op);
+    } else {
+        iocp__arm(u, op);
+    }
+}
+
+static void iocp__complete(iocp_port *p, struct iocp__uring *u, const iocp__uring_cqe *c)
+{
+    uint64_t ud = c->user_data;
+    unsigned tag = (unsigned)(ud & IOCP__UD_MASK);
+    iocp_op *op;
+
+    if (tag == IOCP__UD_INTERNAL) {
+        unsigned kind = (unsigned)((ud >> 3) & 31);
+        if (kind == IOCP__IN_WAKE)
+            u->wake_pending = 0;
+        else if (kind == IOCP__IN_TIMEOUT && (unsigned)(ud >> 8) == u->timeout_seq)
+            u->timeout_armed = 0;
+        /* Cancel and timeout-remove results say nothing the op's own
+         * completion will not. */
+        return;
+    }
+    op = (iocp_op *)(uintptr_t)(ud & ~(uint64_t)IOCP__UD_MASK);
+    if (tag == IOCP__UD_POLL) {
+        op->state &= ~IOCP__ST_POLL;
+        iocp__complete_poll(p, u, op, c->res);
+        return;
+    }
+    if (!(c->flags & IOCP__CQE_F_MORE))
+        op->state &= ~IOCP__ST_ARMED;
+    switch (op->kind) {
+    case IOCP_OP_ACCEPT:
+        iocp__complete_accept(p, u, op, c->res, c->flags);
+        break;
+    case IOCP_OP_CONNECT:
+        iocp__complete_connect(p, u, op, c->res);
+        break;
+    case IOCP_OP_RECV:
+        iocp__complete_recv(p, u, op, c->res, c->flags);
+        break;
+    case IOCP_OP_RECV_INTO:
+        iocp__complete_recv_into(p, u, op, c->res);
+        break;
+    case IOCP_OP_SEND:
+        iocp__complete_send(p, u, op, c->res);
+        break;
+    default:
+        iocp__finish(p, u, op, (int64_t)op->len, 0, 0, NULL, 0);
+        break;
+    }
+}
+
+/* Issues what waited for SQ room.  Lock held. */
+static void iocp__drain_backlogs(struct iocp__uring *u)
+{
+    iocp__uring_sqe *sqe;
+
+    while (u->cbacklog && (sqe = iocp__sqe_get(u)) != NULL) {
+        iocp_op *op = u->cbacklog;
+        u->cbacklog = op->fd_next;
+        op->fd_next = NULL;
+        op->state &= ~IOCP__ST_CBACKLOG;
+        sqe->opcode = IOCP__OP_ASYNC_CANCEL;
+        sqe->fd = -1;
+        sqe->addr = (uint64_t)(uintptr_t)op |
+                    ((op->state & IOCP__ST_POLL) ? IOCP__UD_POLL : IOCP__UD_OP);
+        sqe->user_data = IOCP__UD_IN(IOCP__IN_CANCEL, 0);
+        iocp__sqe_commit(u);
+    }
+    while (u->backlog) {
+        iocp_op *op = u->backlog;
+        if (iocp__arm_now(u, op) < 0)
+            break;                  /* still full */
+        u->backlog = op->fd_next;
+        op->fd_next = NULL;
+        op->state &= ~IOCP__ST_BACKLOG;
+    }
+}
+
+/*
+ * Reaps up to `max` deliveries from the CQ.  Lock held.  When the ring is
+ * empty but the kernel holds overflowed CQEs, flushes them in and goes on.
+ */
+static int iocp__reap(iocp_port *p, struct iocp__uring *u, int max)
+{
+    unsigned head, tail;
+    int flushed = 0;
+
+    u->ndelivered = 0;
+    for (;;) {
+        head = *u->cq_khead;
+        tail = __atomic_load_n(u->cq_ktail, __ATOMIC_ACQUIRE);
+        while (head != tail && u->ndelivered < max) {
+            iocp__uring_cqe c = u->cqes[head & u->cq_mask];
+            head++;
+            /* Give the slot back before acting: acting may submit, and a
+             * full CQ would only push the kernel onto its overflow list. */
+            __atomic_store_n(u->cq_khead, head, __ATOMIC_RELEASE);
+            iocp__complete(p, u, &c);
+        }
+        if (u->ndelivered >= max || flushed)
+            break;
+        if (!(__atomic_load_n(u->sq_kflags, __ATOMIC_ACQUIRE) & IOCP__SQ_CQ_OVERFLOW))
+            break;
+        (void)iocp__sys_enter(u->fd, 0, 0, IOCP__ENTER_GETEVENTS, NULL, 0);
+        flushed = 1;
+    }
+    if (u->backlog || u->cbacklog)
+        iocp__drain_backlogs(u);
+    return u->ndelivered;
+}
+
+/* ---- backend interface ------------------------------------------------ */
+
+static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
+{
+    struct iocp__uring *u;
+    unsigned caps, entries;
+    int r;
+
+    r = iocp__caps(&caps);
+    if (r < 0)
+        return r;
+    u = calloc(1, sizeof(*u));
+    if (!u)
+        return IOCP_ENOMEM;
+    u->fd = -1;
+    u->caps = caps;
+    entries = opts && opts->ring_entries ? opts->ring_entries : IOCP__DEFAULT_ENTRIES;
+    if (entries > 32768)
+        entries = 32768;
+    /* SUBMIT_ALL: one bad SQE must not hold back the ones behind it. */
+    r = iocp__ring_open(u, entries, (caps & IOCP__CAP_SUBMIT_ALL) ? IOCP__SETUP_SUBMIT_ALL : 0);
+    if (r < 0) {
+        free(u);
+        return r;
+    }
+    p->be = u;
+    return 0;
+}
+
+static void iocp__uring_destroy(iocp_port *p)
+{
+    struct iocp__uring *u = p->be;
+
+    if (u->pbuf_state > 0) {
+        struct iocp__uring_buf_reg reg;
+        memset(&reg, 0, sizeof(reg));
+        reg.bgid = 0;
+        (void)iocp__sys_register(u->fd, IOCP__UNREGISTER_PBUF_RING, &reg, 1);
+    }
+    iocp__ring_close(u);
+    if (u->pbuf_state > 0) {
+        munmap(u->pbuf_mem, (size_t)IOCP__PBUF_COUNT * IOCP__PBUF_SIZE);
+        munmap(u->pbuf_ring, IOCP__PBUF_COUNT * sizeof(struct iocp__uring_buf));
+    }
+    free(u->fds);
+    free(u);
+    p->be = NULL;
+}
+
+/*
+ * Submission batching rule (lock held).  SQEs wait for the next poll()
+ * only while someone is sure to come back to it soon: a thread dispatching
+ * a batch (it waits again next) or a non-blocking poll in progress.  A
+ * poller asleep in io_uring_enter would not see them, and with nobody
+ * waiting at all the op would not start -- an IOCP op runs from the moment
+ * it is posted, so then they go to the kernel at once.
+ */
+static void iocp__submit_policy(iocp_port *p, struct iocp__uring *u)
+{
+    if (p->poll_blocking || (!p->polling && p->active == 0))
+        (void)iocp__flush(u);
+}
+
+/* Asks for every op on `fd` issued before generation `gen` to stop.
+ * Lock held.  `by_fd`: the kernel can match them by descriptor. */
+static void iocp__cancel_fd_ops(iocp_port *p, struct iocp__uring *u, int fd, unsigned gen,
+                                int by_fd)
+{
+    iocp_op *op, *next;
+    iocp__uring_sqe *sqe;
+
+    /* Ops still on the backlog never reached the kernel. */
+    for (op = u->backlog; op; op = next) {
+        next = op->fd_next;
+        if (op->sock == fd && (unsigned)op->aux_sock == gen && op->kind != IOCP_OP_POST) {
+            iocp__list_remove(&u->backlog, op);
+            iocp__finish_cancelled(p, u, op);
+        }
+    }
+    if (by_fd && (sqe = iocp__sqe_get(u)) != NULL) {
+        sqe->opcode = IOCP__OP_ASYNC_CANCEL;
+        sqe->fd = fd;
+        sqe->op_flags = IOCP__CANCEL_FD | IOCP__CANCEL_ALL;
+        sqe->user_data = IOCP__UD_IN(IOCP__IN_CANCEL, 0);
+        iocp__sqe_commit(u);
+        return;
+    }
+    for (op = p->inflight_head.next; op != &p->inflight_head; op = op->next) {
+        if (op->sock == fd && op->kind != IOCP_OP_POST && (unsigned)op->aux_sock == gen &&
+            !(op->state & (IOCP__ST_CANCEL | IOCP__ST_BACKLOG))) {
+            op->state |= IOCP__ST_CANCEL;
+            iocp__send_cancel(u, op);
+        }
+    }
+}
+
+static int iocp__uring_register(iocp_port *p, iocp_socket_t sock)
+{
+    struct iocp__uring *u = p->be;
+    struct iocp__ufd *st;
+    struct stat sb;
+    int fl;
+
+    if (fstat(sock, &sb) < 0)
+        return -errno;
+    st = iocp__ufd(u, sock, 1);
+    if (!st)
+        return IOCP_ENOMEM;
+    if (st->registered && st->dev == sb.st_dev && st->ino == sb.st_ino)
+        return IOCP_EEXIST;
+    /* io_uring does not need O_NONBLOCK, but the epoll emulation sets it
+     * and callers may rely on that; old kernels also treat a blocking
+     * socket's accept as a worker-thread job. */
+    fl = fcntl(sock, F_GETFL);
+    if (fl < 0)
+        return -errno;
+    if (!(fl & O_NONBLOCK) && fcntl(sock, F_SETFL, fl | O_NONBLOCK) < 0)
+        return -errno;
+    if (st->nops > 0) {
+        /* The descriptor was closed without unregister and reused: the old
+         * socket's ops still run (they hold its file) -- stop them.  The
+         * kernel cannot find them by this descriptor any more. */
+        iocp__cancel_fd_ops(p, u, sock, st->gen, 0);
+        iocp__submit_policy(p, u);
+    }
+    st->gen++;
+    st->registered = 1;
+    st->dev = sb.st_dev;
+    st->ino = sb.st_ino;
+    return 0;
+}
+
+static int iocp__uring_unregister(iocp_port *p, iocp_socket_t sock)
+{
+    struct iocp__uring *u = p->be;
+    struct iocp__ufd *st = iocp__ufd(u, sock, 0);
+    unsigned gen;
+
+    if (!st || !st->registered)
+        return IOCP_ENOENT;
+    gen = st->gen;
+    st->registered = 0;
+    st->gen++;
+    if (st->nops > 0) {
+        iocp__cancel_fd_ops(p, u, sock, gen, (u->caps & IOCP__CAP_CANCEL_FD) != 0);
+        /* Submit now: the caller closes the descriptor next, and both the
+         * by-descriptor cancel and any op SQE still queued look it up when
+         * the kernel takes them. */
+        (void)iocp__flush(u);
+    }
+    return 0;
+}
+
+static int iocp__uring_submit(iocp_port *p, iocp_op *op)
+{
+    struct iocp__uring *u = p->be;
+    struct iocp__ufd *st = NULL;
+
+    op->state = 0;
+    op->backend_data = NULL;
+    op->fd_next = NULL;
+    if (op->kind < IOCP_OP_ACCEPT || op->kind > IOCP_OP_POST)
+        return IOCP_EINVAL;
+    if (op->kind != IOCP_OP_POST) {
+        st = iocp__ufd(u, op->sock, 0);
+        if (!st || !st->registered)
+            return IOCP_EBADF;
+        op->aux_sock = (iocp_socket_t)st->gen;
+    }
+    if ((op->kind == IOCP_OP_RECV_INTO || op->kind == IOCP_OP_SEND) && op->len && !op->buf)
+        return IOCP_EINVAL;
+    if (op->kind == IOCP_OP_ACCEPT && (op->flags & IOCP_OPF_MULTISHOT) &&
+        (u->caps & IOCP__CAP_MS_ACCEPT))
+        op->state |= IOCP__ST_MULTI;
+    if (op->kind == IOCP_OP_RECV) {
+        if (op->len > 0 && op->len <= IOCP__PBUF_SIZE && iocp__pbuf_ready(u)) {
+            op->state |= IOCP__ST_RINGBUF;
+        } else {
+            op->backend_data = iocp__buffer_get(p, op->len ? op->len : 1);
+            if (!op->backend_data)
+                return IOCP_ENOMEM;
+        }
+    }
+    if (st)
+        st->nops++;
+    iocp__arm(u, op);
+    iocp__submit_policy(p, u);
+    return 0;
+}
+
+static int iocp__uring_cancel(iocp_port *p, iocp_op *op)
+{
+    struct iocp__uring *u = p->be;
+
+    if (op->state & IOCP__ST_BACKLOG) {
+        /* Never reached the kernel: done here. */
+        iocp__list_remove(&u->backlog, op);
+        iocp__finish_cancelled(p, u, op);
+        return 0;
+    }
+    if (op->state & IOCP__ST_CANCEL)
+        return 0;
+    op->state |= IOCP__ST_CANCEL;
+    iocp__send_cancel(u, op);
+    iocp__submit_policy(p, u);
+    return 0;
+}
+
+static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
+{
+    struct iocp__uring *u = p->be;
+    struct iocp__uring_getevents_arg arg;
+    struct iocp__uring_ts ts;
+    unsigned flags = IOCP__ENTER_GETEVENTS, pending;
+    void *argp = NULL;
+    size_t argsz = 0;
+    int n, r;
+
+    iocp__lock(p);
+    if (u->backlog || u->cbacklog)
+        iocp__drain_backlogs(u);
+    n = iocp__reap(p, u, max);
+    if (n > 0 || timeout_ms == 0) {
+        if (n == 0) {
+            /* Non-blocking: submit, run pending task work, look again. */
+            r = iocp__sys_enter(u->fd, iocp__sq_pending(u), 0, IOCP__ENTER_GETEVENTS, NULL, 0);
+            n = iocp__reap(p, u, max);
+            if (n == 0 && r == -EINTR) {
+                iocp__unlock(p);
+                return IOCP_EINTR;
+            }
+        } else if (iocp__sq_pending(u)) {
+            (void)iocp__flush(u);
+        }
+        iocp__unlock(p);
+        return n;
+    }
+    if (timeout_ms > 0) {
+        ts.tv_sec = timeout_ms / 1000;
+        ts.tv_nsec = (long long)(timeout_ms % 1000) * 1000000LL;
+        if (u->caps & IOCP__CAP_EXT_ARG) {
+            memset(&arg, 0, sizeof(arg));
+            arg.ts = (uint64_t)(uintptr_t)&ts;
+            argp = &arg;
+            argsz = sizeof(arg);
+            flags |= IOCP__ENTER_EXT_ARG;
+        } else {
+            /* Before 5.11 a wait cannot carry a timeout: a TIMEOUT request
+             * completes instead.  The kernel copies `ts` while it takes the
+             * SQE, in the io_uring_enter below. */
+            iocp__uring_sqe *sqe = iocp__sqe_get(u);
+            if (sqe) {
+                u->timeout_seq = (u->timeout_seq + 1) & 0xffffff;
+                sqe->opcode = IOCP__OP_TIMEOUT;
+                sqe->fd = -1;
+                u->ts = ts;
+                sqe->addr = (uint64_t)(uintptr_t)&u->ts;
+                sqe->len = 1;
+                sqe->user_data = IOCP__UD_IN(IOCP__IN_TIMEOUT, u->timeout_seq);
+                iocp__sqe_commit(u);
+                u->timeout_armed = 1;
+            }
+        }
+    }
+    pending = iocp__sq_pending(u);
+    iocp__unlock(p);
+
+    r = iocp__sys_enter(u->fd, pending, 1, flags, argp, argsz);
+
+    iocp__lock(p);
+    n = iocp__reap(p, u, max);
+    if (u->timeout_armed) {
+        /* Woken before the timer: remove it so timers do not pile up. */
+        iocp__uring_sqe *sqe = iocp__sqe_get(u);
+        if (sqe) {
+            sqe->opcode = IOCP__OP_TIMEOUT_REMOVE;
+            sqe->fd = -1;
+            sqe->addr = IOCP__UD_IN(IOCP__IN_TIMEOUT, u->timeout_seq);
+            sqe->user_data = IOCP__UD_IN(IOCP__IN_TIMEOUT_REMOVE, 0);
+            iocp__sqe_commit(u);
+        }
+        u->timeout_armed = 0;
+    }
+    iocp__unlock(p);
+    if (n > 0)
+        return n;
+    if (r == -EINTR)
+        return IOCP_EINTR;
+    if (r >= 0 || r == -ETIME || r == -EBUSY || r == -EAGAIN)
+        return 0;
+    return r;
+}
+
+static int iocp__uring_wake(iocp_port *p)
+{
+    struct iocp__uring *u = p->be;
+    iocp__uring_sqe *sqe;
+    int r = 0;
+
+    iocp__lock(p);
+    if (!u->wake_pending) {
+        /* A NOP's completion is all it takes to end a wait in the kernel;
+         * one outstanding is enough for any number of wake-ups. */
+        sqe = iocp__sqe_get(u);
+        if (!sqe) {
+            r = -EBUSY;
+        } else {
+            sqe->opcode = IOCP__OP_NOP;
+            sqe->fd = -1;
+            sqe->user_data = IOCP__UD_IN(IOCP__IN_WAKE, 0);
+            iocp__sqe_commit(u);
+            r = iocp__flush(u);
+            if (r >= 0) {
+                u->wake_pending = 1;
+                r = 0;
+            }
+        }
+    }
+    iocp__unlock(p);
+    return r;
+}
+
+const iocp_backend iocp__backend_uring = {
+    "io_uring",
+    iocp__uring_probe,
+    iocp__uring_init,
+    iocp__uring_destroy,
+    iocp__uring_register,
+    iocp__uring_unregister,
+    iocp__uring_submit,
+    iocp__uring_cancel,
+    iocp__uring_poll,
+    iocp__uring_wake,
+    iocp__uring_release_buffer,
+};
