@@ -213,9 +213,27 @@ wrun 120 "$pyhome/python.exe" -c "import sys; sys.path[:0] = [r'$(winpath "$work
 import iocp, iocp._core as c
 print('iocp', getattr(iocp, '__version__', '?'), 'backends', iocp.backends() if hasattr(iocp, 'backends') else '?', 'on', sys.version.split()[0], sys.platform)"
 
+# Tests that fail because Wine is not Windows (docs/windows.md says why).
+# Each is deselected by name, printed, and never hidden silently.
+#  - a recv issued after the peer's RST arrived: Windows fails it with
+#    WSAECONNRESET, Wine 8 reports end of stream (b"" / 0 bytes) -- plain
+#    socket.recv under Wine does the same, so it is not the backend;
+#  - test_echo_1000_connections drives 1000 client sockets with
+#    selectors.DefaultSelector, which on Windows is select() with a 512
+#    socket limit (FD_SETSIZE): a test-side limit on Windows, not Wine's.
+WINE_KNOWN=(
+    "tests/test_port.py::test_reset_is_connection_reset_error[iocp]"
+    "tests/test_port.py::test_errors_carry_errno[iocp]"
+    "tests/test_server.py::test_abort_resets[iocp]"
+    "tests/test_server.py::test_echo_1000_connections[iocp]"
+)
 step "python: pytest under Wine"
 py_rc=0
 pyargs="[r'-p', r'no:cacheprovider', r'-q', r'-ra', r'-o', r'faulthandler_timeout=300', r'$(winpath "$work/suite/tests")'"
+for t in "${WINE_KNOWN[@]}"; do
+    echo "deselected (known Wine/Windows-test difference): $t"
+    pyargs+=", r'--deselect', r'$t'"
+done
 for a in ${IOCP_WINE_PYTEST_ARGS:-}; do pyargs+=", r'$a'"; done
 pyargs+="]"
 (cd "$work/suite" && wrun 1500 "$pyhome/python.exe" -c "import sys, os
