@@ -126,8 +126,8 @@ def _add_address(p: argparse.ArgumentParser, host_help: str) -> None:
     )
 
 
-def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
-    """The argument parser; ``argv`` decides whether the bench module is imported."""
+def build_parser(bench_module: Any = None) -> argparse.ArgumentParser:
+    """The argument parser; ``bench_module`` (iocp.bench.cli) configures ``iocp bench``."""
     parser = _Parser(
         prog=PROG,
         description="I/O completion ports for Python: demo server and client, benchmarks.",
@@ -184,21 +184,12 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         "--timeout", type=_seconds, default=5.0, help="connect timeout (default 5)"
     )
 
-    bench_help = "benchmarks (iocp against asyncio, uvloop, ...)"
-    first = next((a for a in argv if not a.startswith("-")), None)
-    if first == "bench":  # import the bench module only when it is asked for
-        try:
-            from iocp.bench import cli as bench_cli
-        except ImportError as exc:
-            missing = sub.add_parser("bench", help=bench_help, add_help=False)
-            missing.add_argument("rest", nargs=argparse.REMAINDER)
-            reason = f"bench: the benchmark module is not available ({exc})"
-            missing.set_defaults(func=lambda _a: _fail(reason, 2))
-        else:
-            bench = sub.add_parser("bench", help=bench_help)
-            bench_cli.configure_parser(bench)
-            bench.set_defaults(func=bench_cli.run)
-    else:
+    bench_help = "benchmarks (iocp against asyncio, uvloop, ...); see 'iocp bench --help'"
+    if bench_module is not None:
+        bench = sub.add_parser("bench", help=bench_help, description=bench_module.__doc__)
+        bench_module.configure_parser(bench)
+        bench.set_defaults(func=bench_module.run)
+    else:  # listed in --help; the module is imported only when bench is run
         sub.add_parser("bench", help=bench_help, add_help=False)
     serve.set_defaults(func=cmd_serve)
     client.set_defaults(func=cmd_client)
@@ -278,12 +269,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except OSError as exc:
             return _fail(f"serve: cannot listen on {where}: {_oserror_text(exc)}")
         port = server.address[1]  # type: ignore[index]
-        _emit(
+        banner = (
             f"iocp: serving on {_addr((args.host, port))} with {args.workers} workers "
             f"x {args.threads} thread(s), backend {_probe_backend(args.backend)}; "
             "Ctrl-C to stop"
         )
-        return server.serve_forever(threads=args.threads, workers=args.workers)
+        return server.serve_forever(
+            threads=args.threads, workers=args.workers, ready=lambda: _emit(banner)
+        )
     try:
         server.bind()
         server.start(threads=args.threads)
@@ -412,7 +405,13 @@ def cmd_client(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``iocp`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv)
+    bench_module = None
+    if next((a for a in argv if not a.startswith("-")), None) == "bench":
+        try:  # imported lazily: only `iocp bench` pays for it
+            from iocp.bench import cli as bench_module
+        except ImportError as exc:
+            return _fail(f"bench: the benchmark module is not available ({exc})", 2)
+    parser = build_parser(bench_module)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -420,8 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     func = getattr(args, "func", None)
-    if func is None:  # "iocp bench" placeholder when bench was not selected first
-        return _fail("bench: run as 'iocp bench ...'", 2)
+    if func is None:  # cannot happen: subcommands are required
+        return _fail(f"{args.command}: not available", 2)
     try:
         return int(func(args) or 0)
     except KeyboardInterrupt:

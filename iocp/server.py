@@ -940,7 +940,12 @@ class Server(_Endpoint):
         self.shutdown()
 
     def serve_forever(
-        self, threads: int = 1, workers: int = 1, *, handle_signals: bool = True
+        self,
+        threads: int = 1,
+        workers: int = 1,
+        *,
+        handle_signals: bool = True,
+        ready: Callable[[], Any] | None = None,
     ) -> int:
         """Serve until SIGINT/SIGTERM (or :meth:`request_shutdown`); return an exit code.
 
@@ -951,10 +956,11 @@ class Server(_Endpoint):
         stops accepting, closes connections gracefully (flushing what they
         have buffered) for up to ``drain_timeout`` seconds, aborts the rest,
         closes the port and returns 0.  A second signal skips the drain.
+        ``ready()`` is called once the server (every worker) is listening.
         """
         if workers > 1:
-            return self._serve_workers(threads, workers, handle_signals)
-        return self._serve_here(threads, handle_signals)
+            return self._serve_workers(threads, workers, handle_signals, ready)
+        return self._serve_here(threads, handle_signals, ready)
 
     def request_shutdown(self) -> None:
         """Ask :meth:`serve_forever` to shut down gracefully (thread- and signal-safe).
@@ -969,13 +975,18 @@ class Server(_Endpoint):
             self._first_signal = now
         self._stop_event.set()
 
-    def _serve_here(self, threads: int, handle_signals: bool) -> int:
+    def _serve_here(
+        self, threads: int, handle_signals: bool, ready: Callable[[], Any] | None = None
+    ) -> int:
         old: Dict[int, Any] = {}
         if handle_signals and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 old[signum] = signal.signal(signum, self._on_signal)
         try:
-            self.start(threads)
+            if not self._started:
+                self.start(threads)
+            if ready is not None:
+                ready()
             while not self._stop_event.wait(0.5):
                 pass
             log.info("shutting down")
@@ -1181,7 +1192,13 @@ class Server(_Endpoint):
         self._schedule_idle_check()
 
     # workers -----------------------------------------------------------------------
-    def _serve_workers(self, threads: int, workers: int, handle_signals: bool) -> int:
+    def _serve_workers(
+        self,
+        threads: int,
+        workers: int,
+        handle_signals: bool,
+        ready: Callable[[], Any] | None,
+    ) -> int:
         if not hasattr(os, "fork") or not hasattr(socket, "SO_REUSEPORT"):
             raise NotImplementedError("workers > 1 needs fork() and SO_REUSEPORT (Linux)")
         if self.path is not None:
@@ -1193,23 +1210,43 @@ class Server(_Endpoint):
         self.port = reserve.getsockname()[1]
         self._sock = None
         pids: List[int] = []
+        rfd, wfd = os.pipe()  # each worker writes one byte once it listens
         for i in range(workers):
             pid = os.fork()
             if pid == 0:  # worker
                 code = 1
                 try:
                     reserve.close()
+                    os.close(rfd)
                     self.worker_id = i
                     signal.signal(signal.SIGINT, signal.SIG_DFL)
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                    code = self._serve_here(threads, handle_signals=True)
+
+                    def listening() -> None:
+                        os.write(wfd, b"r")
+                        os.close(wfd)
+
+                    code = self._serve_here(threads, handle_signals=True, ready=listening)
                 except BaseException:
                     log.exception("worker %d failed", i)
                 finally:
                     logging.shutdown()
                     os._exit(code)
             pids.append(pid)
+        os.close(wfd)
+        got = 0
+        while got < workers:  # EOF early means a worker died before listening
+            try:
+                chunk = os.read(rfd, workers)
+            except InterruptedError:
+                continue
+            if not chunk:
+                break
+            got += len(chunk)
+        os.close(rfd)
         reserve.close()
+        if got == workers and ready is not None:
+            ready()
 
         def forward(signum: int, _frame: Any) -> None:
             for p in pids:

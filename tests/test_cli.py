@@ -1,0 +1,294 @@
+"""The ``iocp`` command: serve and client as subprocesses, over loopback."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, List
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+POSIX = sys.platform != "win32"
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_iocp(
+    *args: str, input: bytes | None = None, timeout: float = 20
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "iocp", *args],
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+        env=env(),
+        cwd=str(ROOT),
+    )
+
+
+class Proc:
+    """A background ``iocp`` process whose output lines are collected by threads."""
+
+    def __init__(self, *args: str) -> None:
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "iocp", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env(),
+            cwd=str(ROOT),
+        )
+        self.out: List[str] = []
+        self.err: List[str] = []
+        self._lines: queue.Queue = queue.Queue()
+        for stream, sink in ((self.p.stdout, self.out), (self.p.stderr, self.err)):
+            threading.Thread(target=self._pump, args=(stream, sink), daemon=True).start()
+
+    def _pump(self, stream: Any, sink: List[str]) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            sink.append(line)
+            self._lines.put(line)
+
+    def wait_for(self, text: str, timeout: float = 10.0) -> str:
+        """Waits for an output line (stdout or stderr) containing ``text``."""
+        end = time.monotonic() + timeout
+        for line in self.out + self.err:
+            if text in line:
+                return line
+        while time.monotonic() < end:
+            try:
+                line = self._lines.get(timeout=0.1)
+            except queue.Empty:
+                if self.p.poll() is not None and self._lines.empty():
+                    break
+                continue
+            if text in line:
+                return line
+        raise AssertionError(f"{text!r} not seen; stdout={self.out} stderr={self.err}")
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in self.out + self.err)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+        try:
+            return self.p.wait(timeout)
+        finally:
+            time.sleep(0.1)  # let the pump threads take the last lines
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(5)
+
+
+@pytest.fixture
+def serve(backend: str):
+    """Starts ``iocp serve`` on a free port with the current backend."""
+    procs: List[Proc] = []
+
+    def start(*extra: str) -> tuple:
+        port = free_port()
+        proc = Proc("serve", "--port", str(port), "--backend", backend, *extra)
+        procs.append(proc)
+        proc.wait_for("serving on")
+        return proc, port
+
+    yield start
+    for proc in procs:
+        proc.kill()
+
+
+def assert_clean_exit(proc: Proc, code: int) -> None:
+    assert code == 0, (proc.out, proc.err)
+    assert not any("Traceback" in line for line in proc.err), proc.err
+    final = proc.wait_for("final stats")
+    for key in ("live_ops=0", "inflight=0", "pinned_buffers=0", "live_buffers=0", "connections=0"):
+        assert key in final, final
+
+
+def test_help() -> None:
+    for args in ([], ["serve"], ["client"]):
+        r = run_iocp(*args, "--help")
+        assert r.returncode == 0
+        assert b"usage:" in r.stdout
+    assert b"--workers" in run_iocp("serve", "--help").stdout
+
+
+def test_serve_prints_what_the_client_sends(serve: Any, backend: str) -> None:
+    server, port = serve()
+    assert "backend" in server.wait_for("serving on")
+    data = "hello\nworld, \u00e9t\u00e9\n".encode() + b"bin\x00ary\xff\n"
+    r = run_iocp("client", "--port", str(port), "--backend", backend, input=data)
+    assert r.returncode == 0, r.stderr
+    server.wait_for("[+] connection from 127.0.0.1:")
+    server.wait_for("] hello")
+    server.wait_for("] world, \u00e9t\u00e9")
+    server.wait_for("] bin\\x00ary\\xff")  # escaped, not cut at the NUL
+    server.wait_for("disconnected")
+    assert_clean_exit(server, server.stop())
+
+
+def test_echo_client_prints_replies(serve: Any, backend: str) -> None:
+    _, port = serve("--echo")
+    lines = b"".join(b"line %d\n" % i for i in range(200))
+    t0 = time.monotonic()
+    r = run_iocp("client", "--port", str(port), "--backend", backend, input=lines)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == lines
+    assert time.monotonic() - t0 < 15
+
+
+def test_client_without_server() -> None:
+    r = run_iocp("client", "--port", str(free_port()), input=b"x\n")
+    assert r.returncode == 1
+    err = r.stderr.decode().strip().splitlines()
+    assert len(err) == 1 and "cannot connect" in err[0] and "refused" in err[0], err
+    assert b"Traceback" not in r.stderr
+
+
+def test_port_in_use() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        r = run_iocp("serve", "--port", str(port))
+    assert r.returncode == 1
+    err = r.stderr.decode().strip().splitlines()
+    assert len(err) == 1 and "in use" in err[0], err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["serve", "--port", "abc"],
+        ["serve", "--port", "70000"],
+        ["serve", "--threads", "0"],
+        ["client", "--bogus"],
+        ["nonsense"],
+        [],
+    ],
+)
+def test_bad_arguments(args: List[str]) -> None:
+    r = run_iocp(*args)
+    assert r.returncode == 2
+    err = r.stderr.decode().strip().splitlines()
+    assert len(err) == 1, err
+    assert b"Traceback" not in r.stderr
+
+
+def test_bench_module_missing() -> None:
+    code = (
+        "import sys; sys.modules['iocp.bench.cli'] = None\n"
+        "from iocp.__main__ import main\n"
+        "sys.exit(main(['bench', '--quick']))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, timeout=20, env=env(), cwd=str(ROOT)
+    )
+    assert r.returncode == 2
+    assert b"not available" in r.stderr
+    assert b"Traceback" not in r.stderr
+
+
+def test_bench_is_wired() -> None:
+    try:
+        import iocp.bench.cli  # noqa: F401
+    except ImportError:
+        pytest.skip("iocp.bench.cli is not there")
+    r = run_iocp("bench", "--help")
+    assert r.returncode == 0, r.stderr
+    assert b"usage:" in r.stdout
+
+
+@pytest.mark.skipif(not POSIX, reason="signals")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_graceful_shutdown_with_connections_open(serve: Any, sig: int) -> None:
+    server, port = serve("--echo", "--threads", "2")
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(10)]
+    try:
+        for s in socks:
+            s.sendall(b"ping")
+            assert s.recv(4) == b"ping"
+        t0 = time.monotonic()
+        code = server.stop(sig)
+        assert time.monotonic() - t0 < 10
+        assert_clean_exit(server, code)
+        for s in socks:
+            s.settimeout(5)
+            assert s.recv(10) == b""  # closed gracefully, not reset
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT") or not POSIX, reason="SO_REUSEPORT")
+def test_workers_share_the_port(serve: Any) -> None:
+    server, port = serve("--workers", "2", "--quiet")
+    seen = set()
+    deadline = time.monotonic() + 20
+    n = 0
+    while len(seen) < 2 and time.monotonic() < deadline and n < 400:
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]
+        n += 20
+        for s in socks:
+            s.close()
+        time.sleep(0.2)
+        seen = {line.split("]")[0] for line in server.out if line.startswith("[worker ")}
+    assert len(seen) == 2, server.out[-20:]
+    code = server.stop()
+    assert code == 0, server.err
+    assert not any("Traceback" in line for line in server.err)
+    assert server.count("final stats") == 2
+
+
+def test_ipv6_serve(backend: str) -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            port = probe.getsockname()[1]
+    except OSError:
+        pytest.skip("::1 is not available")
+    server = Proc("serve", "--host", "::1", "--port", str(port), "--echo", "--backend", backend)
+    try:
+        server.wait_for("serving on [::1]:")
+        r = run_iocp("client", "--host", "::1", "--port", str(port), input=b"six\n")
+        assert r.returncode == 0 and r.stdout == b"six\n", r.stderr
+        assert_clean_exit(server, server.stop())
+    finally:
+        server.kill()
+
+
+@pytest.mark.skipif(not POSIX, reason="Unix sockets")
+def test_unix_socket_serve(tmp_path: Path, backend: str) -> None:
+    path = str(tmp_path / "demo.sock")
+    server = Proc("serve", "--unix", path, "--echo", "--backend", backend)
+    try:
+        server.wait_for("serving on")
+        r = run_iocp("client", "--unix", path, input=b"over unix\n")
+        assert r.returncode == 0 and r.stdout == b"over unix\n", r.stderr
+        assert_clean_exit(server, server.stop())
+        assert not os.path.exists(path)
+    finally:
+        server.kill()
