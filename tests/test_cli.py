@@ -46,11 +46,13 @@ def run_iocp(
 
 
 class Proc:
-    """A background ``iocp`` process whose output lines are collected by threads."""
+    """A background ``iocp`` process (or a script, ``module=False``) whose output
+    lines are collected by threads."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, module: bool = True) -> None:
+        cmd = [sys.executable, "-m", "iocp", *args] if module else [sys.executable, *args]
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "iocp", *args],
+            cmd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
