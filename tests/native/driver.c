@@ -107,6 +107,26 @@ static int port_open(iocp_port **port, unsigned qcap)
     return iocp_port_create(&o, port);
 }
 
+/*
+ * iocp_port_wait, retried on IOCP_EINTR within the same deadline.  EINTR
+ * is a legitimate answer (a signal, or -- seen with io_uring -- task work
+ * left by another ring interrupting this thread's next blocking call), and
+ * every caller of the API must be ready for it.
+ */
+static int wait_(iocp_port *port, iocp_completion *out, int max, int timeout_ms)
+{
+    long long deadline = now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
+    for (;;) {
+        int n = iocp_port_wait(port, out, max, timeout_ms);
+        if (n != IOCP_EINTR)
+            return n;
+        if (timeout_ms > 0) {
+            long long left = deadline - now_ms();
+            timeout_ms = left > 0 ? (int)left : 0;
+        }
+    }
+}
+
 /* Collects up to `want` completions, waiting at most timeout_ms in all. */
 static int collect(iocp_port *port, iocp_completion *out, int want, int timeout_ms)
 {
@@ -118,7 +138,7 @@ static int collect(iocp_port *port, iocp_completion *out, int want, int timeout_
         int n;
         if (left <= 0)
             break;
-        n = iocp_port_wait(port, out + got, want - got, (int)left);
+        n = wait_(port, out + got, want - got, (int)left);
         if (n < 0 && n != IOCP_EINTR)
             return n;
         if (n > 0) {
@@ -266,7 +286,7 @@ static int t_post_batch(void)
         CHECK(iocp_submit(port, ops[i]) == 0, "post %d", i);
     }
     while (got < N) {
-        int n = iocp_port_wait(port, c, 64, WAIT_MS), k;
+        int n = wait_(port, c, 64, WAIT_MS), k;
         CHECK(n > 0, "wait: %d after %d", n, got);
         CHECK(n <= 64, "batch over max: %d", n);
         if (n > maxbatch)
@@ -287,7 +307,7 @@ static int t_post_batch(void)
         iocp_op_free(port, ops[i]);
     }
     CHECK(maxbatch > 1, "never got a batch (max %d)", maxbatch);
-    CHECK(iocp_port_wait(port, c, 1, 0) == 0, "spurious completion");
+    CHECK(wait_(port, c, 1, 0) == 0, "spurious completion");
     CHECK(check_clean(port) == 0, "%s", g_why);
     iocp_port_destroy(port);
     return 0;
@@ -319,19 +339,19 @@ static int t_timeout_and_wake_inner(iocp_port *port)
     thread_t th;
     int n;
 
-    n = iocp_port_wait(port, &c, 1, 100);
+    n = wait_(port, &c, 1, 100);
     dt = now_ms() - t0;
     CHECK(n == 0, "timeout wait returned %d", n);
     CHECK(dt >= 80, "timeout too short: %lld ms", dt);
     CHECK(thread_start(&th, waker_thread, port) == 0, "thread");
     t0 = now_ms();
-    n = iocp_port_wait(port, &c, 1, -1);
+    n = wait_(port, &c, 1, -1);
     dt = now_ms() - t0;
     thread_join(th);
     CHECK(n == 0, "woken wait returned %d", n);
     CHECK(dt < 10000, "wake took %lld ms", dt);
     /* Wake packets never surface as completions. */
-    CHECK(iocp_port_wait(port, &c, 1, 50) == 0, "a wake-up surfaced");
+    CHECK(wait_(port, &c, 1, 50) == 0, "a wake-up surfaced");
     return 0;
 }
 
@@ -454,7 +474,7 @@ static int t_cancel(void)
     /* A recv on an idle connection, cancelled. */
     r1 = op_new(port, IOCP_OP_RECV, srv, NULL, 4096);
     CHECK(iocp_submit(port, r1) == 0, "submit recv");
-    CHECK(iocp_port_wait(port, &c, 1, 100) == 0, "idle recv completed");
+    CHECK(wait_(port, &c, 1, 100) == 0, "idle recv completed");
     CHECK(iocp_cancel(port, r1) == 0, "cancel recv");
     CHECK(collect_one(port, &c) == 0, "no cancelled completion");
     CHECK(c.op == r1, "wrong op");
@@ -681,7 +701,7 @@ static int t_close_pending(void)
             break;
         CHECK(now_ms() < deadline, "drain timeout: inflight %lld queued %lld",
               (long long)st.inflight, (long long)st.queued);
-        got = iocp_port_wait(port, comp, 8, 200);
+        got = wait_(port, comp, 8, 200);
         CHECK(got >= 0, "wait %d", got);
         for (k = 0; k < got; k++) {
             release_if_buffer(port, &comp[k]);
@@ -775,7 +795,7 @@ static int t_many_connections(void)
         int n, j;
         CHECK(now_ms() < deadline, "timeout: %d verified, %d sends, %d accepted", verified,
               sends_done, nsv);
-        n = iocp_port_wait(port, comp, 64, 1000);
+        n = wait_(port, comp, 64, 1000);
         CHECK(n >= 0, "wait %d", n);
         for (j = 0; j < n; j++) {
             iocp_completion *c = &comp[j];
@@ -884,7 +904,7 @@ static THREAD_RET mt_worker(void *p)
     iocp_completion c[16];
 
     while (!stop_get()) {
-        int n = iocp_port_wait(a->port, c, 16, 500), k;
+        int n = wait_(a->port, c, 16, 500), k;
         if (n < 0) {
             a->error = n;
             break;
