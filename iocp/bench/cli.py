@@ -17,7 +17,7 @@ DESCRIPTION = ("Echo-server benchmark: iocp side by side with asyncio, uvloop, t
                "and a plain C epoll server, on loopback, each server in its own process.")
 
 QUICK = {"rounds": 1, "warmup": 0.3, "duration": 1.2}
-FULL = {"rounds": 3, "warmup": 0.5, "duration": 2.5}
+FULL = {"rounds": 3, "warmup": 0.5, "duration": 2.0}
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -152,9 +152,10 @@ def run(args: argparse.Namespace) -> int:
     for name, reason in skipped_sc.items():
         print(f"skipped scenario {name}: {reason}")
 
-    command = "iocp bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
-        if sys.argv and sys.argv[0].endswith("iocp") else " ".join(
-            shlex.quote(a) for a in ["python"] + sys.argv)
+    argv = sys.argv[1:]
+    if "bench" in argv:
+        argv = argv[argv.index("bench") + 1:]
+    command = " ".join(["iocp", "bench"] + [shlex.quote(a) for a in argv])
     if args.json:
         data = runner.to_json(cfg, results, rows, skipped, skipped_sc, machine, command)
         with open(args.json, "w") as f:
