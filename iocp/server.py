@@ -354,27 +354,31 @@ class Connection:
         :meth:`close`/:meth:`abort` is silently discarded.  See the module
         docstring for pause_writing/resume_writing and ``write_limit``.
         """
-        if not isinstance(data, bytes):
+        if type(data) is not bytes:
             data = bytes(data)
-        if not data:
+        n = len(data)
+        if not n:
             return
         with self._lock:
             if self._closing or self._torn or self._eof_pending:
                 return
-            self._buffered += len(data)
-            if self._buffered > self._cfg.limit:
+            buffered = self._buffered + n
+            if buffered > self._cfg.limit:
                 over = True
                 pause = False
                 payload = None
             else:
                 over = False
-                self._wbuf.append(data)
-                self._wbuf_size += len(data)
-                payload = None
-                if not self._sending:
+                self._buffered = buffered
+                if self._sending:  # join it to the next send op
+                    self._wbuf.append(data)
+                    self._wbuf_size += n
+                    payload = None
+                else:  # nothing in flight: this is the next send op
                     self._sending = True
-                    payload = self._take_locked()
-                pause = not self._paused and self._buffered > self._cfg.high
+                    self._ops += 1
+                    payload = data
+                pause = not self._paused and buffered > self._cfg.high
                 if pause:
                     self._paused = True
         if over:
@@ -388,7 +392,7 @@ class Connection:
         if payload is not None:
             self._submit_send(payload)
         if pause:
-            self._serial(self._call, "pause_writing")
+            self._serial_any(self._call, "pause_writing")
 
     write = send
 
@@ -432,6 +436,16 @@ class Connection:
 
     # the strand: serialized protocol callbacks ------------------------------
     def _serial(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue a protocol call; run the queue here unless another thread is."""
+        with self._lock:
+            self._mail.append((fn, args))
+            if self._busy:
+                return
+            self._busy = True
+        self._drain()
+
+    def _serial_any(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Like _serial, from any thread: off the loop, the queue runs on a loop thread."""
         with self._lock:
             self._mail.append((fn, args))
             if self._busy:
@@ -455,12 +469,16 @@ class Connection:
             try:
                 fn(*args)
             except Exception as exc:
-                log.exception(
-                    "protocol callback %s failed for %s; aborting the connection",
-                    getattr(fn, "__name__", fn),
-                    _fmt_addr(self.peername),
-                )
-                self._teardown(exc)
+                self._callback_failed(fn, exc)
+
+    def _callback_failed(self, fn: Any, exc: Exception) -> None:
+        log.error(
+            "protocol callback %s failed for %s; aborting the connection",
+            getattr(fn, "__name__", fn),
+            _fmt_addr(self.peername),
+            exc_info=exc,
+        )
+        self._teardown(exc)
 
     def _call(self, name: str, *args: Any) -> None:
         getattr(self.protocol, name, _noop)(self, *args)
@@ -482,29 +500,56 @@ class Connection:
             self._op_done()
             self._teardown(exc if isinstance(exc, OSError) else ConnectionError(str(exc)))
             return
-        with self._lock:
-            self._recv_op = op
-            torn = self._torn
-        if torn:
+        # No lock needed: _teardown sets _torn before reading _recv_op, we
+        # set _recv_op before reading _torn, so one of us cancels the op.
+        self._recv_op = op
+        if self._torn:
             op.cancel()
 
     def _on_recv(self, c: Any) -> None:
         self._recv_op = None
-        try:
-            if c.cancelled or self._torn:
-                return
-            if c.error is not None:
-                self._teardown(c.error)
-                return
-            data = c.data
-            if not data:
-                self._serial(self._eof)
-                return
-            self.bytes_received += len(data)
-            self.last_activity = time.monotonic()
-            self._serial(self._deliver, data)
-        finally:
-            self._op_done()
+        data = c.data
+        if c.cancelled or c.error is not None or not data or self._torn:
+            try:
+                if c.cancelled or self._torn:
+                    return
+                if c.error is not None:
+                    self._teardown(c.error)
+                else:
+                    self._serial(self._eof)
+            finally:
+                self._op_done()
+            return
+        self.bytes_received += len(data)
+        self.last_activity = time.monotonic()
+        with self._lock:  # op accounting and the strand's fast path in one go
+            self._ops -= 1
+            if self._torn:
+                last = self._ops == 0
+                direct = queued = False
+            else:
+                last = False
+                direct = not self._busy
+                queued = not direct
+                if direct:
+                    self._busy = True
+                    if self._mail:  # older calls first
+                        self._mail.append((self._deliver, (data,)))
+                        direct = False
+                else:
+                    self._mail.append((self._deliver, (data,)))
+        if last:
+            self._finish()
+        elif queued:
+            return
+        elif direct:
+            try:
+                self._deliver(data)
+            except Exception as exc:
+                self._callback_failed(self._deliver, exc)
+            self._drain()
+        else:
+            self._drain()
 
     def _deliver(self, data: bytes) -> None:
         if self._closing or self._torn:
@@ -537,50 +582,44 @@ class Connection:
         return data
 
     def _submit_send(self, payload: bytes) -> None:
-        with self._lock:
-            if self._torn:
-                self._sending = False
-                return
-            self._ops += 1
+        """Start a send op; the caller counted it in ``_ops`` and set ``_sending``."""
         try:
             op = self._port.send(self._sock, payload, callback=self._on_send)
         except (OSError, ValueError) as exc:
-            self._sending = False
+            with self._lock:
+                self._sending = False
             self._op_done()
             self._teardown(exc if isinstance(exc, OSError) else ConnectionError(str(exc)))
             return
-        with self._lock:
-            self._send_op = op
-            torn = self._torn
-        if torn:
+        self._send_op = op  # see _submit_recv for why no lock
+        if self._torn:
             op.cancel()
 
     def _on_send(self, c: Any) -> None:
-        try:
-            self._after_send(c)
-        finally:
+        if c.cancelled or c.error is not None or self._torn:
+            with self._lock:
+                self._sending = False
+            if c.error is not None and not c.cancelled:
+                self._teardown(c.error)
             self._op_done()
-
-    def _after_send(self, c: Any) -> None:
-        if c.cancelled or self._torn:
-            with self._lock:
-                self._sending = False
             return
-        if c.error is not None:
-            with self._lock:
-                self._sending = False
-            self._teardown(c.error)
-            return
-        self.bytes_sent += c.nbytes
+        nbytes = c.nbytes
+        self.bytes_sent += nbytes
         self.last_activity = time.monotonic()
         with self._lock:
-            self._buffered -= c.nbytes
-            payload = self._take_locked() if self._wbuf else None
-            self._sending = payload is not None
+            self._buffered -= nbytes
+            if self._wbuf and not self._torn:
+                payload: bytes | None = self._take_locked()  # the op count carries over
+                last = False
+            else:
+                payload = None
+                self._sending = False
+                self._ops -= 1
+                last = self._torn and self._ops == 0
             resume = self._paused and self._buffered <= self._cfg.low
             if resume:
                 self._paused = False
-            finish = payload is None and self._closing
+            finish = payload is None and self._closing and not self._torn
             eof = payload is None and self._eof_pending and not self._closing
         if payload is not None:
             self._submit_send(payload)
@@ -590,6 +629,8 @@ class Connection:
             self._shutdown_wr()
         if finish:
             self._teardown(None, graceful=True)
+        if last:
+            self._finish()
 
     def _shutdown_wr(self) -> None:
         try:
@@ -642,7 +683,7 @@ class Connection:
         except OSError:
             pass
         self._owner._forget(self)
-        self._serial(self._lost)
+        self._serial_any(self._lost)
 
     def _lost(self) -> None:
         try:
@@ -1425,7 +1466,7 @@ class Client(_Endpoint):
         with self._lock:
             self._conns[id(conn)] = conn
         self.connection = conn
-        conn._serial(conn._start)
+        conn._serial_any(conn._start)
         return conn
 
     def wait_closed(self, timeout: float | None = None) -> bool:
