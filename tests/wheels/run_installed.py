@@ -28,19 +28,29 @@ def main() -> int:
         for name in ("README.md", "examples"):
             src = os.path.join(project, name)
             if os.path.isdir(src):
-                shutil.copytree(src, os.path.join(tmp, name),
-                                ignore=shutil.ignore_patterns("__pycache__"))
+                shutil.copytree(
+                    src, os.path.join(tmp, name), ignore=shutil.ignore_patterns("__pycache__")
+                )
             elif os.path.isfile(src):
                 shutil.copy(src, tmp)
         # The installed package, not a stray source checkout on sys.path.
-        check = subprocess.run(
-            [sys.executable, "-c", "import iocp, iocp._core; print('testing', iocp.__file__, iocp.backends())"],
-            cwd=tmp,
-        )
+        probe = "import iocp, iocp._core; print('testing', iocp.__file__, iocp.backends())"
+        check = subprocess.run([sys.executable, "-c", probe], cwd=tmp)
         if check.returncode != 0:
             return check.returncode
-        cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-ra",
-               "-o", "faulthandler_timeout=300", "tests", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-ra",
+            "-o",
+            "faulthandler_timeout=300",
+            "tests",
+            *extra,
+        ]
         return subprocess.run(cmd, cwd=tmp).returncode
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
