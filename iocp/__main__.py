@@ -405,10 +405,12 @@ def cmd_client(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``iocp`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    bench_module = None
+    bench_module: Any = None
     if next((a for a in argv if not a.startswith("-")), None) == "bench":
         try:  # imported lazily: only `iocp bench` pays for it
-            from iocp.bench import cli as bench_module
+            import iocp.bench.cli
+
+            bench_module = iocp.bench.cli
         except ImportError as exc:
             return _fail(f"bench: the benchmark module is not available ({exc})", 2)
     parser = build_parser(bench_module)

@@ -57,6 +57,7 @@ import os
 import signal
 import socket
 import stat
+import struct
 import threading
 import time
 from collections import deque
@@ -421,9 +422,8 @@ class Connection:
         if self._torn:
             return
         try:
-            self._sock.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-            )
+            linger = struct.pack("HH" if os.name == "nt" else "ii", 1, 0)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
         except OSError:
             pass
         self._teardown(None)
@@ -1034,8 +1034,8 @@ class Server(_Endpoint):
             timeout = 0.0 if self._signal_count > 1 else self.drain_timeout
             self.shutdown(timeout, _interruptible=True)
         finally:
-            for signum, handler in old.items():
-                signal.signal(signum, handler)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
         return 0
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -1316,8 +1316,8 @@ class Server(_Endpoint):
                         log.error("worker pid %d exited with %d", pid, code)
                         status = 1
         finally:
-            for signum, handler in old.items():
-                signal.signal(signum, handler)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
         return status
 
 
