@@ -178,9 +178,12 @@ class _Loop:
     def run(self) -> None:
         """Run the completion loop on the calling thread until :meth:`stop`."""
         _tls.loop = self
+        # port.stop() would also stop other users of a shared port, so on a
+        # port we do not own the threads notice stop() by a short time slice.
+        slice_s = 1.0 if self.owned else 0.1
         try:
             while self._running and not self.port.closed:
-                self.port.run(timeout=1.0)
+                self.port.run(timeout=slice_s)
         finally:
             _tls.loop = None
 
@@ -194,10 +197,11 @@ class _Loop:
         deadline = time.monotonic() + timeout
         for t in self.threads:
             while t.is_alive() and time.monotonic() < deadline:
-                try:
-                    self.port.stop()
-                except Exception:  # port already closed
-                    break
+                if self.owned:
+                    try:
+                        self.port.stop()
+                    except Exception:  # port already closed
+                        break
                 t.join(0.05)
         self.threads = [t for t in self.threads if t.is_alive()]
         with self._tcond:
@@ -948,13 +952,24 @@ class Server(_Endpoint):
     def start(self, threads: int = 1) -> Server:
         """Listen and run the completion loop on ``threads`` background threads.
 
-        Returns self; use :meth:`shutdown` (or the context manager) to stop.
+        ``threads=0`` starts no thread: whoever runs the completion port
+        (``server.completion_port.run()``, e.g. a port passed as
+        ``completion_port=``) runs the server.  Returns self; use
+        :meth:`shutdown` (or the context manager) to stop.
         """
         if self._started:
             raise RuntimeError("server already started")
+        if threads < 0:
+            raise ValueError("threads must be >= 0")
         sock = self.bind()
-        sock.listen(self.backlog)
-        self._loop = self._make_loop()
+        try:
+            sock.listen(self.backlog)
+            self._loop = self._make_loop()
+        except BaseException:
+            if self._sock is sock:
+                self._sock = None
+            sock.close()
+            raise
         self._started = True
         self._stopped = False
         self._accepting = True
@@ -966,10 +981,8 @@ class Server(_Endpoint):
             self._schedule_idle_check()
         if threads > 0:
             self._loop.start(threads, name="iocp-server")
-        log.info(
-            "listening on %s (backend %s)", _fmt_addr(self.address) if not self.path else
-            self.path, self.backend,
-        )
+        where = self.path if self.path else _fmt_addr(self.address)
+        log.info("listening on %s (backend %s)", where, self.backend)
         return self
 
     def __enter__(self) -> Server:
@@ -1025,7 +1038,7 @@ class Server(_Endpoint):
                 old[signum] = signal.signal(signum, self._on_signal)
         try:
             if not self._started:
-                self.start(threads)
+                self.start(max(1, threads))
             if ready is not None:
                 ready()
             while not self._stop_event.wait(0.5):
