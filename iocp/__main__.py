@@ -11,6 +11,7 @@ import argparse
 import errno
 import logging
 import os
+import socket
 import sys
 import threading
 from typing import Any, List, Sequence
@@ -66,6 +67,8 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def _oserror_text(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):  # errno is an EAI_* code, not an errno
+        return str(exc.strerror or exc).lower()
     if exc.errno is not None:
         return os.strerror(exc.errno).lower()
     return str(exc)

@@ -294,3 +294,11 @@ def test_unix_socket_serve(tmp_path: Path, backend: str) -> None:
         assert not os.path.exists(path)
     finally:
         server.kill()
+
+
+@pytest.mark.parametrize("command", ["serve", "client"])
+def test_unknown_host_is_one_line(command: str) -> None:
+    r = run_iocp(command, "--host", "no-such-host.invalid", "--port", "1", input=b"")
+    assert r.returncode == 1
+    err = r.stderr.decode().strip().splitlines()
+    assert len(err) == 1 and "no-such-host.invalid" in err[0], err
