@@ -528,3 +528,40 @@ def test_shared_completion_port(backend: str) -> None:
     assert stats["connections"] == 0
     port.close()
     assert_no_leaks(port.stats())
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="Linux /proc")
+def test_many_non_reading_peers_keep_rss_bounded(server_factory: Any) -> None:
+    """20 peers that never read, a handler that writes 32 MiB to each and
+    ignores pause_writing: without write_limit that is 640 MiB buffered."""
+    lost: List[Any] = []
+    chunk = b"m" * (256 * 1024)
+
+    class Hog(Protocol):
+        def connection_made(self, conn: Connection) -> None:
+            for _ in range(128):
+                conn.send(chunk)
+
+        def connection_lost(self, conn: Connection, exc: BaseException | None) -> None:
+            lost.append(exc)
+
+    before = _rss()
+    srv = server_factory(Hog, write_high_water=256 * 1024, write_limit=2 * 1024 * 1024)
+    socks = []
+    try:
+        for _ in range(20):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(srv.address)
+            socks.append(s)
+        assert wait_until(lambda: len(lost) == 20, 10)
+        assert all(isinstance(e, WriteBufferFull) for e in lost)
+        assert _rss() - before < 150 * 1024 * 1024
+    finally:
+        for s in socks:
+            s.close()
