@@ -281,6 +281,7 @@ struct iocp__uring {
     iocp_op *backlog, *cbacklog;
 
     int wake_pending;              /* a wake NOP is out */
+    int woken;                     /* reaped a wake NOP in this poll() */
     unsigned timeout_seq;          /* TIMEOUT SQE fallback */
     int timeout_armed;
     int ndelivered;                /* counts deliveries within one reap */
@@ -1130,8 +1131,10 @@ static void iocp__complete(iocp_port *p, struct iocp__uring *u, const iocp__urin
 
     if (tag == IOCP__UD_INTERNAL) {
         unsigned kind = (unsigned)((ud >> 3) & 31);
-        if (kind == IOCP__IN_WAKE)
+        if (kind == IOCP__IN_WAKE) {
             u->wake_pending = 0;
+            u->woken = 1;
+        }
         else if (kind == IOCP__IN_TIMEOUT && (unsigned)(ud >> 8) == u->timeout_seq)
             u->timeout_armed = 0;
         /* Cancel and timeout-remove results say nothing the op's own
@@ -1449,8 +1452,11 @@ static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
     iocp__lock(p);
     if (u->backlog || u->cbacklog)
         iocp__drain_backlogs(u);
+    u->woken = 0;
     n = iocp__reap(p, u, max);
-    if (n > 0 || timeout_ms == 0) {
+    /* A wake-up already in the CQ is this call's reason to return: going
+     * to sleep after eating it would lose it. */
+    if (n > 0 || timeout_ms == 0 || u->woken) {
         if (n == 0) {
             /* Non-blocking: submit, run pending task work, look again. */
             r = iocp__sys_enter(u->fd, iocp__sq_pending(u), 0, IOCP__ENTER_GETEVENTS, NULL, 0);
@@ -1508,6 +1514,9 @@ static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
             sqe->addr = IOCP__UD_IN(IOCP__IN_TIMEOUT, u->timeout_seq);
             sqe->user_data = IOCP__UD_IN(IOCP__IN_TIMEOUT_REMOVE, 0);
             iocp__sqe_commit(u);
+            /* Now, so its two CQEs are in the ring before the next poll()
+             * reaps: otherwise they would end that poll's wait at once. */
+            (void)iocp__flush(u);
         }
         u->timeout_armed = 0;
     }
