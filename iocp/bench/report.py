@@ -33,7 +33,9 @@ def table(rows: List[Dict[str, Any]], markdown: bool = False) -> str:
     for sc in scenarios:
         spec = SCENARIOS.get(sc)
         idle = spec is not None and spec.active >= 0
-        head = ["server", "msgs/s", "MB/s", "p50 us", "p99 us", "CPU s/100k", "peak RSS"]
+        spread = any(r.get("rounds", 0) > 1 for r in rows if r["scenario"] == sc)
+        head = ["server", "msgs/s"] + (["spread"] if spread else []) + [
+            "MB/s", "p50 us", "p99 us", "CPU s/100k", "peak RSS"]
         if idle:
             head.append("KiB/conn")
         head += ["vs peer", "errors"]
@@ -46,7 +48,11 @@ def table(rows: List[Dict[str, Any]], markdown: bool = False) -> str:
                 body.append([name, "failed: " + r.get("note", "?")] + [""] * (len(head) - 2))
                 continue
             ratio = r.get("vs_best_peer")
-            line = [name, _num(r["msgs_per_s"]), _num(r["mb_per_s"]), _num(r["p50_us"]),
+            line = [name, _num(r["msgs_per_s"])]
+            if spread:
+                half = (r["msgs_per_s_max"] - r["msgs_per_s_min"]) / 2
+                line.append(f"±{100 * half / r['msgs_per_s']:.0f}%" if r["msgs_per_s"] else "-")
+            line += [_num(r["mb_per_s"]), _num(r["p50_us"]),
                     _num(r["p99_us"]), f"{r['cpu_s_per_100k']:.2f}", _rss(r["peak_rss_kib"])]
             if idle:
                 line.append(f"{r['kib_per_conn']:.1f}")
@@ -72,7 +78,8 @@ def table(rows: List[Dict[str, Any]], markdown: bool = False) -> str:
                 out.append("  " + "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i])
                                             for i, c in enumerate(line)))
             out.append("")
-    out.append(RATIO_NOTE + "; CPU s/100k = server CPU seconds per 100,000 echoed messages"
+    out.append(RATIO_NOTE + "; spread = half the min-max range of msgs/s over rounds"
+               "; CPU s/100k = server CPU seconds per 100,000 echoed messages"
                " (warm-up included); latencies are per-message round trips.")
     return "\n".join(out)
 

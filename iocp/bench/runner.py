@@ -358,6 +358,8 @@ def summarize(results: List[Measurement]) -> List[Dict[str, Any]]:
                          "cpu_s_per_100k", "peak_rss_kib", "kib_per_conn", "connect_s"):
                 row[attr] = statistics.median(getattr(m, attr) for m in ok)
             row["errors"] = sum(m.errors for m in ok)
+            rates = [m.msgs_per_s for m in ok]
+            row["msgs_per_s_min"], row["msgs_per_s_max"] = min(rates), max(rates)
         else:
             row["note"] = ms[-1].note
         rows.append(row)
