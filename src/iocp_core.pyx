@@ -277,6 +277,7 @@ cdef class CompletionPort:
     cdef Py_ssize_t _waiters
     cdef unsigned long _stop_gen
     cdef bint _closing
+    cdef dict _final_stats          # stats() as they were when close() ended
 
     def __cinit__(self, unsigned concurrency=0, *, backend=None,
                   unsigned queue_capacity=1024, unsigned ring_entries=0):
@@ -339,10 +340,12 @@ cdef class CompletionPort:
         completions handed out so far."""
         cdef iocp_port_stats st
         if self._port == NULL:
-            return {"live_ops": 0, "inflight": 0, "live_buffers": 0,
-                    "pinned_buffers": self._pinned, "queued": 0,
-                    "queue_capacity": 0, "queue_peak": 0, "completions": 0,
-                    "backlog": 0}
+            # Closed: the counters as close() left them (a leak stays
+            # visible), with the pin count still live.
+            out = dict(self._final_stats or {})
+            out["pinned_buffers"] = self._pinned
+            out["backlog"] = len(self._backlog)
+            return out
         iocp_port_get_stats(self._port, &st)
         return {"live_ops": st.live_ops, "inflight": st.inflight,
                 "live_buffers": st.live_buffers, "pinned_buffers": self._pinned,
@@ -624,13 +627,15 @@ cdef class CompletionPort:
         _log.error("callback for %r raised", comp, exc_info=exc)
         return 0
 
-    cdef int _wait(self, iocp_completion *batch, int max, int timeout_ms) except? -1:
-        """One native wait, counted so close() knows when nobody waits."""
+    cdef int _wait(self, iocp_completion *batch, int max, int timeout_ms,
+                   unsigned wake_gen) except? -1:
+        """One native wait, counted so close() knows when nobody waits.
+        Returns 0 at once if stop() woke the port since `wake_gen`."""
         cdef int n
         self._waiters += 1
         try:
             with nogil:
-                n = iocp_port_wait(self._port, batch, max, timeout_ms)
+                n = iocp_port_wait_since(self._port, batch, max, timeout_ms, wake_gen)
         finally:
             self._waiters -= 1
         if n == IOCP_EINTR:
@@ -652,11 +657,15 @@ cdef class CompletionPort:
         cdef iocp_completion batch[BATCH]
         cdef int n, i, slice_ms
         cdef unsigned long gen = self._stop_gen
+        cdef unsigned wake_gen
         cdef bint main = _threading.current_thread() is _threading.main_thread()
         cdef Py_ssize_t dispatched = 0
         cdef double deadline = 0.0, left
         cdef object pending_exc = None
         self._check_open()
+        wake_gen = iocp_port_wake_gen(self._port)
+        if gen != self._stop_gen:
+            return 0
         if timeout is not None:
             deadline = _monotonic() + float(timeout)
         while not self._closing and gen == self._stop_gen:
@@ -673,7 +682,7 @@ cdef class CompletionPort:
                 slice_ms = <int>(left * 1000.0) + 1
             if main and (slice_ms < 0 or slice_ms > SIGNAL_SLICE_MS):
                 slice_ms = SIGNAL_SLICE_MS
-            n = self._wait(batch, BATCH, slice_ms)
+            n = self._wait(batch, BATCH, slice_ms, wake_gen)
             if n == 0:
                 if main:
                     PyErr_CheckSignals()
@@ -742,7 +751,7 @@ cdef class CompletionPort:
                 slice_ms = <int>(left * 1000.0 + 0.999) if left > 0 else 0
             if main and (slice_ms < 0 or slice_ms > SIGNAL_SLICE_MS):
                 slice_ms = SIGNAL_SLICE_MS
-            n = self._wait(batch, max, slice_ms)
+            n = self._wait(batch, max, slice_ms, iocp_port_wake_gen(self._port))
             if n > 0:
                 try:
                     for i in range(n):
@@ -790,6 +799,7 @@ cdef class CompletionPort:
                     _log.error("iocp: %d operations never completed after cancel; "
                                "leaking the port rather than freeing memory the "
                                "kernel may still use", st.inflight)
+                    self._final_stats = self.stats()
                     self._port = NULL
                     return
                 continue
@@ -813,6 +823,7 @@ cdef class CompletionPort:
             if fd >= 0:
                 iocp_unregister(self._port, fd)
         self._registered.clear()
+        self._final_stats = self.stats()
         iocp_port_destroy(self._port)
         self._port = NULL
 

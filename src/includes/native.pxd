@@ -77,6 +77,9 @@ cdef extern from "iocp_native.h" nogil:
     int iocp_cancel(iocp_port *port, iocp_op *op)
     int iocp_cancel_all(iocp_port *port)
     int iocp_port_wait(iocp_port *port, iocp_completion *out, int max, int timeout_ms)
+    int iocp_port_wait_since(iocp_port *port, iocp_completion *out, int max,
+                             int timeout_ms, unsigned since)
+    unsigned iocp_port_wake_gen(iocp_port *port)
     void iocp_port_dispatch_done(iocp_port *port)
     int iocp_port_wake(iocp_port *port)
     void iocp_port_begin_close(iocp_port *port)

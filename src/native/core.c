@@ -320,16 +320,30 @@ int iocp_cancel_all(iocp_port *p)
 /* ------------------------------------------------------------------ */
 /* Waiting                                                             */
 
+unsigned iocp_port_wake_gen(iocp_port *p)
+{
+    unsigned gen;
+
+    iocp__lock(p);
+    gen = p->wake_gen;
+    iocp__unlock(p);
+    return gen;
+}
+
 int iocp_port_wait(iocp_port *p, iocp_completion *out, int max, int timeout_ms)
 {
+    return iocp_port_wait_since(p, out, max, timeout_ms, iocp_port_wake_gen(p));
+}
+
+int iocp_port_wait_since(iocp_port *p, iocp_completion *out, int max,
+                         int timeout_ms, unsigned gen)
+{
     int64_t deadline = timeout_ms > 0 ? iocp__now_ms() + timeout_ms : 0;
-    unsigned gen;
     int n = 0, remaining = timeout_ms, r;
 
     if (max <= 0)
         return IOCP_EINVAL;
     iocp__lock(p);
-    gen = p->wake_gen;
     for (;;) {
         if (p->wake_gen != gen)
             break;

@@ -179,6 +179,15 @@ int iocp_cancel_all(iocp_port *port);
  * until it calls iocp_port_dispatch_done().
  */
 int iocp_port_wait(iocp_port *port, iocp_completion *out, int max, int timeout_ms);
+/*
+ * The same, but returns 0 at once if iocp_port_wake() was called since the
+ * caller read `since` from iocp_port_wake_gen().  A loop reads the
+ * generation once when it starts, so a wake that lands between two waits
+ * (the caller not yet inside the second) is not lost.
+ */
+int iocp_port_wait_since(iocp_port *port, iocp_completion *out, int max,
+                         int timeout_ms, unsigned since);
+unsigned iocp_port_wake_gen(iocp_port *port);
 void iocp_port_dispatch_done(iocp_port *port);
 /* Wakes every thread blocked in iocp_port_wait (which returns 0). */
 int iocp_port_wake(iocp_port *port);
