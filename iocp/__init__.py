@@ -13,6 +13,19 @@ epoll emulation, with one API and one semantics.
 """
 
 from iocp._core import Completion, CompletionPort, Operation, backends
+from iocp.server import Client, Connection, Protocol, Server, WriteBufferFull, connect
 
-__all__ = ["Completion", "CompletionPort", "Operation", "backends", "__version__"]
+__all__ = [
+    "Client",
+    "Completion",
+    "CompletionPort",
+    "Connection",
+    "Operation",
+    "Protocol",
+    "Server",
+    "WriteBufferFull",
+    "__version__",
+    "backends",
+    "connect",
+]
 __version__ = "0.1.0"
