@@ -200,16 +200,30 @@ for d in "$root"/iocp/*/; do
     mkdir -p "$work/site/iocp/$(basename "$d")"
     cp "$d"/*.py "$work/site/iocp/$(basename "$d")/" 2>/dev/null || true
 done
-# The suite runs from a copy, outside the source tree, so `import iocp`
-# can only find the package laid out above.
+# The suite runs from a copy, outside the source tree, with README.md and
+# examples/ beside it (some tests find them relative to tests/).
 mkdir -p "$work/suite"
 cp -r "$root/tests" "$work/suite/tests"
 rm -rf "$work/suite/tests/native" "$work/suite/tests/wine" "$work/suite/tests/wheels"
+[ -f "$root/README.md" ] && cp "$root/README.md" "$work/suite/"
+[ -d "$root/examples" ] && cp -r "$root/examples" "$work/suite/examples"
 find "$work/suite" -name __pycache__ -prune -exec rm -rf {} +
 
 winpath() { printf 'Z:%s' "$(printf '%s' "$1" | tr / '\\')"; }
+
+# A per-run copy of the embeddable CPython whose ._pth file lists the
+# package and pytest: the ._pth makes it ignore PYTHONPATH, and the tests
+# start subprocesses (`python -m iocp`, examples) that must import iocp too.
+pyrun="$work/python"
+cp -r "$pyhome" "$pyrun"
+pth="$(ls "$pyrun"/python3*._pth)"
+{
+    printf '%s\r\n' "$(winpath "$work/site")" "$(winpath "$pysite")"
+    cat "$pth"
+} > "$pth.new" && mv "$pth.new" "$pth"
+
 step "python: import check"
-wrun 120 "$pyhome/python.exe" -c "import sys; sys.path[:0] = [r'$(winpath "$work/site")']
+wrun 120 "$pyrun/python.exe" -c "import sys
 import iocp, iocp._core as c
 print('iocp', getattr(iocp, '__version__', '?'), 'backends', iocp.backends() if hasattr(iocp, 'backends') else '?', 'on', sys.version.split()[0], sys.platform)"
 
@@ -236,8 +250,8 @@ for t in "${WINE_KNOWN[@]}"; do
 done
 for a in ${IOCP_WINE_PYTEST_ARGS:-}; do pyargs+=", r'$a'"; done
 pyargs+="]"
-(cd "$work/suite" && wrun 1500 "$pyhome/python.exe" -c "import sys, os
-sys.path[:0] = [r'$(winpath "$work/suite")', r'$(winpath "$work/site")', r'$(winpath "$pysite")']
+(cd "$work/suite" && wrun 1500 "$pyrun/python.exe" -c "import sys, os
+sys.path.insert(0, r'$(winpath "$work/suite")')
 os.environ.setdefault('IOCP_UNDER_WINE', '1')
 import pytest
 sys.exit(pytest.main($pyargs))") || py_rc=$?
