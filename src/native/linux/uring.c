@@ -1520,6 +1520,10 @@ static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
         }
         u->timeout_armed = 0;
     }
+    /* Re-issues made while reaping (short sends, re-armed accepts, recvs
+     * moved to the pool) start now, not whenever someone polls again. */
+    if (iocp__sq_pending(u))
+        (void)iocp__flush(u);
     iocp__unlock(p);
     if (n > 0)
         return n;
