@@ -162,7 +162,7 @@ def test_provided_buffers_run_out_and_pool_takes_over(make_port):
     port = make_port(queue_capacity=4)
     n = 300
     pairs = [tcp_pair() for _ in range(n)]
-    for a, b in pairs:
+    for a, _b in pairs:
         port.register(a)
         port.recv(a, 1000)
     for i, (_, b) in enumerate(pairs):
