@@ -382,7 +382,11 @@ def test_fallback_to_epoll_when_setup_fails():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run(
         [sys.executable, "-c", FALLBACK_SCRIPT],
-        env=env, capture_output=True, text=True, timeout=60, cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=root,
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split()
