@@ -5,7 +5,8 @@ consumer, cancel races, the fallback paths and the fallback to epoll.
 Everything here skips (never fails) where io_uring cannot run.  The
 backend's own environment knobs are used to reach code paths a new kernel
 would otherwise never take: IOCP_URING_DISABLE names kernel features to
-ignore, IOCP_URING_FAIL_SETUP=1 makes io_uring look unavailable.
+ignore, IOCP_URING_TEST_STARVE=N makes every Nth SQE request find the SQ
+full, IOCP_URING_FAIL_SETUP=1 makes io_uring look unavailable.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ DISABLE_SETS = [
     "ext-arg",
     "cancel-fd",
     "ext-arg,provided-buffers,multishot-accept,cancel-fd,submit-all",
+    "starve",  # every 3rd op/cancel finds the SQ full: the backlog paths
 ]
 
 
@@ -48,10 +50,12 @@ def backend() -> str:
 def disabled(request, monkeypatch) -> str:
     """Ports made in the test ignore these kernel features (read at port
     creation)."""
-    if request.param:
+    monkeypatch.delenv("IOCP_URING_DISABLE", raising=False)
+    monkeypatch.delenv("IOCP_URING_TEST_STARVE", raising=False)
+    if request.param == "starve":
+        monkeypatch.setenv("IOCP_URING_TEST_STARVE", "3")
+    elif request.param:
         monkeypatch.setenv("IOCP_URING_DISABLE", request.param)
-    else:
-        monkeypatch.delenv("IOCP_URING_DISABLE", raising=False)
     return request.param
 
 

@@ -52,6 +52,8 @@
  * back to epoll).  IOCP_URING_DISABLE="ext-arg,provided-buffers,
  * multishot-accept,cancel-fd,submit-all" turns the named kernel features
  * off to exercise the fallback paths on a new kernel.
+ * IOCP_URING_TEST_STARVE=N makes every Nth op or cancel find the SQ full,
+ * to exercise the backlogs.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -282,6 +284,7 @@ struct iocp__uring {
 
     int wake_pending;              /* a wake NOP is out */
     int woken;                     /* reaped a wake NOP in this poll() */
+    unsigned starve, starve_ctr;   /* IOCP_URING_TEST_STARVE (tests only) */
     unsigned timeout_seq;          /* TIMEOUT SQE fallback */
     int timeout_armed;
     int ndelivered;                /* counts deliveries within one reap */
@@ -454,6 +457,18 @@ static void iocp__sqe_commit(struct iocp__uring *u)
 {
     u->sq_tail++;
     __atomic_store_n(u->sq_ktail, u->sq_tail, __ATOMIC_RELEASE);
+}
+
+/*
+ * SQE for an op or a cancel.  With IOCP_URING_TEST_STARVE=N (tests only)
+ * every Nth request finds the SQ "full", as when an old kernel refuses
+ * submission during a CQ overflow, so the backlog paths run.
+ */
+static iocp__uring_sqe *iocp__sqe_get_op(struct iocp__uring *u)
+{
+    if (u->starve && ++u->starve_ctr % u->starve == 0)
+        return NULL;
+    return iocp__sqe_get(u);
 }
 
 /* ---- capabilities ----------------------------------------------------- */
@@ -792,7 +807,7 @@ static int iocp__list_remove(iocp_op **head, iocp_op *op)
  * free, the op waits on the backlog (drained by poll()). */
 static int iocp__arm_now(struct iocp__uring *u, iocp_op *op)
 {
-    iocp__uring_sqe *sqe = iocp__sqe_get(u);
+    iocp__uring_sqe *sqe = iocp__sqe_get_op(u);
 
     if (!sqe)
         return -1;
@@ -862,7 +877,7 @@ static void iocp__arm(struct iocp__uring *u, iocp_op *op)
 /* Waits for readiness before re-issuing (the kernel said -EAGAIN). */
 static void iocp__arm_poll(struct iocp__uring *u, iocp_op *op, unsigned events)
 {
-    iocp__uring_sqe *sqe = u->backlog ? NULL : iocp__sqe_get(u);
+    iocp__uring_sqe *sqe = u->backlog ? NULL : iocp__sqe_get_op(u);
 
     if (!sqe) {
         /* Re-issuing the op directly is just as correct, only busier. */
@@ -884,7 +899,7 @@ static void iocp__arm_poll(struct iocp__uring *u, iocp_op *op, unsigned events)
 /* Queues a cancel for whatever request of the op is out. */
 static void iocp__send_cancel(struct iocp__uring *u, iocp_op *op)
 {
-    iocp__uring_sqe *sqe = iocp__sqe_get(u);
+    iocp__uring_sqe *sqe = iocp__sqe_get_op(u);
 
     if (!sqe) {
         op->state |= IOCP__ST_CBACKLOG;
@@ -911,6 +926,10 @@ static void iocp__finish(iocp_port *p, struct iocp__uring *u, iocp_op *op,
         if (op->backend_data && op->backend_data != data)
             iocp__buffer_put(p, op->backend_data);
         op->backend_data = NULL;
+        /* Its cancel may still wait for SQ room: the record is about to be
+         * freed and reused, so it must leave that list now. */
+        if (op->state & IOCP__ST_CBACKLOG)
+            iocp__list_remove(&u->cbacklog, op);
         op->state = 0;
         if (op->kind != IOCP_OP_POST && st && st->nops > 0)
             st->nops--;
@@ -1176,7 +1195,7 @@ static void iocp__drain_backlogs(struct iocp__uring *u)
 {
     iocp__uring_sqe *sqe;
 
-    while (u->cbacklog && (sqe = iocp__sqe_get(u)) != NULL) {
+    while (u->cbacklog && (sqe = iocp__sqe_get_op(u)) != NULL) {
         iocp_op *op = u->cbacklog;
         u->cbacklog = op->fd_next;
         op->fd_next = NULL;
@@ -1247,6 +1266,10 @@ static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
         return IOCP_ENOMEM;
     u->fd = -1;
     u->caps = caps;
+    if (getenv("IOCP_URING_TEST_STARVE"))
+        u->starve = (unsigned)atoi(getenv("IOCP_URING_TEST_STARVE"));
+    if (u->starve == 1)
+        u->starve = 2;              /* 1 would starve forever */
     entries = opts && opts->ring_entries ? opts->ring_entries : IOCP__DEFAULT_ENTRIES;
     if (entries > 32768)
         entries = 32768;
@@ -1290,6 +1313,17 @@ static void iocp__uring_destroy(iocp_port *p)
  */
 static void iocp__submit_policy(iocp_port *p, struct iocp__uring *u)
 {
+    if (p->poll_blocking && (u->backlog || u->cbacklog) && !u->wake_pending) {
+        /* Only a poll() drains the backlogs: end the sleeping one's wait. */
+        iocp__uring_sqe *sqe = iocp__sqe_get(u);
+        if (sqe) {
+            sqe->opcode = IOCP__OP_NOP;
+            sqe->fd = -1;
+            sqe->user_data = IOCP__UD_IN(IOCP__IN_WAKE, 0);
+            iocp__sqe_commit(u);
+            u->wake_pending = 1;
+        }
+    }
     if (p->poll_blocking || (!p->polling && p->active == 0))
         (void)iocp__flush(u);
 }
@@ -1310,7 +1344,7 @@ static void iocp__cancel_fd_ops(iocp_port *p, struct iocp__uring *u, int fd, uns
             iocp__finish_cancelled(p, u, op);
         }
     }
-    if (by_fd && (sqe = iocp__sqe_get(u)) != NULL) {
+    if (by_fd && (sqe = iocp__sqe_get_op(u)) != NULL) {
         sqe->opcode = IOCP__OP_ASYNC_CANCEL;
         sqe->fd = fd;
         sqe->op_flags = IOCP__CANCEL_FD | IOCP__CANCEL_ALL;
