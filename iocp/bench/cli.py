@@ -146,11 +146,11 @@ def run(args: argparse.Namespace) -> int:
     print(report.table(rows, markdown=args.markdown))
     for name, reason in skipped.items():
         print(f"skipped server {name}: {reason}")
-    if "loadavg_before" in machine:
-        print(f"load average before/after: {' '.join(machine['loadavg_before'])} / "
-              f"{' '.join(machine.get('loadavg_after', []))} (other work skews results)")
-    for name, reason in skipped_sc.items():
-        print(f"skipped scenario {name}: {reason}")
+    busy = runner.interference(results)
+    if busy:
+        print(f"other activity during the loads: {busy['other_cpu_pct_median']:.0f}% of a CPU "
+              f"median, {busy['other_cpu_pct_max']:.0f}% max; hypervisor steal "
+              f"{busy['steal_pct_median']:.0f}% median (other work skews results)")
 
     argv = sys.argv[1:]
     if "bench" in argv:

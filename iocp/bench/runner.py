@@ -88,6 +88,10 @@ class Measurement:
     kib_per_conn: float = 0.0
     connected: int = 0
     connect_s: float = 0.0
+    loadgen_cpu_s: float = 0.0
+    wall_s: float = 0.0
+    other_cpu_s: float = 0.0      # CPU busy time of everything else during the load
+    steal_s: float = 0.0          # time the hypervisor took from this VM
     note: str = ""
     load: Dict[str, Any] = field(default_factory=dict)
 
@@ -107,6 +111,26 @@ def proc_cpu_seconds(pid: int) -> float:
         return 0.0
     fields = stat[stat.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def system_cpu_seconds() -> tuple[float, float]:
+    """(user + nice + system, steal) of the whole machine from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return (0.0, 0.0)
+    steal = v[7] if len(v) > 7 else 0
+    return ((v[0] + v[1] + v[2]) / _CLK_TCK, steal / _CLK_TCK)
+
+
+def children_cpu_seconds() -> float:
+    try:
+        import resource
+    except ImportError:
+        return 0.0
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def proc_status_kib(pid: int, key: str) -> int:
@@ -252,6 +276,8 @@ def measure(cfg: Config, server: str, sc: Scenario, rnd: int) -> Measurement:
                 "--warmup", str(cfg.warmup), "--duration", str(cfg.duration),
                 "--active", str(sc.active), "--threads", str(threads),
                 "--connect-timeout", str(connect_timeout), "--drain-timeout", "2.0"]
+        sys0, steal0 = system_cpu_seconds()
+        kids0, t0 = children_cpu_seconds(), time.monotonic()
         lg = subprocess.Popen(lcmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         _pin(lg.pid, load_cpus)
         budget = cfg.warmup + cfg.duration + connect_timeout + 2.0 + 30.0
@@ -263,6 +289,11 @@ def measure(cfg: Config, server: str, sc: Scenario, rnd: int) -> Measurement:
             m.note = "load generator timed out"
             return m
         cpu1 = proc_cpu_seconds(proc.pid)
+        sys1, steal1 = system_cpu_seconds()
+        m.wall_s = time.monotonic() - t0
+        m.loadgen_cpu_s = children_cpu_seconds() - kids0
+        m.other_cpu_s = max(0.0, (sys1 - sys0) - (cpu1 - cpu0) - m.loadgen_cpu_s)
+        m.steal_s = steal1 - steal0
         m.peak_rss_kib = proc_status_kib(proc.pid, "VmHWM")
         if lg.returncode != 0:
             m.note = "load generator failed: " + (
@@ -358,6 +389,8 @@ def summarize(results: List[Measurement]) -> List[Dict[str, Any]]:
                          "cpu_s_per_100k", "peak_rss_kib", "kib_per_conn", "connect_s"):
                 row[attr] = statistics.median(getattr(m, attr) for m in ok)
             row["errors"] = sum(m.errors for m in ok)
+            row["other_cpu_pct"] = statistics.median(
+                100 * m.other_cpu_s / m.wall_s if m.wall_s else 0.0 for m in ok)
             rates = [m.msgs_per_s for m in ok]
             row["msgs_per_s_min"], row["msgs_per_s_max"] = min(rates), max(rates)
         else:
@@ -375,6 +408,19 @@ def summarize(results: List[Measurement]) -> List[Dict[str, Any]]:
 
 
 # ------------------------------------------------------------------ machine
+
+
+def interference(results: list[Measurement]) -> dict[str, float]:
+    """How busy the rest of the machine was while loads ran: CPU time of
+    processes other than the server and the load generator, and hypervisor
+    steal, as % of one CPU (median and max over runs)."""
+    ok = [m for m in results if m.ok and m.wall_s > 0]
+    if not ok:
+        return {}
+    other = [100 * m.other_cpu_s / m.wall_s for m in ok]
+    steal = [100 * m.steal_s / m.wall_s for m in ok]
+    return {"other_cpu_pct_median": statistics.median(other), "other_cpu_pct_max": max(other),
+            "steal_pct_median": statistics.median(steal), "steal_pct_max": max(steal)}
 
 
 def machine_info(backend: str | None) -> Dict[str, Any]:
@@ -441,6 +487,7 @@ def to_json(cfg: Config, results: List[Measurement], rows: List[Dict[str, Any]],
                    "scenarios": [asdict(s) for s in cfg.scenarios]},
         "skipped_servers": skipped_servers,
         "skipped_scenarios": skipped_scenarios,
+        "interference": interference(results),
         "summary": rows,
         "measurements": [asdict(m) for m in results],
     }
