@@ -193,7 +193,7 @@ def test_runner_smoke(tmp_path, capsys) -> None:
     out = tmp_path / "r.json"
     args = parser.parse_args(["--servers", "c-epoll,asyncio-protocol", "--scenarios",
                               "10x64Bx16", "--warmup", "0.05", "--duration", "0.3",
-                              "--json", str(out)])
+                              "--max-interference", "0", "--json", str(out)])
     assert cli.run(args) == 0
     printed = capsys.readouterr().out
     assert "c-epoll" in printed and "asyncio-protocol" in printed

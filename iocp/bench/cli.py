@@ -43,6 +43,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", help="iocp backend for the iocp servers (default: best)")
     parser.add_argument("--loadgen-threads", type=int, default=0,
                         help="load generator threads (default: automatic)")
+    parser.add_argument("--max-interference", type=float, default=25.0, metavar="PCT",
+                        help="measure a run again (up to twice) when other processes used "
+                             "more than PCT%% of a CPU during it (default 25; 0: never)")
     parser.add_argument("--json", metavar="FILE", help="write every measurement as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="bar chart (needs matplotlib)")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
@@ -116,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         duration=args.duration or preset["duration"],
         backend=args.backend,
         loadgen_threads=args.loadgen_threads,
+        max_interference=args.max_interference,
     )
     for name, reason in skipped.items():
         progress(f"skipping {name}: {reason}")
@@ -150,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     if busy:
         print(f"other activity during the loads: {busy['other_cpu_pct_median']:.0f}% of a CPU "
               f"median, {busy['other_cpu_pct_max']:.0f}% max; hypervisor steal "
-              f"{busy['steal_pct_median']:.0f}% median (other work skews results)")
+              f"{busy['steal_pct_median']:.0f}% median; {busy['remeasured']} disturbed run(s) "
+              "measured again")
 
     argv = sys.argv[1:]
     if "bench" in argv:

@@ -64,6 +64,8 @@ class Config:
     host: str = "127.0.0.1"
     backend: str | None = None
     loadgen_threads: int = 0          # 0: automatic
+    max_interference: float = 25.0    # % of a CPU used by other processes; <= 0: ignore
+    retries: int = 2                  # re-runs of a measurement disturbed beyond that
     startup_timeout: float = 20.0
 
 
@@ -92,6 +94,14 @@ class Measurement:
     wall_s: float = 0.0
     other_cpu_s: float = 0.0      # CPU busy time of everything else during the load
     steal_s: float = 0.0          # time the hypervisor took from this VM
+    discarded: bool = False       # disturbed by other work, measured again
+
+    @property
+    def interference_pct(self) -> float:
+        """CPU used by other processes plus steal, as % of one CPU."""
+        if not self.wall_s:
+            return 0.0
+        return 100.0 * (self.other_cpu_s + self.steal_s) / self.wall_s
     note: str = ""
     load: Dict[str, Any] = field(default_factory=dict)
 
@@ -354,6 +364,15 @@ def run_all(cfg: Config, progress: Callable[[str], None]) -> Tuple[List[Measurem
         progress(f"[round {rnd}/{cfg.rounds}] {sc.name:<10} {srv:<17} "
                  f"run {i + 1}/{len(jobs)}, ~{_fmt_time(left)} left")
         m = measure(cfg, srv, sc, rnd)
+        for _ in range(cfg.retries):
+            if not (m.ok and cfg.max_interference > 0
+                    and m.interference_pct > cfg.max_interference):
+                break
+            progress(f"    other work used {m.interference_pct:.0f}% of a CPU during the "
+                     "load; measuring again")
+            m.discarded = True
+            results.append(m)
+            m = measure(cfg, srv, sc, rnd)
         if not m.ok:
             progress(f"    {srv} on {sc.name}: {m.note}")
         elif m.errors:
@@ -373,6 +392,8 @@ def summarize(results: List[Measurement]) -> List[Dict[str, Any]]:
     groups: Dict[Tuple[str, str], List[Measurement]] = {}
     order: List[Tuple[str, str]] = []
     for m in results:
+        if m.discarded:
+            continue
         key = (m.scenario, m.server)
         if key not in groups:
             groups[key] = []
@@ -389,8 +410,7 @@ def summarize(results: List[Measurement]) -> List[Dict[str, Any]]:
                          "cpu_s_per_100k", "peak_rss_kib", "kib_per_conn", "connect_s"):
                 row[attr] = statistics.median(getattr(m, attr) for m in ok)
             row["errors"] = sum(m.errors for m in ok)
-            row["other_cpu_pct"] = statistics.median(
-                100 * m.other_cpu_s / m.wall_s if m.wall_s else 0.0 for m in ok)
+            row["interference_pct"] = statistics.median(m.interference_pct for m in ok)
             rates = [m.msgs_per_s for m in ok]
             row["msgs_per_s_min"], row["msgs_per_s_max"] = min(rates), max(rates)
         else:
@@ -414,13 +434,14 @@ def interference(results: list[Measurement]) -> dict[str, float]:
     """How busy the rest of the machine was while loads ran: CPU time of
     processes other than the server and the load generator, and hypervisor
     steal, as % of one CPU (median and max over runs)."""
-    ok = [m for m in results if m.ok and m.wall_s > 0]
+    ok = [m for m in results if m.ok and m.wall_s > 0 and not m.discarded]
     if not ok:
         return {}
     other = [100 * m.other_cpu_s / m.wall_s for m in ok]
     steal = [100 * m.steal_s / m.wall_s for m in ok]
     return {"other_cpu_pct_median": statistics.median(other), "other_cpu_pct_max": max(other),
-            "steal_pct_median": statistics.median(steal), "steal_pct_max": max(steal)}
+            "steal_pct_median": statistics.median(steal), "steal_pct_max": max(steal),
+            "remeasured": sum(1 for m in results if m.discarded)}
 
 
 def machine_info(backend: str | None) -> Dict[str, Any]:
@@ -483,11 +504,13 @@ def to_json(cfg: Config, results: List[Measurement], rows: List[Dict[str, Any]],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine,
         "config": {"rounds": cfg.rounds, "warmup_s": cfg.warmup, "duration_s": cfg.duration,
+                   "max_interference_pct": cfg.max_interference, "retries": cfg.retries,
                    "servers": cfg.servers, "backend": cfg.backend,
                    "scenarios": [asdict(s) for s in cfg.scenarios]},
         "skipped_servers": skipped_servers,
         "skipped_scenarios": skipped_scenarios,
         "interference": interference(results),
         "summary": rows,
-        "measurements": [asdict(m) for m in results],
+        "measurements": [dict(asdict(m), interference_pct=m.interference_pct)
+                         for m in results],
     }
