@@ -1,0 +1,317 @@
+"""The proactor: asyncio's overlapped-I/O interface on an iocp.CompletionPort.
+
+``asyncio.proactor_events.BaseProactorEventLoop`` drives its transports
+through a "proactor" object -- on Windows ``IocpProactor`` in
+``asyncio/windows_events.py``.  This is the same interface on
+``iocp.CompletionPort``: each method submits one port operation whose
+callback resolves an asyncio future; ``select(timeout)`` waits on the port
+(GIL released) and runs those callbacks; cancelling a future cancels its
+operation; ``close()`` closes the port, which cancels and drains every
+operation still in flight.
+
+Stream sockets go through the port (accept, connect, recv, recv_into,
+send).  Datagram sockets and ``sendfile`` have no port operation: datagrams
+use readiness (the loop's helper thread, see ``_readiness``), sendfile
+reports "not available" so asyncio falls back to plain sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+from typing import Any, Callable
+
+from iocp._core import Completion, CompletionPort, Operation
+
+_GET_BATCH = 128
+
+
+class OpFuture(asyncio.Future):  # type: ignore[type-arg]
+    """A future bound to one port operation: cancelling it cancels the op.
+
+    The op completes exactly once; if the future is already done (it was
+    cancelled) its result is dropped, except an accepted socket, which is
+    closed.
+    """
+
+    _op: Operation | None = None
+
+    def cancel(self, msg: Any = None) -> bool:  # type: ignore[override]
+        op = self._op
+        if op is not None:
+            self._op = None
+            try:
+                op.cancel()
+            except Exception:
+                pass
+        if msg is None:
+            return super().cancel()
+        return super().cancel(msg)
+
+    # One completion handler per kind; they run in select() or port.close().
+
+    def _fail(self, c: Completion) -> bool:
+        self._op = None
+        if self.done():
+            return True
+        if c.cancelled:
+            super().cancel()
+            return True
+        if c.error is not None:
+            self.set_exception(c.error)
+            return True
+        return False
+
+    def _on_recv(self, c: Completion) -> None:
+        if not self._fail(c):
+            self.set_result(c.data)
+
+    def _on_count(self, c: Completion) -> None:
+        if not self._fail(c):
+            self.set_result(c.nbytes)
+
+    def _on_connect(self, c: Completion) -> None:
+        if not self._fail(c):
+            self.set_result(None)
+
+    def _on_accept(self, c: Completion) -> None:
+        if c.error is None and not c.cancelled and self.done():
+            c.data[0].close()  # accepted after the future was cancelled
+            return
+        if not self._fail(c):
+            self.set_result(c.data)
+
+
+class Proactor:
+    """asyncio proactor on an ``iocp.CompletionPort``."""
+
+    def __init__(self, port: CompletionPort) -> None:
+        self._port: CompletionPort | None = port
+        self._loop: Any = None
+        self._socks: dict[int, socket.socket] = {}
+        self._wake_posted = False
+        self._backlog: collections.deque[Completion] = collections.deque()
+
+    def __repr__(self) -> str:
+        return f"<iocp.aio.Proactor port={self._port!r}>"
+
+    @property
+    def port(self) -> CompletionPort | None:
+        return self._port
+
+    def set_loop(self, loop: Any) -> None:
+        self._loop = loop
+
+    # ---- registration --------------------------------------------------
+
+    def _register(self, sock: socket.socket) -> CompletionPort:
+        port = self._port
+        if port is None:
+            raise RuntimeError("the event loop's completion port is closed")
+        fd = sock.fileno()
+        old = self._socks.get(fd)
+        if old is sock:
+            return port
+        if old is not None:  # closed (or re-wrapped) behind our back
+            try:
+                port.unregister(old)
+            except (ValueError, OSError):
+                pass
+        port.register(sock)
+        self._socks[fd] = sock
+        return port
+
+    def _unregister(self, sock: socket.socket) -> None:
+        """Forgets a socket (cancelling its ops) before it is closed."""
+        port = self._port
+        if port is None or port.closed:
+            return
+        fd = sock.fileno()
+        if fd >= 0:
+            if self._socks.get(fd) is not sock:
+                return
+            del self._socks[fd]
+        else:
+            for k, s in self._socks.items():
+                if s is sock:
+                    del self._socks[k]
+                    break
+            else:
+                return
+        try:
+            port.unregister(sock)
+        except (ValueError, OSError):
+            pass
+
+    def _future(self) -> OpFuture:
+        return OpFuture(loop=self._loop)
+
+    def _submit(self, fut: OpFuture, op: Operation) -> OpFuture:
+        fut._op = op
+        return fut
+
+    # ---- stream operations ---------------------------------------------
+
+    def recv(self, conn: socket.socket, nbytes: int, flags: int = 0) -> asyncio.Future[Any]:
+        if conn.type == socket.SOCK_DGRAM or flags:
+            return self._ready_op(conn, False, lambda: conn.recv(nbytes, flags))
+        port = self._register(conn)
+        fut = self._future()
+        return self._submit(fut, port.recv(conn, nbytes, fut._on_recv))
+
+    def recv_into(self, conn: socket.socket, buf: Any, flags: int = 0) -> asyncio.Future[Any]:
+        if conn.type == socket.SOCK_DGRAM or flags:
+            return self._ready_op(conn, False, lambda: conn.recv_into(buf, 0, flags))
+        port = self._register(conn)
+        fut = self._future()
+        return self._submit(fut, port.recv_into(conn, buf, fut._on_count))
+
+    def send(self, conn: socket.socket, buf: Any, flags: int = 0) -> asyncio.Future[Any]:
+        if conn.type == socket.SOCK_DGRAM or flags:
+            return self._ready_op(conn, True, lambda: conn.send(buf, flags))
+        port = self._register(conn)
+        fut = self._future()
+        if not len(memoryview(buf)):
+            fut.set_result(0)
+            return fut
+        return self._submit(fut, port.send(conn, buf, fut._on_count))
+
+    def accept(self, listener: socket.socket) -> asyncio.Future[Any]:
+        port = self._register(listener)
+        fut = self._future()
+        return self._submit(fut, port.accept(listener, fut._on_accept))
+
+    def connect(self, conn: socket.socket, address: Any) -> asyncio.Future[Any]:
+        if conn.type == socket.SOCK_DGRAM:
+            fut = self._loop.create_future()
+            try:
+                conn.connect(address)  # immediate for datagram sockets
+            except OSError as exc:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(None)
+            return fut
+        port = self._register(conn)
+        fut = self._future()
+        return self._submit(fut, port.connect(conn, address, fut._on_connect))
+
+    def sendfile(self, sock: socket.socket, file: Any, offset: int, count: int) -> asyncio.Future[Any]:
+        raise asyncio.SendfileNotAvailableError("the iocp loop has no native sendfile")
+
+    # ---- datagrams: readiness ------------------------------------------
+
+    def recvfrom(self, conn: socket.socket, nbytes: int, flags: int = 0) -> asyncio.Future[Any]:
+        return self._ready_op(conn, False, lambda: conn.recvfrom(nbytes, flags))
+
+    def recvfrom_into(self, conn: socket.socket, buf: Any, nbytes: int = 0, flags: int = 0) -> asyncio.Future[Any]:
+        return self._ready_op(conn, False, lambda: conn.recvfrom_into(buf, nbytes, flags))
+
+    def sendto(self, conn: socket.socket, buf: Any, flags: int = 0, addr: Any = None) -> asyncio.Future[Any]:
+        if addr is None:
+            return self._ready_op(conn, True, lambda: conn.send(buf, flags))
+        return self._ready_op(conn, True, lambda: conn.sendto(buf, flags, addr))
+
+    def _ready_op(self, sock: socket.socket, write: bool, attempt: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Tries a non-blocking call now, else when the fd is ready."""
+        loop = self._loop
+        fut = loop.create_future()
+        try:
+            fut.set_result(attempt())
+            return fut
+        except (BlockingIOError, InterruptedError):
+            pass
+        except BaseException as exc:
+            fut.set_exception(exc)
+            return fut
+        fd = sock.fileno()
+        readiness = loop._readiness_thread()
+
+        def on_ready() -> None:
+            if fut.done():
+                return
+            try:
+                result = attempt()
+            except (BlockingIOError, InterruptedError):
+                return
+            except BaseException as exc:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+        def done(f: Any) -> None:
+            if readiness._closed:
+                return
+            table = readiness._writers if write else readiness._readers
+            h = table.get(fd)
+            if h is not None and h._callback is on_ready:
+                readiness.remove(fd, write)
+
+        readiness.add(fd, write, on_ready, ())
+        fut.add_done_callback(done)
+        return fut
+
+    # ---- the wait ------------------------------------------------------
+
+    def wake(self) -> None:
+        """Wakes select() from any thread (call_soon_threadsafe)."""
+        if self._wake_posted:
+            return
+        port = self._port
+        if port is None:
+            return
+        self._wake_posted = True
+        try:
+            port.post()
+        except (ValueError, OSError, RuntimeError):
+            self._wake_posted = False
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        port = self._port
+        if port is None:
+            raise RuntimeError("the event loop's completion port is closed")
+        backlog = self._backlog
+        if not backlog:
+            if timeout is not None and timeout < 0:
+                timeout = 0
+            backlog.extend(port.get_many(_GET_BATCH, timeout))
+        more = len(backlog) >= _GET_BATCH
+        # Completions wait in the backlog until handled, so a
+        # KeyboardInterrupt raised meanwhile loses none of them.
+        while backlog:
+            self._handle(backlog.popleft())
+            if not backlog and more and not port.closed:
+                backlog.extend(port.get_many(_GET_BATCH, 0))
+                more = False
+        return []
+
+    def _handle(self, c: Completion) -> None:
+        cb = c.operation.callback
+        if cb is None:  # a wake-up post
+            self._wake_posted = False
+            return
+        try:
+            cb(c)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._loop.call_exception_handler(
+                {"message": "iocp completion handler failed", "exception": exc}
+            )
+
+    def _stop_serving(self, obj: socket.socket) -> None:
+        self._unregister(obj)
+
+    def close(self) -> None:
+        port = self._port
+        if port is None:
+            return
+        while self._backlog:
+            self._handle(self._backlog.popleft())
+        port.close()  # cancels every op and runs its handler: futures cancelled
+        self._socks.clear()
+        self._port = None
+
+    def __del__(self) -> None:
+        if self._port is not None and not self._port.closed:
+            self._port.close()
