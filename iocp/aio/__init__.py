@@ -44,8 +44,9 @@ def install(backend: str | None = None) -> None:
     asyncio.set_event_loop_policy(EventLoopPolicy(backend))
 
 
-def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None,
-        backend: str | None = None) -> _T:
+def run(
+    main: Coroutine[Any, Any, _T], *, debug: bool | None = None, backend: str | None = None
+) -> _T:
     """Runs a coroutine on a new iocp loop and closes it: ``asyncio.run``
     with an iocp loop (Ctrl-C cancels the main task on Python >= 3.11, as
     asyncio.run does; on 3.9/3.10 it raises KeyboardInterrupt)."""

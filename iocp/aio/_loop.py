@@ -96,8 +96,17 @@ class EventLoop(proactor_events.BaseProactorEventLoop):  # type: ignore[misc,nam
         return _SocketTransport(self, sock, protocol, waiter, extra, server)
 
     def _make_ssl_transport(  # type: ignore[no-untyped-def]
-        self, rawsock, protocol, sslcontext, waiter=None, *, server_side=False,
-        server_hostname=None, extra=None, server=None, **kwargs,
+        self,
+        rawsock,
+        protocol,
+        sslcontext,
+        waiter=None,
+        *,
+        server_side=False,
+        server_hostname=None,
+        extra=None,
+        server=None,
+        **kwargs,
     ):
         ssl_protocol = sslproto.SSLProtocol(
             self, protocol, sslcontext, waiter, server_side, server_hostname, **kwargs
@@ -267,12 +276,23 @@ class EventLoop(proactor_events.BaseProactorEventLoop):  # type: ignore[misc,nam
         ):
             waiter = self.create_future()
             transp = unix_events._UnixSubprocessTransport(
-                self, protocol, args, shell, stdin, stdout, stderr, bufsize,
-                waiter=waiter, extra=extra, **kwargs,
+                self,
+                protocol,
+                args,
+                shell,
+                stdin,
+                stdout,
+                stderr,
+                bufsize,
+                waiter=waiter,
+                extra=extra,
+                **kwargs,
             )
             threading.Thread(
-                target=self._wait_child, args=(transp.get_pid(), transp),
-                name=f"iocp.aio-waitpid-{transp.get_pid()}", daemon=True,
+                target=self._wait_child,
+                args=(transp.get_pid(), transp),
+                name=f"iocp.aio-waitpid-{transp.get_pid()}",
+                daemon=True,
             ).start()
             try:
                 await waiter
@@ -290,16 +310,25 @@ class EventLoop(proactor_events.BaseProactorEventLoop):  # type: ignore[misc,nam
                 returncode = os.waitstatus_to_exitcode(status)
             except ChildProcessError:
                 returncode = 255  # reaped by someone else, as asyncio's watchers say
-                warnings.warn(f"Unknown child process pid {pid}, will report returncode 255",
-                              RuntimeWarning, stacklevel=1)
+                warnings.warn(
+                    f"Unknown child process pid {pid}, will report returncode 255",
+                    RuntimeWarning,
+                    stacklevel=1,
+                )
             try:
                 self.call_soon_threadsafe(transp._process_exited, returncode)
             except RuntimeError:
                 pass  # the loop is closed
 
         async def create_unix_connection(  # type: ignore[no-untyped-def]
-            self, protocol_factory, path=None, *, ssl=None, sock=None,
-            server_hostname=None, **kwargs,
+            self,
+            protocol_factory,
+            path=None,
+            *,
+            ssl=None,
+            sock=None,
+            server_hostname=None,
+            **kwargs,
         ):
             if ssl and server_hostname is None:
                 raise ValueError("you have to pass server_hostname when using ssl")
@@ -322,8 +351,15 @@ class EventLoop(proactor_events.BaseProactorEventLoop):  # type: ignore[misc,nam
             )
 
         async def create_unix_server(  # type: ignore[no-untyped-def]
-            self, protocol_factory, path=None, *, sock=None, backlog=100, ssl=None,
-            cleanup_socket=True, **kwargs,
+            self,
+            protocol_factory,
+            path=None,
+            *,
+            sock=None,
+            backlog=100,
+            ssl=None,
+            cleanup_socket=True,
+            **kwargs,
         ):
             if ssl is not None and not isinstance(ssl, __import__("ssl").SSLContext):
                 raise TypeError(f"ssl argument must be an SSLContext or None, got {ssl!r}")

@@ -196,7 +196,9 @@ class Proactor:
         fut = self._future()
         return self._submit(fut, port.connect(conn, address, fut._on_connect))
 
-    def sendfile(self, sock: socket.socket, file: Any, offset: int, count: int) -> asyncio.Future[Any]:
+    def sendfile(
+        self, sock: socket.socket, file: Any, offset: int, count: int
+    ) -> asyncio.Future[Any]:
         raise asyncio.SendfileNotAvailableError("the iocp loop has no native sendfile")
 
     # ---- datagrams: readiness ------------------------------------------
@@ -204,15 +206,21 @@ class Proactor:
     def recvfrom(self, conn: socket.socket, nbytes: int, flags: int = 0) -> asyncio.Future[Any]:
         return self._ready_op(conn, False, lambda: conn.recvfrom(nbytes, flags))
 
-    def recvfrom_into(self, conn: socket.socket, buf: Any, nbytes: int = 0, flags: int = 0) -> asyncio.Future[Any]:
+    def recvfrom_into(
+        self, conn: socket.socket, buf: Any, nbytes: int = 0, flags: int = 0
+    ) -> asyncio.Future[Any]:
         return self._ready_op(conn, False, lambda: conn.recvfrom_into(buf, nbytes, flags))
 
-    def sendto(self, conn: socket.socket, buf: Any, flags: int = 0, addr: Any = None) -> asyncio.Future[Any]:
+    def sendto(
+        self, conn: socket.socket, buf: Any, flags: int = 0, addr: Any = None
+    ) -> asyncio.Future[Any]:
         if addr is None:
             return self._ready_op(conn, True, lambda: conn.send(buf, flags))
         return self._ready_op(conn, True, lambda: conn.sendto(buf, flags, addr))
 
-    def _ready_op(self, sock: socket.socket, write: bool, attempt: Callable[[], Any]) -> asyncio.Future[Any]:
+    def _ready_op(
+        self, sock: socket.socket, write: bool, attempt: Callable[[], Any]
+    ) -> asyncio.Future[Any]:
         """Tries a non-blocking call now, else when the fd is ready."""
         loop = self._loop
         fut = loop.create_future()

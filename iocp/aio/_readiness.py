@@ -60,9 +60,7 @@ class ReadinessThread:
         self._closed = False
         self._ack = threading.Event()
         self._needs_wake = _EPOLL is None or not isinstance(self._sel, _EPOLL)
-        self._thread = threading.Thread(
-            target=self._run, name="iocp.aio-readiness", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name="iocp.aio-readiness", daemon=True)
         self._thread.start()
 
     # ---- loop side -----------------------------------------------------
