@@ -24,6 +24,8 @@ from libc.string cimport memset
 
 from native cimport *
 
+cimport cython
+
 import logging as _logging
 import os as _os
 import socket as _socket
@@ -136,6 +138,7 @@ cdef object _address_from(iocp_op *op):
 # --------------------------------------------------------------------------
 # Operation and Completion
 
+@cython.freelist(256)
 cdef class Operation:
     """One overlapped operation: the Python side of a native op record.
 
@@ -202,6 +205,7 @@ cdef class Operation:
             PyBuffer_Release(&self._view)
 
 
+@cython.freelist(256)
 cdef class Completion:
     """One completed operation or posted packet (GetQueuedCompletionStatus).
 
