@@ -51,6 +51,12 @@ class _SocketTransport(proactor_events._ProactorSocketTransport):  # type: ignor
             proactor._unregister(sock)
         super()._call_connection_lost(exc)
 
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        # As newer Pythons do (3.9 calls close(), which needs an open loop).
+        if self._sock is not None:
+            _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
+            self._sock.close()
+
 
 class EventLoop(proactor_events.BaseProactorEventLoop):  # type: ignore[misc,name-defined]
     """An asyncio event loop whose I/O goes through an iocp.CompletionPort.
@@ -116,6 +122,21 @@ class EventLoop(proactor_events.BaseProactorEventLoop):  # type: ignore[misc,nam
 
     async def sock_sendall(self, sock: socket.socket, data: Any) -> None:
         await self._proactor.send(sock, data)
+
+    async def sock_accept(self, sock: socket.socket) -> tuple[socket.socket, Any]:
+        conn, address = await self._proactor.accept(sock)
+        conn.setblocking(False)  # as the selector loops give it
+        return conn, address
+
+    async def sock_connect(self, sock: socket.socket, address: Any) -> None:
+        # Resolve names in the executor, as the selector loops do, rather
+        # than in the port's connect (which would block the loop).
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            resolved = await self._ensure_resolved(
+                address, family=sock.family, type=sock.type, proto=sock.proto, loop=self
+            )
+            address = resolved[0][4]
+        await self._proactor.connect(sock, address)
 
     async def _sock_sendfile_native(self, sock, file, offset, count):  # type: ignore[no-untyped-def]
         raise exceptions.SendfileNotAvailableError("the iocp loop has no native sendfile")
