@@ -153,29 +153,41 @@ class Proactor:
 
     # ---- stream operations ---------------------------------------------
 
+    def _stream(self, conn: socket.socket, flags: int) -> CompletionPort | None:
+        """The port, with ``conn`` registered; None for what the port cannot
+        do (datagram sockets, flags), which then goes through readiness."""
+        if not flags and self._socks.get(conn.fileno()) is conn:
+            return self._port  # the hot path: a registered stream socket
+        if flags or conn.type == socket.SOCK_DGRAM:
+            return None
+        return self._register(conn)
+
     def recv(self, conn: socket.socket, nbytes: int, flags: int = 0) -> asyncio.Future[Any]:
-        if conn.type == socket.SOCK_DGRAM or flags:
+        port = self._stream(conn, flags)
+        if port is None:
             return self._ready_op(conn, False, lambda: conn.recv(nbytes, flags))
-        port = self._register(conn)
-        fut = self._future()
-        return self._submit(fut, port.recv(conn, nbytes, fut._on_recv))
+        fut = OpFuture(loop=self._loop)
+        fut._op = port.recv(conn, nbytes, fut._on_recv)
+        return fut
 
     def recv_into(self, conn: socket.socket, buf: Any, flags: int = 0) -> asyncio.Future[Any]:
-        if conn.type == socket.SOCK_DGRAM or flags:
+        port = self._stream(conn, flags)
+        if port is None:
             return self._ready_op(conn, False, lambda: conn.recv_into(buf, 0, flags))
-        port = self._register(conn)
-        fut = self._future()
-        return self._submit(fut, port.recv_into(conn, buf, fut._on_count))
+        fut = OpFuture(loop=self._loop)
+        fut._op = port.recv_into(conn, buf, fut._on_count)
+        return fut
 
     def send(self, conn: socket.socket, buf: Any, flags: int = 0) -> asyncio.Future[Any]:
-        if conn.type == socket.SOCK_DGRAM or flags:
+        port = self._stream(conn, flags)
+        if port is None:
             return self._ready_op(conn, True, lambda: conn.send(buf, flags))
-        port = self._register(conn)
-        fut = self._future()
-        if not len(memoryview(buf)):
+        fut = OpFuture(loop=self._loop)
+        if not buf:
             fut.set_result(0)
             return fut
-        return self._submit(fut, port.send(conn, buf, fut._on_count))
+        fut._op = port.send(conn, buf, fut._on_count)
+        return fut
 
     def accept(self, listener: socket.socket) -> asyncio.Future[Any]:
         port = self._register(listener)
