@@ -331,7 +331,3 @@ class Proactor:
         port.close()  # cancels every op and runs its handler: futures cancelled
         self._socks.clear()
         self._port = None
-
-    def __del__(self) -> None:
-        if self._port is not None and not self._port.closed:
-            self._port.close()
