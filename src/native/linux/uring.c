@@ -19,7 +19,8 @@
  * request fits (an idle recv then pins no memory; the buffer goes to the
  * caller with buf_id = index + 1 and comes back through release_buffer),
  * else from the port pool at submit, RECV_INTO -> IORING_OP_RECV into the
- * caller's buffer, SEND -> IORING_OP_SEND re-submitted for the remainder
+ * caller's buffer, SEND -> IORING_OP_SEND (IORING_OP_SENDMSG for a
+ * gathered send, msghdr kept in the op) re-submitted for the remainder
  * after a short send, POST -> IORING_OP_NOP.  Should the kernel hand back
  * -EAGAIN (old kernels, O_NONBLOCK sockets) the op waits on a one-shot
  * IORING_OP_POLL_ADD tagged op|1 and is re-issued when it fires.  Internal
@@ -166,7 +167,7 @@ struct iocp__uring_buf_reg {
 };
 
 enum {
-    IOCP__OP_NOP = 0, IOCP__OP_POLL_ADD = 6, IOCP__OP_TIMEOUT = 11,
+    IOCP__OP_NOP = 0, IOCP__OP_POLL_ADD = 6, IOCP__OP_SENDMSG = 9, IOCP__OP_TIMEOUT = 11,
     IOCP__OP_TIMEOUT_REMOVE = 12, IOCP__OP_ACCEPT = 13,
     IOCP__OP_ASYNC_CANCEL = 14, IOCP__OP_CONNECT = 16, IOCP__OP_SEND = 26,
     IOCP__OP_RECV = 27
@@ -516,7 +517,7 @@ static void iocp__detect(void)
     static const uint8_t needed[] = {
         IOCP__OP_NOP, IOCP__OP_POLL_ADD, IOCP__OP_TIMEOUT, IOCP__OP_TIMEOUT_REMOVE,
         IOCP__OP_ACCEPT, IOCP__OP_ASYNC_CANCEL, IOCP__OP_CONNECT, IOCP__OP_SEND,
-        IOCP__OP_RECV
+        IOCP__OP_RECV, IOCP__OP_SENDMSG
     };
     struct iocp__uring u;
     struct iocp__uring_probe *pr;
@@ -849,6 +850,22 @@ static int iocp__arm_now(struct iocp__uring *u, iocp_op *op)
         break;
     case IOCP_OP_SEND: {
         size_t left = op->len - op->done;
+#ifdef IOCP_IOV_MAX
+        if (op->iovcnt > 0) {
+            /* Gathered: SENDMSG over the segments still unsent.  The
+             * msghdr lives in the op, so it stays valid however long the
+             * SQE waits in the ring (the kernel reads it at submission). */
+            int nseg;
+            memset(&op->msg, 0, sizeof(op->msg));
+            op->msg.msg_iov = (struct iovec *)iocp__iov_advance(op, 0, &nseg);
+            op->msg.msg_iovlen = (size_t)nseg;
+            sqe->opcode = IOCP__OP_SENDMSG;
+            sqe->addr = (uint64_t)(uintptr_t)&op->msg;
+            sqe->len = 1;
+            sqe->op_flags = MSG_NOSIGNAL;
+            break;
+        }
+#endif
         sqe->opcode = IOCP__OP_SEND;
         sqe->addr = (uint64_t)(uintptr_t)(op->buf + op->done);
         sqe->len = left > 0x7ffff000u ? 0x7ffff000u : (uint32_t)left;
@@ -1070,6 +1087,12 @@ static void iocp__complete_send(iocp_port *p, struct iocp__uring *u, iocp_op *op
 {
     if (res >= 0) {
         op->done += (size_t)res;
+#ifdef IOCP_IOV_MAX
+        if (op->iovcnt > 0 && res > 0) {
+            int nseg;
+            (void)iocp__iov_advance(op, (size_t)res, &nseg);
+        }
+#endif
         if (op->done >= op->len)
             iocp__finish(p, u, op, (int64_t)op->done, 0, 0, NULL, 0);
         else
@@ -1434,6 +1457,12 @@ static int iocp__uring_submit(iocp_port *p, iocp_op *op)
             return IOCP_EBADF;
         op->aux_sock = (iocp_socket_t)st->gen;
     }
+#ifdef IOCP_IOV_MAX
+    if (op->kind == IOCP_OP_SEND && op->iovcnt > 0) {
+        if (!op->iov || op->iovcnt > IOCP_IOV_MAX)
+            return IOCP_EINVAL;
+    } else
+#endif
     if ((op->kind == IOCP_OP_RECV_INTO || op->kind == IOCP_OP_SEND) && op->len && !op->buf)
         return IOCP_EINVAL;
     if (op->kind == IOCP_OP_ACCEPT && (op->flags & IOCP_OPF_MULTISHOT) &&
