@@ -4,8 +4,8 @@ PY ?= python3
 
 .PHONY: build test debug asan bench lint native-test wine-test wheels-check clean
 
-build:            ## build the extension in place
-	$(PY) setup.py build_clib build_ext --inplace
+build:            ## build the extension in place (build_clib tracks no
+	$(PY) setup.py build_clib --force build_ext --inplace  # header deps)
 
 test: build       ## the test suite against every backend available here
 	$(PY) -m pytest -q tests

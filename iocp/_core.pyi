@@ -1,6 +1,7 @@
 """Types for the compiled core (src/iocp_core.pyx)."""
 
 import socket
+from collections.abc import Iterable
 from typing import Any, Callable, Union
 
 from typing_extensions import Buffer
@@ -86,6 +87,10 @@ class CompletionPort:
     ) -> Operation: ...
     def send(
         self, sock: socket.socket, data: Buffer, callback: Callback | None = None
+    ) -> Operation: ...
+    def sendmsg(
+        self, sock: socket.socket, buffers: Iterable[Buffer],
+        callback: Callback | None = None,
     ) -> Operation: ...
     def post(
         self, key: Any = None, nbytes: int = 0, obj: Any = None,

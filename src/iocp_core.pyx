@@ -18,6 +18,7 @@ of it, and its callback, socket and buffer stay alive with it.
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport int64_t, uint32_t
 from libc.string cimport memset
@@ -160,11 +161,17 @@ cdef class Operation:
     cdef bint _pinned
     cdef bint _done
     cdef bint _multishot
+    cdef Py_buffer *_views          # gathered send: one pin per segment
+    cdef Py_ssize_t _nviews
+    cdef iocp_iovec *_iov
 
     def __cinit__(self):
         self._op = NULL
         self._pinned = False
         self._done = False
+        self._views = NULL
+        self._nviews = 0
+        self._iov = NULL
 
     @property
     def kind(self) -> str:
@@ -193,16 +200,34 @@ cdef class Operation:
         return f"<iocp.Operation {self.kind} {state}>"
 
     cdef void _unpin(self):
+        cdef Py_ssize_t i
         if self._pinned:
             PyBuffer_Release(&self._view)
             self._pinned = False
             self._port._pinned -= 1
+        if self._views != NULL:
+            for i in range(self._nviews):
+                PyBuffer_Release(&self._views[i])
+            self._port._pinned -= self._nviews
+            self._nviews = 0
+            PyMem_Free(self._views)
+            self._views = NULL
+        if self._iov != NULL:
+            PyMem_Free(self._iov)
+            self._iov = NULL
 
     def __dealloc__(self):
         # Only reachable once the native record let go of its reference,
-        # i.e. after the final completion; _finish() already released both.
+        # i.e. after the final completion; _unpin() already released all.
+        cdef Py_ssize_t i
         if self._pinned:
             PyBuffer_Release(&self._view)
+        if self._views != NULL:
+            for i in range(self._nviews):
+                PyBuffer_Release(&self._views[i])
+            PyMem_Free(self._views)
+        if self._iov != NULL:
+            PyMem_Free(self._iov)
 
 
 @cython.freelist(256)
@@ -538,6 +563,45 @@ cdef class CompletionPort:
             raise
         return self._submit(op)
 
+    def sendmsg(self, sock, buffers, callback=None) -> Operation:
+        """Sends several bytes-like objects as one gathered send (WSASend
+        with many WSABUFs, sendmsg), without joining them first.
+
+        Every segment is pinned until the completion is dequeued.  Like
+        ``send``, it completes when all bytes are sent or an error stops
+        it; ``completion.nbytes`` is the total sent.  At most 1024 segments.
+        """
+        cdef Operation op
+        cdef Py_ssize_t i, n
+        cdef size_t total = 0
+        seq = buffers if isinstance(buffers, (list, tuple)) else list(buffers)
+        n = len(seq)
+        if n == 0:
+            raise ValueError("sendmsg needs at least one buffer")
+        if n > IOCP_IOV_MAX:
+            raise ValueError(f"at most {IOCP_IOV_MAX} buffers per sendmsg")
+        op = self._new_op(IOCP_OP_SEND, sock, callback)
+        try:
+            op._views = <Py_buffer *>PyMem_Malloc(n * sizeof(Py_buffer))
+            op._iov = <iocp_iovec *>PyMem_Malloc(n * sizeof(iocp_iovec))
+            if op._views == NULL or op._iov == NULL:
+                raise MemoryError()
+            for i in range(n):
+                PyObject_GetBuffer(seq[i], &op._views[i], PyBUF_SIMPLE)
+                op._nviews += 1
+                self._pinned += 1
+                op._iov[i].base = op._views[i].buf
+                op._iov[i].len = <size_t>op._views[i].len
+                total += <size_t>op._views[i].len
+        except BaseException:
+            self._discard(op)
+            raise
+        op._obj = seq
+        op._op.iov = op._iov
+        op._op.iovcnt = <int>n
+        op._op.len = total
+        return self._submit(op)
+
     def post(self, key=None, Py_ssize_t nbytes=0, obj=None, callback=None) -> Operation:
         """Queues a user packet (PostQueuedCompletionStatus).
 
@@ -603,6 +667,13 @@ cdef class CompletionPort:
         except BaseException:
             _close_fd(fd)
             raise
+        if op._multishot:
+            # Every connection of a multishot accept shares the record's
+            # address field, so by dispatch time it may hold a later peer.
+            try:
+                return (conn, conn.getpeername())
+            except OSError:
+                return (conn, None)   # the peer is already gone
         return (conn, _address_from(op._op))
 
     cdef int _deliver(self, Completion comp, object handler) except -1:

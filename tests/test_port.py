@@ -621,10 +621,14 @@ def test_multishot_accept(port, listener):
     op = port.accept(listener, multishot=True)
     clients = [socket.create_connection(listener.getsockname()) for _ in range(5)]
     conns = []
+    time.sleep(0.1)  # let them queue up: one batch carries several
     while len(conns) < 5:
         c = port.get(timeout=5)
         assert c is not None and c.ok and c.more and c.operation is op
-        conns.append(c.data[0])
+        conn, addr = c.data
+        assert addr == conn.getpeername()  # each its own peer
+        conns.append(conn)
+    assert {c.getpeername() for c in conns} == {c.getsockname() for c in clients}
     assert not op.done
     op.cancel()
     c = port.get(timeout=5)
@@ -761,3 +765,71 @@ def test_errors_carry_errno(port):
     c = port.get(timeout=5)
     assert c.error.errno == errno.ECONNRESET
     close_all(port, server)
+
+
+def _drain_into(port, server, want: int) -> tuple[bytes, list]:
+    """Receives until `want` bytes arrived; returns them and the other
+    completions seen meanwhile."""
+    received = bytearray()
+    others = []
+    port.recv(server, 1 << 16)
+    while len(received) < want:
+        c = port.get(timeout=10)
+        assert c is not None
+        if c.kind == "recv":
+            assert c.ok and not c.eof
+            received += c.data
+            if len(received) < want:
+                port.recv(server, 1 << 16)
+        else:
+            others.append(c)
+    return bytes(received), others
+
+
+def test_sendmsg_gathers_mixed_buffers(port):
+    client, server = tcp_pair()
+    port.register(client)
+    port.register(server)
+    parts = [b"head:", bytearray(b"middle:"), memoryview(b"xxview:yy")[2:7],
+             array.array("B", b"array"), b""]
+    port.sendmsg(client, parts)
+    assert port.stats()["pinned_buffers"] == len(parts)
+    want = b"head:middle:view:array"
+    data, others = _drain_into(port, server, len(want))
+    while not others:
+        others.append(port.get(timeout=5))
+    assert data == want
+    assert others[0].kind == "send" and others[0].ok and others[0].nbytes == len(want)
+    assert port.stats()["pinned_buffers"] == 0
+    close_all(port, client, server)
+
+
+def test_sendmsg_large_gathered_send_survives_partial_writes(port):
+    client, server = tcp_pair()
+    port.register(client)
+    port.register(server)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    parts = [os.urandom(997 * (i % 7 + 1)) for i in range(1024)]
+    want = b"".join(parts)
+    port.sendmsg(client, iter(parts))  # any iterable
+    data, others = _drain_into(port, server, len(want))
+    while not others:
+        others.append(port.get(timeout=5))
+    assert data == want
+    assert others[0].ok and others[0].nbytes == len(want)
+    close_all(port, client, server)
+
+
+@pytest.mark.parametrize(
+    "buffers, exc",
+    [([], ValueError), (["text"], TypeError), ([b"ok", 5], TypeError),
+     ([b"x"] * 1025, ValueError), (None, TypeError)],
+)
+def test_sendmsg_bad_input(port, buffers, exc):
+    client, server = tcp_pair()
+    port.register(client)
+    with pytest.raises(exc):
+        port.sendmsg(client, buffers)
+    s = port.stats()
+    assert s["live_ops"] == 0 and s["pinned_buffers"] == 0
+    close_all(port, client, server)

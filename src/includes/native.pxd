@@ -30,12 +30,20 @@ cdef extern from "iocp_native.h" nogil:
     unsigned IOCP_CF_CANCELLED
     unsigned IOCP_CF_BUFFER
 
+    ctypedef struct iocp_iovec:
+        void *base
+        size_t len
+
+    int IOCP_IOV_MAX
+
     ctypedef struct iocp_op:
         int kind
         unsigned flags
         iocp_socket_t sock
         char *buf
         size_t len
+        iocp_iovec *iov
+        int iovcnt
         void *user
         sockaddr_storage addr
         iocp_socklen_t addrlen

@@ -103,6 +103,30 @@ void iocp__deliver(iocp_port *port, iocp_op *op, int64_t result,
 char *iocp__buffer_get(iocp_port *port, size_t size);
 void iocp__buffer_put(iocp_port *port, char *data);
 
+/*
+ * Gathered sends: skips the segments (or the part of one) that `sent`
+ * bytes covered, in place, and returns the first segment still to send.
+ * `*left` receives how many segments remain.
+ */
+static inline iocp_iovec *iocp__iov_advance(iocp_op *op, size_t sent, int *left)
+{
+    iocp_iovec *v = op->iov;
+    int n = op->iovcnt;
+
+    while (n > 0 && (sent >= v->len || v->len == 0)) {
+        sent -= v->len;
+        v->len = 0;
+        v++;
+        n--;
+    }
+    if (n > 0 && sent > 0) {
+        v->base = (char *)v->base + sent;
+        v->len -= sent;
+    }
+    *left = n;
+    return v;
+}
+
 /* Monotonic milliseconds, for deadlines. */
 int64_t iocp__now_ms(void);
 

@@ -74,9 +74,11 @@ enum iocp_op_kind {
     IOCP_OP_RECV = 3,       /* port-owned buffer chosen when data arrives;
                                result: bytes; completion.data: the buffer    */
     IOCP_OP_RECV_INTO = 4,  /* caller's pinned buffer; result: bytes         */
-    IOCP_OP_SEND = 5,       /* caller's pinned buffer; completes when all of
-                               it is sent or an error stops it; result: bytes
-                               sent, error in completion.error if any        */
+    IOCP_OP_SEND = 5,       /* caller's pinned buffer, or iovcnt > 0 pinned
+                               segments (gathered, WSASend/sendmsg); completes
+                               when all `len` bytes are sent or an error stops
+                               it; result: bytes sent, error in
+                               completion.error if any                       */
     IOCP_OP_POST = 6        /* user packet; result: the nbytes given         */
 };
 
@@ -87,6 +89,15 @@ enum iocp_op_kind {
 #define IOCP_CF_MORE      0x1u  /* multishot: the op stays in flight        */
 #define IOCP_CF_CANCELLED 0x2u  /* the op was cancelled (result is error)   */
 #define IOCP_CF_BUFFER    0x4u  /* data is a port buffer: iocp_buffer_release */
+
+/* One segment of a gathered send.  Same layout as POSIX struct iovec. */
+typedef struct iocp_iovec {
+    void *base;
+    size_t len;
+} iocp_iovec;
+
+/* Most segments one gathered send takes (POSIX IOV_MAX). */
+#define IOCP_IOV_MAX 1024
 
 /* Space AcceptEx needs for the two addresses it writes. */
 #define IOCP_ACCEPT_ADDR_SPACE (sizeof(struct sockaddr_storage) + 16)
@@ -106,7 +117,12 @@ typedef struct iocp_op {
     unsigned flags;                   /* IOCP_OPF_* */
     iocp_socket_t sock;               /* the socket it operates on */
     char *buf;                        /* RECV_INTO / SEND: pinned buffer */
-    size_t len;                       /* buffer length / RECV size / POST nbytes */
+    size_t len;                       /* buffer length / RECV size / POST nbytes;
+                                         gathered SEND: total of the segments */
+    iocp_iovec *iov;                  /* gathered SEND: segments, or NULL.  The
+                                         array is scratch the backend may
+                                         advance in place past sent bytes. */
+    int iovcnt;
     void *user;                       /* opaque to C: the Python Operation */
     struct sockaddr_storage addr;     /* CONNECT target; ACCEPT peer */
     iocp_socklen_t addrlen;
@@ -122,6 +138,8 @@ typedef struct iocp_op {
 #ifdef _WIN32
     char accept_addrs[2 * IOCP_ACCEPT_ADDR_SPACE];
     WSABUF wsabuf;
+#else
+    struct msghdr msg;                /* io_uring SENDMSG: read at submission */
 #endif
 } iocp_op;
 

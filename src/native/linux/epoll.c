@@ -201,7 +201,19 @@ static int iocp__attempt(iocp_port *p, iocp_op *op, int *budget)
         return 1;
     case IOCP_OP_SEND:
         while (op->done < op->len) {
-            n = send(op->sock, op->buf + op->done, op->len - op->done, MSG_NOSIGNAL);
+            if (op->iovcnt > 0) {
+                /* Gathered: one sendmsg over the segments still unsent. */
+                struct msghdr m;
+                int left;
+                memset(&m, 0, sizeof(m));
+                m.msg_iov = (struct iovec *)iocp__iov_advance(op, 0, &left);
+                m.msg_iovlen = (size_t)left;
+                n = sendmsg(op->sock, &m, MSG_NOSIGNAL);
+                if (n > 0)
+                    iocp__iov_advance(op, (size_t)n, &left);
+            } else {
+                n = send(op->sock, op->buf + op->done, op->len - op->done, MSG_NOSIGNAL);
+            }
             if (n >= 0) {
                 op->done += (size_t)n;
                 continue;

@@ -850,7 +850,6 @@ static int iocp__arm_now(struct iocp__uring *u, iocp_op *op)
         break;
     case IOCP_OP_SEND: {
         size_t left = op->len - op->done;
-#ifdef IOCP_IOV_MAX
         if (op->iovcnt > 0) {
             /* Gathered: SENDMSG over the segments still unsent.  The
              * msghdr lives in the op, so it stays valid however long the
@@ -865,7 +864,6 @@ static int iocp__arm_now(struct iocp__uring *u, iocp_op *op)
             sqe->op_flags = MSG_NOSIGNAL;
             break;
         }
-#endif
         sqe->opcode = IOCP__OP_SEND;
         sqe->addr = (uint64_t)(uintptr_t)(op->buf + op->done);
         sqe->len = left > 0x7ffff000u ? 0x7ffff000u : (uint32_t)left;
@@ -1087,12 +1085,10 @@ static void iocp__complete_send(iocp_port *p, struct iocp__uring *u, iocp_op *op
 {
     if (res >= 0) {
         op->done += (size_t)res;
-#ifdef IOCP_IOV_MAX
         if (op->iovcnt > 0 && res > 0) {
             int nseg;
             (void)iocp__iov_advance(op, (size_t)res, &nseg);
         }
-#endif
         if (op->done >= op->len)
             iocp__finish(p, u, op, (int64_t)op->done, 0, 0, NULL, 0);
         else
@@ -1457,12 +1453,10 @@ static int iocp__uring_submit(iocp_port *p, iocp_op *op)
             return IOCP_EBADF;
         op->aux_sock = (iocp_socket_t)st->gen;
     }
-#ifdef IOCP_IOV_MAX
     if (op->kind == IOCP_OP_SEND && op->iovcnt > 0) {
         if (!op->iov || op->iovcnt > IOCP_IOV_MAX)
             return IOCP_EINVAL;
     } else
-#endif
     if ((op->kind == IOCP_OP_RECV_INTO || op->kind == IOCP_OP_SEND) && op->len && !op->buf)
         return IOCP_EINVAL;
     if (op->kind == IOCP_OP_ACCEPT && (op->flags & IOCP_OPF_MULTISHOT) &&

@@ -312,9 +312,23 @@ static int iocp__issue(iocp_port *p, iocp_op *op, const struct iocp__sockent *se
         break;
     case IOCP_OP_SEND: {
         size_t left = op->len - op->done;
-        op->wsabuf.buf = op->buf + op->done;
-        op->wsabuf.len = left > 0x7fffffffu ? 0x7fffffffu : (ULONG)left;
-        r = WSASend(op->sock, &op->wsabuf, 1, bytes, 0, &op->ov, NULL);
+        if (op->iovcnt > 0) {
+            /* Gathered: WSASend captures the WSABUF array before it
+             * returns, so it can live on the stack; the segments
+             * themselves stay pinned by the caller. */
+            WSABUF bufs[IOCP_IOV_MAX];
+            int i, nseg;
+            iocp_iovec *v = iocp__iov_advance(op, 0, &nseg);
+            for (i = 0; i < nseg; i++) {
+                bufs[i].buf = (char *)v[i].base;
+                bufs[i].len = v[i].len > 0x7fffffffu ? 0x7fffffffu : (ULONG)v[i].len;
+            }
+            r = WSASend(op->sock, bufs, (DWORD)nseg, bytes, 0, &op->ov, NULL);
+        } else {
+            op->wsabuf.buf = op->buf + op->done;
+            op->wsabuf.len = left > 0x7fffffffu ? 0x7fffffffu : (ULONG)left;
+            r = WSASend(op->sock, &op->wsabuf, 1, bytes, 0, &op->ov, NULL);
+        }
         if (r == 0)
             return se->skip ? IOCP__INLINE : IOCP__PENDING;
         err = WSAGetLastError();
@@ -449,6 +463,10 @@ static int iocp__finish(iocp_port *p, iocp_op *op, DWORD bytes, int err)
 
     case IOCP_OP_SEND:
         op->done += bytes;
+        if (op->iovcnt > 0) {
+            int nseg;
+            iocp__iov_advance(op, bytes, &nseg);
+        }
         if (err == 0) {
             if (op->done < op->len && bytes > 0 && !cancel_req)
                 return 1;
