@@ -183,6 +183,9 @@ def test_run_in_executor(aloop) -> None:
 async def _echo_streams(n_conns: int, n_msgs: int, family=socket.AF_INET):
     host = "127.0.0.1" if family == socket.AF_INET else "::1"
 
+    handlers_done = asyncio.Event()
+    finished = [0]
+
     async def handle(reader, writer):
         try:
             while True:
@@ -193,6 +196,9 @@ async def _echo_streams(n_conns: int, n_msgs: int, family=socket.AF_INET):
                 await writer.drain()
         finally:
             writer.close()
+            finished[0] += 1
+            if finished[0] == n_conns:
+                handlers_done.set()
 
     server = await asyncio.start_server(handle, host, 0, backlog=2048)
     port = server.sockets[0].getsockname()[1]
@@ -210,6 +216,7 @@ async def _echo_streams(n_conns: int, n_msgs: int, family=socket.AF_INET):
         return ok
 
     results = await asyncio.gather(*(client(i) for i in range(n_conns)))
+    await handlers_done.wait()  # Server.wait_closed() waits for them only on 3.12+
     server.close()
     await server.wait_closed()
     return sum(results)

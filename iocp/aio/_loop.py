@@ -155,6 +155,9 @@ class EventLoop(proactor_events.BaseProactorEventLoop):  # type: ignore[misc,nam
         self.call_soon(self._loop_self_reading)
 
     def _stop_self_reading(self) -> None:
+        proactor = self._proactor
+        if proactor is not None:
+            proactor._flush()  # ops issued during this run start before it ends
         if self._self_reading_future is not None:
             self._self_reading_future.cancel()
             self._self_reading_future = None

@@ -9,6 +9,19 @@ callback resolves an asyncio future; ``select(timeout)`` waits on the port
 operation; ``close()`` closes the port, which cancels and drains every
 operation still in flight.
 
+Submission batching: the port sends an op to the kernel at once when no
+thread is inside ``run()`` dispatching (an IOCP op runs from the moment it
+is posted), which from an asyncio loop -- whose callbacks run between two
+waits -- would cost one ``io_uring_enter`` per op.  So the proactor queues
+the ops the loop issues during an iteration and submits them at the start
+of the next ``select()`` from a posted packet's callback, i.e. inside
+``port.run()``'s dispatch, where the port batches them into the wait that
+follows (about 1.5x less CPU per echoed message on io_uring).  The first
+real completion batch then ends that ``run()`` with ``port.stop()``.  A
+zero timeout (the loop has callbacks ready) submits and polls directly, and
+the loop submits what is queued whenever ``run_forever()`` returns, so an
+op issued during a run always starts before the run ends.
+
 Stream sockets go through the port (accept, connect, recv, recv_into,
 send).  Datagram sockets and ``sendfile`` have no port operation: datagrams
 use readiness (the loop's helper thread, see ``_readiness``), sendfile
@@ -36,6 +49,7 @@ class OpFuture(asyncio.Future):  # type: ignore[type-arg]
     """
 
     _op: Operation | None = None
+    _px: Proactor  # set on the per-proactor subclass
 
     def cancel(self, msg: Any = None) -> bool:  # type: ignore[override]
         op = self._op
@@ -53,6 +67,10 @@ class OpFuture(asyncio.Future):  # type: ignore[type-arg]
 
     def _fail(self, c: Completion) -> bool:
         self._op = None
+        px = self._px
+        if not px._stopping:  # end select()'s run() after this batch
+            px._stopping = True
+            px._stop()
         if self.done():
             return True
         if c.cancelled:
@@ -76,11 +94,11 @@ class OpFuture(asyncio.Future):  # type: ignore[type-arg]
             self.set_result(None)
 
     def _on_accept(self, c: Completion) -> None:
-        if c.error is None and not c.cancelled and self.done():
-            c.data[0].close()  # accepted after the future was cancelled
+        if self._fail(c):
+            if c.error is None and not c.cancelled:
+                c.data[0].close()  # accepted after the future was cancelled
             return
-        if not self._fail(c):
-            self.set_result(c.data)
+        self.set_result(c.data)
 
 
 class Proactor:
@@ -92,6 +110,10 @@ class Proactor:
         self._socks: dict[int, socket.socket] = {}
         self._wake_posted = False
         self._backlog: collections.deque[Completion] = collections.deque()
+        self._deferred: list[tuple[OpFuture, Callable[..., Operation], tuple[Any, ...]]] = []
+        self._stopping = False
+        self._stop = port.stop
+        self._Future: type[OpFuture] = type("OpFuture", (OpFuture,), {"_px": self})
 
     def __repr__(self) -> str:
         return f"<iocp.aio.Proactor port={self._port!r}>"
@@ -102,6 +124,14 @@ class Proactor:
 
     def set_loop(self, loop: Any) -> None:
         self._loop = loop
+        port = self._port
+        if port is not None and port.exception_handler is None:
+            port.exception_handler = self._callback_failed
+
+    def _callback_failed(self, exc: BaseException, c: Any) -> None:
+        self._loop.call_exception_handler(
+            {"message": "iocp completion handler failed", "exception": exc}
+        )
 
     # ---- registration --------------------------------------------------
 
@@ -144,12 +174,20 @@ class Proactor:
         except (ValueError, OSError):
             pass
 
-    def _future(self) -> OpFuture:
-        return OpFuture(loop=self._loop)
-
-    def _submit(self, fut: OpFuture, op: Operation) -> OpFuture:
-        fut._op = op
-        return fut
+    def _flush(self, c: Any = None) -> None:
+        """Submits the queued ops, in order.  Inside run()'s dispatch when
+        called as a post's callback."""
+        d = self._deferred
+        if not d:
+            return
+        self._deferred = []
+        for fut, submit, args in d:
+            if fut.done():  # cancelled before it was submitted
+                continue
+            try:
+                fut._op = submit(*args)
+            except Exception as exc:
+                fut.set_exception(exc)
 
     # ---- stream operations ---------------------------------------------
 
@@ -166,33 +204,34 @@ class Proactor:
         port = self._stream(conn, flags)
         if port is None:
             return self._ready_op(conn, False, lambda: conn.recv(nbytes, flags))
-        fut = OpFuture(loop=self._loop)
-        fut._op = port.recv(conn, nbytes, fut._on_recv)
+        fut = self._Future(loop=self._loop)
+        self._deferred.append((fut, port.recv, (conn, nbytes, fut._on_recv)))
         return fut
 
     def recv_into(self, conn: socket.socket, buf: Any, flags: int = 0) -> asyncio.Future[Any]:
         port = self._stream(conn, flags)
         if port is None:
             return self._ready_op(conn, False, lambda: conn.recv_into(buf, 0, flags))
-        fut = OpFuture(loop=self._loop)
-        fut._op = port.recv_into(conn, buf, fut._on_count)
+        fut = self._Future(loop=self._loop)
+        self._deferred.append((fut, port.recv_into, (conn, buf, fut._on_count)))
         return fut
 
     def send(self, conn: socket.socket, buf: Any, flags: int = 0) -> asyncio.Future[Any]:
         port = self._stream(conn, flags)
         if port is None:
             return self._ready_op(conn, True, lambda: conn.send(buf, flags))
-        fut = OpFuture(loop=self._loop)
+        fut = self._Future(loop=self._loop)
         if not buf:
             fut.set_result(0)
             return fut
-        fut._op = port.send(conn, buf, fut._on_count)
+        self._deferred.append((fut, port.send, (conn, buf, fut._on_count)))
         return fut
 
     def accept(self, listener: socket.socket) -> asyncio.Future[Any]:
         port = self._register(listener)
-        fut = self._future()
-        return self._submit(fut, port.accept(listener, fut._on_accept))
+        fut = self._Future(loop=self._loop)
+        self._deferred.append((fut, port.accept, (listener, fut._on_accept)))
+        return fut
 
     def connect(self, conn: socket.socket, address: Any) -> asyncio.Future[Any]:
         if conn.type == socket.SOCK_DGRAM:
@@ -205,8 +244,9 @@ class Proactor:
                 fut.set_result(None)
             return fut
         port = self._register(conn)
-        fut = self._future()
-        return self._submit(fut, port.connect(conn, address, fut._on_connect))
+        fut = self._Future(loop=self._loop)
+        self._deferred.append((fut, port.connect, (conn, address, fut._on_connect)))
+        return fut
 
     def sendfile(
         self, sock: socket.socket, file: Any, offset: int, count: int
@@ -290,20 +330,34 @@ class Proactor:
         port = self._port
         if port is None:
             raise RuntimeError("the event loop's completion port is closed")
+        if self._backlog or (timeout is not None and timeout <= 0):
+            return self._poll()
+        if self._deferred:
+            port.post(callback=self._flush)
+        self._stopping = False
+        port.run(timeout, self._on_post)
+        return []
+
+    def _poll(self) -> list[Any]:
+        """select(0): submit at once, take what is there, never wait."""
+        self._flush()
+        port = self._port
+        assert port is not None
         backlog = self._backlog
         if not backlog:
-            if timeout is not None and timeout < 0:
-                timeout = 0
-            backlog.extend(port.get_many(_GET_BATCH, timeout))
-        more = len(backlog) >= _GET_BATCH
+            backlog.extend(port.get_many(_GET_BATCH, 0))
         # Completions wait in the backlog until handled, so a
         # KeyboardInterrupt raised meanwhile loses none of them.
         while backlog:
             self._handle(backlog.popleft())
-            if not backlog and more and not port.closed:
-                backlog.extend(port.get_many(_GET_BATCH, 0))
-                more = False
         return []
+
+    def _on_post(self, c: Completion) -> None:
+        """run()'s handler: the wake-up posts of call_soon_threadsafe."""
+        self._wake_posted = False
+        if not self._stopping:
+            self._stopping = True
+            self._stop()
 
     def _handle(self, c: Completion) -> None:
         cb = c.operation.callback
@@ -326,6 +380,9 @@ class Proactor:
         port = self._port
         if port is None:
             return
+        deferred, self._deferred = self._deferred, []
+        for fut, _, _ in deferred:
+            fut.cancel()
         while self._backlog:
             self._handle(self._backlog.popleft())
         port.close()  # cancels every op and runs its handler: futures cancelled
