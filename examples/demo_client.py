@@ -38,6 +38,8 @@ def main() -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9527)
     args = parser.parse_args()
+    # Escape what the console code page cannot show (cp1252 on Windows).
+    sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     replies = Replies()
     try:
         client = connect(args.host, args.port, lambda: replies, timeout=5.0)

@@ -54,6 +54,8 @@ def main() -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9527)
     args = parser.parse_args()
+    # Escape what the console code page cannot show (cp1252 on Windows).
+    sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     server = Server(Printer, args.host, args.port)
     server.start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import logging
 import os
 import socket
@@ -66,12 +67,48 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
+# Short texts for the errors a user is most likely to meet, the same on
+# every platform: on Windows, errno is the WSA code (errno.EADDRINUSE is
+# 10048 there) and the system's own wording is long ("Only one usage of
+# each socket address ... is normally permitted").
+_SHORT_TEXT = {
+    errno.EADDRINUSE: "address already in use",
+    errno.EADDRNOTAVAIL: "cannot assign requested address",
+}
+
+
 def _oserror_text(exc: OSError) -> str:
     if isinstance(exc, socket.gaierror):  # errno is an EAI_* code, not an errno
         return str(exc.strerror or exc).lower()
-    if exc.errno is not None:
-        return os.strerror(exc.errno).lower()
-    return str(exc)
+    if exc.errno is None:
+        return str(exc)
+    if exc.errno in _SHORT_TEXT:
+        return _SHORT_TEXT[exc.errno]
+    if getattr(exc, "winerror", None) is not None and exc.strerror:
+        # A Windows error (WSA codes included): os.strerror() knows only
+        # the C runtime's errno values and says "Unknown error" for these;
+        # the exception carries the system's message.
+        return exc.strerror.strip().rstrip(".").lower()
+    return os.strerror(exc.errno).lower()
+
+
+def _utf8_output() -> None:
+    r"""Makes stdout and stderr UTF-8 whatever the console code page or locale.
+
+    On Windows a pipe gets the ANSI code page (cp1252), where most received
+    text would be mangled or unencodable, and text mode turns each "\n"
+    into "\r\n": stdout is written with plain "\n", so the client prints
+    exactly the lines it received.  Streams replaced by the caller (not a
+    plain TextIOWrapper, e.g. a test's capture) are left alone.
+    """
+    for stream, extra in ((sys.stdout, {"newline": "\n"}), (sys.stderr, {})):
+        if type(stream) is not io.TextIOWrapper:
+            continue
+        try:
+            stream.flush()
+            stream.reconfigure(encoding="utf-8", errors="backslashreplace", **extra)
+        except (OSError, ValueError):  # closed, or data already decoded
+            pass
 
 
 # --------------------------------------------------------------------------
@@ -408,6 +445,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``iocp`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _utf8_output()
     bench_module: Any = None
     if next((a for a in argv if not a.startswith("-")), None) == "bench":
         try:  # imported lazily: only `iocp bench` pays for it

@@ -45,15 +45,44 @@ def run_iocp(
     )
 
 
+# How a test stops a background server gracefully.  POSIX: a signal.  On
+# Windows, send_signal(SIGTERM) is TerminateProcess (exit status 1, no
+# clean-up) and console control events need a console that the test's
+# children may not have (none at all under Wine), so the child runs under
+# this shim: the end of its stdin raises SIGINT from another thread, which
+# is how Windows delivers a Ctrl-C, and stop() closes the stdin pipe.
+WIN_STOP_SHIM = """\
+import os, runpy, signal, sys, threading
+def watch():
+    try:
+        while os.read(0, 4096):
+            pass
+    except OSError:
+        pass
+    signal.raise_signal(signal.SIGINT)
+threading.Thread(target=watch, daemon=True).start()
+kind, target = sys.argv[1:3]
+sys.argv = [target, *sys.argv[3:]]
+if kind == "-m":
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+else:
+    runpy.run_path(target, run_name="__main__")
+"""
+
+
 class Proc:
     """A background ``iocp`` process (or a script, ``module=False``) whose output
     lines are collected by threads."""
 
     def __init__(self, *args: str, module: bool = True) -> None:
-        cmd = [sys.executable, "-m", "iocp", *args] if module else [sys.executable, *args]
+        if POSIX:
+            cmd = [sys.executable, "-m", "iocp", *args] if module else [sys.executable, *args]
+        else:
+            target = ["-m", "iocp"] if module else ["--script"]
+            cmd = [sys.executable, "-c", WIN_STOP_SHIM, *target, *args]
         self.p = subprocess.Popen(
             cmd,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if POSIX else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env(),
@@ -92,8 +121,13 @@ class Proc:
         return sum(text in line for line in self.out + self.err)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Asks for a graceful stop (on Windows: Ctrl-C, whatever ``sig``)."""
         if self.p.poll() is None:
-            self.p.send_signal(sig)
+            if POSIX:
+                self.p.send_signal(sig)
+            else:
+                assert self.p.stdin is not None
+                self.p.stdin.close()  # the shim raises SIGINT
         try:
             return self.p.wait(timeout)
         finally:
@@ -103,6 +137,8 @@ class Proc:
         if self.p.poll() is None:
             self.p.kill()
             self.p.wait(5)
+        if self.p.stdin is not None and not self.p.stdin.closed:
+            self.p.stdin.close()
 
 
 @pytest.fixture

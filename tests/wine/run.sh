@@ -244,22 +244,8 @@ WINE_KNOWN=(
 # Tests that are not yet Windows-portable: they would fail on real Windows
 # too, for reasons on the test or CLI side, not in the backend.  Listed
 # (prefix match) so the Wine run checks everything else; remove an entry
-# once its test is fixed or skips itself on win32.
+# once its test is fixed or skips itself on win32.  None at the moment.
 WINDOWS_TEST_TODO=(
-    # child stdout is text mode on Windows: b"...\r\n" != b"...\n"
-    "tests/test_cli.py::test_echo_client_prints_replies"
-    "tests/test_cli.py::test_ipv6_serve"
-    "tests/test_examples.py::test_demo_client_against_echo_server"
-    # child stdout is cp1252, not UTF-8: "\xe9t\xe9" comes back as U+FFFD
-    "tests/test_cli.py::test_serve_prints_what_the_client_sends"
-    # os.strerror() does not know WSA codes: "unknown error", not "in use"
-    "tests/test_cli.py::test_port_in_use"
-    # the examples are stopped with terminate(): exit status 1 on Windows
-    "tests/test_examples.py::test_echo_server"
-    "tests/test_examples.py::test_chat_server_broadcasts"
-    "tests/test_examples.py::test_demo_pair"
-    # os.sysconf does not exist on Windows
-    "tests/test_server.py::test_many_non_reading_peers_keep_rss_bounded"
 )
 step "python: pytest under Wine"
 py_rc=0
