@@ -412,6 +412,31 @@ def test_sock_sendfile_falls_back(aloop, tmp_path) -> None:
     assert run(aloop, main()) == (len(data), True)
 
 
+def test_write_issued_during_a_run_starts_before_it_ends(aloop) -> None:
+    # Ops are batched into the next wait; the end of a run submits the rest.
+    a, b = socket.socketpair()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        t, _ = await loop.connect_accepted_socket(asyncio.Protocol, a)
+        return t
+
+    t = run(aloop, main())
+    aloop.call_soon(t.write, b"sent before the loop stopped")  # the run's last iteration
+    aloop.call_soon(aloop.stop)
+    aloop.run_forever()
+    b.settimeout(5)
+    assert b.recv(100) == b"sent before the loop stopped"  # the loop is not running
+    t.close()
+    aloop.run_until_complete(asyncio.sleep(0.01))
+    b.close()
+
+
+def test_debug_mode_echo(aloop) -> None:
+    aloop.set_debug(True)
+    assert run(aloop, _echo_streams(20, 3)) == 60
+
+
 # ------------------------------------------------------------------ cancellation
 
 
