@@ -389,6 +389,28 @@ def test_sock_connect_refused(aloop) -> None:
     run(aloop, main())
 
 
+def test_sock_recv_on_a_socket_closed_meanwhile(aloop) -> None:
+    # The op fails when it is submitted (start of the next wait); the loop
+    # must not sleep on waiting for a completion that will never come.
+    async def main():
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        await loop.sock_sendall(a, b"x")  # registers a
+        fut = loop._proactor.recv(a, 10)  # queued for the next wait ...
+        a.close()  # ... and the socket goes before that
+        b.close()
+        loop.call_later(3, fut.cancel)  # the failure mode: nothing wakes the loop
+        t0 = loop.time()
+        try:
+            await fut
+        except (OSError, ValueError) as exc:
+            return type(exc), loop.time() - t0 < 2
+        return None
+
+    exc_type, prompt = run(aloop, main())
+    assert issubclass(exc_type, (OSError, ValueError)) and prompt
+
+
 def test_sock_sendfile_falls_back(aloop, tmp_path) -> None:
     data = os.urandom(300_000)
     f = tmp_path / "f.bin"

@@ -186,8 +186,11 @@ class Proactor:
                 continue
             try:
                 fut._op = submit(*args)
-            except Exception as exc:
+            except Exception as exc:  # e.g. the socket was closed meanwhile
                 fut.set_exception(exc)
+                if c is not None and not self._stopping:
+                    self._stopping = True  # no completion will come: end the wait
+                    self._stop()
 
     # ---- stream operations ---------------------------------------------
 
