@@ -1034,7 +1034,7 @@ class Server(_Endpoint):
     ) -> int:
         old: Dict[int, Any] = {}
         if handle_signals and threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in _STOP_SIGNALS:
                 old[signum] = signal.signal(signum, self._on_signal)
         try:
             if not self._started:
@@ -1332,6 +1332,14 @@ class Server(_Endpoint):
             for sig, handler in old.items():
                 signal.signal(sig, handler)
         return status
+
+
+# Signals that ask a server to shut down gracefully.  On Windows, Ctrl-Break
+# (CTRL_BREAK_EVENT sent to a CREATE_NEW_PROCESS_GROUP child) is the only
+# way another process can ask for that: SIGTERM there kills outright.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + (
+    (signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ()
+)
 
 
 def _fmt_stats(stats: Dict[str, Any]) -> str:
