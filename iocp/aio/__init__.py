@@ -72,7 +72,8 @@ def run(
         return loop.run_until_complete(main)
     finally:
         try:
-            runners._cancel_all_tasks(loop)  # type: ignore[attr-defined]
+            _runners: Any = runners
+            _runners._cancel_all_tasks(loop)
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:

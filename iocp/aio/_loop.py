@@ -39,8 +39,15 @@ else:  # pragma: no cover
 
 _HAS_SETUP = hasattr(base_events.BaseEventLoop, "_run_forever_setup")  # 3.13+
 
+# Private stdlib classes and helpers that typeshed does not describe.
+_ProactorLoop: Any = proactor_events.BaseProactorEventLoop
+_proactor_events: Any = proactor_events
+_ProactorSocketTransport: Any = _proactor_events._ProactorSocketTransport
+_DefaultPolicy: Any = events.BaseDefaultEventLoopPolicy
+_unix: Any = unix_events
 
-class _SocketTransport(proactor_events._ProactorSocketTransport):  # type: ignore[misc,name-defined]
+
+class _SocketTransport(_ProactorSocketTransport):  # type: ignore[misc]
     """The stdlib proactor socket transport; it leaves the port before its
     socket is closed."""
 
@@ -58,7 +65,7 @@ class _SocketTransport(proactor_events._ProactorSocketTransport):  # type: ignor
             self._sock.close()
 
 
-class EventLoop(proactor_events.BaseProactorEventLoop):  # type: ignore[misc,name-defined]
+class EventLoop(_ProactorLoop):  # type: ignore[misc]
     """An asyncio event loop whose I/O goes through an iocp.CompletionPort.
 
     ``EventLoop(port=None, *, backend=None, queue_capacity=1024)``: pass a
@@ -66,6 +73,8 @@ class EventLoop(proactor_events.BaseProactorEventLoop):  # type: ignore[misc,nam
     ``iocp.CompletionPort``).  The loop owns its port and closes it in
     ``close()``.
     """
+
+    _self_reading_future: Any  # BaseProactorEventLoop's
 
     def __init__(
         self,
@@ -290,16 +299,16 @@ class EventLoop(proactor_events.BaseProactorEventLoop):  # type: ignore[misc,nam
     if unix_events is not None:
 
         def _make_read_pipe_transport(self, pipe, protocol, waiter=None, extra=None):  # type: ignore[no-untyped-def]
-            return unix_events._UnixReadPipeTransport(self, pipe, protocol, waiter, extra)
+            return _unix._UnixReadPipeTransport(self, pipe, protocol, waiter, extra)
 
         def _make_write_pipe_transport(self, pipe, protocol, waiter=None, extra=None):  # type: ignore[no-untyped-def]
-            return unix_events._UnixWritePipeTransport(self, pipe, protocol, waiter, extra)
+            return _unix._UnixWritePipeTransport(self, pipe, protocol, waiter, extra)
 
         async def _make_subprocess_transport(  # type: ignore[no-untyped-def]
             self, protocol, args, shell, stdin, stdout, stderr, bufsize, extra=None, **kwargs
         ):
             waiter = self.create_future()
-            transp = unix_events._UnixSubprocessTransport(
+            transp = _unix._UnixSubprocessTransport(
                 self,
                 protocol,
                 args,
@@ -413,12 +422,12 @@ class EventLoop(proactor_events.BaseProactorEventLoop):  # type: ignore[misc,nam
             )
 
 
-class EventLoopPolicy(events.BaseDefaultEventLoopPolicy):  # type: ignore[misc,name-defined]
+class EventLoopPolicy(_DefaultPolicy):  # type: ignore[misc]
     """An event loop policy whose loops are iocp.aio.EventLoop."""
 
     def __init__(self, backend: str | None = None) -> None:
         super().__init__()
         self._backend = backend
 
-    def _loop_factory(self) -> EventLoop:  # type: ignore[override]
+    def _loop_factory(self) -> EventLoop:
         return EventLoop(backend=self._backend)

@@ -51,7 +51,7 @@ class OpFuture(asyncio.Future):  # type: ignore[type-arg]
     _op: Operation | None = None
     _px: Proactor  # set on the per-proactor subclass
 
-    def cancel(self, msg: Any = None) -> bool:  # type: ignore[override]
+    def cancel(self, msg: Any = None) -> bool:
         op = self._op
         if op is not None:
             self._op = None
@@ -238,7 +238,7 @@ class Proactor:
 
     def connect(self, conn: socket.socket, address: Any) -> asyncio.Future[Any]:
         if conn.type == socket.SOCK_DGRAM:
-            fut = self._loop.create_future()
+            fut: asyncio.Future[Any] = self._loop.create_future()
             try:
                 conn.connect(address)  # immediate for datagram sockets
             except OSError as exc:
@@ -278,7 +278,7 @@ class Proactor:
     ) -> asyncio.Future[Any]:
         """Tries a non-blocking call now, else when the fd is ready."""
         loop = self._loop
-        fut = loop.create_future()
+        fut: asyncio.Future[Any] = loop.create_future()
         try:
             fut.set_result(attempt())
             return fut

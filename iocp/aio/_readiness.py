@@ -91,7 +91,9 @@ class ReadinessThread:
         if self._needs_wake:
             self._wake()
 
-    def add(self, fd: int, write: bool, callback: Callable[..., Any], args: tuple) -> None:
+    def add(
+        self, fd: int, write: bool, callback: Callable[..., Any], args: tuple[Any, ...]
+    ) -> None:
         table = self._writers if write else self._readers
         handle = events.Handle(callback, args, self._loop, None)
         old = table.get(fd)
