@@ -779,6 +779,53 @@ def test_ssl_echo(aloop, ssl_contexts) -> None:
     assert res[1].startswith("TLS")
 
 
+async def _start_tls(server_ctx, client_ctx):
+    loop = asyncio.get_running_loop()
+
+    class Server(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.t = transport
+            self.q = asyncio.Queue()
+
+        def data_received(self, data):
+            if data == b"STARTTLS\n":
+                self.t.pause_reading()  # nothing read in clear after this
+                self.t.write(b"OK\n")
+                asyncio.ensure_future(self.upgrade())
+            else:  # decrypted; may come before start_tls() has returned
+                self.q.put_nowait(data)
+
+        async def upgrade(self):
+            tls = await loop.start_tls(self.t, self, server_ctx, server_side=True)
+            tls.write((await self.q.get()).upper())
+
+    class Client(asyncio.Protocol):
+        def __init__(self):
+            self.q = asyncio.Queue()
+
+        def data_received(self, data):
+            self.q.put_nowait(data)
+
+    server = await loop.create_server(Server, "127.0.0.1", 0)
+    t, p = await loop.create_connection(Client, *server.sockets[0].getsockname()[:2])
+    t.write(b"STARTTLS\n")
+    assert await p.q.get() == b"OK\n"
+    t = await loop.start_tls(t, p, client_ctx, server_hostname="localhost")
+    t.write(b"secret")
+    got = await p.q.get()
+    tls = t.get_extra_info("ssl_object").version().startswith("TLS")
+    t.close()
+    server.close()
+    await server.wait_closed()
+    await asyncio.sleep(0.01)
+    return got, tls
+
+
+def test_start_tls_matches_stdlib(aloop, ssl_contexts) -> None:
+    got = run(aloop, _start_tls(*ssl_contexts))
+    assert got == on_stdlib(lambda: _start_tls(*ssl_contexts)) == (b"SECRET", True)
+
+
 # ------------------------------------------------------------------ aiohttp
 
 
