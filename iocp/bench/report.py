@@ -101,7 +101,7 @@ def plot(rows: List[Dict[str, Any]], path: str, title: str | None = None) -> Non
             scenarios.append(r["scenario"])
     if not scenarios:
         raise RuntimeError("nothing to plot: no successful measurement")
-    fig, axes = plt.subplots(len(scenarios), 2, figsize=(12, 2.2 + 1.9 * len(scenarios)),
+    fig, axes = plt.subplots(len(scenarios), 3, figsize=(16, 2.2 + 1.9 * len(scenarios)),
                              squeeze=False)
 
     def color(name: str) -> str:
@@ -115,8 +115,10 @@ def plot(rows: List[Dict[str, Any]], path: str, title: str | None = None) -> Non
         rs = [r for r in rows if r["scenario"] == sc and "msgs_per_s" in r]
         names = [r["server"] for r in rs]
         ys = list(range(len(rs)))
-        for j, (key, label) in enumerate((("msgs_per_s", "messages/s (higher is better)"),
-                                          ("p99_us", "p99 latency, us (lower is better)"))):
+        for j, (key, label) in enumerate((
+                ("msgs_per_s", "messages/s (higher is better)"),
+                ("p99_us", "p99 latency, us (lower is better)"),
+                ("cpu_s_per_100k", "server CPU s per 100k messages (lower is better)"))):
             ax = axes[i][j]
             vals = [r[key] for r in rs]
             ax.barh(ys, vals, color=[color(n) for n in names])
@@ -126,14 +128,16 @@ def plot(rows: List[Dict[str, Any]], path: str, title: str | None = None) -> Non
             ax.tick_params(axis="x", labelsize=8)
             top = max(vals) if vals else 1
             for y, v in zip(ys, vals):
-                ax.text(v + top * 0.01, y, f"{v:,.0f}", va="center", fontsize=7)
+                ax.text(v + top * 0.01, y, f"{v:,.0f}" if v >= 100 else f"{v:.2f}",
+                        va="center", fontsize=7)
+            ax.ticklabel_format(axis="x", style="plain", useOffset=False)
             ax.set_xlim(0, top * 1.18)
             spec = SCENARIOS.get(sc)
             ax.set_title(f"{sc} ({spec.description})" if spec and j == 0 else
                          (label if i == 0 else ""), fontsize=9)
             if j == 0 and i == 0:
                 ax.set_xlabel(label, fontsize=8)
-            if j == 1:
+            if j > 0:
                 ax.set_xlabel(label if i == len(scenarios) - 1 else "", fontsize=8)
     fig.suptitle(title or "iocp bench: echo servers on loopback "
                  "(blue: iocp, orange: peers, grey: C ceiling)", fontsize=10)
