@@ -303,7 +303,9 @@ cdef class CompletionPort:
     cdef public object exception_handler
     """Called as ``handler(exc, completion)`` when a callback raises; None logs."""
     cdef Py_ssize_t _pinned
-    cdef Py_ssize_t _waiters
+    cdef Py_ssize_t _waiters        # threads inside a native wait
+    cdef Py_ssize_t _holders        # threads holding dequeued native completions
+    cdef bint _destroy_deferred     # close() left the final free to the last holder
     cdef unsigned long _stop_gen
     cdef bint _closing
     cdef dict _final_stats          # stats() as they were when close() ended
@@ -706,11 +708,15 @@ cdef class CompletionPort:
                    unsigned wake_gen) except? -1:
         """One native wait, counted so close() knows when nobody waits.
         Returns 0 at once if stop() woke the port since `wake_gen`."""
-        cdef int n
+        cdef int n = 0
         self._waiters += 1
         try:
             with nogil:
                 n = iocp_port_wait_since(self._port, batch, max, timeout_ms, wake_gen)
+            if n > 0:
+                # Until _convert() has turned them into Completions, these
+                # records must outlive any close() on another thread.
+                self._holders += 1
         finally:
             self._waiters -= 1
         if n == IOCP_EINTR:
@@ -719,6 +725,21 @@ cdef class CompletionPort:
         if n < 0:
             raise _oserror(n)
         return n
+
+    cdef list _convert(self, iocp_completion *batch, int n):
+        """Turns a dequeued batch into Completions, all before any callback
+        runs (so no user code runs while native records are held), then
+        gives up the holder count that _wait() took."""
+        cdef int i
+        out = []
+        try:
+            for i in range(n):
+                out.append(self._complete(&batch[i]))
+        finally:
+            self._holders -= 1
+            if self._destroy_deferred and self._holders == 0:
+                self._finish_close()
+        return out
 
     def run(self, timeout=None, handler=None) -> int:
         """The completion loop: waits (GIL released), takes completions in
@@ -763,8 +784,7 @@ cdef class CompletionPort:
                     PyErr_CheckSignals()
                 continue
             try:
-                for i in range(n):
-                    comp = self._complete(&batch[i])
+                for comp in self._convert(batch, n):
                     if pending_exc is not None:
                         self._backlog.append(comp)
                         continue
@@ -829,10 +849,10 @@ cdef class CompletionPort:
             n = self._wait(batch, max, slice_ms, iocp_port_wake_gen(self._port))
             if n > 0:
                 try:
-                    for i in range(n):
-                        out.append(self._complete(&batch[i]))
+                    out.extend(self._convert(batch, n))
                 finally:
-                    iocp_port_dispatch_done(self._port)
+                    if self._port != NULL:
+                        iocp_port_dispatch_done(self._port)
                 return out
             if main:
                 PyErr_CheckSignals()
@@ -879,9 +899,9 @@ cdef class CompletionPort:
                     return
                 continue
             idle = 0
+            self._holders += 1
             try:
-                for i in range(n):
-                    comp = self._complete(&batch[i])
+                for comp in self._convert(batch, n):
                     if comp.operation.callback is not None:
                         try:
                             self._deliver(comp, None)
@@ -889,10 +909,22 @@ cdef class CompletionPort:
                             self._handle_exception(exc, comp)
             finally:
                 iocp_port_dispatch_done(self._port)
-        # Threads still inside a wait were woken above; let them leave.
-        while self._waiters > 0:
+        # Threads still inside a wait were woken above; let them leave, and
+        # let threads converting a batch finish with its records.
+        deadline = _monotonic() + 5.0
+        while self._waiters > 0 or self._holders > 0:
+            if _monotonic() > deadline:
+                # Most likely this thread is itself mid-conversion (close()
+                # from a finalizer): the last holder frees the port.
+                self._destroy_deferred = True
+                return
             iocp_port_wake(self._port)
             _sleep(0.001)
+        self._finish_close()
+
+    cdef int _finish_close(self) except -1:
+        """The last step of close(): nothing is in flight or held."""
+        self._destroy_deferred = False
         for sock, _ in list(self._registered.values()):
             fd = sock.fileno()
             if fd >= 0:
@@ -901,6 +933,7 @@ cdef class CompletionPort:
         self._final_stats = self.stats()
         iocp_port_destroy(self._port)
         self._port = NULL
+        return 0
 
     def __enter__(self):
         return self
