@@ -169,6 +169,21 @@ def test_call_soon_threadsafe_from_threads(aloop) -> None:
     assert got == on_stdlib(_threadsafe) == (1600, "woken")
 
 
+def test_loop_in_a_thread(backend: str) -> None:
+    out = {}
+
+    def target():
+        try:
+            out["result"] = iocp.aio.run(_echo_streams(10, 2), backend=backend)
+        except BaseException as exc:  # pragma: no cover - reported below
+            out["result"] = exc
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join(TIMEOUT)
+    assert out.get("result") == 20
+
+
 def test_run_in_executor(aloop) -> None:
     async def main():
         loop = asyncio.get_running_loop()
