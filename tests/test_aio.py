@@ -328,6 +328,7 @@ def test_create_server_protocol_matches_stdlib(aloop) -> None:
     assert got[1] == b"HELLObye"
 
 
+@pytest.mark.skipif(not hasattr(asyncio, "start_unix_server"), reason="no Unix sockets")
 def test_unix_streams(aloop, tmp_path) -> None:
     path = str(tmp_path / "s.sock")
 
@@ -384,7 +385,10 @@ async def _sock_functions():
 
 def test_sock_functions_match_stdlib(aloop) -> None:
     got = run(aloop, _sock_functions())
-    assert got == on_stdlib(_sock_functions) == (True, b"", False)
+    assert got == (True, b"", False)
+    if os.environ.get("IOCP_UNDER_WINE"):
+        return  # the stdlib proactor's sock_connect fails under Wine (WinError 10022)
+    assert on_stdlib(_sock_functions) == got
 
 
 def test_sock_connect_refused(aloop) -> None:
