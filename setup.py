@@ -14,10 +14,13 @@ Environment knobs for developers (see the Makefile):
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_clib import build_clib as _build_clib
+from setuptools.command.build_ext import build_ext as _build_ext
 
 WINDOWS = sys.platform == "win32"
 DEBUG = os.environ.get("IOCP_DEBUG") == "1"
@@ -95,6 +98,36 @@ if not WINDOWS and os.path.exists("src/native/bench/benchtools.c"):
         )
     )
 
+# Objects built with other flags (an ASan or debug build) must never be
+# linked into this one: setuptools tracks neither flags nor header
+# dependencies, and build_clib ignores --force.
+FLAVOR = "asan" if ASAN else "debug" if DEBUG else "release"
+_STAMP = os.path.join("build", "iocp-flavor")
+FLAVOR_CHANGED = not os.path.exists(_STAMP) or open(_STAMP).read() != FLAVOR
+
+
+class build_clib(_build_clib):
+    """Rebuilds the native library from scratch every time (a few seconds):
+    a stale object compiled against an older header or other flags is a
+    memory-corruption bug waiting to happen."""
+
+    def build_libraries(self, libraries):  # type: ignore[no-untyped-def]
+        shutil.rmtree(os.path.join(self.build_temp, "src", "native"), ignore_errors=True)
+        super().build_libraries(libraries)
+
+
+class build_ext(_build_ext):
+    """Recompiles the extension when the build flavor changed."""
+
+    def run(self) -> None:
+        if FLAVOR_CHANGED:
+            self.force = True
+        super().run()
+        os.makedirs("build", exist_ok=True)
+        with open(_STAMP, "w") as f:
+            f.write(FLAVOR)
+
+
 directives = {"language_level": "3", "embedsignature": True}
 if DEBUG:
     directives.update({"linetrace": True, "boundscheck": True})
@@ -102,6 +135,7 @@ else:
     directives.update({"boundscheck": False, "wraparound": False})
 
 setup(
+    cmdclass={"build_clib": build_clib, "build_ext": build_ext},
     libraries=[native_lib],
     ext_modules=cythonize(
         extensions,
