@@ -444,7 +444,7 @@ cdef class CompletionPort:
         op._port = self
         op._kind = kind
         op.callback = callback
-        if sock is not None:
+        if kind != IOCP_OP_POST:
             if not isinstance(sock, _socket.socket):
                 raise TypeError(f"expected a socket.socket, got {type(sock).__name__}")
             fd = sock.fileno()
@@ -458,7 +458,7 @@ cdef class CompletionPort:
             raise MemoryError()
         op._op.kind = kind
         op._op.user = <void *>op
-        if sock is not None:
+        if kind != IOCP_OP_POST:
             op._op.sock = fd
         return op
 

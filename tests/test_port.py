@@ -435,6 +435,9 @@ def test_keyboard_interrupt_inside_a_batch_loses_no_completion(port):
         (lambda p, s: p.get_many(0), ValueError),
         (lambda p, s: p.get(timeout=-1), ValueError),
         (lambda p, s: p.unregister(socket.socket()), ValueError),
+        (lambda p, s: p.connect(None, ("127.0.0.1", 1)), TypeError),
+        (lambda p, s: p.recv(None, 10), TypeError),
+        (lambda p, s: p.accept(None), TypeError),
     ],
 )
 def test_bad_input_raises_cleanly(port, call, exc):
