@@ -10,6 +10,11 @@ epoll emulation, with one API and one semantics.
         port.register(sock)
         port.recv(sock, 4096, on_data)
         port.run()
+
+Three ways in: the port itself (CompletionPort, Operation, Completion), a
+callback server and client in the spirit of asyncio.Protocol (Server,
+Client, connect), and an asyncio event loop on the port (``iocp.aio``,
+imported on demand so plain users do not pay for asyncio).
 """
 
 from iocp._core import Completion, CompletionPort, Operation, backends
