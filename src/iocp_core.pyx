@@ -309,6 +309,7 @@ cdef class CompletionPort:
     cdef unsigned long _stop_gen
     cdef bint _closing
     cdef dict _final_stats          # stats() as they were when close() ended
+    cdef set _run_threads           # idents of threads inside run()
 
     def __cinit__(self, unsigned concurrency=0, *, backend=None,
                   unsigned queue_capacity=1024, unsigned ring_entries=0):
@@ -339,6 +340,7 @@ cdef class CompletionPort:
             raise err
         self.backend = iocp_port_backend(self._port).decode("ascii")
         self._registered = {}
+        self._run_threads = set()
         self._backlog = _deque()
         self.exception_handler = None
 
@@ -750,18 +752,32 @@ cdef class CompletionPort:
         called, or when ``timeout`` seconds pass.  Several threads may run
         the loop at once; ``concurrency`` caps how many dispatch together.
         """
-        cdef iocp_completion batch[BATCH]
-        cdef int n, i, slice_ms
         cdef unsigned long gen = self._stop_gen
         cdef unsigned wake_gen
         cdef bint main = _threading.current_thread() is _threading.main_thread()
-        cdef Py_ssize_t dispatched = 0
-        cdef double deadline = 0.0, left
-        cdef object pending_exc = None
         self._check_open()
+        me = _threading.get_ident()
+        if me in self._run_threads:
+            # The outer run() holds a dispatch slot: a nested loop could
+            # wait forever for one (concurrency=1) and would reorder
+            # completions under the outer batch.
+            raise RuntimeError("run() called from a callback of run() on the same thread")
         wake_gen = iocp_port_wake_gen(self._port)
         if gen != self._stop_gen:
             return 0
+        self._run_threads.add(me)
+        try:
+            return self._run_loop(gen, wake_gen, main, timeout, handler)
+        finally:
+            self._run_threads.discard(me)
+
+    cdef object _run_loop(self, unsigned long gen, unsigned wake_gen, bint main,
+                          object timeout, object handler):
+        cdef iocp_completion batch[BATCH]
+        cdef int n, slice_ms
+        cdef Py_ssize_t dispatched = 0
+        cdef double deadline = 0.0, left
+        cdef object pending_exc = None
         if timeout is not None:
             deadline = _monotonic() + float(timeout)
         while not self._closing and gen == self._stop_gen:

@@ -860,3 +860,20 @@ def test_close_from_another_thread_while_a_batch_is_dispatched(make_port):
     worker.join(30)
     assert not worker.is_alive()
     assert sorted(seen) == list(range(200))
+
+
+def test_nested_run_from_a_callback_is_refused(port):
+    errors = []
+
+    def nested(c):
+        try:
+            port.run(timeout=0.1)
+        except RuntimeError as exc:
+            errors.append(exc)
+        port.stop()
+
+    port.post(callback=nested)
+    port.run(timeout=5)
+    assert len(errors) == 1 and "callback" in str(errors[0])
+    port.post("again", callback=lambda c: port.stop())
+    assert port.run(timeout=5) == 1  # the outer loop is unaffected
