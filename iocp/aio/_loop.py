@@ -47,22 +47,163 @@ _DefaultPolicy: Any = events.BaseDefaultEventLoopPolicy
 _unix: Any = unix_events
 
 
-class _SocketTransport(_ProactorSocketTransport):  # type: ignore[misc]
-    """The stdlib proactor socket transport; it leaves the port before its
-    socket is closed."""
+_ProactorDatagramTransport: Any = _proactor_events._ProactorDatagramTransport
+
+# Server._detach() takes the transport from 3.13 on (it keeps a set of them).
+_DETACH_TAKES_TRANSPORT = sys.version_info >= (3, 13)
+
+# Errors a datagram socket reports for an earlier datagram (an ICMP error
+# queued on it); reporting them clears them, so reading can go on.
+_DATAGRAM_PEER_ERRORS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNREFUSED",
+        "ECONNRESET",
+        "EHOSTUNREACH",
+        "ENETUNREACH",
+        "EHOSTDOWN",
+        "ENETDOWN",
+        "EMSGSIZE",
+        "EPROTO",
+        "ETIMEDOUT",
+    )
+    if hasattr(errno, name)
+)
+
+
+def _close_socket(sock: socket.socket) -> None:
+    """shutdown(SHUT_RDWR) then close(), and neither may raise.
+
+    The stdlib proactor transports shut a socket down before closing it
+    (for Windows' sake) and let the error escape.  On Linux shutdown()
+    raises ENOTCONN once the peer has reset, and always on an unconnected
+    datagram socket (EBADF if the fd was closed behind our back); the
+    socket is going away either way, so the error says nothing worth a
+    traceback.  close() marks the socket closed before the close(2) call,
+    so the fd is released even when that reports an error.
+    """
+    try:
+        if sock.fileno() != -1:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+class _ConnectionLostMixin:
+    """connection_lost() for the proactor transports that always releases.
+
+    The stdlib's ``_call_connection_lost`` calls ``protocol.connection_lost``
+    and then, in a ``finally``, shuts the socket down, closes it and
+    detaches from the server -- and an OSError from shutdown() skips the
+    rest: the fd leaks, the loop's exception handler logs a traceback, and
+    ``Server.wait_closed()`` never returns.  This replaces it: the same
+    steps, in the same order (the socket stays open while the protocol's
+    connection_lost runs), but the release cannot be cut short.  It also
+    leaves the port first, so the socket's ops are cancelled before its fd
+    can be reused.
+    """
+
+    _loop: Any
+    _protocol: Any
+    _sock: socket.socket | None
+    _server: Any
+    _conn_lost: int
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         sock = self._sock
-        proactor = self._loop._proactor
-        if sock is not None and proactor is not None:
-            proactor._unregister(sock)
-        super()._call_connection_lost(exc)
+        if sock is None:  # already released
+            return
+        try:
+            proactor = self._loop._proactor
+            if proactor is not None:
+                proactor._unregister(sock)  # cancels its ops while the fd is ours
+            self._protocol.connection_lost(exc)
+        finally:
+            self._release(sock)
+
+    def _release(self, sock: socket.socket) -> None:
+        self._sock = None
+        if not self._conn_lost:  # later writes are dropped, not attempted
+            self._conn_lost = 1
+        self._called_connection_lost = True  # 3.10+ reads it in _force_close
+        try:
+            _close_socket(sock)
+        finally:
+            server, self._server = self._server, None
+            if server is not None:
+                if _DETACH_TAKES_TRANSPORT:
+                    server._detach(self)
+                else:
+                    server._detach()
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         # As newer Pythons do (3.9 calls close(), which needs an open loop).
         if self._sock is not None:
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
             self._sock.close()
+
+
+class _SocketTransport(_ConnectionLostMixin, _ProactorSocketTransport):  # type: ignore[misc]
+    """The stdlib proactor stream transport (TCP, Unix), releasing its
+    socket whatever the socket reports (see _ConnectionLostMixin)."""
+
+
+class _DatagramTransport(_ConnectionLostMixin, _ProactorDatagramTransport):  # type: ignore[misc]
+    """The stdlib proactor datagram transport, fixed where an error or a
+    close() in the middle of a send stops it for good.
+
+    - close() while datagrams are buffered or a send is in flight: the
+      stdlib marks the connection lost at once, so the write loop returns
+      before it would call connection_lost -- which then never runs and the
+      fd leaks.  Here close() lets the buffer drain first, as the selector
+      loop's datagram transport does, and the write loop's end calls
+      connection_lost.
+    - A failed send is reported to error_received() and the stdlib's write
+      loop stops, leaving the rest of the buffer (and a pending close)
+      waiting forever.  Here it goes on with the next datagram.
+    - A failed read (an ICMP error such as port unreachable on a connected
+      socket, reported as ConnectionRefusedError) is reported and the
+      stdlib stops reading for good.  Here reading goes on after such
+      peer errors, as on the selector loop.
+    """
+
+    _closing: bool
+    _buffer: Any
+    _write_fut: Any
+    _read_fut: Any
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        if self._write_fut is None and not self._buffer:
+            super().close()
+            return
+        # Drain first; _loop_writing schedules connection_lost when the
+        # buffer is empty and _closing is set.
+        self._closing = True
+        if self._read_fut is not None:
+            self._read_fut.cancel()
+            self._read_fut = None
+
+    def _loop_writing(self, fut: Any = None) -> None:
+        failed = fut is not None and fut.done() and not fut.cancelled() and (
+            fut.exception() is not None
+        )
+        super()._loop_writing(fut)
+        if failed and self._write_fut is None and not self._conn_lost:
+            super()._loop_writing()  # the next datagram, or the close
+
+    def _loop_reading(self, fut: Any = None) -> None:
+        failed = fut is not None and fut.done() and not fut.cancelled() and (
+            getattr(fut.exception(), "errno", None) in _DATAGRAM_PEER_ERRORS
+        )
+        super()._loop_reading(fut)
+        if failed and self._read_fut is None and not self._closing and not self._conn_lost:
+            super()._loop_reading()
 
 
 class EventLoop(_ProactorLoop):  # type: ignore[misc]
@@ -109,6 +250,9 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
 
     def _make_socket_transport(self, sock, protocol, waiter=None, extra=None, server=None):  # type: ignore[no-untyped-def]
         return _SocketTransport(self, sock, protocol, waiter, extra, server)
+
+    def _make_datagram_transport(self, sock, protocol, address=None, waiter=None, extra=None):  # type: ignore[no-untyped-def]
+        return _DatagramTransport(self, sock, protocol, address, waiter, extra)
 
     def _make_ssl_transport(  # type: ignore[no-untyped-def]
         self,
