@@ -21,6 +21,7 @@ import errno
 import os
 import select
 import socket
+import ssl
 import struct
 import tempfile
 import time
@@ -290,6 +291,96 @@ def test_client_transport_released_after_peer_reset(rloop: Any) -> None:
         return baseline, after
 
     baseline, after = run(rloop, main())
+    released(rloop, baseline, after)
+
+
+def test_tls_server_releases_reset_connections(rloop: Any) -> None:
+    """A TLS server (sslproto over the transport): clients reset before,
+    during (a partial ClientHello) and after the handshake."""
+    from tests.test_aio import _self_signed
+
+    with tempfile.TemporaryDirectory() as d:
+        cert, key = _self_signed(d)
+        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_ctx.load_cert_chain(cert, key)
+        client_ctx = ssl.create_default_context(cafile=cert)
+
+    def clients(addr: Any, n: int) -> int:
+        for i in range(n):
+            s = socket.create_connection(addr, timeout=IO_TIMEOUT)
+            try:
+                if i % 3 == 1:
+                    s.sendall(b"\x16\x03\x01\x02\x00\x01")  # a ClientHello cut short
+                elif i % 3 == 2:
+                    s = client_ctx.wrap_socket(s, server_hostname="localhost")
+                    s.sendall(b"hello")
+                    assert s.recv(5) == b"hello"
+            finally:
+                reset(s)
+        return n
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(1024):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> tuple[int, int, int]:
+        baseline = open_fds()
+        server = await asyncio.start_server(
+            echo, "127.0.0.1", 0, ssl=server_ctx, ssl_handshake_timeout=10
+        )
+        addr = server.sockets[0].getsockname()
+        n = await in_thread(rloop, clients, addr, 90)
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 20)
+        return baseline, await fds_settle(baseline), n
+
+    baseline, after, n = run(rloop, main())
+    assert n == 90
+    released(rloop, baseline, after)
+
+
+def test_sendfile_to_a_peer_that_resets(rloop: Any) -> None:
+    """loop.sendfile() (the fallback: the iocp loop has no native sendfile)
+    of a large file to clients that read a little and reset."""
+
+    results: list[BaseException | int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read(10)
+            with open(path, "rb") as f:
+                results.append(await rloop.sendfile(writer.transport, f))
+        except (ConnectionError, OSError) as exc:
+            results.append(exc)
+        finally:
+            writer.close()
+
+    async def main() -> tuple[int, int, int]:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0, backlog=CLIENTS)
+        addr = server.sockets[0].getsockname()
+        baseline = open_fds()
+        n = await in_thread(rloop, reset_clients, addr, socket.AF_INET, 60, b"go", 4096)
+        deadline = time.monotonic() + SETTLE
+        while len(results) < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        after = await fds_settle(baseline)
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
+        return baseline, after, n
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "big")
+        with open(path, "wb") as f:
+            f.write(b"f" * (8 << 20))
+        baseline, after, n = run(rloop, main())
+    assert len(results) == n == 60
+    assert all(isinstance(r, (ConnectionError, OSError)) for r in results), results[:3]
     released(rloop, baseline, after)
 
 
