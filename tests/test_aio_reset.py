@@ -154,8 +154,9 @@ class Writer(asyncio.Protocol):
     made = 0
     lost = 0
 
-    def __init__(self, reply: bytes) -> None:
+    def __init__(self, reply: bytes, close: bool = False) -> None:
         self.reply = reply
+        self.close = close
 
     def connection_made(self, transport: Any) -> None:
         type(self).made += 1
@@ -164,6 +165,8 @@ class Writer(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.reply:
             self.transport.write(self.reply)
+        if self.close:  # with the write still pending: the peer resets during the close
+            self.transport.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         type(self).lost += 1
@@ -179,12 +182,17 @@ def _server_address(family: str, tmp: str) -> tuple[int, Any]:
 
 
 @pytest.mark.parametrize("family", ["tcp", "unix"])
-@pytest.mark.parametrize("reply", [0, 64, 4 << 20], ids=["silent", "small", "writing"])
+@pytest.mark.parametrize(
+    "reply, close",
+    [(0, False), (64, False), (4 << 20, False), (4 << 20, True)],
+    ids=["silent", "small", "writing", "closing"],
+)
 def test_protocol_server_releases_reset_connections(
-    rloop: Any, family: str, reply: int
+    rloop: Any, family: str, reply: int, close: bool
 ) -> None:
-    """Hundreds of clients reset: idle, after a small reply, or while the
-    server is still writing 4 MB to them."""
+    """Hundreds of clients reset: idle, after a small reply, while the
+    server is still writing 4 MB to them, or once the server has called
+    close() with those 4 MB still being written."""
     if family == "unix" and not hasattr(socket, "AF_UNIX"):
         pytest.skip("no AF_UNIX")
     data = b"r" * reply
@@ -197,10 +205,14 @@ def test_protocol_server_releases_reset_connections(
         with tempfile.TemporaryDirectory() as tmp:
             fam, addr = _server_address(family, tmp)
             baseline = open_fds()
+
+            def factory() -> P:
+                return P(data, close)
+
             if fam == socket.AF_UNIX:
-                server = await rloop.create_unix_server(lambda: P(data), addr, backlog=CLIENTS)
+                server = await rloop.create_unix_server(factory, addr, backlog=CLIENTS)
             else:
-                server = await rloop.create_server(lambda: P(data), *addr, backlog=CLIENTS)
+                server = await rloop.create_server(factory, *addr, backlog=CLIENTS)
                 addr = server.sockets[0].getsockname()
             read_first = min(reply, 1024)
             n = await in_thread(rloop, reset_clients, addr, fam, CLIENTS, b"hello", read_first)

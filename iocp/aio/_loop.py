@@ -112,6 +112,7 @@ class _ConnectionLostMixin:
     _sock: socket.socket | None
     _server: Any
     _conn_lost: int
+    _closing: bool
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         sock = self._sock
@@ -139,6 +140,16 @@ class _ConnectionLostMixin:
                     server._detach(self)
                 else:
                     server._detach()
+
+    if sys.version_info < (3, 10):
+
+        def _force_close(self, exc: BaseException | None) -> None:
+            # 3.9's returns at once if close() was called: a peer reset
+            # while close() waits for pending writes then ends the writes
+            # but never calls connection_lost.  Let it finish (3.10+ does).
+            if self._sock is not None:
+                self._closing = False
+            super()._force_close(exc)  # type: ignore[misc]
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         # As newer Pythons do (3.9 calls close(), which needs an open loop).
