@@ -6,8 +6,12 @@ model -- Windows' ProactorEventLoop, whose transports (streams, SSL through
 sslproto, servers, datagrams) are written against a small "proactor"
 interface of overlapped operations that each resolve one future.  That
 interface maps one to one onto the completion port (see ``_proactor``), so
-we reuse every transport as it is and only supply the proactor, and get
-the same behaviour asyncio has on Windows, everywhere the port runs.  What
+we reuse every transport and supply the proactor, and get the same
+behaviour asyncio has on Windows, everywhere the port runs.  Where those
+transports go wrong off Windows -- an error from shutdown() on a reset or
+unconnected socket skipping the close, a datagram close() that never
+finishes -- thin subclasses here fix them (the only place that touches the
+transports' private parts; see docs/asyncio.md, "Transports").  What
 the proactor loop lacks on POSIX we add here: add_reader/add_writer (a
 readiness helper thread, ``_readiness``), signal handlers, pipes and
 subprocesses (the stdlib Unix pipe transports on that readiness), Unix
