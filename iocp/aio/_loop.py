@@ -186,7 +186,6 @@ class _DatagramTransport(_ConnectionLostMixin, _ProactorDatagramTransport):  # t
       peer errors, as on the selector loop.
     """
 
-    _closing: bool
     _buffer: Any
     _write_fut: Any
     _read_fut: Any
@@ -203,6 +202,8 @@ class _DatagramTransport(_ConnectionLostMixin, _ProactorDatagramTransport):  # t
         if self._read_fut is not None:
             self._read_fut.cancel()
             self._read_fut = None
+        if self._write_fut is None:  # datagrams buffered but no send going
+            self._loop_writing()
 
     def _loop_writing(self, fut: Any = None) -> None:
         failed = fut is not None and fut.done() and not fut.cancelled() and (
