@@ -256,3 +256,22 @@ def test_child_refuses_another_iocp(tmp_path) -> None:
     bad = subprocess.run(cmd, capture_output=True, timeout=30, cwd=str(tmp_path))
     assert bad.returncode == 1, bad
     assert b"expected" in bad.stderr and b"Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("module,argv", [
+    ("loadgen", ["--port", "1", "--size", "0"]),
+    ("loadgen", ["--port", "1", "--connections", "-3"]),
+    ("loadgen", ["--port", "0"]),
+    ("loadgen", ["--port", "1", "--duration", "0"]),
+    ("loadgen", ["--port", "1", "--threads", "1000"]),
+    ("loadgen", ["--port", "1", "--inflight", "0"]),
+    ("servers", ["iocp-port", "--port", "99999"]),
+])
+def test_helper_programs_refuse_out_of_range_numbers(module, argv, capsys) -> None:
+    import importlib
+
+    mod = importlib.import_module(f"iocp.bench.{module}")
+    with pytest.raises(SystemExit) as exc:
+        mod.main(argv)
+    assert exc.value.code == 2
+    assert "invalid" in capsys.readouterr().err
