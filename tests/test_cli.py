@@ -393,7 +393,7 @@ def test_bad_backend_is_one_line(command: str, how: str) -> None:
         args += ["--backend", "io_uring"]
         extra["IOCP_URING_FAIL_SETUP"] = "1"
     r = run_iocp(*args, input=b"", extra_env=extra)
-    line = assert_one_line_error(r, 2, f"{command}:", repr(name))
+    line = assert_one_line_error(r, 2, f"{command}:", name)
     if how.startswith("env"):
         assert "IOCP_BACKEND" in line
 
