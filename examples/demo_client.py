@@ -38,6 +38,8 @@ def main() -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9527)
     args = parser.parse_args()
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: must be 0..65535")
     # Escape what the console code page cannot show (cp1252 on Windows).
     sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     replies = Replies()

@@ -54,11 +54,17 @@ def main() -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9527)
     args = parser.parse_args()
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: must be 0..65535")
     # Escape what the console code page cannot show (cp1252 on Windows).
     sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     server = Server(Printer, args.host, args.port)
-    server.start()
+    try:
+        server.start()
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        print(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     port = server.address[1]  # type: ignore[index]
     print(f"listening on {args.host}:{port} (backend {server.backend})", flush=True)
     return server.serve_forever()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from iocp.server import Connection, Protocol, Server
 
@@ -28,9 +29,18 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=9527)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: must be 0..65535")
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     server = Server(Echo, args.host, args.port)
-    return server.serve_forever(threads=args.threads)
+    try:
+        server.start(threads=args.threads)  # listen now: a busy port is reported here
+    except OSError as exc:
+        print(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return server.serve_forever()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import sys
 import threading
 from typing import Any, List, Sequence
 
+from iocp._argtypes import MAX_SECONDS, float_option, int_option, port_number
+
 PROG = "iocp"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9527
@@ -122,34 +124,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _port_number(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}: not a number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid port {value}: must be 0..65535")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: not a number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid count {value}: must be >= 1")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid duration {value}: must be >= 0")
-    return value
+# Numeric options: out-of-range values are refused by argparse, never
+# accepted or left to fail deep inside a command.
+_port_number = port_number
+_threads = int_option(1, 1024, "thread count")
+_workers = int_option(1, 1024, "worker count")
+_positive = int_option(1, None, "count")
+_seconds = float_option(0.0, MAX_SECONDS, what="duration")
 
 
 def _add_address(p: argparse.ArgumentParser, host_help: str) -> None:
@@ -188,13 +169,13 @@ def build_parser(bench_module: Any = None) -> argparse.ArgumentParser:
     serve.add_argument("--echo", action="store_true", help="echo data back instead of printing")
     serve.add_argument("--quiet", action="store_true", help="do not print each message")
     serve.add_argument(
-        "--threads", type=_positive, default=1, help="completion-loop threads (default 1)"
+        "--threads", type=_threads, default=1, help="completion-loop threads (1..1024, default 1)"
     )
     serve.add_argument(
         "--workers",
-        type=_positive,
+        type=_workers,
         default=1,
-        help="processes sharing the port with SO_REUSEPORT (Linux; default 1)",
+        help="processes sharing the port with SO_REUSEPORT (Linux; 1..1024, default 1)",
     )
     serve.add_argument("--max-connections", type=_positive, help="refuse clients beyond this")
     serve.add_argument(
@@ -226,7 +207,7 @@ def build_parser(bench_module: Any = None) -> argparse.ArgumentParser:
 
     bench_help = "benchmarks (iocp against asyncio, uvloop, ...); see 'iocp bench --help'"
     if bench_module is not None:
-        bench = sub.add_parser("bench", help=bench_help, description=bench_module.__doc__)
+        bench = sub.add_parser("bench", help=bench_help, description=bench_module.DESCRIPTION)
         bench_module.configure_parser(bench)
         bench.set_defaults(func=bench_module.run)
     else:  # listed in --help; the module is imported only when bench is run
@@ -330,6 +311,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"backend {server.backend}, {args.threads} thread(s); Ctrl-C to stop"
     )
     return server.serve_forever(threads=args.threads)
+
+
+def backend_error(name: str | None) -> str | None:
+    """Why a port with backend ``name`` cannot be made here, or None if it can.
+
+    ``name=None`` means what a port would pick: ``IOCP_BACKEND``, else the
+    best available.  Both ways a forced backend fails are covered: a name
+    this build lacks (ValueError) and one that cannot run on this machine
+    (OSError: io_uring refused by the kernel or a seccomp profile).
+    """
+    from iocp._core import CompletionPort
+
+    origin = ""
+    if name is None and os.environ.get("IOCP_BACKEND"):
+        origin = " (from the IOCP_BACKEND environment variable)"
+    try:
+        with CompletionPort(backend=name):
+            return None
+    except ValueError as exc:
+        return f"{exc}{origin}"
+    except OSError as exc:
+        return f"{exc.strerror or exc}{origin}"
 
 
 def _probe_backend(name: str | None) -> str:
@@ -464,6 +467,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     func = getattr(args, "func", None)
     if func is None:  # cannot happen: subcommands are required
         return _fail(f"{args.command}: not available", 2)
+    if hasattr(args, "backend"):  # checked once, before the command starts anything
+        why = backend_error(args.backend)
+        if why is not None:
+            return _fail(f"{args.command}: {why}", 2)
     try:
         return int(func(args) or 0)
     except KeyboardInterrupt:
@@ -471,10 +478,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except OSError as exc:
+        logging.getLogger("iocp").debug("%s failed", args.command, exc_info=True)
         if exc.errno == errno.EADDRINUSE:
             return _fail(f"address already in use: {exc}")
         return _fail(f"{args.command}: {exc}")
-    except (ImportError, NotImplementedError) as exc:
+    except (ImportError, NotImplementedError, ValueError, RuntimeError) as exc:
+        # A setting the command refused (e.g. --workers with --unix), or a
+        # resource it could not get: one line; -v shows where it came from.
+        logging.getLogger("iocp").debug("%s failed", args.command, exc_info=True)
         return _fail(f"{args.command}: {exc}", 2)
 
 

@@ -205,3 +205,73 @@ def test_runner_smoke(tmp_path, capsys) -> None:
         assert row["peak_rss_kib"] > 0
     assert data["machine"]["python"]
     assert len(data["measurements"]) == 2
+
+
+def _quick_args(tmp_path, *extra: str):
+    import argparse
+
+    from iocp.bench import cli
+
+    parser = argparse.ArgumentParser()
+    cli.configure_parser(parser)
+    return parser.parse_args(["--servers", "iocp-port", "--scenarios", "10x64Bx16",
+                              "--warmup", "0.05", "--duration", "0.2",
+                              "--max-interference", "0", "--json", str(tmp_path / "r.json"),
+                              *extra])
+
+
+def test_runner_ignores_an_unbuilt_checkout_in_the_cwd(tmp_path, monkeypatch, capsys) -> None:
+    # `pip install . && iocp bench` at the root of a clone: the cwd holds the
+    # unbuilt source package.  The servers and the load generator must import
+    # the iocp this process imported, never the one in the cwd.
+    from iocp.bench import cli
+
+    fake = tmp_path / "checkout" / "iocp"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('the unbuilt checkout was imported')\n")
+    for name in ("bench", "aio"):
+        (fake / name).mkdir()
+        (fake / name / "__init__.py").write_text("raise ImportError('unbuilt checkout')\n")
+    monkeypatch.chdir(fake.parent)
+    args = _quick_args(tmp_path)
+    code = cli.run(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    data = json.loads((tmp_path / "r.json").read_text())
+    [row] = data["summary"]
+    assert row["errors"] == 0 and row["msgs_per_s"] > 0, row
+
+
+def test_child_refuses_another_iocp(tmp_path) -> None:
+    # The children check that they imported the parent's iocp, not merely one.
+    import subprocess
+
+    from iocp.bench import runner
+
+    cmd = runner.python_command("iocp.bench.servers", "--help")
+    ok = subprocess.run(cmd, capture_output=True, timeout=30, cwd=str(tmp_path))
+    assert ok.returncode == 0 and b"usage:" in ok.stdout, ok.stderr
+    origin = cmd.index("iocp.bench.servers") - 1
+    cmd[origin] = str(tmp_path / "elsewhere" / "iocp" / "__init__.py")
+    bad = subprocess.run(cmd, capture_output=True, timeout=30, cwd=str(tmp_path))
+    assert bad.returncode == 1, bad
+    assert b"expected" in bad.stderr and b"Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("module,argv", [
+    ("loadgen", ["--port", "1", "--size", "0"]),
+    ("loadgen", ["--port", "1", "--connections", "-3"]),
+    ("loadgen", ["--port", "0"]),
+    ("loadgen", ["--port", "1", "--duration", "0"]),
+    ("loadgen", ["--port", "1", "--threads", "1000"]),
+    ("loadgen", ["--port", "1", "--inflight", "0"]),
+    ("servers", ["iocp-port", "--port", "99999"]),
+])
+def test_helper_programs_refuse_out_of_range_numbers(module, argv, capsys) -> None:
+    import importlib
+
+    mod = importlib.import_module(f"iocp.bench.{module}")
+    with pytest.raises(SystemExit) as exc:
+        mod.main(argv)
+    assert exc.value.code == 2
+    assert "invalid" in capsys.readouterr().err

@@ -33,14 +33,14 @@ def free_port() -> int:
 
 
 def run_iocp(
-    *args: str, input: bytes | None = None, timeout: float = 20
+    *args: str, input: bytes | None = None, timeout: float = 20, extra_env: dict | None = None
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "iocp", *args],
         input=input,
         capture_output=True,
         timeout=timeout,
-        env=env(),
+        env=dict(env(), **(extra_env or {})),
         cwd=str(ROOT),
     )
 
@@ -338,3 +338,116 @@ def test_unknown_host_is_one_line(command: str) -> None:
     assert r.returncode == 1
     err = r.stderr.decode().strip().splitlines()
     assert len(err) == 1 and "no-such-host.invalid" in err[0], err
+
+
+def _have_bench() -> bool:
+    try:
+        import iocp.bench.cli  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, code: int, *words: str) -> str:
+    """The command failed with ``code`` and said why in one line, no traceback."""
+    assert b"Traceback" not in r.stderr, r.stderr.decode()
+    assert r.returncode == code, (r.returncode, r.stderr.decode())
+    err = r.stderr.decode().strip().splitlines()
+    assert len(err) == 1, err
+    for word in words:
+        assert word in err[0], err
+    return err[0]
+
+
+# A backend name of another platform: this build has no such backend.
+FOREIGN_BACKEND = "epoll" if sys.platform == "win32" else "iocp"
+BACKEND_COMMANDS = {
+    "serve": ["serve", "--port", "0"],
+    "client": ["client", "--port", "1"],
+    "bench": ["bench", "--list"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(BACKEND_COMMANDS))
+@pytest.mark.parametrize("how", ["flag-foreign", "env-foreign", "env-unknown", "refused"])
+def test_bad_backend_is_one_line(command: str, how: str) -> None:
+    # Unknown names raise ValueError, a backend that cannot run here OSError:
+    # every command reports both before starting anything (serve would
+    # otherwise listen forever: the timeout bounds that failure).
+    if command == "bench" and not _have_bench():
+        pytest.skip("iocp.bench.cli is not there")
+    args = list(BACKEND_COMMANDS[command])
+    extra: dict = {}
+    name = FOREIGN_BACKEND
+    if how == "flag-foreign":
+        args += ["--backend", FOREIGN_BACKEND]
+    elif how == "env-foreign":
+        extra["IOCP_BACKEND"] = FOREIGN_BACKEND
+    elif how == "env-unknown":
+        name = "no-such-backend"
+        extra["IOCP_BACKEND"] = name
+    else:
+        if not sys.platform.startswith("linux"):
+            pytest.skip("IOCP_URING_FAIL_SETUP is the Linux io_uring backend's switch")
+        name = "io_uring"
+        args += ["--backend", "io_uring"]
+        extra["IOCP_URING_FAIL_SETUP"] = "1"
+    r = run_iocp(*args, input=b"", extra_env=extra)
+    line = assert_one_line_error(r, 2, f"{command}:", name)
+    if how.startswith("env"):
+        assert "IOCP_BACKEND" in line
+
+
+BAD_NUMBERS = [
+    ["serve", "--threads", "5000"],
+    ["serve", "--workers", "0"],
+    ["serve", "--max-connections", "-5"],
+    ["serve", "--idle-timeout", "-1"],
+    ["serve", "--drain-timeout", "inf"],
+    ["serve", "--port", "-1"],
+    ["client", "--wait", "nan"],
+    ["client", "--timeout", "1e300"],
+    ["client", "--port", "65536"],
+    ["bench", "--rounds", "-1"],
+    ["bench", "--rounds", "0"],
+    ["bench", "--duration", "0"],
+    ["bench", "--duration", "-2"],
+    ["bench", "--warmup", "inf"],
+    ["bench", "--loadgen-threads", "-1"],
+    ["bench", "--max-interference", "nan"],
+]
+
+
+@pytest.mark.parametrize("args", BAD_NUMBERS, ids=" ".join)
+def test_out_of_range_numbers_are_refused(args: List[str]) -> None:
+    if args[0] == "bench" and not _have_bench():
+        pytest.skip("iocp.bench.cli is not there")
+    r = run_iocp(*args, input=b"")
+    assert_one_line_error(r, 2, args[1], args[2])
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT") or not POSIX, reason="workers")
+def test_workers_with_a_unix_socket_is_one_line(tmp_path: Path) -> None:
+    r = run_iocp("serve", "--workers", "2", "--unix", str(tmp_path / "s.sock"))
+    assert_one_line_error(r, 2, "serve:", "Unix")
+
+
+def _description(help_text: str) -> str:
+    """The paragraph(s) between the usage lines and the option list."""
+    after_usage = help_text.split("\n\n", 1)[1]
+    for heading in ("\noptions:", "\noptional arguments:", "\npositional arguments:"):
+        after_usage = after_usage.split(heading, 1)[0]
+    return after_usage.strip()
+
+
+@pytest.mark.parametrize("command", ["serve", "client", "bench"])
+def test_every_command_help_opens_with_a_description(command: str) -> None:
+    if command == "bench" and not _have_bench():
+        pytest.skip("iocp.bench.cli is not there")
+    r = run_iocp(command, "--help")
+    assert r.returncode == 0, r.stderr
+    text = _description(r.stdout.decode())
+    assert len(text) > 40, text
+    # written for users: not a module docstring (reST quotes, internals)
+    for internal in ("``", "`iocp", "argument parsing", "top-level run"):
+        assert internal not in text, text

@@ -155,3 +155,38 @@ def test_every_example_has_help(script: str) -> None:
     assert r.returncode == 0, r.stderr
     assert b"usage:" in r.stdout
 
+
+
+SERVERS = ["chat_server.py", "demo_server.py", "echo_server.py"]
+
+
+@pytest.mark.parametrize("script", SERVERS)
+def test_busy_port_is_one_line(script: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, str(EXAMPLES / script), "--port", str(port)],
+            capture_output=True,
+            timeout=20,
+            env=env(),
+        )
+    assert b"Traceback" not in r.stderr, r.stderr.decode()
+    assert r.returncode == 1, r.stderr
+    err = r.stderr.decode().strip().splitlines()
+    assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0], err
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_out_of_range_port_is_refused(script: str) -> None:
+    r = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--port", "70000"],
+        input=b"",
+        capture_output=True,
+        timeout=20,
+        env=env(),
+    )
+    assert b"Traceback" not in r.stderr, r.stderr.decode()
+    assert r.returncode == 2, r.stderr
+    assert b"--port 70000" in r.stderr

@@ -55,3 +55,44 @@ def test_readme_demo(tmp_path, backend):
     assert "says hello" in text
     assert "says \\xff\x00bin" in text  # invalid UTF-8 escaped, NUL kept
     assert "closed" in text and "Traceback" not in text
+
+
+def _readme_commands_module():
+    import importlib.util
+
+    path = README.parent / ".ci" / "readme_commands.py"
+    if not path.exists():  # tests/wheels/run_installed.py copies tests/, README, examples/
+        pytest.skip("not a source checkout: no .ci/")
+    spec = importlib.util.spec_from_file_location("readme_commands", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ci_types_the_quick_start_commands_as_written():
+    # .ci/run reads the Quick start commands out of README.md instead of
+    # keeping its own copy, which could drift from what a newcomer types.
+    rc = _readme_commands_module()
+    text = README.read_text(encoding="utf-8")
+    bench, tests = rc.quick_start_commands(text)
+    start = text.index("## Quick start")
+    quick_start = text[start:text.index("\n## ", start)]
+    assert f"\n{bench}\n" in quick_start and f"\n{tests}\n" in quick_start
+    assert bench.startswith("pip install '.[bench]'") and bench.endswith("iocp bench --quick")
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert ".ci/readme_commands.py README.md" in ci
+    code = [line for line in ci.splitlines() if not line.lstrip().startswith("#")]
+    for command in (bench, tests):
+        assert not any(command in line for line in code), "hard-coded in .ci/run"
+
+
+@pytest.mark.parametrize("block", [
+    "pip install '.[bench]' && iocp bench --quick\n",                       # one command
+    "pip install -e '.[test]' && python -m pytest\npip install '.[bench]' && iocp bench\n",
+    "pip install '.[bench]' && \\\n  iocp bench --quick\npython -m pytest\n",  # continued
+])
+def test_readme_commands_refuses_a_quick_start_it_cannot_type(block):
+    rc = _readme_commands_module()
+    with pytest.raises(ValueError):
+        rc.quick_start_commands(f"# x\n\n## Quick start\n\n```sh\n{block}```\n\n## Next\n")

@@ -1,16 +1,8 @@
-"""python -m iocp.bench [--quick|--full] ..."""
+"""python -m iocp.bench [--quick|--full] ...: the same command as ``iocp bench``."""
 
-import argparse
 import sys
 
-from iocp.bench import cli
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m iocp.bench", description=cli.DESCRIPTION)
-    cli.configure_parser(parser)
-    return cli.run(parser.parse_args())
-
+from iocp.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -13,8 +13,17 @@ import shlex
 import sys
 from typing import List
 
-DESCRIPTION = ("Echo-server benchmark: iocp side by side with asyncio, uvloop, threads "
-               "and a plain C epoll server, on loopback, each server in its own process.")
+from iocp._argtypes import float_option, int_option
+
+DESCRIPTION = """\
+Echo-server benchmark: iocp side by side with asyncio, uvloop, threads and a
+plain C epoll server, on loopback.  Each server runs in its own process; a
+native load generator verifies every echoed byte and measures msgs/s, MB/s,
+latency, server CPU per message and peak memory.
+
+  iocp bench --quick                   about 30 s, two scenarios (the default)
+  iocp bench --full --json r.json      every scenario, 3 rounds (several minutes)
+  iocp bench --servers iocp-port,uvloop-protocol --scenarios 100x64B"""
 
 QUICK = {"rounds": 1, "warmup": 0.3, "duration": 1.2}
 FULL = {"rounds": 3, "warmup": 0.5, "duration": 2.0}
@@ -37,13 +46,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated servers to run (default: all available)")
     parser.add_argument("--scenarios", metavar="A,B",
                         help="comma-separated scenarios (default: by mode)")
-    parser.add_argument("--rounds", type=int, help="override the number of rounds")
-    parser.add_argument("--duration", type=float, help="measured seconds per run")
-    parser.add_argument("--warmup", type=float, help="warm-up seconds per run")
-    parser.add_argument("--backend", help="iocp backend for the iocp servers (default: best)")
-    parser.add_argument("--loadgen-threads", type=int, default=0,
-                        help="load generator threads (default: automatic)")
-    parser.add_argument("--max-interference", type=float, default=25.0, metavar="PCT",
+    parser.add_argument("--rounds", type=int_option(1, 1000, "round count"),
+                        help="override the number of rounds (1..1000)")
+    parser.add_argument("--duration", type=float_option(0.0, 3600.0, lo_open=True),
+                        help="measured seconds per run (> 0, at most 3600)")
+    parser.add_argument("--warmup", type=float_option(0.0, 3600.0),
+                        help="warm-up seconds per run (0..3600)")
+    parser.add_argument("--backend", choices=["io_uring", "epoll", "iocp"],
+                        help="iocp backend for the iocp servers (default: the best available)")
+    parser.add_argument("--loadgen-threads", type=int_option(0, 256, "thread count"), default=0,
+                        help="load generator threads (at most 256; default 0: automatic)")
+    parser.add_argument("--max-interference", type=float_option(0.0, 100000.0, what="percentage"),
+                        default=25.0, metavar="PCT",
                         help="measure a run again (up to twice) when other processes used "
                              "more than PCT%% of a CPU during it (default 25; 0: never)")
     parser.add_argument("--json", metavar="FILE", help="write every measurement as JSON")

@@ -12,23 +12,31 @@ import json
 import sys
 from typing import List
 
+from iocp._argtypes import MAX_SECONDS, float_option, int_option
+
 
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m iocp.bench.loadgen",
                                 description="Closed-loop echo load generator (JSON on stdout).")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--connections", type=int, default=100)
-    p.add_argument("--size", type=int, default=64, help="message size in bytes")
-    p.add_argument("--inflight", type=int, default=1, help="messages in flight per connection")
-    p.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
-    p.add_argument("--duration", type=float, default=5.0, help="measured seconds")
-    p.add_argument("--active", type=int, default=-1,
+    # The native run_load() takes C ints: every bound here is within them.
+    p.add_argument("--port", type=int_option(1, 65535, "port"), required=True)
+    p.add_argument("--connections", type=int_option(1, 1_000_000, "connection count"),
+                   default=100)
+    p.add_argument("--size", type=int_option(1, 1 << 30, "size"), default=64,
+                   help="message size in bytes")
+    p.add_argument("--inflight", type=int_option(1, 65536), default=1,
+                   help="messages in flight per connection")
+    p.add_argument("--warmup", type=float_option(), default=1.0,
+                   help="seconds before measuring")
+    p.add_argument("--duration", type=float_option(lo_open=True), default=5.0,
+                   help="measured seconds")
+    p.add_argument("--active", type=int_option(-1, 1_000_000), default=-1,
                    help="busy connections (others echo once, then idle); -1 = all")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--connect-timeout", type=float, default=10.0)
-    p.add_argument("--drain-timeout", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int_option(1, 256, "thread count"), default=1)
+    p.add_argument("--connect-timeout", type=float_option(lo_open=True), default=10.0)
+    p.add_argument("--drain-timeout", type=float_option(0.0, MAX_SECONDS), default=2.0)
+    p.add_argument("--seed", type=int_option(0, (1 << 64) - 1, "seed"), default=0)
     a = p.parse_args(argv)
     try:
         from iocp import _benchtools  # type: ignore[attr-defined]

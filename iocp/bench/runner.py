@@ -226,15 +226,38 @@ def ensure_nofile(needed: int) -> str | None:
     return None
 
 
-def child_env() -> dict[str, str]:
-    """Environment for the children: they must import this same iocp."""
+# The children run this instead of ``python -m MODULE``.  ``-m`` (and a
+# script path) put the current directory first on sys.path, so a checkout
+# of this repository in the cwd -- `pip install . && iocp bench` at the root
+# of a clone -- would shadow the installed, built package with the unbuilt
+# source tree.  ``-I``/``-P`` would drop the cwd but also PYTHONPATH and the
+# user site (``-P`` is 3.11+ anyway).  So: drop the cwd entry, put the
+# directory the parent imported iocp from first, and refuse to run unless
+# the child's iocp is the parent's.
+_BOOTSTRAP = """\
+import os, sys
+root, origin, module = sys.argv[1:4]
+if sys.path and sys.path[0] in ("", os.curdir):
+    del sys.path[0]
+sys.path.insert(0, root)
+import iocp
+mine = os.path.normcase(os.path.abspath(iocp.__file__))
+if mine != origin:
+    sys.exit(f"iocp bench: the child imported iocp from {mine}, expected {origin}")
+import importlib
+sys.argv = [module, *sys.argv[4:]]
+sys.exit(importlib.import_module(module).main(sys.argv[1:]))
+"""
+
+
+def python_command(module: str, *args: str) -> List[str]:
+    """argv running ``module.main(args)`` in a new interpreter, with this
+    process's ``iocp`` package and never one from the current directory."""
     import iocp
 
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(iocp.__file__)))
-    old = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = root + (os.pathsep + old if old else "")
-    return env
+    origin = os.path.normcase(os.path.abspath(iocp.__file__))
+    root = os.path.dirname(os.path.dirname(origin))
+    return [sys.executable, "-c", _BOOTSTRAP, root, origin, module, *args]
 
 
 def _stop(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
@@ -265,14 +288,13 @@ def _measure_once(cfg: Config, server: str, sc: Scenario, rnd: int) -> Measureme
     srv_cpus, load_cpus, threads = cpu_plan(cfg.loadgen_threads)
     threads = min(threads, sc.connections)
     port = free_port(cfg.host)
-    cmd = [sys.executable, "-m", "iocp.bench.servers", server, "--host", cfg.host,
-           "--port", str(port)]
+    sargs = [server, "--host", cfg.host, "--port", str(port)]
     if cfg.backend:
-        cmd += ["--backend", cfg.backend]
-    env = child_env()
+        sargs += ["--backend", cfg.backend]
+    cmd = python_command("iocp.bench.servers", *sargs)
     # stderr to a file, not a pipe: a chatty server must never block on it.
     errfile = tempfile.TemporaryFile()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errfile, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errfile)
     _pin(proc.pid, srv_cpus)
     try:
         deadline = time.monotonic() + cfg.startup_timeout
@@ -289,15 +311,16 @@ def _measure_once(cfg: Config, server: str, sc: Scenario, rnd: int) -> Measureme
         m.base_rss_kib = proc_status_kib(proc.pid, "VmRSS")
         cpu0 = proc_cpu_seconds(proc.pid)
         connect_timeout = 10.0 + sc.connections / 1000.0
-        lcmd = [sys.executable, "-m", "iocp.bench.loadgen", "--host", cfg.host,
-                "--port", str(port), "--connections", str(sc.connections),
-                "--size", str(sc.size), "--inflight", str(sc.inflight),
-                "--warmup", str(cfg.warmup), "--duration", str(cfg.duration),
-                "--active", str(sc.active), "--threads", str(threads),
-                "--connect-timeout", str(connect_timeout), "--drain-timeout", "2.0"]
+        lcmd = python_command(
+            "iocp.bench.loadgen", "--host", cfg.host,
+            "--port", str(port), "--connections", str(sc.connections),
+            "--size", str(sc.size), "--inflight", str(sc.inflight),
+            "--warmup", str(cfg.warmup), "--duration", str(cfg.duration),
+            "--active", str(sc.active), "--threads", str(threads),
+            "--connect-timeout", str(connect_timeout), "--drain-timeout", "2.0")
         sys0, steal0 = system_cpu_seconds()
         kids0, t0 = children_cpu_seconds(), time.monotonic()
-        lg = subprocess.Popen(lcmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        lg = subprocess.Popen(lcmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _pin(lg.pid, load_cpus)
         budget = cfg.warmup + cfg.duration + connect_timeout + 2.0 + 30.0
         try:

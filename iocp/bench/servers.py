@@ -18,6 +18,8 @@ import sys
 import threading
 from typing import Callable, Dict, List, Tuple
 
+from iocp._argtypes import port_number
+
 BACKLOG = 4096
 RECV_SIZE = 65536
 
@@ -382,8 +384,9 @@ def main(argv: List[str] | None = None) -> int:
                                      description="Run one benchmark echo server.")
     parser.add_argument("name", choices=sorted(SERVERS))
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--backend", default=None, help="iocp backend for iocp servers")
+    parser.add_argument("--port", type=port_number, required=True)
+    parser.add_argument("--backend", default=None, choices=["io_uring", "epoll", "iocp"],
+                        help="iocp backend for iocp servers")
     args = parser.parse_args(argv)
     func, check, _ = SERVERS[args.name]
     reason = check()
