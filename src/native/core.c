@@ -235,6 +235,11 @@ static void iocp__after_sync_delivery(iocp_port *p)
         iocp__cond_broadcast(&p->cond);
         wake_kernel = p->poll_blocking;
     }
+    if (p->kick) {
+        /* Work only the poller will run: it must not sleep through it. */
+        p->kick = 0;
+        wake_kernel |= p->poll_blocking;
+    }
     iocp__unlock(p);
     if (wake_kernel)
         p->backend->wake(p);
@@ -368,6 +373,7 @@ int iocp_port_wait_since(iocp_port *p, iocp_completion *out, int max,
             p->polling = 0;
             p->poll_blocking = 0;
             p->delivered = 0;
+            p->kick = 0;               /* the poller did (or will redo) it */
             iocp__cond_broadcast(&p->cond);
             if (r < 0 && r != IOCP_ETIMEDOUT && p->qlen == 0) {
                 n = r;

@@ -8,6 +8,12 @@
  * (iocp__lock) around iocp__deliver().  At most one thread is inside poll()
  * at a time (the core elects it), so a backend's reaping state needs no lock
  * of its own.
+ *
+ * Waking the poller: a backend that, outside poll(), queues work only
+ * poll() will do (a socket put on its ready list, say) sets port->kick under
+ * the lock; when the lock is released the core wakes a poller asleep in the
+ * kernel, as it does after a synchronous delivery.  Work the kernel will
+ * signal by itself (an edge, a CQE) needs no kick.
  */
 #ifndef IOCP_INTERNAL_H
 #define IOCP_INTERNAL_H
@@ -84,6 +90,7 @@ struct iocp_port {
     unsigned wake_gen;
     unsigned concurrency, active;
     int closing;                       /* iocp_port_begin_close was called */
+    int kick;                          /* backend queued work for poll(); see top */
     int64_t queue_peak, completions;
 };
 

@@ -23,6 +23,12 @@
  * Unregister cancels every op of the socket and leaves the epoll set.  A
  * socket closed behind our back leaves stale FIFOs; registering its reused
  * descriptor cancels them first.  Wake-ups use an eventfd.
+ *
+ * Waking the poller: whatever a submitter leaves for poll() to run without
+ * a new edge (a multishot accept goes on the ready list, since the
+ * listener's edge may have come and gone already) kicks the core, which
+ * writes the eventfd if the poller sleeps in epoll_wait.  An op that waits
+ * in its FIFO for EAGAIN to clear needs no kick: the edge wakes the poller.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* accept4 */
@@ -294,9 +300,12 @@ static int iocp__run_fifo(iocp_port *p, iocp_op **head, iocp_op **tail,
     return 0;
 }
 
-static void iocp__ready_list_add(struct iocp__epoll *e, int fd)
+/* Lock held.  Only poll() runs the ready list, so whoever adds to it
+ * outside poll() must not let the poller sleep through it: kick. */
+static void iocp__ready_list_add(iocp_port *p, struct iocp__epoll *e, int fd)
 {
     struct iocp__fdstate *st = &e->fds[fd];
+    p->kick = 1;
     if (st->on_ready_list)
         return;
     st->on_ready_list = 1;
@@ -312,7 +321,7 @@ static void iocp__process_fd(iocp_port *p, struct iocp__epoll *e, int fd, int *b
     left |= iocp__run_fifo(p, &st->rq_head, &st->rq_tail, &st->readable, budget);
     left |= iocp__run_fifo(p, &st->wq_head, &st->wq_tail, &st->writable, budget);
     if (left)
-        iocp__ready_list_add(e, fd);
+        iocp__ready_list_add(p, e, fd);
 }
 
 /* ---- backend interface --------------------------------------------- */
@@ -452,7 +461,7 @@ static int iocp__epoll_submit(iocp_port *p, iocp_op *op)
             iocp__attempt(p, op, &budget))
             return 0;
         if (op->kind == IOCP_OP_ACCEPT && (op->flags & IOCP_OPF_MULTISHOT))
-            iocp__ready_list_add(e, op->sock);   /* let poll() try it */
+            iocp__ready_list_add(p, e, op->sock);   /* let poll() try it */
         else if (!st->rq_head)
             st->readable = 0;
         iocp__fifo_push(&st->rq_head, &st->rq_tail, op);
@@ -542,7 +551,7 @@ static int iocp__epoll_poll(iocp_port *p, int max, int timeout_ms)
         if (budget > 0)
             iocp__process_fd(p, e, fd, &budget);
         else if (st->rq_head || st->wq_head)
-            iocp__ready_list_add(e, fd);
+            iocp__ready_list_add(p, e, fd);
     }
     iocp__unlock(p);
     return start - budget;
