@@ -18,6 +18,10 @@
 #ifndef IOCP_INTERNAL_H
 #define IOCP_INTERNAL_H
 
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+
 #include "iocp_native.h"
 
 #ifdef _WIN32
@@ -93,6 +97,37 @@ struct iocp_port {
     int kick;                          /* backend queued work for poll(); see top */
     int64_t queue_peak, completions;
 };
+
+/*
+ * Grows a table indexed by descriptor so that `fd` is a valid index: a
+ * power of two at least 64, computed without overflow for any fd up to
+ * INT_MAX; new entries are zeroed.  Returns 0, IOCP_EBADF (fd < 0) or
+ * IOCP_ENOMEM (including a size that does not fit in memory).
+ */
+static inline int iocp__table_grow(void **table, int *len, int fd, size_t elem)
+{
+    size_t n = *len > 0 ? (size_t)*len : 64, old = *len > 0 ? (size_t)*len : 0;
+    char *nt;
+
+    if (fd < 0)
+        return IOCP_EBADF;
+    if ((size_t)fd < old)
+        return 0;
+    while (n <= (size_t)fd)
+        n *= 2;                        /* fd <= INT_MAX: n <= 2^31, no wrap */
+    if (n > (size_t)INT_MAX)
+        n = (size_t)INT_MAX;           /* the length is an int; so fd ==
+                                          INT_MAX cannot fit: ENOMEM below */
+    if (n <= (size_t)fd || n > SIZE_MAX / elem)
+        return IOCP_ENOMEM;
+    nt = realloc(*table, n * elem);
+    if (!nt)
+        return IOCP_ENOMEM;
+    memset(nt + old * elem, 0, (n - old) * elem);
+    *table = nt;
+    *len = (int)n;
+    return 0;
+}
 
 void iocp__lock(iocp_port *port);
 void iocp__unlock(iocp_port *port);

@@ -75,18 +75,11 @@ static struct iocp__fdstate *iocp__fd(struct iocp__epoll *e, int fd, int grow)
     if (fd < 0)
         return NULL;
     if (fd >= e->nfds) {
-        int n = e->nfds ? e->nfds : 64;
-        struct iocp__fdstate *nf;
-        if (!grow)
+        void *t = e->fds;
+        /* Overflow-safe for any fd; a huge one is ENOMEM, not a wrap. */
+        if (!grow || iocp__table_grow(&t, &e->nfds, fd, sizeof(*e->fds)) < 0)
             return NULL;
-        while (n <= fd)
-            n *= 2;
-        nf = realloc(e->fds, (size_t)n * sizeof(*nf));
-        if (!nf)
-            return NULL;
-        memset(nf + e->nfds, 0, (size_t)(n - e->nfds) * sizeof(*nf));
-        e->fds = nf;
-        e->nfds = n;
+        e->fds = t;
     }
     return &e->fds[fd];
 }
@@ -401,15 +394,20 @@ static void iocp__cancel_fifo(iocp_port *p, iocp_op **head, iocp_op **tail)
 static int iocp__epoll_register(iocp_port *p, iocp_socket_t sock)
 {
     struct iocp__epoll *e = p->be;
-    struct iocp__fdstate *st = iocp__fd(e, sock, 1);
+    struct iocp__fdstate *st;
     struct epoll_event ev;
     int fl;
 
-    if (!st)
-        return sock < 0 ? IOCP_EBADF : IOCP_ENOMEM;
+    if (sock < 0)
+        return IOCP_EBADF;
+    /* A descriptor that is not open (a made-up fileno) is EBADF before
+     * the table grows for it. */
     fl = fcntl(sock, F_GETFL);
     if (fl < 0)
         return -errno;
+    st = iocp__fd(e, sock, 1);
+    if (!st)
+        return IOCP_ENOMEM;
     if (!(fl & O_NONBLOCK) && fcntl(sock, F_SETFL, fl | O_NONBLOCK) < 0)
         return -errno;
     memset(&ev, 0, sizeof(ev));
