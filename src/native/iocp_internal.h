@@ -14,6 +14,12 @@
  * the lock; when the lock is released the core wakes a poller asleep in the
  * kernel, as it does after a synchronous delivery.  Work the kernel will
  * signal by itself (an edge, a CQE) needs no kick.
+ *
+ * fork(): a port belongs to the process that created it.  In a child the
+ * core refuses every call (IOCP_EFORKED) before it takes any lock, and
+ * destroy frees only the child's memory: it never calls the backend's
+ * destroy (which would act on kernel objects the parent still uses), but
+ * port->forget if the backend's init set it, else leaks the backend state.
  */
 #ifndef IOCP_INTERNAL_H
 #define IOCP_INTERNAL_H
@@ -96,7 +102,32 @@ struct iocp_port {
     int closing;                       /* iocp_port_begin_close was called */
     int kick;                          /* backend queued work for poll(); see top */
     int64_t queue_peak, completions;
+
+    /* fork(): the creator's pid and fork generation (see iocp__forked), and
+     * the backend's way to let go of a forked child's copy: close its
+     * descriptors with no other syscall on them, free its memory.  Set by
+     * init; NULL leaks the backend state in the child. */
+    int64_t owner_pid;
+    unsigned fork_gen;
+    void (*forget)(iocp_port *port);
 };
+
+/*
+ * How many fork() children deep this process is: bumped by a
+ * pthread_atfork child handler, so telling whether a port was inherited
+ * costs a load and a compare, no getpid() syscall and no lock (a lock some
+ * parent thread held at fork time stays held forever in the child).
+ */
+extern unsigned iocp__fork_gen;
+static inline int iocp__forked(const iocp_port *port)
+{
+#ifdef _WIN32
+    (void)port;
+    return 0;
+#else
+    return port->fork_gen != iocp__fork_gen;
+#endif
+}
 
 /*
  * Grows a table indexed by descriptor so that `fd` is a valid index: a

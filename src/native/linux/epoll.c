@@ -29,6 +29,11 @@
  * listener's edge may have come and gone already) kicks the core, which
  * writes the eventfd if the poller sleeps in epoll_wait.  An op that waits
  * in its FIFO for EAGAIN to clear needs no kick: the edge wakes the poller.
+ *
+ * fork(): the epoll set is shared with a child, interest list included, so
+ * a child's EPOLL_CTL_DEL would drop the parent's sockets and its
+ * epoll_wait would take the parent's edges.  The core never lets a child
+ * call in here; forget() closes the child's two descriptors, nothing else.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* accept4 */
@@ -330,6 +335,18 @@ static int iocp__epoll_probe(char *features, size_t len)
     return 0;
 }
 
+/* fork() child: close this process's descriptors (no epoll_ctl, no
+ * eventfd write: the set and the eventfd are the parent's too), free. */
+static void iocp__epoll_forget(iocp_port *p)
+{
+    struct iocp__epoll *e = p->be;
+    close(e->evfd);
+    close(e->epfd);
+    free(e->fds);
+    free(e);
+    p->be = NULL;
+}
+
 static int iocp__epoll_init(iocp_port *p, const iocp_port_options *opts)
 {
     struct iocp__epoll *e;
@@ -365,6 +382,7 @@ static int iocp__epoll_init(iocp_port *p, const iocp_port_options *opts)
         return r;
     }
     p->be = e;
+    p->forget = iocp__epoll_forget;
     return 0;
 }
 
