@@ -1258,6 +1258,11 @@ class Server(_Endpoint):
             raise ValueError("workers > 1 is for TCP; Unix sockets cannot share a path")
         if self._started:
             raise RuntimeError("serve_forever(workers=...) must be called before start()")
+        if self._given_port is not None:
+            # Each worker makes its own port after fork(); a port cannot be
+            # used in a process other than the one that created it.
+            raise ValueError("workers > 1 creates a port in each forked worker; "
+                             "a completion_port= cannot be shared across fork()")
         self.reuse_port = True
         reserve = self.bind()  # pins the port (resolves port=0) for the workers
         self.port = reserve.getsockname()[1]

@@ -53,13 +53,25 @@ KIND_NAMES = ("none", "accept", "connect", "recv", "recv_into", "send", "post")
 # Errors
 
 cdef object _oserror(int64_t code):
-    """Turns a negative native error code into the matching OSError."""
+    """Turns a negative native error code into the matching OSError
+    (RuntimeError for a port used in a fork() child)."""
     cdef char msg[256]
     cdef int c = <int>(-code)
+    if code == IOCP_EFORKED:
+        return _forked_error(-1)
     if _WINDOWS:
         iocp_error_message(c, msg, sizeof(msg))
         return OSError(None, msg.decode("utf-8", "replace"), None, c)
     return OSError(c, _os.strerror(c))
+
+
+cdef object _forked_error(int64_t owner):
+    """The error of a port inherited through fork(): a programming error,
+    not an I/O failure, hence RuntimeError."""
+    where = f"process {owner}" if owner >= 0 else "another process"
+    return RuntimeError(
+        f"this completion port was created in {where} and cannot be used after "
+        f"fork(); create a new port in the child")
 
 
 cdef int _check(int r) except -1:
@@ -191,9 +203,13 @@ cdef class Operation:
         kernel -- with its real result.  Returns False if it already
         finished (or the port is closed).
         """
+        cdef int r
         if self._done or self._op == NULL or self._port._port == NULL:
             return False
-        return iocp_cancel(self._port._port, self._op) == 0
+        r = iocp_cancel(self._port._port, self._op)
+        if r == IOCP_EFORKED:
+            raise _forked_error(iocp_port_owner_pid(self._port._port))
+        return r == 0
 
     def __repr__(self) -> str:
         state = "done" if self._done else "pending"
@@ -349,9 +365,10 @@ cdef class CompletionPort:
         if self._port != NULL:
             # Ops hold a reference to the port, so none is in flight here
             # unless the interpreter is tearing down; never free memory the
-            # kernel may still write to.
+            # kernel may still write to.  A copy inherited through fork()
+            # is always freed: that frees the child's memory only.
             iocp_port_get_stats(self._port, &st)
-            if st.inflight == 0:
+            if st.inflight == 0 or iocp_port_forked(self._port):
                 iocp_port_destroy(self._port)
             self._port = NULL
 
@@ -389,6 +406,8 @@ cdef class CompletionPort:
     cdef int _check_open(self) except -1:
         if self._port == NULL or self._closing:
             raise ValueError("I/O operation on a closed completion port")
+        if iocp_port_forked(self._port):
+            raise _forked_error(iocp_port_owner_pid(self._port))
         return 0
 
     # ---- sockets -------------------------------------------------------
@@ -890,6 +909,17 @@ cdef class CompletionPort:
             return
         self._closing = True
         self._stop_gen += 1
+        if iocp_port_forked(self._port):
+            # A fork() child's copy: the ops in flight are the parent's, and
+            # cancelling, draining or unregistering would act on the parent's
+            # ring or epoll set.  Free the child's memory and nothing else
+            # (the child's copies of in-flight Operations stay referenced).
+            self._final_stats = self.stats()
+            self._registered.clear()
+            self._backlog.clear()
+            iocp_port_destroy(self._port)
+            self._port = NULL
+            return
         iocp_port_begin_close(self._port)
         iocp_cancel_all(self._port)
         while True:

@@ -15,6 +15,7 @@ cdef extern from "iocp_native.h" nogil:
     int IOCP_EINVAL
     int IOCP_ENOENT
     int IOCP_EEXIST
+    int IOCP_EFORKED
 
     enum:
         IOCP_OP_NONE
@@ -77,6 +78,8 @@ cdef extern from "iocp_native.h" nogil:
     int iocp_port_create(const iocp_port_options *opts, iocp_port **out)
     void iocp_port_destroy(iocp_port *port)
     const char *iocp_port_backend(const iocp_port *port)
+    int iocp_port_forked(const iocp_port *port)
+    int64_t iocp_port_owner_pid(const iocp_port *port)
     int iocp_register(iocp_port *port, iocp_socket_t sock)
     int iocp_unregister(iocp_port *port, iocp_socket_t sock)
     iocp_op *iocp_op_alloc(iocp_port *port)

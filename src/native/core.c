@@ -88,6 +88,47 @@ static unsigned iocp__cpu_count(void)
 #endif
 
 /* ------------------------------------------------------------------ */
+/* fork()                                                              */
+
+/*
+ * A port belongs to the process that created it.  A fork() child inherits
+ * the descriptors of its kernel objects (the io_uring rings are even mapped
+ * MAP_SHARED, an epoll set shares its interest list), so a child waiting on
+ * the port would take the parent's completions or readiness, and a cancel
+ * or EPOLL_CTL_DEL would act on the parent's operations.  Every entry point
+ * below therefore checks iocp__forked() first -- before any lock, since a
+ * mutex another parent thread held at fork time is held forever in the
+ * child -- and refuses with IOCP_EFORKED.  glibc stopped caching getpid()
+ * in 2.25, so the check compares a generation that a pthread_atfork child
+ * handler bumps (registered once, with the first port) instead of making
+ * a syscall per call.  A fork that bypasses the C library's fork() (a raw
+ * clone) is not seen; Python's os.fork() and multiprocessing use fork().
+ */
+unsigned iocp__fork_gen;
+
+#ifndef _WIN32
+static pthread_once_t iocp__atfork_once = PTHREAD_ONCE_INIT;
+static int iocp__atfork_err;
+
+static void iocp__atfork_child(void) { iocp__fork_gen++; }
+
+static void iocp__atfork_register(void)
+{
+    iocp__atfork_err = pthread_atfork(NULL, NULL, iocp__atfork_child);
+}
+#endif
+
+int iocp_port_forked(const iocp_port *p)
+{
+    return iocp__forked(p);
+}
+
+int64_t iocp_port_owner_pid(const iocp_port *p)
+{
+    return p->owner_pid;
+}
+
+/* ------------------------------------------------------------------ */
 /* Backend registry: best first.                                       */
 
 static const iocp_backend *const iocp__backends[] = {
@@ -144,9 +185,21 @@ int iocp_port_create(const iocp_port_options *opts, iocp_port **out)
         memset(&defaults, 0, sizeof(defaults));
         opts = &defaults;
     }
+#ifndef _WIN32
+    /* Without the handler a child could not tell it is one. */
+    pthread_once(&iocp__atfork_once, iocp__atfork_register);
+    if (iocp__atfork_err)
+        return -iocp__atfork_err;
+#endif
     p = calloc(1, sizeof(*p));
     if (!p)
         return IOCP_ENOMEM;
+#ifdef _WIN32
+    p->owner_pid = (int64_t)GetCurrentProcessId();
+#else
+    p->owner_pid = (int64_t)getpid();
+#endif
+    p->fork_gen = iocp__fork_gen;
     p->qcap = opts->queue_capacity ? opts->queue_capacity : 1024;
     p->q = malloc(p->qcap * sizeof(*p->q));
     if (!p->q) {
@@ -185,12 +238,45 @@ int iocp_port_create(const iocp_port_options *opts, iocp_port **out)
     return 0;
 }
 
+/*
+ * destroy() in a fork() child: frees this process's copy and nothing else.
+ * The backend's destroy is never called (io_uring would unregister buffer
+ * rings of the parent's ring, epoll would be asked to forget sockets);
+ * port->forget closes the child's descriptors and frees the backend's
+ * memory, or, without it, the backend state is left as it is (its
+ * descriptors are close-on-exec and go away when the child exits).  The
+ * mutex and condition variable are not destroyed: a parent thread may have
+ * held the one and waited on the other at fork time (glibc's
+ * pthread_cond_destroy waits for waiters that will never come back).  If
+ * the lock was held, the state it guards may be half-updated: then the
+ * whole copy is leaked.  Op records in flight at fork time are not on the
+ * pool's free list: they stay with their owners (in Python, the child's
+ * copies of the Operations, which keep them) and are leaked with them.
+ */
+static void iocp__port_forget(iocp_port *p)
+{
+#ifndef _WIN32
+    if (pthread_mutex_trylock(&p->lock) != 0)
+        return;                        /* held at fork time: leak it all */
+#endif
+    if (p->forget)
+        p->forget(p);
+    iocp__pool_destroy(p);
+    free(p->ovf);
+    free(p->q);
+    free(p);
+}
+
 void iocp_port_destroy(iocp_port *p)
 {
     iocp_completion c;
 
     if (!p)
         return;
+    if (iocp__forked(p)) {
+        iocp__port_forget(p);
+        return;
+    }
     /* Completions nobody took: give their port buffers back. */
     iocp__lock(p);
     while (iocp__queue_pop(p, &c, 1) == 1) {
@@ -235,6 +321,11 @@ static void iocp__after_sync_delivery(iocp_port *p)
         iocp__cond_broadcast(&p->cond);
         wake_kernel = p->poll_blocking;
     }
+    if (p->kick) {
+        /* Work only the poller will run: it must not sleep through it. */
+        p->kick = 0;
+        wake_kernel |= p->poll_blocking;
+    }
     iocp__unlock(p);
     if (wake_kernel)
         p->backend->wake(p);
@@ -244,6 +335,8 @@ int iocp_register(iocp_port *p, iocp_socket_t sock)
 {
     int r;
 
+    if (iocp__forked(p))
+        return IOCP_EFORKED;
     if (sock == IOCP_INVALID_SOCKET)
         return IOCP_EBADF;
     iocp__lock(p);
@@ -256,6 +349,8 @@ int iocp_unregister(iocp_port *p, iocp_socket_t sock)
 {
     int r;
 
+    if (iocp__forked(p))
+        return IOCP_EFORKED;
     iocp__lock(p);
     r = p->backend->unregister_socket(p, sock);
     iocp__after_sync_delivery(p);
@@ -266,6 +361,8 @@ int iocp_submit(iocp_port *p, iocp_op *op)
 {
     int r;
 
+    if (iocp__forked(p))
+        return IOCP_EFORKED;
     if (op->inflight)
         return IOCP_EINVAL;
     iocp__lock(p);
@@ -293,6 +390,8 @@ int iocp_cancel(iocp_port *p, iocp_op *op)
 {
     int r;
 
+    if (iocp__forked(p))
+        return IOCP_EFORKED;
     iocp__lock(p);
     r = op->inflight ? p->backend->cancel(p, op) : IOCP_ENOENT;
     iocp__after_sync_delivery(p);
@@ -304,6 +403,8 @@ int iocp_cancel_all(iocp_port *p)
     iocp_op *op, *next;
     int n = 0;
 
+    if (iocp__forked(p))
+        return IOCP_EFORKED;
     iocp__lock(p);
     for (op = p->inflight_head.next; op != &p->inflight_head; op = next) {
         next = op->next;
@@ -324,6 +425,8 @@ unsigned iocp_port_wake_gen(iocp_port *p)
 {
     unsigned gen;
 
+    if (iocp__forked(p))
+        return p->wake_gen;            /* the wait that follows refuses */
     iocp__lock(p);
     gen = p->wake_gen;
     iocp__unlock(p);
@@ -341,6 +444,8 @@ int iocp_port_wait_since(iocp_port *p, iocp_completion *out, int max,
     int64_t deadline = timeout_ms > 0 ? iocp__now_ms() + timeout_ms : 0;
     int n = 0, remaining = timeout_ms, r;
 
+    if (iocp__forked(p))
+        return IOCP_EFORKED;
     if (max <= 0)
         return IOCP_EINVAL;
     iocp__lock(p);
@@ -368,6 +473,7 @@ int iocp_port_wait_since(iocp_port *p, iocp_completion *out, int max,
             p->polling = 0;
             p->poll_blocking = 0;
             p->delivered = 0;
+            p->kick = 0;               /* the poller did (or will redo) it */
             iocp__cond_broadcast(&p->cond);
             if (r < 0 && r != IOCP_ETIMEDOUT && p->qlen == 0) {
                 n = r;
@@ -389,6 +495,8 @@ int iocp_port_wait_since(iocp_port *p, iocp_completion *out, int max,
 
 void iocp_port_dispatch_done(iocp_port *p)
 {
+    if (iocp__forked(p))
+        return;
     iocp__lock(p);
     if (p->active > 0)
         p->active--;
@@ -401,6 +509,8 @@ int iocp_port_wake(iocp_port *p)
 {
     int kernel;
 
+    if (iocp__forked(p))
+        return IOCP_EFORKED;           /* the eventfd / ring is the parent's */
     iocp__lock(p);
     p->wake_gen++;
     kernel = p->polling;
@@ -411,6 +521,10 @@ int iocp_port_wake(iocp_port *p)
 
 void iocp_port_begin_close(iocp_port *p)
 {
+    if (iocp__forked(p)) {
+        p->closing = 1;                /* nobody else here to tell */
+        return;
+    }
     iocp__lock(p);
     p->closing = 1;
     iocp__unlock(p);
@@ -419,7 +533,12 @@ void iocp_port_begin_close(iocp_port *p)
 
 void iocp_port_get_stats(iocp_port *p, iocp_port_stats *st)
 {
-    iocp__lock(p);
+    /* In a fork() child no lock (a parent thread may have held it at fork
+     * time): the counters as the fork left them. */
+    int forked = iocp__forked(p);
+
+    if (!forked)
+        iocp__lock(p);
     st->live_ops = p->live_ops;
     st->inflight = p->inflight;
     st->live_buffers = p->live_buffers;
@@ -427,5 +546,6 @@ void iocp_port_get_stats(iocp_port *p, iocp_port_stats *st)
     st->queue_capacity = p->qcap;
     st->queue_peak = p->queue_peak;
     st->completions = p->completions;
-    iocp__unlock(p);
+    if (!forked)
+        iocp__unlock(p);
 }

@@ -8,9 +8,25 @@
  * (iocp__lock) around iocp__deliver().  At most one thread is inside poll()
  * at a time (the core elects it), so a backend's reaping state needs no lock
  * of its own.
+ *
+ * Waking the poller: a backend that, outside poll(), queues work only
+ * poll() will do (a socket put on its ready list, say) sets port->kick under
+ * the lock; when the lock is released the core wakes a poller asleep in the
+ * kernel, as it does after a synchronous delivery.  Work the kernel will
+ * signal by itself (an edge, a CQE) needs no kick.
+ *
+ * fork(): a port belongs to the process that created it.  In a child the
+ * core refuses every call (IOCP_EFORKED) before it takes any lock, and
+ * destroy frees only the child's memory: it never calls the backend's
+ * destroy (which would act on kernel objects the parent still uses), but
+ * port->forget if the backend's init set it, else leaks the backend state.
  */
 #ifndef IOCP_INTERNAL_H
 #define IOCP_INTERNAL_H
+
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "iocp_native.h"
 
@@ -84,8 +100,65 @@ struct iocp_port {
     unsigned wake_gen;
     unsigned concurrency, active;
     int closing;                       /* iocp_port_begin_close was called */
+    int kick;                          /* backend queued work for poll(); see top */
     int64_t queue_peak, completions;
+
+    /* fork(): the creator's pid and fork generation (see iocp__forked), and
+     * the backend's way to let go of a forked child's copy: close its
+     * descriptors with no other syscall on them, free its memory.  Set by
+     * init; NULL leaks the backend state in the child. */
+    int64_t owner_pid;
+    unsigned fork_gen;
+    void (*forget)(iocp_port *port);
 };
+
+/*
+ * How many fork() children deep this process is: bumped by a
+ * pthread_atfork child handler, so telling whether a port was inherited
+ * costs a load and a compare, no getpid() syscall and no lock (a lock some
+ * parent thread held at fork time stays held forever in the child).
+ */
+extern unsigned iocp__fork_gen;
+static inline int iocp__forked(const iocp_port *port)
+{
+#ifdef _WIN32
+    (void)port;
+    return 0;
+#else
+    return port->fork_gen != iocp__fork_gen;
+#endif
+}
+
+/*
+ * Grows a table indexed by descriptor so that `fd` is a valid index: a
+ * power of two at least 64, computed without overflow for any fd up to
+ * INT_MAX; new entries are zeroed.  Returns 0, IOCP_EBADF (fd < 0) or
+ * IOCP_ENOMEM (including a size that does not fit in memory).
+ */
+static inline int iocp__table_grow(void **table, int *len, int fd, size_t elem)
+{
+    size_t n = *len > 0 ? (size_t)*len : 64, old = *len > 0 ? (size_t)*len : 0;
+    char *nt;
+
+    if (fd < 0)
+        return IOCP_EBADF;
+    if ((size_t)fd < old)
+        return 0;
+    while (n <= (size_t)fd)
+        n *= 2;                        /* fd <= INT_MAX: n <= 2^31, no wrap */
+    if (n > (size_t)INT_MAX)
+        n = (size_t)INT_MAX;           /* the length is an int; so fd ==
+                                          INT_MAX cannot fit: ENOMEM below */
+    if (n <= (size_t)fd || n > SIZE_MAX / elem)
+        return IOCP_ENOMEM;
+    nt = realloc(*table, n * elem);
+    if (!nt)
+        return IOCP_ENOMEM;
+    memset(nt + old * elem, 0, (n - old) * elem);
+    *table = nt;
+    *len = (int)n;
+    return 0;
+}
 
 void iocp__lock(iocp_port *port);
 void iocp__unlock(iocp_port *port);

@@ -62,6 +62,13 @@ typedef socklen_t iocp_socklen_t;
 #  define IOCP_ENOSYS      (-ENOSYS)
 #endif
 
+/*
+ * The port was created by another process (this one is a fork() child of
+ * it) and refuses to work here.  Outside every errno and Win32 range (bit
+ * 29 is the Win32 "customer" bit).
+ */
+#define IOCP_EFORKED (-0x20000001)
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -164,9 +171,19 @@ typedef struct iocp_port_options {
 
 /* Port life cycle. */
 int iocp_port_create(const iocp_port_options *opts, iocp_port **out);
-/* Frees the port; every op must have completed (see iocp_port_inflight). */
+/* Frees the port; every op must have completed (see iocp_port_inflight).
+ * In a fork() child: frees only the child's copy (never touches the
+ * kernel objects it shares with the parent), whatever is in flight. */
 void iocp_port_destroy(iocp_port *port);
 const char *iocp_port_backend(const iocp_port *port);
+/*
+ * fork(): 1 if this process is not the one that created the port (a child
+ * of fork()).  Such a port refuses every operation with IOCP_EFORKED; only
+ * iocp_port_forked, iocp_port_owner_pid, iocp_port_get_stats and
+ * iocp_port_destroy may be called (no lock, no syscall on shared objects).
+ */
+int iocp_port_forked(const iocp_port *port);
+int64_t iocp_port_owner_pid(const iocp_port *port);
 
 /* Sockets. */
 int iocp_register(iocp_port *port, iocp_socket_t sock);

@@ -23,6 +23,17 @@
  * Unregister cancels every op of the socket and leaves the epoll set.  A
  * socket closed behind our back leaves stale FIFOs; registering its reused
  * descriptor cancels them first.  Wake-ups use an eventfd.
+ *
+ * Waking the poller: whatever a submitter leaves for poll() to run without
+ * a new edge (a multishot accept goes on the ready list, since the
+ * listener's edge may have come and gone already) kicks the core, which
+ * writes the eventfd if the poller sleeps in epoll_wait.  An op that waits
+ * in its FIFO for EAGAIN to clear needs no kick: the edge wakes the poller.
+ *
+ * fork(): the epoll set is shared with a child, interest list included, so
+ * a child's EPOLL_CTL_DEL would drop the parent's sockets and its
+ * epoll_wait would take the parent's edges.  The core never lets a child
+ * call in here; forget() closes the child's two descriptors, nothing else.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* accept4 */
@@ -69,18 +80,11 @@ static struct iocp__fdstate *iocp__fd(struct iocp__epoll *e, int fd, int grow)
     if (fd < 0)
         return NULL;
     if (fd >= e->nfds) {
-        int n = e->nfds ? e->nfds : 64;
-        struct iocp__fdstate *nf;
-        if (!grow)
+        void *t = e->fds;
+        /* Overflow-safe for any fd; a huge one is ENOMEM, not a wrap. */
+        if (!grow || iocp__table_grow(&t, &e->nfds, fd, sizeof(*e->fds)) < 0)
             return NULL;
-        while (n <= fd)
-            n *= 2;
-        nf = realloc(e->fds, (size_t)n * sizeof(*nf));
-        if (!nf)
-            return NULL;
-        memset(nf + e->nfds, 0, (size_t)(n - e->nfds) * sizeof(*nf));
-        e->fds = nf;
-        e->nfds = n;
+        e->fds = t;
     }
     return &e->fds[fd];
 }
@@ -294,9 +298,12 @@ static int iocp__run_fifo(iocp_port *p, iocp_op **head, iocp_op **tail,
     return 0;
 }
 
-static void iocp__ready_list_add(struct iocp__epoll *e, int fd)
+/* Lock held.  Only poll() runs the ready list, so whoever adds to it
+ * outside poll() must not let the poller sleep through it: kick. */
+static void iocp__ready_list_add(iocp_port *p, struct iocp__epoll *e, int fd)
 {
     struct iocp__fdstate *st = &e->fds[fd];
+    p->kick = 1;
     if (st->on_ready_list)
         return;
     st->on_ready_list = 1;
@@ -312,7 +319,7 @@ static void iocp__process_fd(iocp_port *p, struct iocp__epoll *e, int fd, int *b
     left |= iocp__run_fifo(p, &st->rq_head, &st->rq_tail, &st->readable, budget);
     left |= iocp__run_fifo(p, &st->wq_head, &st->wq_tail, &st->writable, budget);
     if (left)
-        iocp__ready_list_add(e, fd);
+        iocp__ready_list_add(p, e, fd);
 }
 
 /* ---- backend interface --------------------------------------------- */
@@ -326,6 +333,18 @@ static int iocp__epoll_probe(char *features, size_t len)
     if (features && len)
         snprintf(features, len, "edge-triggered inline-completion");
     return 0;
+}
+
+/* fork() child: close this process's descriptors (no epoll_ctl, no
+ * eventfd write: the set and the eventfd are the parent's too), free. */
+static void iocp__epoll_forget(iocp_port *p)
+{
+    struct iocp__epoll *e = p->be;
+    close(e->evfd);
+    close(e->epfd);
+    free(e->fds);
+    free(e);
+    p->be = NULL;
 }
 
 static int iocp__epoll_init(iocp_port *p, const iocp_port_options *opts)
@@ -363,6 +382,7 @@ static int iocp__epoll_init(iocp_port *p, const iocp_port_options *opts)
         return r;
     }
     p->be = e;
+    p->forget = iocp__epoll_forget;
     return 0;
 }
 
@@ -392,15 +412,20 @@ static void iocp__cancel_fifo(iocp_port *p, iocp_op **head, iocp_op **tail)
 static int iocp__epoll_register(iocp_port *p, iocp_socket_t sock)
 {
     struct iocp__epoll *e = p->be;
-    struct iocp__fdstate *st = iocp__fd(e, sock, 1);
+    struct iocp__fdstate *st;
     struct epoll_event ev;
     int fl;
 
-    if (!st)
-        return sock < 0 ? IOCP_EBADF : IOCP_ENOMEM;
+    if (sock < 0)
+        return IOCP_EBADF;
+    /* A descriptor that is not open (a made-up fileno) is EBADF before
+     * the table grows for it. */
     fl = fcntl(sock, F_GETFL);
     if (fl < 0)
         return -errno;
+    st = iocp__fd(e, sock, 1);
+    if (!st)
+        return IOCP_ENOMEM;
     if (!(fl & O_NONBLOCK) && fcntl(sock, F_SETFL, fl | O_NONBLOCK) < 0)
         return -errno;
     memset(&ev, 0, sizeof(ev));
@@ -452,7 +477,7 @@ static int iocp__epoll_submit(iocp_port *p, iocp_op *op)
             iocp__attempt(p, op, &budget))
             return 0;
         if (op->kind == IOCP_OP_ACCEPT && (op->flags & IOCP_OPF_MULTISHOT))
-            iocp__ready_list_add(e, op->sock);   /* let poll() try it */
+            iocp__ready_list_add(p, e, op->sock);   /* let poll() try it */
         else if (!st->rq_head)
             st->readable = 0;
         iocp__fifo_push(&st->rq_head, &st->rq_tail, op);
@@ -542,7 +567,7 @@ static int iocp__epoll_poll(iocp_port *p, int max, int timeout_ms)
         if (budget > 0)
             iocp__process_fd(p, e, fd, &budget);
         else if (st->rq_head || st->wq_head)
-            iocp__ready_list_add(e, fd);
+            iocp__ready_list_add(p, e, fd);
     }
     iocp__unlock(p);
     return start - budget;
