@@ -396,3 +396,38 @@ def test_fallback_to_epoll_when_setup_fails():
     lines = out.stdout.split()
     assert lines[0] == "epoll"
     assert lines[1] == "refused" and int(lines[2]) == 1  # EPERM
+
+
+
+def test_fifo_order_under_fallbacks(make_port, disabled):
+    """Sends and recvs in flight on one socket keep their order on every
+    fallback path: pool recvs instead of provided buffers, one cancel per
+    op, a TIMEOUT SQE per wait, and a starved SQ (FIFO heads issued from
+    the backlog)."""
+    from .test_ordering import _check_stream, _collect, _Reader, _small_buffers
+
+    port = make_port()
+    a_client, a_server = tcp_pair()  # a_client sends, a_server reads
+    b_client, b_server = tcp_pair()  # b_client writes, b_server receives
+    _small_buffers(a_client)
+    port.register(a_client)
+    port.register(b_server)
+    chunks = [bytes([i + 1]) * 100_000 for i in range(20)]
+    reader = _Reader(a_server, sum(map(len, chunks)))
+    sends = [port.send(a_client, c) for c in chunks]
+    recvs = [port.recv(b_server, 3000) if i % 2 else port.recv_into(b_server, bytearray(5000))
+             for i in range(8)]
+    reader.start()
+    stream = bytes(range(256)) * 200  # more than the eight recvs take
+    b_client.sendall(stream)
+    done = _collect(port, sends + recvs)
+    _check_stream(reader.finish(), b"".join(chunks))
+    assert all(done[id(op)].ok for op in sends + recvs)
+    got = b"".join(
+        bytes(done[id(op)].data) if op.kind == "recv"
+        else bytes(done[id(op)].data[: done[id(op)].nbytes])
+        for op in recvs
+    )
+    _check_stream(got, stream[: len(got)])
+    assert got
+    close_all(port, a_client, a_server, b_client, b_server)

@@ -87,6 +87,18 @@ static unsigned iocp__cpu_count(void)
 }
 #endif
 
+/* The port whose batch this thread dispatches: set when a wait hands it
+ * completions, cleared by iocp_port_dispatch_done (see
+ * iocp__is_dispatching).  One per thread is enough: a thread that
+ * dispatches two ports at once only loses some batching. */
+#ifdef _MSC_VER
+static __declspec(thread) iocp_port *iocp__tls_dispatching;
+#else
+static __thread iocp_port *iocp__tls_dispatching;
+#endif
+
+int iocp__is_dispatching(iocp_port *p) { return iocp__tls_dispatching == p; }
+
 /* ------------------------------------------------------------------ */
 /* fork()                                                              */
 
@@ -277,6 +289,8 @@ void iocp_port_destroy(iocp_port *p)
         iocp__port_forget(p);
         return;
     }
+    if (iocp__tls_dispatching == p)
+        iocp__tls_dispatching = NULL;    /* closed from a callback */
     /* Completions nobody took: give their port buffers back. */
     iocp__lock(p);
     while (iocp__queue_pop(p, &c, 1) == 1) {
@@ -455,6 +469,7 @@ int iocp_port_wait_since(iocp_port *p, iocp_completion *out, int max,
         if (p->qlen > 0 && (p->active < p->concurrency || p->closing)) {
             n = iocp__queue_pop(p, out, max);
             p->active++;
+            iocp__tls_dispatching = p;
             /* Others may take what is left, or a freed poll slot. */
             if (p->qlen > 0)
                 iocp__cond_broadcast(&p->cond);
@@ -500,6 +515,10 @@ void iocp_port_dispatch_done(iocp_port *p)
     iocp__lock(p);
     if (p->active > 0)
         p->active--;
+    if (iocp__tls_dispatching == p)
+        iocp__tls_dispatching = NULL;
+    if (p->dispatch_done)
+        p->dispatch_done(p);
     if (p->qlen > 0)
         iocp__cond_broadcast(&p->cond);
     iocp__unlock(p);

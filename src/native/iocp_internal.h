@@ -101,6 +101,9 @@ struct iocp_port {
     unsigned concurrency, active;
     int closing;                       /* iocp_port_begin_close was called */
     int kick;                          /* backend queued work for poll(); see top */
+    /* Optional backend hook, called with the lock held when a thread ends
+     * dispatching a batch (io_uring: submit what it held back). */
+    void (*dispatch_done)(iocp_port *port);
     int64_t queue_peak, completions;
 
     /* fork(): the creator's pid and fork generation (see iocp__forked), and
@@ -199,6 +202,14 @@ static inline iocp_iovec *iocp__iov_advance(iocp_op *op, size_t sent, int *left)
     *left = n;
     return v;
 }
+
+/*
+ * True if the calling thread is dispatching a batch of `port` (a wait gave
+ * it completions and it has not called iocp_port_dispatch_done yet).  Such
+ * a thread waits on the port again soon, so a backend may hold its
+ * submissions back until then; any other thread's must go at once.
+ */
+int iocp__is_dispatching(iocp_port *port);
 
 /* Monotonic milliseconds, for deadlines. */
 int64_t iocp__now_ms(void);

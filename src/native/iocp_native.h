@@ -139,6 +139,8 @@ typedef struct iocp_op {
     iocp_socket_t aux_sock;           /* Windows: socket made for AcceptEx */
     struct iocp_op *next, *prev;      /* in-flight list / backend queues */
     struct iocp_op *fd_next;          /* backend per-socket queue */
+    struct iocp_op *fifo_next;        /* io_uring: per-socket FIFO (fd_next
+                                         links its SQ backlogs) */
     void *backend_data;               /* e.g. Windows recv buffer */
     int state;                        /* backend state machine */
     int inflight;                     /* 1 from submit until final completion */

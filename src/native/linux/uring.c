@@ -27,13 +27,26 @@
  * requests (wake-up NOPs, cancel requests, poll timeouts) carry tag 2 with
  * no pointer, so they are never mistaken for ops and never surface.
  *
- * Cancel and close: cancel submits IORING_OP_ASYNC_CANCEL for the op's
+ * Order: one SQE per op would let the kernel interleave the bytes of two
+ * sends on a socket (a short send's remainder, or a send that got -EAGAIN,
+ * goes behind the next one) and hand two recvs their bytes out of order.
+ * So every socket has a read FIFO (recv, recv_into) and a write FIFO
+ * (connect, send), linked through op->fifo_next, and only the head of each
+ * has a request out; ops queued behind it cost no SQE and are issued one
+ * by one as the head completes.  All re-issues (remainder, poll, -ENOBUFS
+ * fallback to a pool buffer, spurious cancel) are of the head itself.
+ * Accept and post skip the FIFOs: they are no byte stream.
+ *
+ * Cancel and close: an op queued behind its FIFO head has nothing in the
+ * kernel, so cancel unlinks it and completes it cancelled at once.  For an
+ * op with a request out, cancel submits IORING_OP_ASYNC_CANCEL for the op's
  * user_data; the op's own completion then arrives, -ECANCELED (or -EINTR
  * when an io-wq worker was interrupted), and is flagged cancelled -- or
  * with its real result if it had already finished.  Requests hold a
  * reference to their file, so closing a socket does not stop them:
- * unregister cancels every op of the socket (IORING_ASYNC_CANCEL_FD|ALL,
- * else one request per op) and submits at once, before the caller closes
+ * unregister completes the socket's queued FIFO ops cancelled, cancels the
+ * rest (IORING_ASYNC_CANCEL_FD|ALL, else one request per op) and submits at
+ * once, before the caller closes
  * the descriptor.  Ops learn they were cancelled from a per-op flag or a
  * per-descriptor generation that unregister and register bump.  The kernel
  * also cancels the requests of a thread that exits; such an unrequested
@@ -43,10 +56,13 @@
  * required, poll() reaps at most `max` CQEs and leaves the rest in the ring
  * (the kernel's overflow list absorbs more; io_uring_enter(GETEVENTS)
  * flushes it back when the ring says so).  Submission happens under the
- * port lock from any thread; SQEs wait for the next poll() while a thread
- * dispatches (it polls again next) and go at once when a thread is blocked
- * in the kernel or nobody is waiting (see iocp__submit_policy).  If the SQ is
- * full we submit to make room; if even that fails, ops wait on a backlog.
+ * port lock from any thread.  SQEs made by a thread while it dispatches a
+ * batch wait until that batch ends (the port's dispatch_done hook submits
+ * them) or its next poll(), whichever is first; every other thread's go at
+ * once (see iocp__submit_policy).  If the SQ is full we submit to make
+ * room; if even that fails, ops wait on a backlog (op->fd_next).  The
+ * descriptor table doubles up to IOCP__UFD_MAX; a larger descriptor is
+ * refused with -EBADF.
  *
  * Environment, for tests: IOCP_URING_FAIL_SETUP=1 makes probe() and init()
  * fail with -EPERM as if io_uring were disabled (the default port then falls
@@ -62,6 +78,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -236,10 +253,18 @@ enum { IOCP__IN_WAKE = 1, IOCP__IN_CANCEL = 2, IOCP__IN_TIMEOUT = 3,
 #define IOCP__ST_RINGBUF   0x20   /* RECV picks from the buffer ring */
 #define IOCP__ST_CONNWAIT  0x40   /* CONNECT in progress, polling POLLOUT */
 #define IOCP__ST_MULTI     0x80   /* ACCEPT armed as kernel multishot */
+#define IOCP__ST_FIFO      0x100  /* in its socket's read or write FIFO */
+#define IOCP__ST_QUEUED    0x200  /* ... behind the head: nothing issued */
 
 #define IOCP__DEFAULT_ENTRIES 1024u
 #define IOCP__PBUF_COUNT 128u         /* power of two */
 #define IOCP__PBUF_SIZE  65536u
+
+/* Ops of one socket and direction, in submission order (op->fifo_next).
+ * Only the head has a request in the kernel. */
+struct iocp__fifo {
+    iocp_op *head, *tail;
+};
 
 struct iocp__ufd {
     unsigned registered;
@@ -247,7 +272,14 @@ struct iocp__ufd {
     unsigned nops;         /* ops in flight on this descriptor */
     dev_t dev;
     ino_t ino;             /* which socket: tells a reused descriptor apart */
+    struct iocp__fifo rq;  /* recv, recv_into */
+    struct iocp__fifo wq;  /* connect, send */
 };
+
+/* The table grows by doubling up to this many descriptors: doubling an int
+ * past it would overflow, and no kernel hands out larger descriptors
+ * (fs.nr_open tops out just below 2^31 and defaults to 2^20). */
+#define IOCP__UFD_MAX (1 << 30)
 
 struct iocp__uring {
     int fd;
@@ -679,24 +711,33 @@ static int iocp__uring_probe(char *features, size_t len)
 
 /* ---- per-descriptor state ------------------------------------------- */
 
-static struct iocp__ufd *iocp__ufd(struct iocp__uring *u, int fd, int grow)
+/* Makes the table cover `fd`.  0, IOCP_EBADF for a descriptor no table
+ * can hold, or IOCP_ENOMEM. */
+static int iocp__ufd_grow(struct iocp__uring *u, int fd)
 {
-    if (fd < 0)
+    struct iocp__ufd *nf;
+    int n = u->nfds ? u->nfds : 64;
+
+    if (fd < 0 || fd >= IOCP__UFD_MAX)
+        return IOCP_EBADF;
+    while (n <= fd)
+        n *= 2;                     /* n <= IOCP__UFD_MAX: no overflow */
+    if ((size_t)n > SIZE_MAX / sizeof(*nf))
+        return IOCP_ENOMEM;         /* 32-bit size_t */
+    nf = realloc(u->fds, (size_t)n * sizeof(*nf));
+    if (!nf)
+        return IOCP_ENOMEM;
+    memset(nf + u->nfds, 0, (size_t)(n - u->nfds) * sizeof(*nf));
+    u->fds = nf;
+    u->nfds = n;
+    return 0;
+}
+
+/* The descriptor's state; NULL if it has none (never registered). */
+static struct iocp__ufd *iocp__ufd(struct iocp__uring *u, int fd)
+{
+    if (fd < 0 || fd >= u->nfds)
         return NULL;
-    if (fd >= u->nfds) {
-        int n = u->nfds ? u->nfds : 64;
-        struct iocp__ufd *nf;
-        if (!grow)
-            return NULL;
-        while (n <= fd)
-            n *= 2;
-        nf = realloc(u->fds, (size_t)n * sizeof(*nf));
-        if (!nf)
-            return NULL;
-        memset(nf + u->nfds, 0, (size_t)(n - u->nfds) * sizeof(*nf));
-        u->fds = nf;
-        u->nfds = n;
-    }
     return &u->fds[fd];
 }
 
@@ -709,7 +750,7 @@ static int iocp__cancelling(struct iocp__uring *u, iocp_op *op)
         return 1;
     if (op->kind == IOCP_OP_POST)
         return 0;
-    st = iocp__ufd(u, op->sock, 0);
+    st = iocp__ufd(u, op->sock);
     return !st || (unsigned)op->aux_sock != st->gen;
 }
 
@@ -802,6 +843,58 @@ static int iocp__list_remove(iocp_op **head, iocp_op *op)
         }
     }
     return 0;
+}
+
+/*
+ * Per-socket FIFOs.  Byte-stream ops wait in their socket's FIFO for their
+ * direction and only the head has a request out, so a short send's
+ * remainder, a re-issue after -EAGAIN or -ENOBUFS, or a re-issue after a
+ * spurious cancel always goes before the ops behind it.  Accept and post
+ * carry no byte stream and skip them.
+ */
+static struct iocp__fifo *iocp__fifo_for(struct iocp__ufd *st, int kind)
+{
+    switch (kind) {
+    case IOCP_OP_RECV:
+    case IOCP_OP_RECV_INTO:
+        return &st->rq;
+    case IOCP_OP_SEND:
+    case IOCP_OP_CONNECT:
+        return &st->wq;
+    default:
+        return NULL;
+    }
+}
+
+/* Appends; returns 1 if the op is now the head. */
+static int iocp__fifo_push(struct iocp__fifo *f, iocp_op *op)
+{
+    op->fifo_next = NULL;
+    if (f->tail)
+        f->tail->fifo_next = op;
+    else
+        f->head = op;
+    f->tail = op;
+    return f->head == op;
+}
+
+/* Unlinks the op wherever it is; returns 1 if it was the head. */
+static int iocp__fifo_remove(struct iocp__fifo *f, iocp_op *op)
+{
+    iocp_op *prev = NULL, *it;
+
+    for (it = f->head; it && it != op; it = it->fifo_next)
+        prev = it;
+    if (!it)
+        return 0;
+    if (prev)
+        prev->fifo_next = op->fifo_next;
+    else
+        f->head = op->fifo_next;
+    if (f->tail == op)
+        f->tail = prev;
+    op->fifo_next = NULL;
+    return prev == NULL;
 }
 
 /* Queues the SQE that (re)issues the op as its state says; with no SQE
@@ -931,12 +1024,23 @@ static void iocp__send_cancel(struct iocp__uring *u, iocp_op *op)
 
 /* ---- delivering ------------------------------------------------------- */
 
+static void iocp__fifo_start(iocp_port *p, struct iocp__uring *u, struct iocp__fifo *f);
+
 static void iocp__finish(iocp_port *p, struct iocp__uring *u, iocp_op *op,
                          int64_t result, int64_t error, unsigned flags,
                          char *data, uint32_t buf_id)
 {
+    struct iocp__fifo *next = NULL;
+
     if (!(flags & IOCP_CF_MORE)) {
-        struct iocp__ufd *st = iocp__ufd(u, op->sock, 0);
+        struct iocp__ufd *st = iocp__ufd(u, op->sock);
+        if ((op->state & IOCP__ST_FIFO) && st) {
+            /* The head's successor may start now (after this delivery, so
+             * completions of one direction come out in order). */
+            struct iocp__fifo *f = iocp__fifo_for(st, op->kind);
+            if (iocp__fifo_remove(f, op))
+                next = f;
+        }
         /* A pool buffer that is not being handed out goes back now. */
         if (op->backend_data && op->backend_data != data)
             iocp__buffer_put(p, op->backend_data);
@@ -951,6 +1055,8 @@ static void iocp__finish(iocp_port *p, struct iocp__uring *u, iocp_op *op,
     }
     iocp__deliver(p, op, result, error, flags, data, buf_id);
     u->ndelivered++;
+    if (next)
+        iocp__fifo_start(p, u, next);
 }
 
 static void iocp__finish_cancelled(iocp_port *p, struct iocp__uring *u, iocp_op *op)
@@ -959,6 +1065,30 @@ static void iocp__finish_cancelled(iocp_port *p, struct iocp__uring *u, iocp_op 
         iocp__finish(p, u, op, (int64_t)op->done, IOCP_ECANCELED, IOCP_CF_CANCELLED, NULL, 0);
     else
         iocp__finish(p, u, op, IOCP_ECANCELED, 0, IOCP_CF_CANCELLED, NULL, 0);
+}
+
+/*
+ * Issues the FIFO's new head.  A head whose socket was unregistered since
+ * it was queued completes cancelled instead (without recursing: it is
+ * unlinked before it is finished), and the next one is tried.
+ */
+static void iocp__fifo_start(iocp_port *p, struct iocp__uring *u, struct iocp__fifo *f)
+{
+    iocp_op *op;
+
+    while ((op = f->head) != NULL && (op->state & IOCP__ST_QUEUED)) {
+        op->state &= ~IOCP__ST_QUEUED;
+        if (!iocp__cancelling(u, op)) {
+            iocp__arm(u, op);
+            return;
+        }
+        f->head = op->fifo_next;
+        if (!f->head)
+            f->tail = NULL;
+        op->fifo_next = NULL;
+        op->state &= ~IOCP__ST_FIFO;
+        iocp__finish_cancelled(p, u, op);
+    }
 }
 
 /* A request of the op ended without producing its outcome (-EAGAIN,
@@ -1271,6 +1401,8 @@ static int iocp__reap(iocp_port *p, struct iocp__uring *u, int max)
 
 /* ---- backend interface ------------------------------------------------ */
 
+static void iocp__uring_dispatch_done(iocp_port *p);
+
 static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
 {
     struct iocp__uring *u;
@@ -1299,6 +1431,7 @@ static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
         return r;
     }
     p->be = u;
+    p->dispatch_done = iocp__uring_dispatch_done;
     return 0;
 }
 
@@ -1323,12 +1456,14 @@ static void iocp__uring_destroy(iocp_port *p)
 }
 
 /*
- * Submission batching rule (lock held).  SQEs wait for the next poll()
- * only while someone is sure to come back to it soon: a thread dispatching
- * a batch (it waits again next) or a non-blocking poll in progress.  A
- * poller asleep in io_uring_enter would not see them, and with nobody
- * waiting at all the op would not start -- an IOCP op runs from the moment
- * it is posted, so then they go to the kernel at once.
+ * Submission batching rule (lock held).  SQEs wait only for a thread that
+ * is sure to hand them over soon: the submitter itself while it dispatches
+ * a batch (iocp__uring_dispatch_done submits when the batch ends, and its
+ * next wait would anyway), or a non-blocking poll in progress (it submits
+ * before it returns).  Any other thread's SQEs go to the kernel at once:
+ * a poller asleep in io_uring_enter would not see them, a thread busy in
+ * a long callback may not poll for a long time, and an IOCP op runs from
+ * the moment it is posted.
  */
 static void iocp__submit_policy(iocp_port *p, struct iocp__uring *u)
 {
@@ -1343,7 +1478,17 @@ static void iocp__submit_policy(iocp_port *p, struct iocp__uring *u)
             u->wake_pending = 1;
         }
     }
-    if (p->poll_blocking || (!p->polling && p->active == 0))
+    if (p->poll_blocking || !(p->polling || iocp__is_dispatching(p)))
+        (void)iocp__flush(u);
+}
+
+/* A thread ended dispatching a batch (lock held): what its callbacks
+ * submitted starts now, whether or not it ever waits on the port again. */
+static void iocp__uring_dispatch_done(iocp_port *p)
+{
+    struct iocp__uring *u = p->be;
+
+    if (iocp__sq_pending(u))
         (void)iocp__flush(u);
 }
 
@@ -1354,8 +1499,22 @@ static void iocp__cancel_fd_ops(iocp_port *p, struct iocp__uring *u, int fd, uns
 {
     iocp_op *op, *next;
     iocp__uring_sqe *sqe;
+    struct iocp__ufd *st = iocp__ufd(u, fd);
+    struct iocp__fifo *fifos[2];
+    int i;
 
-    /* Ops still on the backlog never reached the kernel. */
+    /* Ops queued behind a FIFO head never reached the kernel: done here,
+     * before the heads, so no head that finishes below starts one. */
+    fifos[0] = st ? &st->rq : NULL;
+    fifos[1] = st ? &st->wq : NULL;
+    for (i = 0; i < 2 && st; i++) {
+        for (op = fifos[i]->head; op; op = next) {
+            next = op->fifo_next;
+            if ((op->state & IOCP__ST_QUEUED) && (unsigned)op->aux_sock == gen)
+                iocp__finish_cancelled(p, u, op);
+        }
+    }
+    /* Ops still on the backlog never reached the kernel either. */
     for (op = u->backlog; op; op = next) {
         next = op->fd_next;
         if (op->sock == fd && (unsigned)op->aux_sock == gen && op->kind != IOCP_OP_POST) {
@@ -1389,9 +1548,12 @@ static int iocp__uring_register(iocp_port *p, iocp_socket_t sock)
 
     if (fstat(sock, &sb) < 0)
         return -errno;
-    st = iocp__ufd(u, sock, 1);
-    if (!st)
-        return IOCP_ENOMEM;
+    if (sock >= u->nfds) {
+        int r = iocp__ufd_grow(u, sock);
+        if (r < 0)
+            return r;
+    }
+    st = iocp__ufd(u, sock);
     if (st->registered && st->dev == sb.st_dev && st->ino == sb.st_ino)
         return IOCP_EEXIST;
     /* io_uring does not need O_NONBLOCK, but the epoll emulation sets it
@@ -1419,7 +1581,7 @@ static int iocp__uring_register(iocp_port *p, iocp_socket_t sock)
 static int iocp__uring_unregister(iocp_port *p, iocp_socket_t sock)
 {
     struct iocp__uring *u = p->be;
-    struct iocp__ufd *st = iocp__ufd(u, sock, 0);
+    struct iocp__ufd *st = iocp__ufd(u, sock);
     unsigned gen;
 
     if (!st || !st->registered)
@@ -1448,7 +1610,7 @@ static int iocp__uring_submit(iocp_port *p, iocp_op *op)
     if (op->kind < IOCP_OP_ACCEPT || op->kind > IOCP_OP_POST)
         return IOCP_EINVAL;
     if (op->kind != IOCP_OP_POST) {
-        st = iocp__ufd(u, op->sock, 0);
+        st = iocp__ufd(u, op->sock);
         if (!st || !st->registered)
             return IOCP_EBADF;
         op->aux_sock = (iocp_socket_t)st->gen;
@@ -1471,8 +1633,18 @@ static int iocp__uring_submit(iocp_port *p, iocp_op *op)
                 return IOCP_ENOMEM;
         }
     }
-    if (st)
+    if (st) {
+        struct iocp__fifo *f = iocp__fifo_for(st, op->kind);
         st->nops++;
+        if (f) {
+            op->state |= IOCP__ST_FIFO;
+            if (!iocp__fifo_push(f, op)) {
+                /* Behind the head: costs no SQE until its turn. */
+                op->state |= IOCP__ST_QUEUED;
+                return 0;
+            }
+        }
+    }
     iocp__arm(u, op);
     iocp__submit_policy(p, u);
     return 0;
@@ -1482,6 +1654,11 @@ static int iocp__uring_cancel(iocp_port *p, iocp_op *op)
 {
     struct iocp__uring *u = p->be;
 
+    if (op->state & IOCP__ST_QUEUED) {
+        /* Queued behind its FIFO head: nothing of it is in the kernel. */
+        iocp__finish_cancelled(p, u, op);
+        return 0;
+    }
     if (op->state & IOCP__ST_BACKLOG) {
         /* Never reached the kernel: done here. */
         iocp__list_remove(&u->backlog, op);
