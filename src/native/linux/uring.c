@@ -1402,6 +1402,7 @@ static int iocp__reap(iocp_port *p, struct iocp__uring *u, int max)
 /* ---- backend interface ------------------------------------------------ */
 
 static void iocp__uring_dispatch_done(iocp_port *p);
+static void iocp__uring_forget(iocp_port *p);
 
 static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
 {
@@ -1432,7 +1433,24 @@ static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
     }
     p->be = u;
     p->dispatch_done = iocp__uring_dispatch_done;
+    p->forget = iocp__uring_forget;
     return 0;
+}
+
+/* Unmaps and closes this process's view of the ring and frees the state.
+ * The kernel objects live on in any other process that holds the ring. */
+static void iocp__uring_release(iocp_port *p)
+{
+    struct iocp__uring *u = p->be;
+
+    iocp__ring_close(u);
+    if (u->pbuf_state > 0) {
+        munmap(u->pbuf_mem, (size_t)IOCP__PBUF_COUNT * IOCP__PBUF_SIZE);
+        munmap(u->pbuf_ring, IOCP__PBUF_COUNT * sizeof(struct iocp__uring_buf));
+    }
+    free(u->fds);
+    free(u);
+    p->be = NULL;
 }
 
 static void iocp__uring_destroy(iocp_port *p)
@@ -1445,14 +1463,17 @@ static void iocp__uring_destroy(iocp_port *p)
         reg.bgid = 0;
         (void)iocp__sys_register(u->fd, IOCP__UNREGISTER_PBUF_RING, &reg, 1);
     }
-    iocp__ring_close(u);
-    if (u->pbuf_state > 0) {
-        munmap(u->pbuf_mem, (size_t)IOCP__PBUF_COUNT * IOCP__PBUF_SIZE);
-        munmap(u->pbuf_ring, IOCP__PBUF_COUNT * sizeof(struct iocp__uring_buf));
-    }
-    free(u->fds);
-    free(u);
-    p->be = NULL;
+    iocp__uring_release(p);
+}
+
+/*
+ * fork() child: the rings are MAP_SHARED with the parent, so a child must
+ * neither unregister the buffer ring nor submit, cancel or reap.  Dropping
+ * its mappings and its descriptor is invisible to the parent.
+ */
+static void iocp__uring_forget(iocp_port *p)
+{
+    iocp__uring_release(p);
 }
 
 /*
