@@ -139,6 +139,35 @@ cdef object _address_from(iocp_op *op):
 # --------------------------------------------------------------------------
 # Operation and Completion
 
+# Operation and Completion describe native records, so only the port makes
+# them: their __cinit__ refuses unless this C-level flag is set, which only
+# the two factories below do, around the allocation.  The flag costs one C
+# test per object on the hot path (no argument parsing), and Python code
+# cannot reach it: `Completion()`, `Completion.__new__(Completion)`, a
+# subclass (both are final) and unpickling (disabled) all raise TypeError.
+cdef bint _making = False
+
+
+cdef inline Operation _new_operation():
+    global _making
+    _making = True
+    try:
+        return Operation.__new__(Operation)
+    finally:
+        _making = False
+
+
+cdef inline Completion _new_completion():
+    global _making
+    _making = True
+    try:
+        return Completion.__new__(Completion)
+    finally:
+        _making = False
+
+
+@cython.final
+@cython.auto_pickle(False)
 @cython.freelist(256)
 cdef class Operation:
     """One overlapped operation: the Python side of a native op record.
@@ -166,6 +195,9 @@ cdef class Operation:
     cdef iocp_iovec *_iov
 
     def __cinit__(self):
+        if not _making:
+            raise TypeError("iocp.Operation objects are made by CompletionPort "
+                            "methods (accept, recv, send, ...), not directly")
         self._op = NULL
         self._pinned = False
         self._done = False
@@ -230,6 +262,8 @@ cdef class Operation:
             PyMem_Free(self._iov)
 
 
+@cython.final
+@cython.auto_pickle(False)
 @cython.freelist(256)
 cdef class Completion:
     """One completed operation or posted packet (GetQueuedCompletionStatus).
@@ -255,11 +289,19 @@ cdef class Completion:
     """True if the operation was cancelled before it could complete."""
     cdef readonly bint more
     """True for a multishot accept that stays armed after this completion."""
+    cdef object _failure        # exception that interrupted its conversion
+
+    def __cinit__(self):
+        if not _making:
+            raise TypeError("iocp.Completion objects are made by the port "
+                            "(run, get, get_many), not directly")
 
     @property
     def kind(self) -> str:
         """The operation kind: "accept", "recv", ..., "post"."""
-        return KIND_NAMES[self.operation._kind]
+        # The port always sets `operation`; the check keeps a Completion
+        # that somehow lacks one (see _making) from reading through None.
+        return KIND_NAMES[self.operation._kind] if self.operation is not None else "none"
 
     @property
     def ok(self) -> bool:
@@ -270,6 +312,7 @@ cdef class Completion:
     def eof(self) -> bool:
         """True for a successful zero-byte recv: the peer closed its side."""
         return (self.error is None and self.nbytes == 0 and
+                self.operation is not None and
                 (self.operation._kind == IOCP_OP_RECV or
                  self.operation._kind == IOCP_OP_RECV_INTO))
 
@@ -442,7 +485,7 @@ cdef class CompletionPort:
         self._check_open()
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable or None")
-        op = Operation.__new__(Operation)
+        op = _new_operation()
         op._port = self
         op._kind = kind
         op.callback = callback
@@ -625,60 +668,90 @@ cdef class CompletionPort:
     cdef Completion _complete(self, iocp_completion *c):
         """Turns a native completion into a Completion and, if it is the
         op's last, releases the native record, the pin and the native
-        reference.  Runs no user code."""
+        reference.  Runs no user code.
+
+        Native resources are released in a ``finally``, so nothing is
+        leaked whatever is raised meanwhile (KeyboardInterrupt in
+        ``socket.socket()``, MemoryError in a bytes copy).  If building the
+        payload fails, the Completion still comes back, with ``data=None``,
+        an OSError in ``error`` and the exception in ``_failure`` for
+        _convert() to raise once the whole batch is converted.  Raises only
+        if not even the Completion could be allocated."""
         cdef Operation op = <Operation>c.op.user
-        cdef Completion comp = Completion.__new__(Completion)
+        cdef Completion comp = None
         cdef int kind = op._kind
         cdef bint final = not (c.flags & IOCP_CF_MORE)
-        comp.operation = op
-        comp.key = op.key
-        comp.cancelled = (c.flags & IOCP_CF_CANCELLED) != 0
-        comp.more = not final
-        if c.result < 0:
-            comp.error = _oserror(c.result)
-            comp.nbytes = 0
-        else:
-            comp.nbytes = <Py_ssize_t>c.result
-            if c.error < 0:
-                comp.error = _oserror(c.error)
-        if kind == IOCP_OP_RECV:
-            if c.flags & IOCP_CF_BUFFER:
-                try:
-                    comp.data = PyBytes_FromStringAndSize(c.data, <Py_ssize_t>c.result)
-                finally:
-                    iocp_buffer_release(self._port, c.data, c.buf_id)
-            elif c.result >= 0:
-                comp.data = b""
-        elif kind == IOCP_OP_ACCEPT:
-            if c.result >= 0:
-                comp.data = self._accepted(op, c.result)
+        cdef bint buffer = (c.flags & IOCP_CF_BUFFER) != 0
+        cdef bint fd_owned = False   # the accepted fd is closed or in a socket
+        try:
+            comp = _new_completion()
+            comp.operation = op
+            comp.key = op.key
+            comp.cancelled = (c.flags & IOCP_CF_CANCELLED) != 0
+            comp.more = not final
+            try:
+                if c.result < 0:
+                    comp.nbytes = 0
+                    comp.error = _oserror(c.result)
+                else:
+                    comp.nbytes = <Py_ssize_t>c.result
+                    if c.error < 0:
+                        comp.error = _oserror(c.error)
+                if kind == IOCP_OP_RECV:
+                    if buffer:
+                        _test_fail_point()
+                        comp.data = PyBytes_FromStringAndSize(c.data, <Py_ssize_t>c.result)
+                    elif c.result >= 0:
+                        comp.data = b""
+                elif kind == IOCP_OP_ACCEPT:
+                    if c.result >= 0:
+                        comp.nbytes = 0
+                        fd_owned = True
+                        comp.data = self._accepted(op, c.result)
+                elif kind == IOCP_OP_RECV_INTO or kind == IOCP_OP_POST:
+                    comp.data = op._obj
+            except BaseException as exc:
+                comp._failure = exc
+                comp.data = None
                 comp.nbytes = 0
-        elif kind == IOCP_OP_RECV_INTO or kind == IOCP_OP_POST:
-            comp.data = op._obj
-        if final:
-            op._unpin()
-            op._obj = None
-            iocp_op_free(self._port, op._op)
-            op._op = NULL
-            op._done = True
-            Py_DECREF(op)      # the native record's reference
+                comp.error = _lost_result(kind, exc)
+        finally:
+            # Cannot be skipped, and calls nothing that can raise.
+            if buffer:
+                iocp_buffer_release(self._port, c.data, c.buf_id)
+            if kind == IOCP_OP_ACCEPT and c.result >= 0 and not fd_owned:
+                iocp_socket_close(<iocp_socket_t>c.result)
+            if final:
+                op._unpin()
+                op._obj = None
+                iocp_op_free(self._port, op._op)
+                op._op = NULL
+                op._done = True
+                Py_DECREF(op)      # the native record's reference
         return comp
 
     cdef object _accepted(self, Operation op, int64_t fd):
+        """(socket, address) for an accepted fd.  On every path, the fd ends
+        up either in the returned socket or closed."""
         ls = op.socket
         try:
+            _test_fail_point()
             conn = _socket.socket(ls.family, ls.type, ls.proto, fileno=fd)
         except BaseException:
-            _close_fd(fd)
+            iocp_socket_close(<iocp_socket_t>fd)
             raise
-        if op._multishot:
-            # Every connection of a multishot accept shares the record's
-            # address field, so by dispatch time it may hold a later peer.
-            try:
-                return (conn, conn.getpeername())
-            except OSError:
-                return (conn, None)   # the peer is already gone
-        return (conn, _address_from(op._op))
+        try:
+            if op._multishot:
+                # Every connection of a multishot accept shares the record's
+                # address field, so by dispatch time it may hold a later peer.
+                try:
+                    return (conn, conn.getpeername())
+                except OSError:
+                    return (conn, None)   # the peer is already gone
+            return (conn, _address_from(op._op))
+        except BaseException:
+            conn.close()
+            raise
 
     cdef int _deliver(self, Completion comp, object handler) except -1:
         """Runs a completion's callback (or the run() handler).  Exceptions
@@ -728,20 +801,37 @@ cdef class CompletionPort:
             raise _oserror(n)
         return n
 
-    cdef list _convert(self, iocp_completion *batch, int n):
-        """Turns a dequeued batch into Completions, all before any callback
-        runs (so no user code runs while native records are held), then
-        gives up the holder count that _wait() took."""
+    cdef object _convert(self, iocp_completion *batch, int n, list out):
+        """Turns a dequeued batch into Completions appended to `out`, all
+        before any callback runs (so no user code runs while native records
+        are held), then gives up the holder count that _wait() took.
+
+        Every record is converted and released even if converting one of
+        them raises (KeyboardInterrupt, MemoryError): the first such
+        exception is returned, for the caller to raise once the batch's
+        Completions are safe (delivered or in the backlog)."""
         cdef int i
-        out = []
+        cdef Completion comp
+        first = None
         try:
             for i in range(n):
-                out.append(self._complete(&batch[i]))
+                try:
+                    comp = self._complete(&batch[i])
+                    if comp._failure is not None:
+                        if first is None:
+                            first = comp._failure
+                        comp._failure = None
+                    out.append(comp)
+                except BaseException as exc:
+                    # Not even a Completion (out of memory): the record is
+                    # released all the same, but its callback cannot be told.
+                    if first is None:
+                        first = exc
         finally:
             self._holders -= 1
             if self._destroy_deferred and self._holders == 0:
                 self._finish_close()
-        return out
+        return first
 
     def run(self, timeout=None, handler=None) -> int:
         """The completion loop: waits (GIL released), takes completions in
@@ -799,8 +889,13 @@ cdef class CompletionPort:
                 if main:
                     PyErr_CheckSignals()
                 continue
+            comps = []
             try:
-                for comp in self._convert(batch, n):
+                # A conversion failure (Ctrl-C during socket.socket(), ...)
+                # is raised like one from a callback: every converted
+                # completion of the batch waits in the backlog.
+                pending_exc = self._convert(batch, n, comps)
+                for comp in comps:
                     if pending_exc is not None:
                         self._backlog.append(comp)
                         continue
@@ -865,10 +960,14 @@ cdef class CompletionPort:
             n = self._wait(batch, max, slice_ms, iocp_port_wake_gen(self._port))
             if n > 0:
                 try:
-                    out.extend(self._convert(batch, n))
+                    exc = self._convert(batch, n, out)
                 finally:
                     if self._port != NULL:
                         iocp_port_dispatch_done(self._port)
+                if exc is not None:
+                    # Nothing taken is lost: the next get()/run() serves it.
+                    self._backlog.extend(out)
+                    raise exc
                 return out
             if main:
                 PyErr_CheckSignals()
@@ -886,6 +985,7 @@ cdef class CompletionPort:
         cdef iocp_completion batch[BATCH]
         cdef iocp_port_stats st
         cdef int n, i, idle = 0
+        conv_exc = None
         if self._port == NULL or self._closing:
             return
         self._closing = True
@@ -912,12 +1012,20 @@ cdef class CompletionPort:
                                "kernel may still use", st.inflight)
                     self._final_stats = self.stats()
                     self._port = NULL
+                    if conv_exc is not None:
+                        raise conv_exc
                     return
                 continue
             idle = 0
             self._holders += 1
+            comps = []
             try:
-                for comp in self._convert(batch, n):
+                exc = self._convert(batch, n, comps)
+                if exc is not None and conv_exc is None:
+                    # Raised once the port is drained and freed: stopping
+                    # here would leave ops in flight.
+                    conv_exc = exc
+                for comp in comps:
                     if comp.operation.callback is not None:
                         try:
                             self._deliver(comp, None)
@@ -933,10 +1041,13 @@ cdef class CompletionPort:
                 # Most likely this thread is itself mid-conversion (close()
                 # from a finalizer): the last holder frees the port.
                 self._destroy_deferred = True
-                return
+                break
             iocp_port_wake(self._port)
             _sleep(0.001)
-        self._finish_close()
+        else:
+            self._finish_close()
+        if conv_exc is not None:
+            raise conv_exc
 
     cdef int _finish_close(self) except -1:
         """The last step of close(): nothing is in flight or held."""
@@ -965,14 +1076,55 @@ cdef class CompletionPort:
 # --------------------------------------------------------------------------
 # Module helpers
 
+import errno as _errno
+
+
+cdef object _lost_result(int kind, object exc):
+    """The error a completion carries when its payload could not be built
+    (the accepted socket is closed, the received bytes are gone)."""
+    if kind == IOCP_OP_ACCEPT:
+        code = _errno.ECONNABORTED
+    elif isinstance(exc, MemoryError):
+        code = _errno.ENOMEM
+    else:
+        code = _errno.EINTR
+    err = OSError(code, f"{_os.strerror(code)} (result lost: {type(exc).__name__})")
+    err.__cause__ = exc
+    return err
+
+
+# Test hook (tests/test_bounds.py, M2): fail the k-th payload conversion.
+cdef Py_ssize_t _fail_countdown = -1
+cdef object _fail_exc = None
+
+
+def _test_fail_conversion_after(Py_ssize_t n, exc_type=None):
+    """For tests only: the payload conversion (accepted socket, received
+    bytes) after the next `n` ones raises `exc_type`.  A negative `n` or
+    ``exc_type=None`` disarms it."""
+    global _fail_countdown, _fail_exc
+    if exc_type is None or n < 0:
+        _fail_countdown = -1
+        _fail_exc = None
+        return
+    if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
+        raise TypeError("exc_type must be an exception class")
+    _fail_exc = exc_type
+    _fail_countdown = n
+
+
+cdef inline int _test_fail_point() except -1:
+    global _fail_countdown, _fail_exc
+    if _fail_countdown < 0:
+        return 0
+    if _fail_countdown > 0:
+        _fail_countdown -= 1
+        return 0
+    _fail_countdown = -1
+    exc, _fail_exc = _fail_exc, None
+    raise exc()
+
 from time import monotonic as _monotonic, sleep as _sleep
-
-
-cdef void _close_fd(int64_t fd):
-    try:
-        _socket.socket(fileno=fd).close()
-    except OSError:
-        pass
 
 
 def _backend_names() -> list:

@@ -1,6 +1,6 @@
 /*
- * addr.c -- socket addresses and error text, so the Cython layer needs no
- * platform socket headers of its own.
+ * addr.c -- socket addresses, closing a socket, and error text, so the
+ * Cython layer needs no platform socket headers of its own.
  */
 #include <stdio.h>
 #include <string.h>
@@ -11,6 +11,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/un.h>
+#include <unistd.h>
 #else
 #include <afunix.h>   /* struct sockaddr_un (Windows 10 1803+ SDK, mingw-w64) */
 #endif
@@ -110,6 +111,16 @@ int iocp_sockaddr_parse(const struct sockaddr_storage *ss, iocp_socklen_t len,
     }
 #endif
     return family;
+}
+
+int iocp_socket_close(iocp_socket_t sock)
+{
+#ifdef _WIN32
+    return closesocket(sock) == 0 ? 0 : -(int)WSAGetLastError();
+#else
+    /* No retry on EINTR: on Linux the descriptor is gone either way. */
+    return close(sock) == 0 ? 0 : -errno;
+#endif
 }
 
 void iocp_error_message(int code, char *buf, size_t len)

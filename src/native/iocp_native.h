@@ -253,6 +253,11 @@ int iocp_sockaddr_unix(const char *path, size_t len, struct sockaddr_storage *ou
 int iocp_sockaddr_parse(const struct sockaddr_storage *ss, iocp_socklen_t len,
                         char *host, size_t hostlen, int *port, uint32_t *flowinfo,
                         uint32_t *scope_id);
+/*
+ * Closes a socket the caller owns (an accepted one nobody will use).  Plain
+ * C, so the Cython layer can call it where nothing may raise.
+ */
+int iocp_socket_close(iocp_socket_t sock);
 /* Text for a negative error code (used on Windows; POSIX has strerror). */
 void iocp_error_message(int code, char *buf, size_t len);
 
