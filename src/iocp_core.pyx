@@ -21,12 +21,13 @@ from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport int64_t, uint32_t
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 from native cimport *
 
 cimport cython
 
+import errno as _errno
 import logging as _logging
 import os as _os
 import socket as _socket
@@ -43,10 +44,18 @@ cdef enum:
     # seen even where the kernel wait is not interrupted by signals
     # (Windows, or a thread waiting for another thread's poll).
     SIGNAL_SLICE_MS = 50
+    # The longest single native wait (24 h).  A longer timeout -- up to
+    # float('inf'), which means "forever" like None -- waits in slices of
+    # this, so no timeout reaches the native int milliseconds overflowed.
+    MAX_SLICE_MS = 86400000
 
 cdef bint _WINDOWS = _sys.platform == "win32"
 
 KIND_NAMES = ("none", "accept", "connect", "recv", "recv_into", "send", "post")
+# Every backend the library has, whether or not this build or machine can
+# run it: a name outside this is a ValueError, one inside that cannot run
+# here an OSError.
+KNOWN_BACKENDS = ("iocp", "io_uring", "epoll")
 
 
 # --------------------------------------------------------------------------
@@ -69,6 +78,37 @@ cdef int _check(int r) except -1:
 
 
 # --------------------------------------------------------------------------
+# Timeouts
+
+cdef double _timeout_seconds(object timeout) except? -2.0:
+    """A timeout argument as seconds: -1.0 for "forever" (None or +inf),
+    else a finite number >= 0.  NaN and negative values are refused."""
+    cdef double t
+    if timeout is None:
+        return -1.0
+    if isinstance(timeout, (str, bytes, bytearray)):
+        raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
+    t = float(timeout)          # TypeError, or OverflowError for a huge int
+    if t != t:
+        raise ValueError("timeout must not be NaN")
+    if t < 0:
+        raise ValueError("timeout must be None or >= 0")
+    if t == float("inf"):
+        return -1.0
+    return t
+
+
+cdef inline int _slice_ms(double left) noexcept:
+    """Milliseconds for a wait of `left` seconds, rounded up, capped at
+    MAX_SLICE_MS (the caller loops until its deadline)."""
+    if left <= 0.0:
+        return 0
+    if left >= MAX_SLICE_MS / 1000.0:
+        return MAX_SLICE_MS
+    return <int>(left * 1000.0 + 0.999)
+
+
+# --------------------------------------------------------------------------
 # Addresses
 
 cdef int _fill_address(iocp_op *op, object sock, object address) except -1:
@@ -84,14 +124,20 @@ cdef int _fill_address(iocp_op *op, object sock, object address) except -1:
             path = bytes(address)
         else:
             raise TypeError("a Unix socket address is a str or bytes path")
+        if len(path) == 0:
+            raise ValueError("empty Unix socket path")
         r = iocp_sockaddr_unix(path, len(path), &op.addr, &op.addrlen)
         if r < 0:
-            raise ValueError("invalid Unix socket path")
+            raise ValueError(f"Unix socket path too long ({len(path)} bytes)")
         return 0
     if family != _socket.AF_INET and family != _socket.AF_INET6:
         raise ValueError(f"unsupported address family {family!r}")
-    if not isinstance(address, tuple) or len(address) < 2:
-        raise TypeError("address must be a (host, port) tuple")
+    if family == _socket.AF_INET:
+        if not isinstance(address, tuple) or len(address) != 2:
+            raise TypeError("an AF_INET address must be a (host, port) tuple")
+    elif not isinstance(address, tuple) or not 2 <= len(address) <= 4:
+        raise TypeError(
+            "an AF_INET6 address must be a (host, port[, flowinfo[, scope_id]]) tuple")
     host, port = address[0], address[1]
     if not isinstance(port, int) or isinstance(port, bool):
         raise TypeError("port must be an int")
@@ -99,10 +145,17 @@ cdef int _fill_address(iocp_op *op, object sock, object address) except -1:
         raise ValueError("port must be 0-65535")
     flowinfo = address[2] if len(address) > 2 else 0
     scope_id = address[3] if len(address) > 3 else 0
-    if isinstance(host, bytes):
-        host = host.decode("ascii")
+    for name, value, top in (("flowinfo", flowinfo, 0xFFFFF), ("scope_id", scope_id, 0xFFFFFFFF)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int")
+        if not 0 <= value <= top:
+            raise OverflowError(f"{name} must be 0-{top}")
+    if isinstance(host, (bytes, bytearray)):
+        host = bytes(host).decode("ascii")
     if not isinstance(host, str):
         raise TypeError("host must be a str")
+    if "\0" in host:
+        raise ValueError("host must not contain a NUL character")
     host_b = host.encode("idna") if host else (b"0.0.0.0" if family == _socket.AF_INET else b"::")
     r = iocp_sockaddr_inet(family, host_b, port, flowinfo, scope_id, &op.addr, &op.addrlen)
     if r < 0:
@@ -119,10 +172,25 @@ cdef int _fill_address(iocp_op *op, object sock, object address) except -1:
 
 
 cdef object _address_from(iocp_op *op):
+    return _parse_address(&op.addr, op.addrlen)
+
+
+def _test_parse_address(bytes raw, Py_ssize_t length):
+    """For tests only: parses `raw` (copied into a zeroed sockaddr_storage,
+    truncated to it) as an address the kernel said was `length` bytes."""
+    cdef iocp_op scratch
+    memset(&scratch.addr, 0, sizeof(scratch.addr))
+    memcpy(&scratch.addr, <const char *>raw, min(<size_t>len(raw), sizeof(scratch.addr)))
+    if length < 0 or length > 0x7FFFFFFF:
+        raise OverflowError("length out of range")
+    return _parse_address(&scratch.addr, <iocp_socklen_t>length)
+
+
+cdef object _parse_address(sockaddr_storage *addr, iocp_socklen_t addrlen):
     cdef char host[512]
     cdef int port = 0
     cdef uint32_t flowinfo = 0, scope_id = 0
-    cdef int family = iocp_sockaddr_parse(&op.addr, op.addrlen, host, sizeof(host),
+    cdef int family = iocp_sockaddr_parse(addr, addrlen, host, sizeof(host),
                                           &port, &flowinfo, &scope_id)
     if family == _socket.AF_INET:
         return (host.decode("ascii"), port)
@@ -365,13 +433,22 @@ cdef class CompletionPort:
         if backend is not None:
             if not isinstance(backend, str):
                 raise TypeError("backend must be a str or None")
-            if backend not in _backend_names():
+            if backend not in KNOWN_BACKENDS:
                 raise ValueError(
-                    f"unknown backend {backend!r}; this build has {_backend_names()}")
+                    f"unknown backend {backend!r}; backends are {list(KNOWN_BACKENDS)}")
+            if backend not in _backend_names():
+                # A real backend, for another platform (iocp on Linux,
+                # io_uring or epoll on Windows, io_uring left out of the
+                # build): the same OSError as one the kernel refuses.
+                raise OSError(_errno.ENOSYS,
+                              f"backend {backend!r} cannot run here: this build "
+                              f"has only {_backend_names()}")
             name_b = backend.encode("ascii")
             opts.backend = name_b
         if queue_capacity == 0:
             raise ValueError("queue_capacity must be positive")
+        if queue_capacity > IOCP_QUEUE_CAPACITY_MAX:
+            raise ValueError(f"queue_capacity must be at most {IOCP_QUEUE_CAPACITY_MAX}")
         opts.queue_capacity = queue_capacity
         opts.concurrency = concurrency
         opts.ring_entries = ring_entries
@@ -839,8 +916,10 @@ cdef class CompletionPort:
 
         Completions of operations without a callback go to ``handler``.
         Returns the number dispatched when ``stop()`` or ``close()`` is
-        called, or when ``timeout`` seconds pass.  Several threads may run
-        the loop at once; ``concurrency`` caps how many dispatch together.
+        called, or when ``timeout`` seconds pass (None or ``inf``: never;
+        any finite timeout works, a long one waits in slices; negative or
+        NaN raises ValueError).  Several threads may run the loop at once;
+        ``concurrency`` caps how many dispatch together.
         """
         cdef unsigned long gen = self._stop_gen
         cdef unsigned wake_gen
@@ -852,24 +931,26 @@ cdef class CompletionPort:
             # wait forever for one (concurrency=1) and would reorder
             # completions under the outer batch.
             raise RuntimeError("run() called from a callback of run() on the same thread")
+        cdef double timeout_s = _timeout_seconds(timeout)
         wake_gen = iocp_port_wake_gen(self._port)
         if gen != self._stop_gen:
             return 0
         self._run_threads.add(me)
         try:
-            return self._run_loop(gen, wake_gen, main, timeout, handler)
+            return self._run_loop(gen, wake_gen, main, timeout_s, handler)
         finally:
             self._run_threads.discard(me)
 
     cdef object _run_loop(self, unsigned long gen, unsigned wake_gen, bint main,
-                          object timeout, object handler):
+                          double timeout, object handler):
+        """run() after its checks; `timeout` in seconds, < 0: forever."""
         cdef iocp_completion batch[BATCH]
         cdef int n, slice_ms
         cdef Py_ssize_t dispatched = 0
         cdef double deadline = 0.0, left
         cdef object pending_exc = None
-        if timeout is not None:
-            deadline = _monotonic() + float(timeout)
+        if timeout >= 0:
+            deadline = _monotonic() + timeout
         while not self._closing and gen == self._stop_gen:
             if self._backlog:
                 comp = self._backlog.popleft()
@@ -877,11 +958,11 @@ cdef class CompletionPort:
                 dispatched += 1
                 continue
             slice_ms = -1
-            if timeout is not None:
+            if timeout >= 0:
                 left = deadline - _monotonic()
                 if left <= 0:
                     break
-                slice_ms = <int>(left * 1000.0) + 1
+                slice_ms = _slice_ms(left)
             if main and (slice_ms < 0 or slice_ms > SIGNAL_SLICE_MS):
                 slice_ms = SIGNAL_SLICE_MS
             n = self._wait(batch, BATCH, slice_ms, wake_gen)
@@ -924,7 +1005,8 @@ cdef class CompletionPort:
     def get(self, timeout=None):
         """Takes one completion (GetQueuedCompletionStatus), or None on
         timeout.  Does not call the operation's callback.  ``timeout`` in
-        seconds; None waits forever, 0 polls."""
+        seconds; None (or ``inf``) waits forever, 0 polls; negative or NaN
+        raises ValueError."""
         got = self.get_many(1, timeout)
         return got[0] if got else None
 
@@ -936,25 +1018,24 @@ cdef class CompletionPort:
         cdef int n, i, slice_ms
         cdef bint main = _threading.current_thread() is _threading.main_thread()
         cdef double deadline = 0.0, left
+        cdef double timeout_s
         self._check_open()
         if max <= 0:
             raise ValueError("max must be positive")
         if max > BATCH:
             max = BATCH
-        if timeout is not None and timeout < 0:
-            raise ValueError("timeout must be None or >= 0")
+        timeout_s = _timeout_seconds(timeout)
         out = []
         while self._backlog and len(out) < max:
             out.append(self._backlog.popleft())
         if out:
             return out
-        if timeout is not None:
-            deadline = _monotonic() + float(timeout)
+        if timeout_s >= 0:
+            deadline = _monotonic() + timeout_s
         while not self._closing:
             slice_ms = -1
-            if timeout is not None:
-                left = deadline - _monotonic()
-                slice_ms = <int>(left * 1000.0 + 0.999) if left > 0 else 0
+            if timeout_s >= 0:
+                slice_ms = _slice_ms(deadline - _monotonic())
             if main and (slice_ms < 0 or slice_ms > SIGNAL_SLICE_MS):
                 slice_ms = SIGNAL_SLICE_MS
             n = self._wait(batch, max, slice_ms, iocp_port_wake_gen(self._port))
@@ -971,7 +1052,7 @@ cdef class CompletionPort:
                 return out
             if main:
                 PyErr_CheckSignals()
-            if timeout is not None and _monotonic() >= deadline:
+            if timeout_s >= 0 and _monotonic() >= deadline:
                 return out
         return out
 
@@ -1075,8 +1156,6 @@ cdef class CompletionPort:
 
 # --------------------------------------------------------------------------
 # Module helpers
-
-import errno as _errno
 
 
 cdef object _lost_result(int kind, object exc):

@@ -35,6 +35,7 @@ cdef extern from "iocp_native.h" nogil:
         size_t len
 
     int IOCP_IOV_MAX
+    unsigned IOCP_QUEUE_CAPACITY_MAX
 
     ctypedef struct iocp_op:
         int kind

@@ -144,6 +144,8 @@ int iocp_port_create(const iocp_port_options *opts, iocp_port **out)
         memset(&defaults, 0, sizeof(defaults));
         opts = &defaults;
     }
+    if (opts->queue_capacity > IOCP_QUEUE_CAPACITY_MAX)
+        return IOCP_EINVAL;
     p = calloc(1, sizeof(*p));
     if (!p)
         return IOCP_ENOMEM;

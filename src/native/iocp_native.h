@@ -155,6 +155,14 @@ typedef struct iocp_completion {
 
 typedef struct iocp_port iocp_port;
 
+/*
+ * Largest bounded-queue capacity a port accepts (iocp_port_create returns
+ * IOCP_EINVAL above it): the queue is indexed with unsigned ints and
+ * reaped with an int count, and 16 M records (about 640 MiB) is far past
+ * any useful batch depth.
+ */
+#define IOCP_QUEUE_CAPACITY_MAX (1u << 24)
+
 typedef struct iocp_port_options {
     const char *backend;     /* "epoll", "io_uring", "iocp" or NULL (best)   */
     unsigned queue_capacity; /* bounded completion queue; 0 = default 1024   */
