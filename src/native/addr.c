@@ -104,6 +104,8 @@ int iocp_sockaddr_parse(const struct sockaddr_storage *ss, iocp_socklen_t len,
         *scope_id = sin6->sin6_scope_id;
         return AF_INET6;
     }
+    if (family == AF_INET || family == AF_INET6)
+        return 0;   /* too short to hold one: no address (AF_UNSPEC) */
 #ifdef AF_UNIX
     if (family == AF_UNIX) {
         const struct sockaddr_un *sun = (const struct sockaddr_un *)ss;

@@ -250,8 +250,10 @@ int iocp_backend_probe(int i, char *features, size_t features_len);
 
 /*
  * Addresses (addr.c).  iocp_sockaddr_inet takes a numeric host only.
- * iocp_sockaddr_parse returns the family; for AF_UNIX it copies the path
- * into host and stores its length in *port.
+ * iocp_sockaddr_parse returns the family (0 for an AF_INET/AF_INET6
+ * address shorter than its structure); for AF_UNIX it copies the path
+ * into host and stores its length in *port.  It never reads more than
+ * sizeof(struct sockaddr_storage), whatever `len` says.
  */
 int iocp_sockaddr_inet(int family, const char *host, int port, uint32_t flowinfo,
                        uint32_t scope_id, struct sockaddr_storage *out,
