@@ -183,10 +183,10 @@ def _poke(obj, draw_args, env) -> None:
     for name in sorted(dir(obj)):
         if name.startswith("_"):
             continue
-        strict = _ours(cls, name)
+        expected = STRICT if _ours(cls, name) else (Exception,)
         try:
             attr = getattr(obj, name)
-        except STRICT if strict else Exception:
+        except expected:
             continue
         if not callable(attr) or isinstance(attr, type) or name in NOT_CALLED:
             continue
@@ -201,7 +201,7 @@ def _poke(obj, draw_args, env) -> None:
                 pass
         try:
             _settle(attr(*args, **kwargs))
-        except STRICT if strict else Exception:
+        except expected:
             pass
 
 
