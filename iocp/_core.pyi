@@ -7,12 +7,14 @@ from typing import Any, Callable, Union
 from typing_extensions import Buffer
 
 KIND_NAMES: tuple[str, ...]
+KNOWN_BACKENDS: tuple[str, ...]
 
 Callback = Callable[["Completion"], Any]
 Address = Union[tuple[str, int], tuple[str, int, int, int], str, bytes]
 
 class Operation:
-    """One overlapped operation."""
+    """One overlapped operation (made by the port's methods; calling
+    ``Operation()`` raises TypeError)."""
 
     @property
     def socket(self) -> socket.socket | None: ...
@@ -27,7 +29,8 @@ class Operation:
     def cancel(self) -> bool: ...
 
 class Completion:
-    """One completed operation or posted packet."""
+    """One completed operation or posted packet (made by the port;
+    calling ``Completion()`` raises TypeError)."""
 
     @property
     def key(self) -> Any: ...
@@ -107,3 +110,7 @@ class CompletionPort:
     def __exit__(self, *exc_info: object) -> None: ...
 
 def backends() -> dict[str, list[str]]: ...
+def _test_fail_conversion_after(
+    n: int, exc_type: type[BaseException] | None = None
+) -> None: ...
+def _test_parse_address(raw: bytes, length: int) -> Any: ...

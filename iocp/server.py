@@ -294,6 +294,8 @@ class Connection:
         peername: Address,
         sockname: Address,
     ) -> None:
+        if not isinstance(owner, _Endpoint) or not isinstance(sock, socket.socket):
+            raise TypeError("Connection objects are made by Server and Client, not directly")
         self._owner = owner
         self._loop: _Loop = owner._loop
         self._port = owner._loop.port

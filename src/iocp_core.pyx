@@ -21,12 +21,13 @@ from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport int64_t, uint32_t
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 from native cimport *
 
 cimport cython
 
+import errno as _errno
 import logging as _logging
 import os as _os
 import socket as _socket
@@ -43,10 +44,18 @@ cdef enum:
     # seen even where the kernel wait is not interrupted by signals
     # (Windows, or a thread waiting for another thread's poll).
     SIGNAL_SLICE_MS = 50
+    # The longest single native wait (24 h).  A longer timeout -- up to
+    # float('inf'), which means "forever" like None -- waits in slices of
+    # this, so no timeout reaches the native int milliseconds overflowed.
+    MAX_SLICE_MS = 86400000
 
 cdef bint _WINDOWS = _sys.platform == "win32"
 
 KIND_NAMES = ("none", "accept", "connect", "recv", "recv_into", "send", "post")
+# Every backend the library has, whether or not this build or machine can
+# run it: a name outside this is a ValueError, one inside that cannot run
+# here an OSError.
+KNOWN_BACKENDS = ("iocp", "io_uring", "epoll")
 
 
 # --------------------------------------------------------------------------
@@ -81,6 +90,37 @@ cdef int _check(int r) except -1:
 
 
 # --------------------------------------------------------------------------
+# Timeouts
+
+cdef double _timeout_seconds(object timeout) except? -2.0:
+    """A timeout argument as seconds: -1.0 for "forever" (None or +inf),
+    else a finite number >= 0.  NaN and negative values are refused."""
+    cdef double t
+    if timeout is None:
+        return -1.0
+    if isinstance(timeout, (str, bytes, bytearray)):
+        raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
+    t = float(timeout)          # TypeError, or OverflowError for a huge int
+    if t != t:
+        raise ValueError("timeout must not be NaN")
+    if t < 0:
+        raise ValueError("timeout must be None or >= 0")
+    if t == float("inf"):
+        return -1.0
+    return t
+
+
+cdef inline int _slice_ms(double left) noexcept:
+    """Milliseconds for a wait of `left` seconds, rounded up, capped at
+    MAX_SLICE_MS (the caller loops until its deadline)."""
+    if left <= 0.0:
+        return 0
+    if left >= MAX_SLICE_MS / 1000.0:
+        return MAX_SLICE_MS
+    return <int>(left * 1000.0 + 0.999)
+
+
+# --------------------------------------------------------------------------
 # Addresses
 
 cdef int _fill_address(iocp_op *op, object sock, object address) except -1:
@@ -96,14 +136,20 @@ cdef int _fill_address(iocp_op *op, object sock, object address) except -1:
             path = bytes(address)
         else:
             raise TypeError("a Unix socket address is a str or bytes path")
+        if len(path) == 0:
+            raise ValueError("empty Unix socket path")
         r = iocp_sockaddr_unix(path, len(path), &op.addr, &op.addrlen)
         if r < 0:
-            raise ValueError("invalid Unix socket path")
+            raise ValueError(f"Unix socket path too long ({len(path)} bytes)")
         return 0
     if family != _socket.AF_INET and family != _socket.AF_INET6:
         raise ValueError(f"unsupported address family {family!r}")
-    if not isinstance(address, tuple) or len(address) < 2:
-        raise TypeError("address must be a (host, port) tuple")
+    if family == _socket.AF_INET:
+        if not isinstance(address, tuple) or len(address) != 2:
+            raise TypeError("an AF_INET address must be a (host, port) tuple")
+    elif not isinstance(address, tuple) or not 2 <= len(address) <= 4:
+        raise TypeError(
+            "an AF_INET6 address must be a (host, port[, flowinfo[, scope_id]]) tuple")
     host, port = address[0], address[1]
     if not isinstance(port, int) or isinstance(port, bool):
         raise TypeError("port must be an int")
@@ -111,10 +157,17 @@ cdef int _fill_address(iocp_op *op, object sock, object address) except -1:
         raise ValueError("port must be 0-65535")
     flowinfo = address[2] if len(address) > 2 else 0
     scope_id = address[3] if len(address) > 3 else 0
-    if isinstance(host, bytes):
-        host = host.decode("ascii")
+    for name, value, top in (("flowinfo", flowinfo, 0xFFFFF), ("scope_id", scope_id, 0xFFFFFFFF)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int")
+        if not 0 <= value <= top:
+            raise OverflowError(f"{name} must be 0-{top}")
+    if isinstance(host, (bytes, bytearray)):
+        host = bytes(host).decode("ascii")
     if not isinstance(host, str):
         raise TypeError("host must be a str")
+    if "\0" in host:
+        raise ValueError("host must not contain a NUL character")
     host_b = host.encode("idna") if host else (b"0.0.0.0" if family == _socket.AF_INET else b"::")
     r = iocp_sockaddr_inet(family, host_b, port, flowinfo, scope_id, &op.addr, &op.addrlen)
     if r < 0:
@@ -131,10 +184,25 @@ cdef int _fill_address(iocp_op *op, object sock, object address) except -1:
 
 
 cdef object _address_from(iocp_op *op):
+    return _parse_address(&op.addr, op.addrlen)
+
+
+def _test_parse_address(bytes raw, Py_ssize_t length):
+    """For tests only: parses `raw` (copied into a zeroed sockaddr_storage,
+    truncated to it) as an address the kernel said was `length` bytes."""
+    cdef iocp_op scratch
+    memset(&scratch.addr, 0, sizeof(scratch.addr))
+    memcpy(&scratch.addr, <const char *>raw, min(<size_t>len(raw), sizeof(scratch.addr)))
+    if length < 0 or length > 0x7FFFFFFF:
+        raise OverflowError("length out of range")
+    return _parse_address(&scratch.addr, <iocp_socklen_t>length)
+
+
+cdef object _parse_address(sockaddr_storage *addr, iocp_socklen_t addrlen):
     cdef char host[512]
     cdef int port = 0
     cdef uint32_t flowinfo = 0, scope_id = 0
-    cdef int family = iocp_sockaddr_parse(&op.addr, op.addrlen, host, sizeof(host),
+    cdef int family = iocp_sockaddr_parse(addr, addrlen, host, sizeof(host),
                                           &port, &flowinfo, &scope_id)
     if family == _socket.AF_INET:
         return (host.decode("ascii"), port)
@@ -151,6 +219,35 @@ cdef object _address_from(iocp_op *op):
 # --------------------------------------------------------------------------
 # Operation and Completion
 
+# Operation and Completion describe native records, so only the port makes
+# them: their __cinit__ refuses unless this C-level flag is set, which only
+# the two factories below do, around the allocation.  The flag costs one C
+# test per object on the hot path (no argument parsing), and Python code
+# cannot reach it: `Completion()`, `Completion.__new__(Completion)`, a
+# subclass (both are final) and unpickling (disabled) all raise TypeError.
+cdef bint _making = False
+
+
+cdef inline Operation _new_operation():
+    global _making
+    _making = True
+    try:
+        return Operation.__new__(Operation)
+    finally:
+        _making = False
+
+
+cdef inline Completion _new_completion():
+    global _making
+    _making = True
+    try:
+        return Completion.__new__(Completion)
+    finally:
+        _making = False
+
+
+@cython.final
+@cython.auto_pickle(False)
 @cython.freelist(256)
 cdef class Operation:
     """One overlapped operation: the Python side of a native op record.
@@ -178,6 +275,9 @@ cdef class Operation:
     cdef iocp_iovec *_iov
 
     def __cinit__(self):
+        if not _making:
+            raise TypeError("iocp.Operation objects are made by CompletionPort "
+                            "methods (accept, recv, send, ...), not directly")
         self._op = NULL
         self._pinned = False
         self._done = False
@@ -246,6 +346,8 @@ cdef class Operation:
             PyMem_Free(self._iov)
 
 
+@cython.final
+@cython.auto_pickle(False)
 @cython.freelist(256)
 cdef class Completion:
     """One completed operation or posted packet (GetQueuedCompletionStatus).
@@ -271,11 +373,19 @@ cdef class Completion:
     """True if the operation was cancelled before it could complete."""
     cdef readonly bint more
     """True for a multishot accept that stays armed after this completion."""
+    cdef object _failure        # exception that interrupted its conversion
+
+    def __cinit__(self):
+        if not _making:
+            raise TypeError("iocp.Completion objects are made by the port "
+                            "(run, get, get_many), not directly")
 
     @property
     def kind(self) -> str:
         """The operation kind: "accept", "recv", ..., "post"."""
-        return KIND_NAMES[self.operation._kind]
+        # The port always sets `operation`; the check keeps a Completion
+        # that somehow lacks one (see _making) from reading through None.
+        return KIND_NAMES[self.operation._kind] if self.operation is not None else "none"
 
     @property
     def ok(self) -> bool:
@@ -286,6 +396,7 @@ cdef class Completion:
     def eof(self) -> bool:
         """True for a successful zero-byte recv: the peer closed its side."""
         return (self.error is None and self.nbytes == 0 and
+                self.operation is not None and
                 (self.operation._kind == IOCP_OP_RECV or
                  self.operation._kind == IOCP_OP_RECV_INTO))
 
@@ -338,13 +449,22 @@ cdef class CompletionPort:
         if backend is not None:
             if not isinstance(backend, str):
                 raise TypeError("backend must be a str or None")
-            if backend not in _backend_names():
+            if backend not in KNOWN_BACKENDS:
                 raise ValueError(
-                    f"unknown backend {backend!r}; this build has {_backend_names()}")
+                    f"unknown backend {backend!r}; backends are {list(KNOWN_BACKENDS)}")
+            if backend not in _backend_names():
+                # A real backend, for another platform (iocp on Linux,
+                # io_uring or epoll on Windows, io_uring left out of the
+                # build): the same OSError as one the kernel refuses.
+                raise OSError(_errno.ENOSYS,
+                              f"backend {backend!r} cannot run here: this build "
+                              f"has only {_backend_names()}")
             name_b = backend.encode("ascii")
             opts.backend = name_b
         if queue_capacity == 0:
             raise ValueError("queue_capacity must be positive")
+        if queue_capacity > IOCP_QUEUE_CAPACITY_MAX:
+            raise ValueError(f"queue_capacity must be at most {IOCP_QUEUE_CAPACITY_MAX}")
         opts.queue_capacity = queue_capacity
         opts.concurrency = concurrency
         opts.ring_entries = ring_entries
@@ -461,7 +581,7 @@ cdef class CompletionPort:
         self._check_open()
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable or None")
-        op = Operation.__new__(Operation)
+        op = _new_operation()
         op._port = self
         op._kind = kind
         op.callback = callback
@@ -644,60 +764,90 @@ cdef class CompletionPort:
     cdef Completion _complete(self, iocp_completion *c):
         """Turns a native completion into a Completion and, if it is the
         op's last, releases the native record, the pin and the native
-        reference.  Runs no user code."""
+        reference.  Runs no user code.
+
+        Native resources are released in a ``finally``, so nothing is
+        leaked whatever is raised meanwhile (KeyboardInterrupt in
+        ``socket.socket()``, MemoryError in a bytes copy).  If building the
+        payload fails, the Completion still comes back, with ``data=None``,
+        an OSError in ``error`` and the exception in ``_failure`` for
+        _convert() to raise once the whole batch is converted.  Raises only
+        if not even the Completion could be allocated."""
         cdef Operation op = <Operation>c.op.user
-        cdef Completion comp = Completion.__new__(Completion)
+        cdef Completion comp = None
         cdef int kind = op._kind
         cdef bint final = not (c.flags & IOCP_CF_MORE)
-        comp.operation = op
-        comp.key = op.key
-        comp.cancelled = (c.flags & IOCP_CF_CANCELLED) != 0
-        comp.more = not final
-        if c.result < 0:
-            comp.error = _oserror(c.result)
-            comp.nbytes = 0
-        else:
-            comp.nbytes = <Py_ssize_t>c.result
-            if c.error < 0:
-                comp.error = _oserror(c.error)
-        if kind == IOCP_OP_RECV:
-            if c.flags & IOCP_CF_BUFFER:
-                try:
-                    comp.data = PyBytes_FromStringAndSize(c.data, <Py_ssize_t>c.result)
-                finally:
-                    iocp_buffer_release(self._port, c.data, c.buf_id)
-            elif c.result >= 0:
-                comp.data = b""
-        elif kind == IOCP_OP_ACCEPT:
-            if c.result >= 0:
-                comp.data = self._accepted(op, c.result)
+        cdef bint buffer = (c.flags & IOCP_CF_BUFFER) != 0
+        cdef bint fd_owned = False   # the accepted fd is closed or in a socket
+        try:
+            comp = _new_completion()
+            comp.operation = op
+            comp.key = op.key
+            comp.cancelled = (c.flags & IOCP_CF_CANCELLED) != 0
+            comp.more = not final
+            try:
+                if c.result < 0:
+                    comp.nbytes = 0
+                    comp.error = _oserror(c.result)
+                else:
+                    comp.nbytes = <Py_ssize_t>c.result
+                    if c.error < 0:
+                        comp.error = _oserror(c.error)
+                if kind == IOCP_OP_RECV:
+                    if buffer:
+                        _test_fail_point()
+                        comp.data = PyBytes_FromStringAndSize(c.data, <Py_ssize_t>c.result)
+                    elif c.result >= 0:
+                        comp.data = b""
+                elif kind == IOCP_OP_ACCEPT:
+                    if c.result >= 0:
+                        comp.nbytes = 0
+                        fd_owned = True
+                        comp.data = self._accepted(op, c.result)
+                elif kind == IOCP_OP_RECV_INTO or kind == IOCP_OP_POST:
+                    comp.data = op._obj
+            except BaseException as exc:
+                comp._failure = exc
+                comp.data = None
                 comp.nbytes = 0
-        elif kind == IOCP_OP_RECV_INTO or kind == IOCP_OP_POST:
-            comp.data = op._obj
-        if final:
-            op._unpin()
-            op._obj = None
-            iocp_op_free(self._port, op._op)
-            op._op = NULL
-            op._done = True
-            Py_DECREF(op)      # the native record's reference
+                comp.error = _lost_result(kind, exc)
+        finally:
+            # Cannot be skipped, and calls nothing that can raise.
+            if buffer:
+                iocp_buffer_release(self._port, c.data, c.buf_id)
+            if kind == IOCP_OP_ACCEPT and c.result >= 0 and not fd_owned:
+                iocp_socket_close(<iocp_socket_t>c.result)
+            if final:
+                op._unpin()
+                op._obj = None
+                iocp_op_free(self._port, op._op)
+                op._op = NULL
+                op._done = True
+                Py_DECREF(op)      # the native record's reference
         return comp
 
     cdef object _accepted(self, Operation op, int64_t fd):
+        """(socket, address) for an accepted fd.  On every path, the fd ends
+        up either in the returned socket or closed."""
         ls = op.socket
         try:
+            _test_fail_point()
             conn = _socket.socket(ls.family, ls.type, ls.proto, fileno=fd)
         except BaseException:
-            _close_fd(fd)
+            iocp_socket_close(<iocp_socket_t>fd)
             raise
-        if op._multishot:
-            # Every connection of a multishot accept shares the record's
-            # address field, so by dispatch time it may hold a later peer.
-            try:
-                return (conn, conn.getpeername())
-            except OSError:
-                return (conn, None)   # the peer is already gone
-        return (conn, _address_from(op._op))
+        try:
+            if op._multishot:
+                # Every connection of a multishot accept shares the record's
+                # address field, so by dispatch time it may hold a later peer.
+                try:
+                    return (conn, conn.getpeername())
+                except OSError:
+                    return (conn, None)   # the peer is already gone
+            return (conn, _address_from(op._op))
+        except BaseException:
+            conn.close()
+            raise
 
     cdef int _deliver(self, Completion comp, object handler) except -1:
         """Runs a completion's callback (or the run() handler).  Exceptions
@@ -747,20 +897,37 @@ cdef class CompletionPort:
             raise _oserror(n)
         return n
 
-    cdef list _convert(self, iocp_completion *batch, int n):
-        """Turns a dequeued batch into Completions, all before any callback
-        runs (so no user code runs while native records are held), then
-        gives up the holder count that _wait() took."""
+    cdef object _convert(self, iocp_completion *batch, int n, list out):
+        """Turns a dequeued batch into Completions appended to `out`, all
+        before any callback runs (so no user code runs while native records
+        are held), then gives up the holder count that _wait() took.
+
+        Every record is converted and released even if converting one of
+        them raises (KeyboardInterrupt, MemoryError): the first such
+        exception is returned, for the caller to raise once the batch's
+        Completions are safe (delivered or in the backlog)."""
         cdef int i
-        out = []
+        cdef Completion comp
+        first = None
         try:
             for i in range(n):
-                out.append(self._complete(&batch[i]))
+                try:
+                    comp = self._complete(&batch[i])
+                    if comp._failure is not None:
+                        if first is None:
+                            first = comp._failure
+                        comp._failure = None
+                    out.append(comp)
+                except BaseException as exc:
+                    # Not even a Completion (out of memory): the record is
+                    # released all the same, but its callback cannot be told.
+                    if first is None:
+                        first = exc
         finally:
             self._holders -= 1
             if self._destroy_deferred and self._holders == 0:
                 self._finish_close()
-        return out
+        return first
 
     def run(self, timeout=None, handler=None) -> int:
         """The completion loop: waits (GIL released), takes completions in
@@ -768,8 +935,10 @@ cdef class CompletionPort:
 
         Completions of operations without a callback go to ``handler``.
         Returns the number dispatched when ``stop()`` or ``close()`` is
-        called, or when ``timeout`` seconds pass.  Several threads may run
-        the loop at once; ``concurrency`` caps how many dispatch together.
+        called, or when ``timeout`` seconds pass (None or ``inf``: never;
+        any finite timeout works, a long one waits in slices; negative or
+        NaN raises ValueError).  Several threads may run the loop at once;
+        ``concurrency`` caps how many dispatch together.
         """
         cdef unsigned long gen = self._stop_gen
         cdef unsigned wake_gen
@@ -781,24 +950,26 @@ cdef class CompletionPort:
             # wait forever for one (concurrency=1) and would reorder
             # completions under the outer batch.
             raise RuntimeError("run() called from a callback of run() on the same thread")
+        cdef double timeout_s = _timeout_seconds(timeout)
         wake_gen = iocp_port_wake_gen(self._port)
         if gen != self._stop_gen:
             return 0
         self._run_threads.add(me)
         try:
-            return self._run_loop(gen, wake_gen, main, timeout, handler)
+            return self._run_loop(gen, wake_gen, main, timeout_s, handler)
         finally:
             self._run_threads.discard(me)
 
     cdef object _run_loop(self, unsigned long gen, unsigned wake_gen, bint main,
-                          object timeout, object handler):
+                          double timeout, object handler):
+        """run() after its checks; `timeout` in seconds, < 0: forever."""
         cdef iocp_completion batch[BATCH]
         cdef int n, slice_ms
         cdef Py_ssize_t dispatched = 0
         cdef double deadline = 0.0, left
         cdef object pending_exc = None
-        if timeout is not None:
-            deadline = _monotonic() + float(timeout)
+        if timeout >= 0:
+            deadline = _monotonic() + timeout
         while not self._closing and gen == self._stop_gen:
             if self._backlog:
                 comp = self._backlog.popleft()
@@ -806,11 +977,11 @@ cdef class CompletionPort:
                 dispatched += 1
                 continue
             slice_ms = -1
-            if timeout is not None:
+            if timeout >= 0:
                 left = deadline - _monotonic()
                 if left <= 0:
                     break
-                slice_ms = <int>(left * 1000.0) + 1
+                slice_ms = _slice_ms(left)
             if main and (slice_ms < 0 or slice_ms > SIGNAL_SLICE_MS):
                 slice_ms = SIGNAL_SLICE_MS
             n = self._wait(batch, BATCH, slice_ms, wake_gen)
@@ -818,8 +989,13 @@ cdef class CompletionPort:
                 if main:
                     PyErr_CheckSignals()
                 continue
+            comps = []
             try:
-                for comp in self._convert(batch, n):
+                # A conversion failure (Ctrl-C during socket.socket(), ...)
+                # is raised like one from a callback: every converted
+                # completion of the batch waits in the backlog.
+                pending_exc = self._convert(batch, n, comps)
+                for comp in comps:
                     if pending_exc is not None:
                         self._backlog.append(comp)
                         continue
@@ -848,7 +1024,8 @@ cdef class CompletionPort:
     def get(self, timeout=None):
         """Takes one completion (GetQueuedCompletionStatus), or None on
         timeout.  Does not call the operation's callback.  ``timeout`` in
-        seconds; None waits forever, 0 polls."""
+        seconds; None (or ``inf``) waits forever, 0 polls; negative or NaN
+        raises ValueError."""
         got = self.get_many(1, timeout)
         return got[0] if got else None
 
@@ -860,38 +1037,41 @@ cdef class CompletionPort:
         cdef int n, i, slice_ms
         cdef bint main = _threading.current_thread() is _threading.main_thread()
         cdef double deadline = 0.0, left
+        cdef double timeout_s
         self._check_open()
         if max <= 0:
             raise ValueError("max must be positive")
         if max > BATCH:
             max = BATCH
-        if timeout is not None and timeout < 0:
-            raise ValueError("timeout must be None or >= 0")
+        timeout_s = _timeout_seconds(timeout)
         out = []
         while self._backlog and len(out) < max:
             out.append(self._backlog.popleft())
         if out:
             return out
-        if timeout is not None:
-            deadline = _monotonic() + float(timeout)
+        if timeout_s >= 0:
+            deadline = _monotonic() + timeout_s
         while not self._closing:
             slice_ms = -1
-            if timeout is not None:
-                left = deadline - _monotonic()
-                slice_ms = <int>(left * 1000.0 + 0.999) if left > 0 else 0
+            if timeout_s >= 0:
+                slice_ms = _slice_ms(deadline - _monotonic())
             if main and (slice_ms < 0 or slice_ms > SIGNAL_SLICE_MS):
                 slice_ms = SIGNAL_SLICE_MS
             n = self._wait(batch, max, slice_ms, iocp_port_wake_gen(self._port))
             if n > 0:
                 try:
-                    out.extend(self._convert(batch, n))
+                    exc = self._convert(batch, n, out)
                 finally:
                     if self._port != NULL:
                         iocp_port_dispatch_done(self._port)
+                if exc is not None:
+                    # Nothing taken is lost: the next get()/run() serves it.
+                    self._backlog.extend(out)
+                    raise exc
                 return out
             if main:
                 PyErr_CheckSignals()
-            if timeout is not None and _monotonic() >= deadline:
+            if timeout_s >= 0 and _monotonic() >= deadline:
                 return out
         return out
 
@@ -905,6 +1085,7 @@ cdef class CompletionPort:
         cdef iocp_completion batch[BATCH]
         cdef iocp_port_stats st
         cdef int n, i, idle = 0
+        conv_exc = None
         if self._port == NULL or self._closing:
             return
         self._closing = True
@@ -942,12 +1123,20 @@ cdef class CompletionPort:
                                "kernel may still use", st.inflight)
                     self._final_stats = self.stats()
                     self._port = NULL
+                    if conv_exc is not None:
+                        raise conv_exc
                     return
                 continue
             idle = 0
             self._holders += 1
+            comps = []
             try:
-                for comp in self._convert(batch, n):
+                exc = self._convert(batch, n, comps)
+                if exc is not None and conv_exc is None:
+                    # Raised once the port is drained and freed: stopping
+                    # here would leave ops in flight.
+                    conv_exc = exc
+                for comp in comps:
                     if comp.operation.callback is not None:
                         try:
                             self._deliver(comp, None)
@@ -963,10 +1152,13 @@ cdef class CompletionPort:
                 # Most likely this thread is itself mid-conversion (close()
                 # from a finalizer): the last holder frees the port.
                 self._destroy_deferred = True
-                return
+                break
             iocp_port_wake(self._port)
             _sleep(0.001)
-        self._finish_close()
+        else:
+            self._finish_close()
+        if conv_exc is not None:
+            raise conv_exc
 
     cdef int _finish_close(self) except -1:
         """The last step of close(): nothing is in flight or held."""
@@ -995,14 +1187,53 @@ cdef class CompletionPort:
 # --------------------------------------------------------------------------
 # Module helpers
 
+
+cdef object _lost_result(int kind, object exc):
+    """The error a completion carries when its payload could not be built
+    (the accepted socket is closed, the received bytes are gone)."""
+    if kind == IOCP_OP_ACCEPT:
+        code = _errno.ECONNABORTED
+    elif isinstance(exc, MemoryError):
+        code = _errno.ENOMEM
+    else:
+        code = _errno.EINTR
+    err = OSError(code, f"{_os.strerror(code)} (result lost: {type(exc).__name__})")
+    err.__cause__ = exc
+    return err
+
+
+# Test hook (tests/test_bounds.py, M2): fail the k-th payload conversion.
+cdef Py_ssize_t _fail_countdown = -1
+cdef object _fail_exc = None
+
+
+def _test_fail_conversion_after(Py_ssize_t n, exc_type=None):
+    """For tests only: the payload conversion (accepted socket, received
+    bytes) after the next `n` ones raises `exc_type`.  A negative `n` or
+    ``exc_type=None`` disarms it."""
+    global _fail_countdown, _fail_exc
+    if exc_type is None or n < 0:
+        _fail_countdown = -1
+        _fail_exc = None
+        return
+    if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
+        raise TypeError("exc_type must be an exception class")
+    _fail_exc = exc_type
+    _fail_countdown = n
+
+
+cdef inline int _test_fail_point() except -1:
+    global _fail_countdown, _fail_exc
+    if _fail_countdown < 0:
+        return 0
+    if _fail_countdown > 0:
+        _fail_countdown -= 1
+        return 0
+    _fail_countdown = -1
+    exc, _fail_exc = _fail_exc, None
+    raise exc()
+
 from time import monotonic as _monotonic, sleep as _sleep
-
-
-cdef void _close_fd(int64_t fd):
-    try:
-        _socket.socket(fileno=fd).close()
-    except OSError:
-        pass
 
 
 def _backend_names() -> list:

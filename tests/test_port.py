@@ -877,3 +877,139 @@ def test_nested_run_from_a_callback_is_refused(port):
     assert len(errors) == 1 and "callback" in str(errors[0])
     port.post("again", callback=lambda c: port.stop())
     assert port.run(timeout=5) == 1  # the outer loop is unaffected
+
+
+# ---- M2: a failure while a batch is converted loses nothing --------------
+
+BATCH_OPS = 4
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _gather(port, got: list, want: int, method: str) -> None:
+    """Collects `want` completions, by callbacks (run) or get_many; bounded."""
+    deadline = time.monotonic() + 10
+    while len(got) < want and time.monotonic() < deadline:
+        if method == "run":
+            port.run(timeout=0.2)
+        else:
+            got.extend(port.get_many(16, timeout=0.2))
+
+
+def _batched(port, got: list, want: int, method: str, exc_type) -> None:
+    """Waits until the kernel completed all `want` ops, then takes them in
+    one batch whose second conversion raises `exc_type`."""
+    with pytest.raises(exc_type):
+        if method == "run":
+            port.run(timeout=10)
+        else:
+            got.extend(port.get_many(16, timeout=10))
+    _gather(port, got, want, method)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, MemoryError])
+@pytest.mark.parametrize("method", ["run", "get_many"])
+def test_accept_batch_interrupted_in_socket_socket_loses_nothing(
+        make_port, listener, monkeypatch, exc_type, method):
+    """socket.socket() raising for the 2nd accepted fd of a batch: the
+    exception propagates, every other accept reaches its callback (or the
+    caller), the failed one arrives as ECONNABORTED with its fd closed, and
+    no op record, Operation reference or fd is left behind."""
+    port = make_port()
+    port.register(listener)
+    got: list = []
+    for _ in range(BATCH_OPS):
+        port.accept(listener, got.append if method == "run" else None)
+    baseline = _open_fds()
+    clients = [socket.create_connection(listener.getsockname(), timeout=5)
+               for _ in range(BATCH_OPS)]
+    real = socket.socket
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if kwargs.get("fileno") is not None and len(calls) == 2:
+            raise exc_type()
+        return real(*args, **kwargs)
+
+    # Every connection is in the listen backlog now (create_connection
+    # returned), so the accepts all complete in the first wait: one batch.
+    monkeypatch.setattr(socket, "socket", flaky)
+    try:
+        _batched(port, got, BATCH_OPS, method, exc_type)
+    finally:
+        monkeypatch.setattr(socket, "socket", real)
+    assert len(got) == BATCH_OPS, got
+    ok = [c for c in got if c.ok]
+    lost = [c for c in got if not c.ok]
+    assert len(ok) == BATCH_OPS - 1 and len(lost) == 1, got
+    assert lost[0].error.errno == errno.ECONNABORTED and lost[0].data is None
+    assert all(c.operation.done for c in got)
+    for c in ok:
+        c.data[0].close()
+    del got, ok, lost
+    for s in clients:
+        s.close()
+    assert _open_fds() == baseline
+    stats = port.stats()
+    assert stats["live_ops"] == 0 and stats["inflight"] == 0, stats
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, MemoryError])
+@pytest.mark.parametrize("method", ["run", "get_many"])
+def test_recv_batch_interrupted_in_bytes_copy_loses_nothing(
+        make_port, exc_type, method):
+    """The 2nd received-bytes copy of a batch raising: port buffers and
+    records of the whole batch go back, the others deliver their bytes,
+    the failed one reports ENOMEM/EINTR with data None."""
+    port = make_port()
+    pairs = [tcp_pair() for _ in range(BATCH_OPS)]
+    got: list = []
+    for i, (client, server) in enumerate(pairs):
+        port.register(server, key=i)
+        client.sendall(b"%d" % i * 100)
+    # Data is already in every socket, so each recv completes at once.
+    for _client, server in pairs:
+        port.recv(server, 4096, got.append if method == "run" else None)
+    iocp._core._test_fail_conversion_after(1, exc_type)
+    try:
+        _batched(port, got, BATCH_OPS, method, exc_type)
+    finally:
+        iocp._core._test_fail_conversion_after(-1)
+    assert len(got) == BATCH_OPS, got
+    ok = [c for c in got if c.ok]
+    lost = [c for c in got if not c.ok]
+    assert len(lost) == 1, got
+    want_errno = errno.ENOMEM if exc_type is MemoryError else errno.EINTR
+    assert lost[0].error.errno == want_errno and lost[0].data is None
+    assert sorted(c.data for c in ok) == sorted(b"%d" % c.key * 100 for c in ok)
+    stats = port.stats()
+    assert stats["live_ops"] == 0 and stats["inflight"] == 0, stats
+    assert stats["live_buffers"] == 0, stats
+    for client, server in pairs:
+        close_all(port, client, server)
+
+
+def test_close_drains_a_batch_whose_conversion_fails(make_port):
+    """close() converting a batch that raises finishes closing (nothing in
+    flight, port freed) and then raises."""
+    port = make_port()
+    client, server = tcp_pair()
+    port.register(server)
+    client.sendall(b"data")
+    port.recv(server, 10)
+    port.recv(server, 10)
+    iocp._core._test_fail_conversion_after(0, KeyboardInterrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            port.close()
+    finally:
+        iocp._core._test_fail_conversion_after(-1)
+    assert port.closed
+    stats = port.stats()
+    assert stats["live_ops"] == 0 and stats["inflight"] == 0, stats
+    client.close()
+    server.close()

@@ -242,6 +242,8 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
     ) -> None:
         if port is None:
             port = CompletionPort(backend=backend, queue_capacity=queue_capacity)
+        elif not isinstance(port, CompletionPort):
+            raise TypeError(f"expected an iocp.CompletionPort or None, got {type(port).__name__}")
         self._port = port
         self._readiness: ReadinessThread | None = None
         self._signal_handlers: dict[int, events.Handle] = {}

@@ -105,6 +105,8 @@ class Proactor:
     """asyncio proactor on an ``iocp.CompletionPort``."""
 
     def __init__(self, port: CompletionPort) -> None:
+        if not isinstance(port, CompletionPort):
+            raise TypeError(f"expected an iocp.CompletionPort, got {type(port).__name__}")
         self._port: CompletionPort | None = port
         self._loop: Any = None
         self._socks: dict[int, socket.socket] = {}

@@ -36,6 +36,7 @@ cdef extern from "iocp_native.h" nogil:
         size_t len
 
     int IOCP_IOV_MAX
+    unsigned IOCP_QUEUE_CAPACITY_MAX
 
     ctypedef struct iocp_op:
         int kind
@@ -108,4 +109,5 @@ cdef extern from "iocp_native.h" nogil:
     int iocp_sockaddr_parse(const sockaddr_storage *ss, iocp_socklen_t len,
                             char *host, size_t hostlen, int *port, uint32_t *flowinfo,
                             uint32_t *scope_id)
+    int iocp_socket_close(iocp_socket_t sock)
     void iocp_error_message(int code, char *buf, size_t len)

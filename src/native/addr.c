@@ -1,6 +1,6 @@
 /*
- * addr.c -- socket addresses and error text, so the Cython layer needs no
- * platform socket headers of its own.
+ * addr.c -- socket addresses, closing a socket, and error text, so the
+ * Cython layer needs no platform socket headers of its own.
  */
 #include <stdio.h>
 #include <string.h>
@@ -11,6 +11,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/un.h>
+#include <unistd.h>
 #else
 #include <afunix.h>   /* struct sockaddr_un (Windows 10 1803+ SDK, mingw-w64) */
 #endif
@@ -20,7 +21,7 @@ int iocp_sockaddr_inet(int family, const char *host, int port, uint32_t flowinfo
                        iocp_socklen_t *outlen)
 {
     memset(out, 0, sizeof(*out));
-    if (port < 0 || port > 65535)
+    if (port < 0 || port > 65535 || !host)
         return IOCP_EINVAL;
     if (family == AF_INET) {
         struct sockaddr_in *sin = (struct sockaddr_in *)out;
@@ -50,6 +51,11 @@ int iocp_sockaddr_unix(const char *path, size_t len, struct sockaddr_storage *ou
 {
 #ifdef AF_UNIX
     struct sockaddr_un *sun = (struct sockaddr_un *)out;
+    /* The address must fit in sockaddr_storage with the path's NUL: a
+     * longer path is refused, never truncated (it would name another
+     * socket) nor copied past the structure. */
+    typedef char iocp__sun_fits[sizeof(struct sockaddr_un) <= sizeof(*out) ? 1 : -1];
+    (void)sizeof(iocp__sun_fits);
     memset(out, 0, sizeof(*out));
     if (len >= sizeof(sun->sun_path) || len == 0)
         return IOCP_EINVAL;
@@ -69,21 +75,27 @@ int iocp_sockaddr_parse(const struct sockaddr_storage *ss, iocp_socklen_t len,
                         uint32_t *scope_id)
 {
     int family = ss->ss_family;
+    /* The length comes from the kernel (accept, getpeername), which reports
+     * the address's full size even when it truncated it: never read past
+     * the storage whatever it says. */
+    size_t slen = len > 0 ? (size_t)len : 0;
 
+    if (slen > sizeof(*ss))
+        slen = sizeof(*ss);
     if (hostlen == 0)
         return IOCP_EINVAL;
     host[0] = '\0';
     *port = 0;
     *flowinfo = 0;
     *scope_id = 0;
-    if (family == AF_INET && (size_t)len >= sizeof(struct sockaddr_in)) {
+    if (family == AF_INET && slen >= sizeof(struct sockaddr_in)) {
         const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
         if (!inet_ntop(AF_INET, (void *)&sin->sin_addr, host, (socklen_t)hostlen))
             return IOCP_EINVAL;
         *port = ntohs(sin->sin_port);
         return AF_INET;
     }
-    if (family == AF_INET6 && (size_t)len >= sizeof(struct sockaddr_in6)) {
+    if (family == AF_INET6 && slen >= sizeof(struct sockaddr_in6)) {
         const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)ss;
         if (!inet_ntop(AF_INET6, (void *)&sin6->sin6_addr, host, (socklen_t)hostlen))
             return IOCP_EINVAL;
@@ -92,11 +104,15 @@ int iocp_sockaddr_parse(const struct sockaddr_storage *ss, iocp_socklen_t len,
         *scope_id = sin6->sin6_scope_id;
         return AF_INET6;
     }
+    if (family == AF_INET || family == AF_INET6)
+        return 0;   /* too short to hold one: no address (AF_UNSPEC) */
 #ifdef AF_UNIX
     if (family == AF_UNIX) {
         const struct sockaddr_un *sun = (const struct sockaddr_un *)ss;
         size_t off = offsetof(struct sockaddr_un, sun_path);
-        size_t n = (size_t)len > off ? (size_t)len - off : 0;
+        size_t n = slen > off ? slen - off : 0;
+        if (n > sizeof(sun->sun_path))
+            n = sizeof(sun->sun_path);
         if (n >= hostlen)
             n = hostlen - 1;
         memcpy(host, sun->sun_path, n);
@@ -110,6 +126,16 @@ int iocp_sockaddr_parse(const struct sockaddr_storage *ss, iocp_socklen_t len,
     }
 #endif
     return family;
+}
+
+int iocp_socket_close(iocp_socket_t sock)
+{
+#ifdef _WIN32
+    return closesocket(sock) == 0 ? 0 : -(int)WSAGetLastError();
+#else
+    /* No retry on EINTR: on Linux the descriptor is gone either way. */
+    return close(sock) == 0 ? 0 : -errno;
+#endif
 }
 
 void iocp_error_message(int code, char *buf, size_t len)

@@ -197,6 +197,8 @@ int iocp_port_create(const iocp_port_options *opts, iocp_port **out)
         memset(&defaults, 0, sizeof(defaults));
         opts = &defaults;
     }
+    if (opts->queue_capacity > IOCP_QUEUE_CAPACITY_MAX)
+        return IOCP_EINVAL;
 #ifndef _WIN32
     /* Without the handler a child could not tell it is one. */
     pthread_once(&iocp__atfork_once, iocp__atfork_register);

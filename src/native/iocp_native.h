@@ -164,6 +164,14 @@ typedef struct iocp_completion {
 
 typedef struct iocp_port iocp_port;
 
+/*
+ * Largest bounded-queue capacity a port accepts (iocp_port_create returns
+ * IOCP_EINVAL above it): the queue is indexed with unsigned ints and
+ * reaped with an int count, and 16 M records (about 640 MiB) is far past
+ * any useful batch depth.
+ */
+#define IOCP_QUEUE_CAPACITY_MAX (1u << 24)
+
 typedef struct iocp_port_options {
     const char *backend;     /* "epoll", "io_uring", "iocp" or NULL (best)   */
     unsigned queue_capacity; /* bounded completion queue; 0 = default 1024   */
@@ -261,8 +269,10 @@ int iocp_backend_probe(int i, char *features, size_t features_len);
 
 /*
  * Addresses (addr.c).  iocp_sockaddr_inet takes a numeric host only.
- * iocp_sockaddr_parse returns the family; for AF_UNIX it copies the path
- * into host and stores its length in *port.
+ * iocp_sockaddr_parse returns the family (0 for an AF_INET/AF_INET6
+ * address shorter than its structure); for AF_UNIX it copies the path
+ * into host and stores its length in *port.  It never reads more than
+ * sizeof(struct sockaddr_storage), whatever `len` says.
  */
 int iocp_sockaddr_inet(int family, const char *host, int port, uint32_t flowinfo,
                        uint32_t scope_id, struct sockaddr_storage *out,
@@ -272,6 +282,11 @@ int iocp_sockaddr_unix(const char *path, size_t len, struct sockaddr_storage *ou
 int iocp_sockaddr_parse(const struct sockaddr_storage *ss, iocp_socklen_t len,
                         char *host, size_t hostlen, int *port, uint32_t *flowinfo,
                         uint32_t *scope_id);
+/*
+ * Closes a socket the caller owns (an accepted one nobody will use).  Plain
+ * C, so the Cython layer can call it where nothing may raise.
+ */
+int iocp_socket_close(iocp_socket_t sock);
 /* Text for a negative error code (used on Windows; POSIX has strerror). */
 void iocp_error_message(int code, char *buf, size_t len);
 

@@ -22,8 +22,13 @@ static int iocp__overflow_push(iocp_port *p, const iocp_completion *c)
 {
     if (p->ovflen == p->ovfcap) {
         unsigned ncap = p->ovfcap ? p->ovfcap * 2 : 64;
-        iocp_completion *n = malloc(ncap * sizeof(*n));
+        iocp_completion *n;
         unsigned i;
+        /* Bounded by the ops in flight, so this never trips in practice;
+         * it keeps the doubling and the byte count from wrapping. */
+        if (ncap <= p->ovfcap || (size_t)ncap > (size_t)-1 / sizeof(*n))
+            return IOCP_ENOMEM;
+        n = malloc((size_t)ncap * sizeof(*n));
         if (!n)
             return IOCP_ENOMEM;
         for (i = 0; i < p->ovflen; i++)
