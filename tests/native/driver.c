@@ -771,6 +771,176 @@ static int t_close_under_pending(void)
 }
 #endif
 
+#ifdef _WIN32
+/*
+ * Windows only: the skip-on-success decision is per socket (M4).  A socket
+ * whose provider is not IFS (a layered service provider) must not be put
+ * in FILE_SKIP_COMPLETION_PORT_ON_SUCCESS mode, and an inline success on it
+ * must wait for its packet instead of completing at once -- else the op
+ * completes twice.  No LSP can be installed under Wine, so the backend's
+ * test knob IOCP_WIN_TEST_NON_IFS=N treats every Nth socket registered on
+ * a port as non-IFS.  The workload is mostly inline successes: small sends
+ * into empty socket buffers, then small recvs of data already buffered.
+ * Every op must complete exactly once; a POST submitted last is the
+ * barrier (the port's queue is FIFO, so a duplicate packet queued by an
+ * earlier inline success arrives before it), and records stay allocated
+ * until then so a duplicate is counted, not a use-after-free.
+ */
+int iocp__win_test_skips(iocp_port *p, iocp_socket_t sock);
+
+enum { NI_PAIRS = 6, NI_MSGS = 32, NI_LEN = 64 };
+
+static int non_ifs_workload(const char *knob, int want_skip, int want_noskip)
+{
+    iocp_port *port;
+    struct sockaddr_in la;
+    iocp_socket_t lis, ends[NI_PAIRS][2];
+    /* Per pair and direction: NI_MSGS sends, then NI_MSGS recvs. */
+    static iocp_op *ops[NI_PAIRS][2][2 * NI_MSGS];
+    static int seen[NI_PAIRS][2][2 * NI_MSGS];
+    static char out[NI_PAIRS][2][NI_MSGS * NI_LEN], in[NI_PAIRS][2][NI_MSGS * NI_LEN];
+    iocp_op *barrier;
+    iocp_completion comp[64];
+    int i, d, m, r, nskip = 0, nnoskip = 0, total = 0, done_barrier = 0;
+    long long deadline;
+
+    SetEnvironmentVariableA("IOCP_WIN_TEST_NON_IFS", knob);
+    r = port_open(&port, 8);   /* small queue: the overflow path too */
+    SetEnvironmentVariableA("IOCP_WIN_TEST_NON_IFS", NULL);
+    CHECK(r == 0, "port");
+    lis = make_listener(&la);
+    CHECK(lis != IOCP_INVALID_SOCKET && iocp_register(port, lis) == 0, "listener");
+    for (i = 0; i < NI_PAIRS; i++) {
+        r = make_pair(port, lis, &la, &ends[i][0], &ends[i][1]);
+        CHECK(r == 0, "%s", g_why);
+        for (d = 0; d < 2; d++) {
+            r = iocp__win_test_skips(port, ends[i][d]);
+            CHECK(r == 0 || r == 1, "skip query %d", r);
+            if (r)
+                nskip++;
+            else
+                nnoskip++;
+        }
+    }
+    CHECK(want_skip ? nskip > 0 : nskip == 0, "%d sockets skip, want %s", nskip,
+          want_skip ? "some" : "none");
+    CHECK(want_noskip ? nnoskip > 0 : nnoskip == 0, "%d sockets do not skip, want %s", nnoskip,
+          want_noskip ? "some" : "none");
+
+    /* Phase 1: small sends, one after the other per socket (inline). */
+    for (i = 0; i < NI_PAIRS; i++)
+        for (d = 0; d < 2; d++) {
+            fill_pattern(out[i][d], sizeof(out[i][d]), (unsigned)(i * 2 + d + 7));
+            for (m = 0; m < NI_MSGS; m++) {
+                iocp_op *op = op_new(port, IOCP_OP_SEND, ends[i][d], out[i][d] + m * NI_LEN,
+                                     NI_LEN);
+                CHECK(op != NULL, "op");
+                op->user = &seen[i][d][m];
+                ops[i][d][m] = op;
+                CHECK(iocp_submit(port, op) == 0, "submit send");
+                total++;
+            }
+        }
+    /* Collect every send (each exactly once) before reading: then all the
+     * data sits in the receivers' buffers and the recvs finish inline. */
+    deadline = now_ms() + WAIT_MS;
+    for (r = 0; r < total;) {
+        int n, k;
+        CHECK(now_ms() < deadline, "sends: %d of %d completed", r, total);
+        n = wait_(port, comp, 64, 200);
+        CHECK(n >= 0, "wait %d", n);
+        for (k = 0; k < n; k++) {
+            int *cnt = comp[k].op->user;
+            CHECK(comp[k].op->kind == IOCP_OP_SEND, "kind %d", comp[k].op->kind);
+            CHECK(++*cnt == 1, "send completed %d times", *cnt);
+            CHECK(comp[k].result == NI_LEN, "send result %lld", (long long)comp[k].result);
+        }
+        if (n > 0)
+            iocp_port_dispatch_done(port);
+        r += n;
+    }
+    /* Phase 2: all recvs at once, on the other end (port buffers and
+     * caller buffers alternate); each takes the next NI_LEN bytes. */
+    for (i = 0; i < NI_PAIRS; i++)
+        for (d = 0; d < 2; d++)
+            for (m = 0; m < NI_MSGS; m++) {
+                int kind = m % 2 ? IOCP_OP_RECV_INTO : IOCP_OP_RECV;
+                iocp_op *op = op_new(port, kind, ends[i][1 - d],
+                                     kind == IOCP_OP_RECV ? NULL : in[i][d] + m * NI_LEN,
+                                     NI_LEN);
+                CHECK(op != NULL, "op");
+                op->user = &seen[i][d][NI_MSGS + m];
+                ops[i][d][NI_MSGS + m] = op;
+                CHECK(iocp_submit(port, op) == 0, "submit recv");
+                total++;
+            }
+    barrier = op_new(port, IOCP_OP_POST, IOCP_INVALID_SOCKET, NULL, 0);
+    CHECK(iocp_submit(port, barrier) == 0, "barrier");
+    deadline = now_ms() + WAIT_MS;
+    for (r = NI_PAIRS * 2 * NI_MSGS; !done_barrier || r < total;) {
+        int n, k;
+        CHECK(now_ms() < deadline, "recvs: %d of %d completed, barrier %d", r, total,
+              done_barrier);
+        n = wait_(port, comp, 64, 200);
+        CHECK(n >= 0, "wait %d", n);
+        for (k = 0; k < n; k++) {
+            iocp_op *op = comp[k].op;
+            int *cnt = op->user, idx;
+            if (op == barrier) {
+                done_barrier = 1;
+                continue;
+            }
+            CHECK(op->kind != IOCP_OP_POST, "stray post");
+            idx = (int)(cnt - &seen[0][0][0]);
+            CHECK(idx >= 0 && idx < NI_PAIRS * 2 * 2 * NI_MSGS, "unknown op");
+            CHECK(++*cnt == 1, "%s completed %d times",
+                  op->kind == IOCP_OP_SEND ? "send" : "recv", *cnt);
+            CHECK(op->kind != IOCP_OP_SEND, "send completed again");
+            CHECK(comp[k].result == NI_LEN, "recv result %lld", (long long)comp[k].result);
+            i = idx / (2 * 2 * NI_MSGS);
+            d = idx / (2 * NI_MSGS) % 2;
+            m = idx % (2 * NI_MSGS) - NI_MSGS;
+            if (op->kind == IOCP_OP_RECV) {
+                CHECK(comp[k].flags & IOCP_CF_BUFFER, "recv without buffer");
+                memcpy(in[i][d] + m * NI_LEN, comp[k].data, NI_LEN);
+                iocp_buffer_release(port, comp[k].data, comp[k].buf_id);
+            }
+            r++;
+        }
+        if (n > 0)
+            iocp_port_dispatch_done(port);
+    }
+    /* Everything queued before the barrier has arrived: nothing more. */
+    CHECK(wait_(port, comp, 1, 0) == 0, "a completion after the barrier");
+    for (i = 0; i < NI_PAIRS; i++)
+        for (d = 0; d < 2; d++) {
+            CHECK(memcmp(in[i][d], out[i][d], sizeof(out[i][d])) == 0,
+                  "pair %d dir %d: data out of order or corrupted", i, d);
+            for (m = 0; m < 2 * NI_MSGS; m++) {
+                CHECK(seen[i][d][m] == 1, "op seen %d times", seen[i][d][m]);
+                seen[i][d][m] = 0;
+                iocp_op_free(port, ops[i][d][m]);
+            }
+        }
+    iocp_op_free(port, barrier);
+    for (i = 0; i < NI_PAIRS; i++) {
+        close_sock(port, ends[i][0]);
+        close_sock(port, ends[i][1]);
+    }
+    close_sock(port, lis);
+    CHECK(check_clean(port) == 0, "%s", g_why);
+    iocp_port_destroy(port);
+    return 0;
+}
+
+/* IFS sockets (Wine's, Windows' own) skip the port on success. */
+static int t_ifs_skip(void) { return non_ifs_workload(NULL, 1, 0); }
+/* Every socket non-IFS: every inline success waits for its packet. */
+static int t_non_ifs_all(void) { return non_ifs_workload("1", 0, 1); }
+/* Every other socket non-IFS: each op follows its own socket's mode. */
+static int t_non_ifs_mixed(void) { return non_ifs_workload("2", 1, 1); }
+#endif
+
 /* ---- 256 concurrent connections, verified echo -------------------------- */
 
 struct conn {
@@ -1055,6 +1225,9 @@ static const struct test TESTS[] = {
     {"close_pending", t_close_pending},
 #ifdef _WIN32
     {"close_under_pending", t_close_under_pending},
+    {"ifs_skip", t_ifs_skip},
+    {"non_ifs_all", t_non_ifs_all},
+    {"non_ifs_mixed", t_non_ifs_mixed},
 #endif
     {"many_connections", t_many_connections},
     {"threads", t_threads},

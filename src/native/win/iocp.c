@@ -31,13 +31,20 @@
  *   POST      PostQueuedCompletionStatus with the op's OVERLAPPED; result is
  *             op->len (not the DWORD the packet can carry).
  *
- * Inline completion: every socket is set to FILE_SKIP_COMPLETION_PORT_ON_
- * SUCCESS when it is registered.  An overlapped call that succeeds at once
- * then queues no packet, so we finish the op right there, under the lock,
- * with iocp__deliver -- exactly once.  If the mode cannot be set (a non-IFS
- * layered provider), the socket is remembered without it and an inline
+ * Inline completion: a socket is set to FILE_SKIP_COMPLETION_PORT_ON_
+ * SUCCESS when it is registered, if its provider hands out real kernel
+ * handles (XP1_IFS_HANDLES in its WSAPROTOCOL_INFOW).  An overlapped call
+ * that succeeds at once then queues no packet, so we finish the op right
+ * there, under the lock, with iocp__deliver -- exactly once.  A non-IFS
+ * layered service provider completes through its own machinery: it may
+ * accept the mode and still post a packet for an inline success, so such a
+ * socket (and one where setting the mode fails) is never put in that mode.
+ * The decision is per socket, kept in its table entry; every issue of an
+ * op reads its socket's entry, and on a socket without the mode an inline
  * success is treated like a pending op: its packet will come.  Failure
  * other than WSA_IO_PENDING never queues a packet, in either mode.
+ * (Test knob: IOCP_WIN_TEST_NON_IFS=N, read when a port is created, treats
+ * every Nth socket registered on it as non-IFS; 1 = all.)
  *
  * Errors come from the packet's NTSTATUS (OVERLAPPED.Internal), turned into
  * a Win32 error by GetOverlappedResult (which never touches the handle for
@@ -54,6 +61,14 @@
  * ERROR_NOT_FOUND and the real result arrives, which the contract allows.
  * Unregister cancels every op of the socket found on port->inflight (a
  * socket cannot leave a port; it stays associated until it is closed).
+ * Handle values are reused: a socket closed without unregister leaves its
+ * entry marked registered, and the next socket given that value is a new
+ * one.  Register tells them apart by the association: the same open socket
+ * cannot be associated twice (ERROR_INVALID_PARAMETER -> EEXIST), a new
+ * one can.  Then the entry is taken over (its skip decision made afresh)
+ * and the old socket's ops still on port->inflight are marked cancelled:
+ * the kernel aborted them at close, and the mark keeps a partial send or a
+ * multishot accept from being issued again on the new socket.
  * Closing a socket aborts its pending ops (995 on Windows; Wine 8 says
  * ERROR_HANDLES_CLOSED, 676, which we treat the same).  A failed or
  * cancelled AcceptEx closes the socket it made.
@@ -118,6 +133,8 @@ struct iocp__win {
     struct iocp__sockent *buckets[IOCP__SOCK_BUCKETS];
     struct iocp__ext ext[4];
     int next_ext;
+    unsigned test_non_ifs;     /* IOCP_WIN_TEST_NON_IFS: every Nth socket */
+    unsigned nregistered;      /* sockets registered so far (for the knob) */
 };
 
 /* ---- registered sockets --------------------------------------------- */
@@ -566,6 +583,15 @@ static int iocp__win_init(iocp_port *p, const iocp_port_options *opts)
         WSACleanup();
         return r;
     }
+    {
+        /* The test knob (see the note at the top).  GetEnvironmentVariable,
+         * not getenv: the C runtime this is linked with may not be the one
+         * whose environment the caller (CPython: the UCRT) changed. */
+        char v[16];
+        DWORD n = GetEnvironmentVariableA("IOCP_WIN_TEST_NON_IFS", v, sizeof(v));
+        if (n > 0 && n < sizeof(v))
+            w->test_non_ifs = (unsigned)strtoul(v, NULL, 10);
+    }
     p->be = w;
     return 0;
 }
@@ -588,22 +614,53 @@ static void iocp__win_destroy(iocp_port *p)
     WSACleanup();
 }
 
+/*
+ * May `sock` skip the port on inline success?  Only if its provider's
+ * handles are IFS handles: a non-IFS layered provider can post a packet
+ * for an inline success whatever the mode says (it may even accept the
+ * mode), and we would then complete the op twice.  When in doubt (the
+ * protocol info cannot be read), no.
+ */
+static int iocp__skip_allowed(struct iocp__win *w, SOCKET sock)
+{
+    WSAPROTOCOL_INFOW info;
+    int ilen = sizeof(info);
+    unsigned n = w->nregistered++;
+
+    if (w->test_non_ifs > 0 && n % w->test_non_ifs == 0)
+        return 0;
+    if (getsockopt(sock, SOL_SOCKET, SO_PROTOCOL_INFOW, (char *)&info, &ilen) != 0)
+        return 0;
+    return (info.dwServiceFlags1 & XP1_IFS_HANDLES) != 0;
+}
+
 static int iocp__win_register(iocp_port *p, iocp_socket_t sock)
 {
     struct iocp__win *w = p->be;
     struct iocp__sockent *se = iocp__sock_find(w, sock, 0);
+    iocp_op *op;
 
-    if (se && se->registered)
-        return IOCP_EEXIST;
     if (!CreateIoCompletionPort((HANDLE)sock, w->port, IOCP__KEY_OP, 0)) {
         DWORD err = GetLastError();
-        /* ERROR_INVALID_PARAMETER: already associated.  A handle cannot
-         * leave a port, so after unregister the same open socket comes
-         * back this way; that is fine when the association is ours. */
+        /* ERROR_INVALID_PARAMETER: this open handle is associated already.
+         * A handle cannot leave a port, so after unregister the same open
+         * socket comes back this way; that is fine when the association
+         * is ours (we know the handle), and a double register otherwise. */
         if (!(se && err == ERROR_INVALID_PARAMETER))
             return -(int)err;
+        if (se->registered)
+            return IOCP_EEXIST;
         se->registered = 1;
         return 0;
+    }
+    if (se && se->registered) {
+        /* Associated just now, yet the value is marked registered: the
+         * socket we knew under it was closed without unregister and this
+         * is a new one.  The old one's ops were aborted by the close (their
+         * packets are on the way); make sure none is issued again. */
+        for (op = p->inflight_head.next; op != &p->inflight_head; op = op->next)
+            if (op->kind != IOCP_OP_POST && op->sock == sock)
+                op->state |= IOCP__WST_CANCEL;
     }
     if (!se) {
         se = iocp__sock_find(w, sock, 1);
@@ -611,10 +668,28 @@ static int iocp__win_register(iocp_port *p, iocp_socket_t sock)
             return IOCP_ENOMEM;   /* associated anyway; harmless */
     }
     se->registered = 1;
-    se->skip = SetFileCompletionNotificationModes(
+    se->skip = iocp__skip_allowed(w, sock) &&
+               SetFileCompletionNotificationModes(
                    (HANDLE)sock,
                    FILE_SKIP_COMPLETION_PORT_ON_SUCCESS | FILE_SKIP_SET_EVENT_ON_HANDLE) != 0;
     return 0;
+}
+
+/*
+ * Tests only (tests/native/driver.c): 1 if `sock`'s inline successes skip
+ * the port, 0 if they wait for their packet, IOCP_ENOENT if unregistered.
+ */
+int iocp__win_test_skips(iocp_port *p, iocp_socket_t sock);
+int iocp__win_test_skips(iocp_port *p, iocp_socket_t sock)
+{
+    struct iocp__sockent *se;
+    int r;
+
+    iocp__lock(p);
+    se = iocp__sock_find(p->be, sock, 0);
+    r = se && se->registered ? se->skip : IOCP_ENOENT;
+    iocp__unlock(p);
+    return r;
 }
 
 static int iocp__win_cancel(iocp_port *p, iocp_op *op);
