@@ -220,30 +220,34 @@ cdef object _parse_address(sockaddr_storage *addr, iocp_socklen_t addrlen):
 # Operation and Completion
 
 # Operation and Completion describe native records, so only the port makes
-# them: their __cinit__ refuses unless this C-level flag is set, which only
-# the two factories below do, around the allocation.  The flag costs one C
-# test per object on the hot path (no argument parsing), and Python code
-# cannot reach it: `Completion()`, `Completion.__new__(Completion)`, a
-# subclass (both are final) and unpickling (disabled) all raise TypeError.
-cdef bint _making = False
+# them: their __cinit__ refuses unless this C-level counter is non-zero,
+# which only the two factories below make it, around the allocation.  It
+# costs one C test per object on the hot path (no argument parsing), and
+# Python code cannot reach it: `Completion()`, `Completion.__new__(...)`,
+# a subclass (both are final) and unpickling (disabled) all raise
+# TypeError.  A counter, not a flag: an allocation can run a GC finalizer
+# that lets another thread in, and that thread's factory must not clear
+# the permission this one still needs.  (Python code let in that way could
+# build one with no operation; the properties cope with that.)
+cdef Py_ssize_t _making = 0
 
 
 cdef inline Operation _new_operation():
     global _making
-    _making = True
+    _making += 1
     try:
         return Operation.__new__(Operation)
     finally:
-        _making = False
+        _making -= 1
 
 
 cdef inline Completion _new_completion():
     global _making
-    _making = True
+    _making += 1
     try:
         return Completion.__new__(Completion)
     finally:
-        _making = False
+        _making -= 1
 
 
 @cython.final
@@ -275,7 +279,7 @@ cdef class Operation:
     cdef iocp_iovec *_iov
 
     def __cinit__(self):
-        if not _making:
+        if _making == 0:
             raise TypeError("iocp.Operation objects are made by CompletionPort "
                             "methods (accept, recv, send, ...), not directly")
         self._op = NULL
@@ -376,7 +380,7 @@ cdef class Completion:
     cdef object _failure        # exception that interrupted its conversion
 
     def __cinit__(self):
-        if not _making:
+        if _making == 0:
             raise TypeError("iocp.Completion objects are made by the port "
                             "(run, get, get_many), not directly")
 
