@@ -603,3 +603,180 @@ def test_many_non_reading_peers_keep_rss_bounded(server_factory: Any) -> None:
     finally:
         for s in socks:
             s.close()
+
+
+# --------------------------------------------------------------------------
+# Shutdown returns only once nothing is queued or in flight (issue 9, item 5).
+# test_idle_timeout_closes_silent_connections failed its leak check in about
+# 1 run of 8: the idle check's timer thread posted the next check after
+# shutdown had waited for the port to drain, so the final stats showed
+# live_ops 1 with queued 1 (epoll) or inflight 1 (io_uring).  The tests below
+# force each late arrival with a hook instead of waiting for the race.
+
+
+class HookedPort:
+    """A CompletionPort (through ``port_factory``) that runs ``on_stop`` the
+    first time ``stop()`` is called.  The server calls ``stop()`` only
+    while stopping its loop threads, after the drain: the hook runs in the
+    window where a late timer or posted call used to be missed."""
+
+    def __init__(self, backend: str, on_stop: Any) -> None:
+        from iocp._core import CompletionPort
+
+        self._port = CompletionPort(backend=backend)
+        self._on_stop = on_stop
+        self.stopped = False
+        self.posted = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._port, name)
+
+    def post(self, *args: Any, **kwargs: Any) -> Any:
+        op = self._port.post(*args, **kwargs)
+        self.posted.set()
+        return op
+
+    def stop(self) -> None:
+        self._port.stop()
+        if not self.stopped:
+            self.stopped = True
+            self._on_stop()
+
+
+def _join_loop_threads(srv: Server) -> None:
+    """From the hook: wait until the server's loop threads have left run(), so
+    nothing but shutdown itself can deliver what the hook puts on the port."""
+    for t in list(srv._loop.threads):
+        if t is not threading.current_thread():
+            t.join(5)
+            assert not t.is_alive()
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_shutdown_outlasts_a_timer_firing_during_it(backend: str, threads: int) -> None:
+    """A timer due while the loop threads stop: it must not post anything
+    shutdown does not wait for.  Before the fix the timer thread still ran
+    until after the final stats were taken: live_ops 1."""
+    ran: List[str] = []
+    srv: Server
+
+    def on_stop() -> None:
+        _join_loop_threads(srv)
+        hooked.posted.clear()
+        if srv._loop.call_later(0, lambda: ran.append("timer")) is not False:
+            assert hooked.posted.wait(5)  # the timer thread posted it
+
+    hooked = HookedPort(backend, on_stop)
+    srv = Server(Echo, port=0, idle_timeout=0.2, port_factory=lambda: hooked)
+    srv.start(threads=threads)
+    with socket.create_connection(srv.address, timeout=5) as s:
+        s.sendall(b"x")
+        assert recv_exact(s, 1) == b"x"
+        assert_no_leaks(srv.shutdown())
+    assert hooked.stopped
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_shutdown_runs_calls_posted_while_the_loop_stops(backend: str, threads: int) -> None:
+    """A call posted (by another thread or a callback) just as the loop
+    threads stop, before any of them dequeued it: shutdown runs it and only
+    then takes the final stats.  Before the fix: queued 1 / live_ops 1."""
+    ran: List[str] = []
+    srv: Server
+
+    def on_stop() -> None:
+        _join_loop_threads(srv)
+        srv._loop.call_soon(lambda: ran.append("posted"))
+
+    hooked = HookedPort(backend, on_stop)
+    srv = Server(Echo, port=0, port_factory=lambda: hooked).start(threads=threads)
+    with socket.create_connection(srv.address, timeout=5) as s:
+        s.sendall(b"x")
+        assert recv_exact(s, 1) == b"x"
+        final = srv.shutdown()
+    assert ran == ["posted"]
+    assert_no_leaks(final)
+
+
+def test_connection_counted_until_connection_lost_returns(server_factory: Any) -> None:
+    """shutdown() and wait_closed() wait for "no connection left"; that must
+    mean no connection_lost is still queued or running.  Before the fix the
+    connection was forgotten just before connection_lost was queued."""
+    seen: List[Any] = []
+    srv: Server
+
+    class Watch(Protocol):
+        def connection_lost(self, conn: Connection, exc: BaseException | None) -> None:
+            seen.append(conn in srv.connections)
+
+    srv = server_factory(Watch)
+    with socket.create_connection(srv.address, timeout=5) as s:
+        s.sendall(b"x")
+        assert wait_until(lambda: srv.stats()["connections"] == 1)
+    assert wait_until(lambda: srv.stats()["connections"] == 0)
+    assert seen == [True]
+
+
+def test_client_close_on_a_shared_port_waits_for_connection_lost(backend: str) -> None:
+    """Client.close() on a port it does not own returned while connection_lost
+    was still queued on that port (it only stopped loops it owned)."""
+    from iocp._core import CompletionPort
+
+    port = CompletionPort(backend=backend)
+    srv = Server(Echo, port=0, completion_port=port).start(threads=1)
+    state: List[Any] = []
+    client: Client
+
+    class Watch(Protocol):
+        def connection_lost(self, conn: Connection, exc: BaseException | None) -> None:
+            state.append(("closed while in connection_lost", client.wait_closed(0)))
+            state.append("returned")
+
+    client = Client(Watch, "127.0.0.1", srv.address[1], completion_port=port)
+    try:
+        conn = client.connect(timeout=5)
+        conn.send(b"x")
+        client.close()
+        assert state == [("closed while in connection_lost", False), "returned"]
+        assert_no_leaks(srv.shutdown())
+    finally:
+        srv.shutdown()
+        port.close()
+    assert_no_leaks(port.stats())
+
+
+def test_connection_accepted_as_shutdown_begins_is_not_started(backend: str) -> None:
+    """An accept that completes just as shutdown stops accepting: the
+    connection it makes must not slip past shutdown's list of connections
+    to close.  Before the fix it got connection_made, was left to time out
+    the whole drain, and was then aborted."""
+    made: List[Any] = []
+    protocols: List[Any] = []
+    shutter: List[threading.Thread] = []
+    srv: Server
+
+    class Late(Echo):
+        def connection_made(self, conn: Connection) -> None:
+            made.append(conn)
+
+    def factory() -> Protocol:
+        # Runs inside the accept callback, after its "still accepting?"
+        # check: start shutdown now and let it stop accepting first.
+        t = threading.Thread(target=srv.shutdown)
+        shutter.append(t)
+        t.start()
+        assert wait_until(lambda: not srv._accepting)
+        protocols.append(Late())
+        return protocols[-1]
+
+    srv = Server(factory, port=0, backend=backend, drain_timeout=3.0).start(threads=1)
+    with socket.create_connection(srv.address, timeout=5) as s:
+        s.settimeout(10)
+        try:
+            assert s.recv(10) == b""  # closed, not served
+        except ConnectionResetError:
+            pass
+    shutter[0].join(30)
+    assert not shutter[0].is_alive()
+    assert protocols and not made
+    assert_no_leaks(srv.final_stats or {})
