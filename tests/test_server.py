@@ -780,3 +780,73 @@ def test_connection_accepted_as_shutdown_begins_is_not_started(backend: str) -> 
     assert not shutter[0].is_alive()
     assert protocols and not made
     assert_no_leaks(srv.final_stats or {})
+
+
+def test_graceful_shutdown_flushes_pending_writes(backend: str) -> None:
+    """Shutdown while megabytes wait in a write buffer for a peer that has not
+    read yet: the peer gets every byte, then EOF, and nothing is left."""
+    payload = os.urandom(2 * 1024 * 1024)
+    made = threading.Event()
+
+    class Burst(Protocol):
+        def connection_made(self, conn: Connection) -> None:
+            conn.send(payload)
+            made.set()
+
+    srv = Server(Burst, port=0, backend=backend, drain_timeout=30.0, write_limit=8 << 20)
+    srv.start(threads=2)
+    final: List[Any] = []
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        s.connect(srv.address)
+        assert made.wait(5)
+        closer = threading.Thread(target=lambda: final.append(srv.shutdown()))
+        closer.start()
+        try:
+            assert recv_until_eof(s, timeout=20) == payload
+        finally:
+            closer.join(40)
+        assert not closer.is_alive()
+    finally:
+        s.close()
+    assert_no_leaks(final[0])
+
+
+def test_shutdown_after_max_connections_refusals(backend: str) -> None:
+    srv = Server(Echo, port=0, backend=backend, max_connections=1, idle_timeout=5.0)
+    srv.start(threads=2)
+    socks = [socket.create_connection(srv.address, timeout=5) for _ in range(6)]
+    try:
+        assert wait_until(lambda: srv.stats()["refused"] == 5)
+        assert_no_leaks(srv.shutdown())
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_serve_forever_threads_shutdown_leaves_nothing(backend: str) -> None:
+    """serve_forever(threads=4) with idle checks ticking, ended by
+    request_shutdown() while a connection is open."""
+    srv = Server(Echo, port=0, backend=backend, idle_timeout=0.2, drain_timeout=5.0)
+    ready = threading.Event()
+    codes: List[int] = []
+    runner = threading.Thread(
+        target=lambda: codes.append(
+            srv.serve_forever(threads=4, handle_signals=False, ready=ready.set)
+        )
+    )
+    runner.start()
+    try:
+        assert ready.wait(10)
+        with socket.create_connection(srv.address, timeout=5) as s:
+            s.sendall(b"ping")
+            assert recv_exact(s, 4) == b"ping"
+            srv.request_shutdown()
+            runner.join(30)
+            assert recv_until_eof(s) == b""
+    finally:
+        srv.request_shutdown()
+        runner.join(30)
+    assert not runner.is_alive() and codes == [0]
+    assert_no_leaks(srv.final_stats or {})
