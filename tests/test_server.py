@@ -323,19 +323,27 @@ def test_max_connections_refuses_extra(server_factory: Any, caplog: Any) -> None
 
 def test_idle_timeout_closes_silent_connections(server_factory: Any) -> None:
     rec = Recorder()
-    srv = server_factory(rec, idle_timeout=0.4)
+    # The talker must look busy to every idle check: it talks every 50 ms, and
+    # a 1 s timeout leaves room for a loaded machine (with 0.4 s and 100 ms
+    # pacing, `make stress-test` saw the talker closed as idle).
+    srv = server_factory(rec, idle_timeout=1.0)
     silent = socket.create_connection(srv.address, timeout=5)
     talker = socket.create_connection(srv.address, timeout=5)
-    t0 = time.monotonic()
     try:
-        while time.monotonic() - t0 < 1.0:  # keeps talking past the timeout
+        silent.settimeout(0.05)  # paces the talker
+        deadline = time.monotonic() + 30
+        closed = False
+        while not closed:  # keeps talking until the server closes the silent one
+            assert time.monotonic() < deadline, "the silent connection was never closed"
             talker.sendall(b".")
-            time.sleep(0.1)
-        silent.settimeout(5)
-        assert silent.recv(10) == b""  # closed by the server
-        assert time.monotonic() - t0 < 3
-        assert any(e[0] == "lost" and isinstance(e[1], TimeoutError) for e in rec.events)
-        assert srv.stats()["connections"] == 1  # the talker survived
+            try:
+                closed = silent.recv(10) == b""
+            except socket.timeout:
+                pass
+        assert rec.lost.wait(5)
+        assert wait_until(lambda: srv.stats()["connections"] == 1)  # the talker survived
+        lost = [e for e in rec.events if e[0] == "lost"]
+        assert len(lost) == 1 and isinstance(lost[0][1], TimeoutError), lost
     finally:
         silent.close()
         talker.close()
