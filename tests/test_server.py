@@ -136,8 +136,8 @@ def test_factory_makes_one_protocol_per_connection(server_factory: Any) -> None:
             made.append(self)
 
     srv = server_factory(P)
-    a = socket.create_connection(srv.address)
-    b = socket.create_connection(srv.address)
+    a = socket.create_connection(srv.address, timeout=5)
+    b = socket.create_connection(srv.address, timeout=5)
     assert wait_until(lambda: len(made) == 2)
     assert made[0] is not made[1]
     a.close()
@@ -252,6 +252,7 @@ def test_peer_never_reads_pauses_and_bounds_memory(server_factory: Any) -> None:
     srv = server_factory(Flood, write_high_water=high, write_low_water=64 * 1024)
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
     s.connect(srv.address)
     try:
         assert wait_until(lambda: "pause" in events)
@@ -284,6 +285,7 @@ def test_write_limit_aborts_a_protocol_ignoring_pause(server_factory: Any) -> No
     srv = server_factory(Ignorant, write_high_water=64 * 1024, write_limit=1024 * 1024)
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
     s.connect(srv.address)
     try:
         assert wait_until(lambda: bool(lost))
@@ -378,7 +380,7 @@ def test_callbacks_of_one_connection_never_overlap(server_factory: Any) -> None:
             sender = threading.Thread(target=s.sendall, args=(p,))
             sender.start()
             got = recv_exact(s, len(p), timeout=20)
-            sender.join()
+            sender.join(20)
             if got != p:
                 errors.append("corrupt echo")
 
@@ -387,6 +389,7 @@ def test_callbacks_of_one_connection_never_overlap(server_factory: Any) -> None:
         t.start()
     for t in threads:
         t.join(30)
+    assert not any(t.is_alive() for t in threads)
     assert not errors
     assert wait_until(lambda: len(received) == len(payloads))
     assert sorted(received) == sorted(payloads)
@@ -404,7 +407,8 @@ def test_send_from_another_thread(server_factory: Any) -> None:
         assert wait_until(lambda: bool(conns))
         t = threading.Thread(target=lambda: [conns[0].send(b"%d," % i) for i in range(100)])
         t.start()
-        t.join()
+        t.join(10)
+        assert not t.is_alive()
         want = b"".join(b"%d," % i for i in range(100))
         assert recv_exact(s, len(want)) == want
         conns[0].close()
@@ -602,6 +606,7 @@ def test_many_non_reading_peers_keep_rss_bounded(server_factory: Any) -> None:
         for _ in range(20):
             s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.settimeout(10)
             s.connect(srv.address)
             socks.append(s)
         assert wait_until(lambda: len(lost) == 20, 10)
@@ -806,6 +811,7 @@ def test_graceful_shutdown_flushes_pending_writes(backend: str) -> None:
     final: List[Any] = []
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
     try:
         s.connect(srv.address)
         assert made.wait(5)
