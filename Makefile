@@ -2,13 +2,16 @@
 # see README.md.
 PY ?= python3
 
-.PHONY: build test debug asan bench lint native-test wine-test wheels-check clean
+.PHONY: build test stress-test debug asan bench lint native-test wine-test wheels-check clean
 
 build:            ## build the extension in place (build_clib tracks no
 	$(PY) setup.py build_clib --force build_ext --inplace  # header deps)
 
 test: build       ## the test suite against every backend available here
 	$(PY) -m pytest -q tests
+
+stress-test: build  ## the suite 3 times back to back under a CPU hog on every core
+	PY=$(PY) bash tests/stress.sh
 
 debug:            ## -O0 -g build with Cython line tracing
 	IOCP_DEBUG=1 $(PY) setup.py build_clib --force build_ext --inplace --force

@@ -153,7 +153,13 @@ def _fmt_addr(addr: Address) -> str:
 
 
 class _Loop:
-    """Runs a completion port on threads; timers are posted to it from one thread."""
+    """Runs a completion port on threads; timers are posted to it from one thread.
+
+    Everything the server layer puts on the port is either an operation of
+    a connection or the listener (counted there) or a call posted by
+    :meth:`call_soon` (counted here until it has run), so :meth:`settle`
+    can tell when nothing of ours is left.
+    """
 
     def __init__(self, cport: Any, owned: bool) -> None:
         self.port = cport
@@ -165,6 +171,8 @@ class _Loop:
         self._tcond = threading.Condition()
         self._tthread: threading.Thread | None = None
         self._tstop = False
+        self._pcond = threading.Condition()
+        self._posts = 0  # call_soon() calls posted and not yet run to the end
 
     # completion loop -------------------------------------------------------
     def start(self, nthreads: int, name: str = "iocp-loop") -> None:
@@ -191,12 +199,27 @@ class _Loop:
         """True on a thread that runs this loop."""
         return getattr(_tls, "loop", None) is self
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the loop threads and wait for them (not from a loop thread)."""
+    def stop_timers(self, timeout: float = 5.0) -> None:
+        """Drop every pending timer and refuse new ones; return once the
+        timer thread is gone, so no timer posts anything after this."""
+        with self._tcond:
+            self._tstop = True
+            self._timers.clear()
+            self._tcond.notify_all()
+        if self._tthread is not None and self._tthread is not threading.current_thread():
+            self._tthread.join(timeout)
+
+    def stop_threads(self, timeout: float = 5.0) -> None:
+        """Stop the loop threads and wait for them (not from a loop thread).
+
+        Each thread returns after the batch it is dispatching, so once they
+        are joined no callback of ours runs on them any more.
+        """
         self._running = False
         deadline = time.monotonic() + timeout
+        me = threading.current_thread()
         for t in self.threads:
-            while t.is_alive() and time.monotonic() < deadline:
+            while t is not me and t.is_alive() and time.monotonic() < deadline:
                 if self.owned:
                     try:
                         self.port.stop()
@@ -204,27 +227,100 @@ class _Loop:
                         break
                 t.join(0.05)
         self.threads = [t for t in self.threads if t.is_alive()]
-        with self._tcond:
-            self._tstop = True
-            self._timers.clear()
-            self._tcond.notify_all()
-        if self._tthread is not None:
-            self._tthread.join(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the timers and the loop threads (see :meth:`settle` to also drain)."""
+        self.stop_timers(timeout)
+        self.stop_threads(timeout)
+
+    def settle(self, timeout: float = 5.0) -> bool:
+        """Stop the timers and the loop threads, and return once nothing we
+        put on the port is left: every posted call has run and, on a port
+        we own, no operation is in flight or queued.  Call it once the
+        connections and the listener are gone.  False if ``timeout`` passed.
+
+        Order matters.  The timers go first, because the timer thread posts
+        at any moment.  Then a posted call may still start more work, so
+        the port is run until it is empty, on this thread once the loop
+        threads have stopped: then no callback can be running elsewhere
+        when emptiness is observed.
+        """
+        deadline = time.monotonic() + timeout
+        self.stop_timers(timeout)
+        if self.owned:
+            self.stop_threads(max(0.0, deadline - time.monotonic()))
+            return self.run_until(self._port_empty, deadline)
+        # A shared port: other users may have their own operations in flight
+        # and may run the port themselves, so only our posted calls count.
+        # Our threads (if any) run them; without threads this one does.
+        if self.threads:
+            with self._pcond:
+                while self._posts and time.monotonic() < deadline:
+                    self._pcond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            self.stop_threads(max(0.0, deadline - time.monotonic()))
+        return self.run_until(lambda: self._posts == 0, deadline)
+
+    def _port_empty(self) -> bool:
+        if self.port.closed:
+            return self._posts == 0
+        st = self.port.stats()
+        return (
+            self._posts == 0
+            and st.get("inflight", 0) == 0
+            and st.get("queued", 0) == 0
+            and st.get("backlog", 0) == 0
+        )
+
+    def run_until(self, done: Callable[[], bool], deadline: float) -> bool:
+        """Run the port on this thread (as a loop thread) until ``done()``."""
+        prev = getattr(_tls, "loop", None)
+        _tls.loop = self
+        try:
+            while not done():
+                left = deadline - time.monotonic()
+                if left <= 0 or self.port.closed:
+                    return done()
+                try:
+                    self.port.run(timeout=min(left, 0.05))
+                except RuntimeError:  # called from a callback of run() on this thread
+                    return done()
+        finally:
+            _tls.loop = prev
+        return True
 
     # calls and timers --------------------------------------------------------
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` on a loop thread (thread-safe, via ``port.post``)."""
-        self.port.post(callback=lambda _c: fn())
+        with self._pcond:
+            self._posts += 1
+        try:
+            self.port.post(callback=lambda _c: self._run_posted(fn))
+        except BaseException:
+            self._posted_done()
+            raise
 
-    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+    def _run_posted(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        finally:
+            self._posted_done()
+
+    def _posted_done(self) -> None:
+        with self._pcond:
+            self._posts -= 1
+            if not self._posts:
+                self._pcond.notify_all()
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> bool:
         """Run ``fn()`` on a loop thread after ``delay`` seconds.
 
         One timer thread sleeps until the earliest deadline (no polling) and
         posts the call to the port, so it works while the loop is idle.
+        Returns False (and drops ``fn``) once the timers are stopped.
         """
         with self._tcond:
             if self._tstop:
-                return
+                return False
             heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), fn))
             if self._tthread is None:
                 self._tthread = threading.Thread(
@@ -232,6 +328,7 @@ class _Loop:
                 )
                 self._tthread.start()
             self._tcond.notify()
+        return True
 
     def _timer_main(self) -> None:
         while True:
@@ -688,15 +785,18 @@ class Connection:
             self._sock.close()
         except OSError:
             pass
-        self._owner._forget(self)
         self._serial_any(self._lost)
 
     def _lost(self) -> None:
+        # The owner forgets the connection only after connection_lost has
+        # returned: "no connection left" then means no callback of a
+        # connection is queued or running, which shutdown() relies on.
         try:
             self._call("connection_lost", self._exc)
         finally:
             self.protocol = None
             self._on_data = _noop
+            self._owner._forget(self)
 
 
 # --------------------------------------------------------------------------
@@ -874,7 +974,8 @@ class Server(_Endpoint):
         self._accepting = False
         self._started = False
         self._stopped = False
-        self._listener_closed = True
+        self._listener_closed = True  # claimed for closing (no accept left)
+        self._listener_done = True  # and closed
         self._refused = 0
         self._accepted = 0
         self._last_refusal_log = 0.0
@@ -976,6 +1077,7 @@ class Server(_Endpoint):
         self._stopped = False
         self._accepting = True
         self._listener_closed = False
+        self._listener_done = False
         self._loop.port.register(sock)
         for _ in range(self.accepts):
             self._arm_accept()
@@ -1079,7 +1181,7 @@ class Server(_Endpoint):
         for conn in self.connections:
             conn.close()
         deadline = time.monotonic() + timeout
-        while not self._wait_for(lambda: not self._conns, 0.1):
+        while not self._await(lambda: not self._conns, 0.1):
             if time.monotonic() >= deadline or (_interruptible and self._signal_count > 1):
                 break
         left = self.connections
@@ -1087,15 +1189,17 @@ class Server(_Endpoint):
             log.warning("aborting %d connection(s) still open after the drain", len(left))
             for conn in left:
                 conn.abort()
-        self._wait_for(lambda: not self._conns and self._listener_closed, 5.0)
+        # No connection left means every connection_lost has returned; the
+        # listener is gone once its last accept completed and it is closed.
+        if not self._await(lambda: not self._conns and self._listener_done, 5.0):
+            log.warning("connections or the listener outlived the shutdown bound")
+        # What can still put work on the port: the timer thread (the idle
+        # check, accept retries) and calls already posted.  settle() stops
+        # the former and runs the port until the latter, and every operation
+        # they started, are done.
+        if not self._loop.settle(5.0):
+            log.warning("operations still outstanding 5 s after the drain")
         port = self._loop.port
-        end = time.monotonic() + 5.0
-        if not self._loop.threads:  # nobody runs the port: do it here
-            while port.pending and time.monotonic() < end:
-                port.run(timeout=0.05)
-        while port.pending and time.monotonic() < end:
-            time.sleep(0.01)
-        self._loop.stop()
         # Measured with the port still open (a closed port reports zeros):
         # the operations, buffers and pins that outlived the connections.
         stats = self.stats()
@@ -1107,6 +1211,12 @@ class Server(_Endpoint):
         return stats
 
     close = shutdown
+
+    def _await(self, pred: Callable[[], bool], timeout: float) -> bool:
+        """Wait for ``pred()``; with no loop thread of ours, run the port here."""
+        if self._loop.threads:
+            return self._wait_for(pred, timeout)
+        return self._loop.run_until(pred, time.monotonic() + timeout)
 
     # accepting -------------------------------------------------------------------
     def _arm_accept(self) -> None:
@@ -1182,7 +1292,14 @@ class Server(_Endpoint):
             _close_quietly(csock)
             return
         with self._lock:
-            self._conns[id(conn)] = conn
+            # shutdown() closes the connections it sees once accepting has
+            # stopped; one accepted after that must not slip past it.
+            late = not self._accepting
+            if not late:
+                self._conns[id(conn)] = conn
+        if late:
+            _unregister_close(self._loop.port, csock)
+            return
         conn._serial(conn._start)
 
     def _log_refusal(self, msg: str, *args: Any) -> None:
@@ -1216,18 +1333,18 @@ class Server(_Endpoint):
 
     def _close_listener(self) -> None:
         sock = self._sock
-        if sock is None:
-            return
-        try:
-            sock.close()
-        except OSError:
-            pass
-        if self.path is not None:
+        if sock is not None:
             try:
-                os.unlink(self.path)
+                sock.close()
             except OSError:
                 pass
+            if self.path is not None:
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
         with self._lock:
+            self._listener_done = True
             self._changed.notify_all()
 
     # idle timeout ----------------------------------------------------------------
@@ -1516,13 +1633,14 @@ class Client(_Endpoint):
 
     def _stop_loop(self) -> None:
         loop = getattr(self, "_loop", None)
-        if loop is None or not loop.owned:
+        if loop is None:
             return
-        end = time.monotonic() + 2.0
-        while loop.port.pending and time.monotonic() < end and loop.threads:
-            time.sleep(0.005)
-        loop.stop()
-        loop.port.close()
+        # As for Server.shutdown: return only once every call we posted has
+        # run and, on our own port, nothing is in flight or queued.
+        if not loop.settle(5.0):
+            log.warning("client: operations still outstanding 5 s after close")
+        if loop.owned:
+            loop.port.close()
 
     def __enter__(self) -> Client:
         if self.connection is None:

@@ -9,6 +9,7 @@ try:
     import resource
 except ImportError:  # Windows
     resource = None  # type: ignore[assignment]
+import signal
 import socket
 
 import pytest
@@ -20,6 +21,30 @@ AVAILABLE = list(iocp.backends())
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"iocp backends here: {iocp.backends()}"
+
+
+def sigint_is_default() -> bool:
+    """True when SIGINT raises KeyboardInterrupt here.  Not so when this
+    process inherited SIGINT as ignored (a non-interactive shell starts its
+    background jobs that way; Python then leaves it ignored), so a test that
+    interrupts itself with SIGINT would wait for nothing.  pytest installs no
+    SIGINT handler of its own."""
+    return signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Here, not in pyproject.toml: the wheel and Wine runs copy tests/ alone.
+    config.addinivalue_line(
+        "markers",
+        "needs_sigint: interrupts the test process with SIGINT; skipped when "
+        "SIGINT is not at its default handler",
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("needs_sigint") is not None and not sigint_is_default():
+        handler = signal.getsignal(signal.SIGINT)
+        pytest.skip(f"SIGINT is not at its default handler here ({handler!r})")
 
 
 @pytest.fixture(params=AVAILABLE)

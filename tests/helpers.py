@@ -11,9 +11,13 @@ def tcp_pair(family: int = socket.AF_INET) -> tuple[socket.socket, socket.socket
     with socket.socket(family) as ls:
         ls.bind((host, 0))
         ls.listen(1)
+        ls.settimeout(10)  # bounds the set-up; the pair itself is blocking
         client = socket.socket(family)
+        client.settimeout(10)
         client.connect(ls.getsockname()[:2])
         server, _ = ls.accept()
+    client.settimeout(None)
+    server.settimeout(None)
     return client, server
 
 

@@ -157,7 +157,7 @@ async def _threadsafe():
         t.start()
     await done
     for t in threads:
-        t.join()
+        t.join(TIMEOUT)  # they have made every call already
     # A single wake-up from an idle loop, also from a thread.
     fut = loop.create_future()
     threading.Timer(0.05, loop.call_soon_threadsafe, (fut.set_result, "woken")).start()
@@ -624,6 +624,7 @@ def test_signal_handler(aloop) -> None:
 
 
 @needs_posix
+@pytest.mark.needs_sigint
 def test_keyboard_interrupt_stops_run(aloop) -> None:
     timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
     t0 = time.monotonic()
@@ -631,12 +632,13 @@ def test_keyboard_interrupt_stops_run(aloop) -> None:
     with pytest.raises(KeyboardInterrupt):
         aloop.run_until_complete(asyncio.sleep(30))
     assert time.monotonic() - t0 < 5
-    timer.join()
+    timer.join(5)
     # The loop is still usable afterwards.
     assert aloop.run_until_complete(asyncio.sleep(0.01, "again")) == "again"
 
 
 @needs_posix
+@pytest.mark.needs_sigint
 def test_keyboard_interrupt_stops_iocp_aio_run(backend: str) -> None:
     timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
@@ -644,7 +646,7 @@ def test_keyboard_interrupt_stops_iocp_aio_run(backend: str) -> None:
     with pytest.raises(KeyboardInterrupt):
         iocp.aio.run(asyncio.sleep(30), backend=backend)
     assert time.monotonic() - t0 < 5
-    timer.join()
+    timer.join(5)
 
 
 @needs_posix
@@ -718,7 +720,7 @@ def _self_signed(tmpdir: str) -> tuple[str, str]:
             ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
              "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
              "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-            check=True, capture_output=True,
+            check=True, capture_output=True, timeout=60,
         )  # fmt: skip
         return cert, key
     import ipaddress

@@ -53,14 +53,15 @@ def test_classic_demo_server_receives_every_line(port, listener):
     lines = [f"line {i}: hello iocp\n".encode() for i in range(50)]
 
     def client():
-        with socket.create_connection(listener.getsockname()) as s:
+        with socket.create_connection(listener.getsockname(), timeout=10) as s:
             for line in lines:
                 s.sendall(line)
 
     t = threading.Thread(target=client)
     t.start()
     port.run(timeout=10)
-    t.join()
+    t.join(10)
+    assert not t.is_alive()
     assert events == ["accept", "eof"]
     assert bytes(received) == b"".join(lines)
     port.unregister(listener)
@@ -288,7 +289,7 @@ def test_post_from_another_thread_wakes_a_blocked_get(port):
     t = threading.Timer(0.1, lambda: port.post("wake", obj="x"))
     t.start()
     c = port.get(timeout=10)
-    t.join()
+    t.join(5)
     assert c is not None and c.key == "wake"
 
 
@@ -403,6 +404,7 @@ def test_handler_receives_completions_without_callback(port):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="signals differ on Windows")
+@pytest.mark.needs_sigint
 @pytest.mark.parametrize("method", ["run", "get"])
 def test_sigint_interrupts_a_blocked_wait(port, method):
     """Ctrl-C reaches a run()/get() blocked in the kernel promptly, and the
@@ -415,13 +417,14 @@ def test_sigint_interrupts_a_blocked_wait(port, method):
 
     t = threading.Timer(0.2, interrupt)
     t.start()
+    # The timeout only bounds the test: KeyboardInterrupt comes long before.
     with pytest.raises(KeyboardInterrupt):
         if method == "run":
-            port.run()
+            port.run(timeout=60)
         else:
-            port.get()
+            port.get(timeout=60)
     latency = time.monotonic() - sent[0]
-    t.join()
+    t.join(5)
     assert latency < 0.5, latency  # typically < 1 ms: the wait sees EINTR
     port.post("after")
     assert port.get(timeout=5).key == "after"

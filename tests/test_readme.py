@@ -18,6 +18,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+@pytest.mark.needs_sigint  # the demo inherits SIGINT as the suite has it
 def test_readme_demo(tmp_path, backend):
     code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
     script = tmp_path / "demo.py"
@@ -48,7 +49,7 @@ def test_readme_demo(tmp_path, backend):
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.wait(10)
     text = out.decode()
     assert proc.returncode == 0, text
     assert f"backend {backend}" in text

@@ -235,6 +235,7 @@ def test_cq_overflow_with_socket_traffic(make_port):
     assert len(got) == 64 * rounds and all(c.ok and c.nbytes == 4 for c in got)
     for i, (_, b) in enumerate(pairs):
         data = b""
+        b.settimeout(10)
         while len(data) < 4 * rounds:
             data += b.recv(4096)
         assert data == b"".join(b"%02d%02d" % (i, r) for r in range(rounds))
