@@ -978,6 +978,10 @@ class Server(_Endpoint):
         self._listener_done = True  # and closed
         self._refused = 0
         self._accepted = 0
+        # Accepted connections not yet in _conns: they hold a slot of
+        # max_connections, so that two loop threads accepting at once
+        # cannot both take the last one.
+        self._admitting = 0
         self._last_refusal_log = 0.0
         self._stop_event = threading.Event()
         self._signal_count = 0
@@ -1271,11 +1275,15 @@ class Server(_Endpoint):
         csock, addr = c.data
         self._arm_accept()
         with self._lock:
-            full = self.max_connections is not None and len(self._conns) >= self.max_connections
+            full = (
+                self.max_connections is not None
+                and len(self._conns) + self._admitting >= self.max_connections
+            )
             if full:
                 self._refused += 1
             else:
                 self._accepted += 1
+                self._admitting += 1
         if full:
             self._log_refusal(
                 "refusing connection from %s: max_connections=%d reached",
@@ -1284,19 +1292,24 @@ class Server(_Endpoint):
             )
             _close_quietly(csock)
             return
+        conn = None
         try:
-            conn = self._new_connection(csock, addr)
-            self._loop.port.register(csock, key=id(conn))
+            made = self._new_connection(csock, addr)
+            self._loop.port.register(csock, key=id(made))
+            conn = made
         except Exception:
             log.exception("cannot set up connection from %s", _fmt_addr(addr))
             _close_quietly(csock)
+        finally:
+            with self._lock:
+                self._admitting -= 1
+                # shutdown() closes the connections it sees once accepting
+                # has stopped; one accepted after that must not slip past it.
+                late = not self._accepting
+                if conn is not None and not late:
+                    self._conns[id(conn)] = conn
+        if conn is None:
             return
-        with self._lock:
-            # shutdown() closes the connections it sees once accepting has
-            # stopped; one accepted after that must not slip past it.
-            late = not self._accepting
-            if not late:
-                self._conns[id(conn)] = conn
         if late:
             _unregister_close(self._loop.port, csock)
             return

@@ -839,6 +839,44 @@ def test_shutdown_after_max_connections_refusals(backend: str) -> None:
             s.close()
 
 
+def test_max_connections_holds_while_two_threads_accept(backend: str) -> None:
+    """Two loop threads accepting at once: the second sees the first's slot
+    taken even before that connection is set up (it used to be admitted
+    too, so max_connections was exceeded)."""
+    srv = Server(Echo, port=0, backend=backend, max_connections=1)
+    entered, release = threading.Event(), threading.Event()
+    made: List[Any] = []
+    real_new = srv._new_connection
+
+    def slow_new(csock: Any, addr: Any) -> Any:
+        made.append(addr)
+        if len(made) == 1:
+            entered.set()
+            release.wait(10)
+        return real_new(csock, addr)
+
+    srv._new_connection = slow_new  # type: ignore[method-assign]
+    srv.start(threads=2)
+    socks: List[socket.socket] = []
+    try:
+        socks.append(socket.create_connection(srv.address, timeout=5))
+        assert entered.wait(10)
+        socks.append(socket.create_connection(srv.address, timeout=5))
+        # The other loop thread takes this accept while the first one is
+        # still inside slow_new: it must refuse it.
+        assert wait_until(lambda: srv.stats()["refused"] == 1, 10), srv.stats()
+        assert len(made) == 1
+        release.set()
+        assert wait_until(lambda: srv.stats()["connections"] == 1, 10), srv.stats()
+        assert srv.stats()["accepted"] == 1
+    finally:
+        release.set()
+        stats = srv.shutdown()
+        for s in socks:
+            s.close()
+    assert_no_leaks(stats)
+
+
 def test_serve_forever_threads_shutdown_leaves_nothing(backend: str) -> None:
     """serve_forever(threads=4) with idle checks ticking, ended by
     request_shutdown() while a connection is open."""
