@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +31,20 @@ def test_readme_demo(tmp_path, backend):
                PYTHONPATH=str(README.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=env)
+    lines: list[str] = []
+    closed, hello = threading.Event(), threading.Event()
+
+    def read_output() -> None:
+        for raw in proc.stdout:  # type: ignore[union-attr]
+            line = raw.decode("utf-8", "replace")
+            lines.append(line)
+            if "says hello" in line:
+                hello.set()
+            if " closed" in line:
+                closed.set()
+
+    reader = threading.Thread(target=read_output, daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -37,20 +52,28 @@ def test_readme_demo(tmp_path, backend):
                 client = socket.create_connection(("127.0.0.1", 9527), timeout=1)
                 break
             except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None
+                if proc.poll() is not None:
+                    reader.join(5)
+                    if "Address already in use" in "".join(lines):
+                        pytest.skip("port 9527 was taken meanwhile")
+                assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
                 time.sleep(0.05)
         with client:
             client.sendall(b"hello\n")
-            time.sleep(0.1)
+            # One receive each: the second line must be printed on its own.
+            assert hello.wait(20), "".join(lines)
             client.sendall(b"\xff\x00bin\n")
-        time.sleep(0.3)
+        # The demo reports the close only after printing what came before
+        # it; wait for that rather than for a guessed time.
+        assert closed.wait(20), "".join(lines)
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=10)
+        proc.wait(10)
+        reader.join(10)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    text = out.decode()
+    text = "".join(lines)
     assert proc.returncode == 0, text
     assert f"backend {backend}" in text
     assert "says hello" in text
