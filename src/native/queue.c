@@ -25,8 +25,10 @@ static int iocp__overflow_push(iocp_port *p, const iocp_completion *c)
         iocp_completion *n;
         unsigned i;
         /* Bounded by the ops in flight, so this never trips in practice;
-         * it keeps the doubling and the byte count from wrapping. */
-        if (ncap <= p->ovfcap || (size_t)ncap > (size_t)-1 / sizeof(*n))
+         * it keeps the doubling and the byte count from wrapping (2^26
+         * records fit a 64-bit size_t many times; on 32 bits malloc says
+         * no first). */
+        if (ncap <= p->ovfcap || ncap > (1u << 26))
             return IOCP_ENOMEM;
         n = malloc((size_t)ncap * sizeof(*n));
         if (!n)

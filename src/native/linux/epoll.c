@@ -386,14 +386,11 @@ static int iocp__epoll_init(iocp_port *p, const iocp_port_options *opts)
     return 0;
 }
 
+/* Closing the epoll fd drops every registration at once, so destroy needs
+ * nothing more than what a fork() child does (ops were drained before). */
 static void iocp__epoll_destroy(iocp_port *p)
 {
-    struct iocp__epoll *e = p->be;
-    close(e->evfd);
-    close(e->epfd);
-    free(e->fds);
-    free(e);
-    p->be = NULL;
+    iocp__epoll_forget(p);
 }
 
 static void iocp__cancel_fifo(iocp_port *p, iocp_op **head, iocp_op **tail)
