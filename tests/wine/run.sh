@@ -264,8 +264,15 @@ pyargs+="]"
 sys.path.insert(0, r'$(winpath "$work/suite")')
 os.environ.setdefault('IOCP_UNDER_WINE', '1')
 import pytest
-sys.exit(pytest.main($pyargs))") || py_rc=$?
+rc = int(pytest.main($pyargs))
+open(r'$(winpath "$work/suite/pytest-returned")', 'w').write(str(rc))
+sys.exit(rc)") || py_rc=$?
 echo "pytest exit status: $py_rc"
+# A Python that dies under Wine without pytest returning must not pass.
+if [ "$py_rc" -eq 0 ] && ! [ -f "$work/suite/pytest-returned" ]; then
+    echo "wine-test: python.exe exited 0 but pytest never returned (the process died mid-run)"
+    py_rc=1
+fi
 step "done"
 
 if [ "$driver_rc" -ne 0 ] || [ "$py_rc" -ne 0 ]; then
