@@ -44,6 +44,7 @@ typedef int iocp_socklen_t;
 #  define IOCP_EEXIST      (-(int)ERROR_ALREADY_EXISTS)
 #  define IOCP_ESHUTDOWN   (-(int)WSAESHUTDOWN)
 #  define IOCP_ENOSYS      (-(int)ERROR_NOT_SUPPORTED)
+#  define IOCP_EBUSY       (-(int)ERROR_BUSY)
 #else
 #  include <errno.h>
 #  include <sys/socket.h>
@@ -60,6 +61,7 @@ typedef socklen_t iocp_socklen_t;
 #  define IOCP_EEXIST      (-EEXIST)
 #  define IOCP_ESHUTDOWN   (-ESHUTDOWN)
 #  define IOCP_ENOSYS      (-ENOSYS)
+#  define IOCP_EBUSY       (-EBUSY)
 #endif
 
 /*
@@ -68,6 +70,14 @@ typedef socklen_t iocp_socklen_t;
  * 29 is the Win32 "customer" bit).
  */
 #define IOCP_EFORKED (-0x20000001)
+
+/*
+ * A single-issuer port (iocp_port_options.single_issuer) was used from a
+ * thread other than its owner (the first thread that used it).  Only
+ * iocp_port_wake (and so stop/post in the Cython layer), the stats and
+ * destroy-after-drain may be called from another thread.
+ */
+#define IOCP_EWRONGTHREAD (-0x20000002)
 
 #ifdef __cplusplus
 extern "C" {
@@ -86,16 +96,53 @@ enum iocp_op_kind {
                                when all `len` bytes are sent or an error stops
                                it; result: bytes sent, error in
                                completion.error if any                       */
-    IOCP_OP_POST = 6        /* user packet; result: the nbytes given         */
+    IOCP_OP_POST = 6,       /* user packet; result: the nbytes given         */
+    IOCP_OP_POLL = 7        /* readiness of a registered socket: `len` holds
+                               the IOCP_POLL_* events wanted; result: the
+                               IOCP_POLL_* events seen (ERR/HUP always count) */
 };
 
-/* Op flags set by the caller before iocp_submit(). */
-#define IOCP_OPF_MULTISHOT 0x1u  /* accept: keep accepting until cancelled */
+/*
+ * Op flags set by the caller before iocp_submit().
+ *
+ * IOCP_OPF_MULTISHOT
+ *   accept: keep accepting until cancelled.
+ *   recv:   one armed op completes once per arrival, each completion with
+ *           IOCP_CF_MORE | IOCP_CF_BUFFER (`result` bytes in a port buffer;
+ *           `len` caps the bytes per completion, 0 = the backend's default).
+ *           The final completion (no MORE) is EOF (result 0), an error or a
+ *           cancel.  Buffers come from a pool that grows with load up to a
+ *           bound; an armed recv on an idle socket pins no buffer.  Running
+ *           out of buffers never reaches the caller (the backend waits for
+ *           buffers and re-arms).  While it is armed, other recv/recv_into
+ *           on that socket are refused with IOCP_EBUSY.
+ *   poll:   a completion (with MORE) when armed if the socket is ready, then
+ *           one per readiness event the kernel reports (edge semantics: a
+ *           reader that does not drain the socket may not hear again until
+ *           more data comes).  Without the flag a poll is one-shot and level
+ *           triggered: it completes at once if the socket is ready.
+ * IOCP_OPF_SILENT
+ *   send (plain or gathered): a success is handed out flagged IOCP_CF_SILENT
+ *   so the caller releases the record and tells nobody; a failure, short
+ *   send or cancel completes as usual.  Per-socket order still holds.  On
+ *   io_uring consecutive silent sends of a socket may go out as one linked
+ *   chain whose members skip their CQE (IOSQE_CQE_SKIP_SUCCESS); on epoll
+ *   and IOCP an inline success posts no packet.
+ */
+#define IOCP_OPF_MULTISHOT 0x1u
+#define IOCP_OPF_SILENT    0x2u
 
 /* Completion flags. */
 #define IOCP_CF_MORE      0x1u  /* multishot: the op stays in flight        */
 #define IOCP_CF_CANCELLED 0x2u  /* the op was cancelled (result is error)   */
 #define IOCP_CF_BUFFER    0x4u  /* data is a port buffer: iocp_buffer_release */
+#define IOCP_CF_SILENT    0x8u  /* a silent op's success: release, tell no one */
+
+/* Poll events (the values of POSIX POLLIN, POLLOUT, POLLERR, POLLHUP). */
+#define IOCP_POLL_IN  0x1u
+#define IOCP_POLL_OUT 0x4u
+#define IOCP_POLL_ERR 0x8u
+#define IOCP_POLL_HUP 0x10u
 
 /* One segment of a gathered send.  Same layout as POSIX struct iovec. */
 typedef struct iocp_iovec {
@@ -177,6 +224,18 @@ typedef struct iocp_port_options {
     unsigned queue_capacity; /* bounded completion queue; 0 = default 1024   */
     unsigned concurrency;    /* dispatching threads at once; 0 = CPU count   */
     unsigned ring_entries;   /* io_uring SQ size; 0 = default                */
+    /*
+     * 1: only one thread (the first that submits or waits) ever uses the
+     * port -- an event loop.  No mutex on that path; io_uring sets up with
+     * SINGLE_ISSUER | DEFER_TASKRUN (COOP_TASKRUN where DEFER is missing)
+     * and a registered ring fd where the kernel has them.  Any other thread
+     * gets IOCP_EWRONGTHREAD, except from iocp_port_wake and
+     * iocp_port_get_stats, which stay thread-safe.
+     */
+    int single_issuer;
+    /* Most port-owned receive buffers a multishot recv pool may grow to,
+     * in bytes; 0 = the default (64 MiB). */
+    size_t recv_pool_max;
 } iocp_port_options;
 
 /* Port life cycle. */
@@ -234,6 +293,22 @@ int iocp_port_wait_since(iocp_port *port, iocp_completion *out, int max,
                          int timeout_ms, unsigned since);
 unsigned iocp_port_wake_gen(iocp_port *port);
 void iocp_port_dispatch_done(iocp_port *port);
+/*
+ * One event-loop turn: ends the caller's previous dispatch, if it has one
+ * (what iocp_port_dispatch_done does, folded in so the submissions held
+ * back during that batch go out with the same kernel entry that waits),
+ * then waits once as iocp_port_wait_since does.  No posted packet and no
+ * stop() are needed to return: it returns after one batch or the timeout.
+ */
+int iocp_port_run_once(iocp_port *port, iocp_completion *out, int max,
+                       int timeout_ms, unsigned since);
+/*
+ * Frees what the final completions of a converted batch still hold (op
+ * records; port buffers of completions flagged IOCP_CF_BUFFER whose data
+ * the caller has copied out) with one lock acquisition.  Entries whose op
+ * is NULL are skipped (the caller already released them).
+ */
+void iocp_port_release_batch(iocp_port *port, iocp_completion *batch, int n);
 /* Wakes every thread blocked in iocp_port_wait (which returns 0). */
 int iocp_port_wake(iocp_port *port);
 /*
