@@ -8,8 +8,12 @@
  * socket operation itself (arming an internal poll when the socket is not
  * ready), so an op costs no syscall of its own: SQEs are batched and handed
  * over by the io_uring_enter() that also waits for completions.  Talking to
- * the kernel uses raw syscalls and ABI records declared below under our own
- * names, so this file needs neither liburing nor recent kernel headers.
+ * the kernel uses raw syscalls and ABI records under our own names
+ * (uring_abi.h), so the backend needs neither liburing nor recent kernel
+ * headers.  This file is the op state machine; the ring (setup, SQE
+ * get/commit, flush, CQ primitives, one prep helper per SQE kind) is in
+ * uring_ring.c, the feature probes in uring_probe.c, the provided-buffer
+ * ring in uring_buf.c, and what they share in uring_internal.h.
  *
  * How ops map: user_data is the iocp_op pointer (records are at least
  * 8-byte aligned, so the low three bits are free for tags).  ACCEPT ->
@@ -75,639 +79,17 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
+#include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
-#include <pthread.h>
 #include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
-#include <sys/un.h>
 #include <unistd.h>
 
-#include "../iocp_internal.h"
-
-/* ---- kernel ABI (include/uapi/linux/io_uring.h), under our names ---- */
-
-#ifndef __NR_io_uring_setup
-#  define __NR_io_uring_setup 425
-#endif
-#ifndef __NR_io_uring_enter
-#  define __NR_io_uring_enter 426
-#endif
-#ifndef __NR_io_uring_register
-#  define __NR_io_uring_register 427
-#endif
-
-typedef struct iocp__uring_sqe {
-    uint8_t opcode;
-    uint8_t flags;          /* IOSQE_* */
-    uint16_t ioprio;        /* accept/recv: multishot bits */
-    int32_t fd;
-    uint64_t off;           /* connect: addrlen; accept: &addrlen */
-    uint64_t addr;          /* buffer / sockaddr; cancel: target user_data */
-    uint32_t len;
-    uint32_t op_flags;      /* msg_flags, accept_flags, cancel_flags, poll32 */
-    uint64_t user_data;
-    uint16_t buf_group;
-    uint16_t personality;
-    uint32_t file_index;
-    uint64_t addr3;
-    uint64_t pad2;
-} iocp__uring_sqe;
-
-typedef struct iocp__uring_cqe {
-    uint64_t user_data;
-    int32_t res;
-    uint32_t flags;
-} iocp__uring_cqe;
-
-struct iocp__uring_sq_offsets {
-    uint32_t head, tail, ring_mask, ring_entries, flags, dropped, array, resv1;
-    uint64_t user_addr;
-};
-
-struct iocp__uring_cq_offsets {
-    uint32_t head, tail, ring_mask, ring_entries, overflow, cqes, flags, resv1;
-    uint64_t user_addr;
-};
-
-struct iocp__uring_params {
-    uint32_t sq_entries, cq_entries, flags, sq_thread_cpu, sq_thread_idle;
-    uint32_t features, wq_fd, resv[3];
-    struct iocp__uring_sq_offsets sq_off;
-    struct iocp__uring_cq_offsets cq_off;
-};
-
-struct iocp__uring_getevents_arg {
-    uint64_t sigmask;
-    uint32_t sigmask_sz;
-    uint32_t pad;
-    uint64_t ts;
-};
-
-struct iocp__uring_ts {
-    int64_t tv_sec;
-    long long tv_nsec;
-};
-
-struct iocp__uring_probe_op {
-    uint8_t op, resv;
-    uint16_t flags;
-    uint32_t resv2;
-};
-
-struct iocp__uring_probe {
-    uint8_t last_op, ops_len;
-    uint16_t resv;
-    uint32_t resv2[3];
-    struct iocp__uring_probe_op ops[256];
-};
-
-struct iocp__uring_buf {          /* one provided-buffer ring slot */
-    uint64_t addr;
-    uint32_t len;
-    uint16_t bid;
-    uint16_t resv;                /* slot 0: the ring tail lives here */
-};
-
-struct iocp__uring_buf_reg {
-    uint64_t ring_addr;
-    uint32_t ring_entries;
-    uint16_t bgid;
-    uint16_t flags;
-    uint64_t resv[3];
-};
-
-enum {
-    IOCP__OP_NOP = 0, IOCP__OP_POLL_ADD = 6, IOCP__OP_SENDMSG = 9, IOCP__OP_TIMEOUT = 11,
-    IOCP__OP_TIMEOUT_REMOVE = 12, IOCP__OP_ACCEPT = 13,
-    IOCP__OP_ASYNC_CANCEL = 14, IOCP__OP_CONNECT = 16, IOCP__OP_SEND = 26,
-    IOCP__OP_RECV = 27
-};
-
-#define IOCP__SETUP_CQSIZE      (1u << 3)
-#define IOCP__SETUP_CLAMP       (1u << 4)
-#define IOCP__SETUP_SUBMIT_ALL  (1u << 7)
-
-#define IOCP__FEAT_SINGLE_MMAP  (1u << 0)
-#define IOCP__FEAT_NODROP       (1u << 1)
-#define IOCP__FEAT_FAST_POLL    (1u << 5)
-#define IOCP__FEAT_EXT_ARG      (1u << 8)
-
-#define IOCP__ENTER_GETEVENTS   (1u << 0)
-#define IOCP__ENTER_EXT_ARG     (1u << 3)
-
-#define IOCP__SQ_CQ_OVERFLOW    (1u << 1)
-
-#define IOCP__SQE_BUFFER_SELECT (1u << 5)
-
-#define IOCP__CQE_F_BUFFER      (1u << 0)
-#define IOCP__CQE_F_MORE        (1u << 1)
-#define IOCP__CQE_BUFFER_SHIFT  16
-
-#define IOCP__ACCEPT_MULTISHOT  (1u << 0)   /* sqe->ioprio */
-#define IOCP__RECV_MULTISHOT    (1u << 1)   /* sqe->ioprio */
-#define IOCP__CANCEL_ALL        (1u << 0)
-#define IOCP__CANCEL_FD         (1u << 1)
-
-#define IOCP__OFF_SQ_RING       0ULL
-#define IOCP__OFF_CQ_RING       0x8000000ULL
-#define IOCP__OFF_SQES          0x10000000ULL
-
-#define IOCP__REGISTER_PROBE          8
-#define IOCP__REGISTER_PBUF_RING      22
-#define IOCP__UNREGISTER_PBUF_RING    23
-#define IOCP__PROBE_OP_SUPPORTED      (1u << 0)
-
-/* ---- our own constants ---------------------------------------------- */
-
-/* user_data tags (low three bits). */
-#define IOCP__UD_OP        0u     /* the op itself */
-#define IOCP__UD_POLL      1u     /* the op's readiness wait */
-#define IOCP__UD_INTERNAL  2u     /* no op: kind << 3 | payload << 8 */
-#define IOCP__UD_MASK      7u
-enum { IOCP__IN_WAKE = 1, IOCP__IN_CANCEL = 2, IOCP__IN_TIMEOUT = 3,
-       IOCP__IN_TIMEOUT_REMOVE = 4, IOCP__IN_PROBE = 5 };
-#define IOCP__UD_IN(kind, payload) \
-    (IOCP__UD_INTERNAL | ((uint64_t)(kind) << 3) | ((uint64_t)(payload) << 8))
-
-/* Capability bits (probe results, maskable by IOCP_URING_DISABLE). */
-#define IOCP__CAP_EXT_ARG    (1u << 0)
-#define IOCP__CAP_SUBMIT_ALL (1u << 1)
-#define IOCP__CAP_PBUF       (1u << 2)
-#define IOCP__CAP_MS_ACCEPT  (1u << 3)
-#define IOCP__CAP_MS_RECV    (1u << 4)
-#define IOCP__CAP_CANCEL_FD  (1u << 5)
-
-/* op->state bits (backend private). */
-#define IOCP__ST_ARMED     0x01   /* an SQE with user_data == op is out */
-#define IOCP__ST_POLL      0x02   /* a POLL_ADD with op|1 is out */
-#define IOCP__ST_CANCEL    0x04   /* cancel requested */
-#define IOCP__ST_BACKLOG   0x08   /* waiting for an SQE to be issued */
-#define IOCP__ST_CBACKLOG  0x10   /* its cancel waits for an SQE */
-#define IOCP__ST_RINGBUF   0x20   /* RECV picks from the buffer ring */
-#define IOCP__ST_CONNWAIT  0x40   /* CONNECT in progress, polling POLLOUT */
-#define IOCP__ST_MULTI     0x80   /* ACCEPT armed as kernel multishot */
-#define IOCP__ST_FIFO      0x100  /* in its socket's read or write FIFO */
-#define IOCP__ST_QUEUED    0x200  /* ... behind the head: nothing issued */
-
-#define IOCP__DEFAULT_ENTRIES 1024u
-#define IOCP__PBUF_COUNT 128u         /* power of two */
-#define IOCP__PBUF_SIZE  65536u
-
-/* Ops of one socket and direction, in submission order (op->fifo_next).
- * Only the head has a request in the kernel. */
-struct iocp__fifo {
-    iocp_op *head, *tail;
-};
-
-struct iocp__ufd {
-    unsigned registered;
-    unsigned gen;          /* bumped by unregister/register: old ops cancel */
-    unsigned nops;         /* ops in flight on this descriptor */
-    dev_t dev;
-    ino_t ino;             /* which socket: tells a reused descriptor apart */
-    struct iocp__fifo rq;  /* recv, recv_into */
-    struct iocp__fifo wq;  /* connect, send */
-};
-
-/* The table grows by doubling up to this many descriptors: doubling an int
- * past it would overflow, and no kernel hands out larger descriptors
- * (fs.nr_open tops out just below 2^31 and defaults to 2^20). */
-#define IOCP__UFD_MAX (1 << 30)
-
-struct iocp__uring {
-    int fd;
-    unsigned caps;
-    unsigned features;
-
-    /* SQ */
-    void *sq_map;
-    size_t sq_map_len;
-    unsigned *sq_khead, *sq_ktail, *sq_kflags;
-    unsigned sq_mask, sq_entries;
-    unsigned sq_tail;              /* ours; published to *sq_ktail */
-    iocp__uring_sqe *sqes;
-    size_t sqes_len;
-
-    /* CQ */
-    void *cq_map;                  /* == sq_map with SINGLE_MMAP */
-    size_t cq_map_len;
-    unsigned *cq_khead, *cq_ktail;
-    unsigned cq_mask;
-    iocp__uring_cqe *cqes;
-
-    /* Provided-buffer ring (lazy, on the first RECV that fits). */
-    int pbuf_state;                /* 0 not tried, 1 ready, -1 unavailable */
-    struct iocp__uring_buf *pbuf_ring;
-    char *pbuf_mem;
-    unsigned short pbuf_tail;
-
-    /* Descriptors. */
-    struct iocp__ufd *fds;
-    int nfds;
-
-    /* Ops waiting for an SQE, and ops whose cancel waits (op->fd_next). */
-    iocp_op *backlog, *cbacklog;
-
-    int wake_pending;              /* a wake NOP is out */
-    int woken;                     /* reaped a wake NOP in this poll() */
-    unsigned starve, starve_ctr;   /* IOCP_URING_TEST_STARVE (tests only) */
-    unsigned timeout_seq;          /* TIMEOUT SQE fallback */
-    int timeout_armed;
-    int ndelivered;                /* counts deliveries within one reap */
-    struct iocp__uring_ts ts;      /* TIMEOUT SQE: read when the kernel takes it */
-};
-
-/* ---- syscalls --------------------------------------------------------- */
-
-static int iocp__sys_setup(unsigned entries, struct iocp__uring_params *p)
-{
-    long r = syscall(__NR_io_uring_setup, entries, p);
-    return r < 0 ? -errno : (int)r;
-}
-
-static int iocp__sys_enter(int fd, unsigned to_submit, unsigned min_complete,
-                           unsigned flags, void *arg, size_t argsz)
-{
-    long r = syscall(__NR_io_uring_enter, fd, to_submit, min_complete, flags, arg, argsz);
-    return r < 0 ? -errno : (int)r;
-}
-
-static int iocp__sys_register(int fd, unsigned opcode, void *arg, unsigned nr)
-{
-    long r = syscall(__NR_io_uring_register, fd, opcode, arg, nr);
-    return r < 0 ? -errno : (int)r;
-}
-
-static int iocp__env_fail_setup(void)
-{
-    const char *v = getenv("IOCP_URING_FAIL_SETUP");
-    return v && v[0] && strcmp(v, "0") != 0;
-}
-
-/* ---- rings ------------------------------------------------------------ */
-
-static void iocp__ring_unmap(struct iocp__uring *u)
-{
-    if (u->sqes)
-        munmap(u->sqes, u->sqes_len);
-    if (u->cq_map && u->cq_map != u->sq_map)
-        munmap(u->cq_map, u->cq_map_len);
-    if (u->sq_map)
-        munmap(u->sq_map, u->sq_map_len);
-    u->sqes = NULL;
-    u->cq_map = u->sq_map = NULL;
-}
-
-/* Creates the ring and maps it.  Returns 0 or -errno (nothing left open). */
-static int iocp__ring_open(struct iocp__uring *u, unsigned entries, unsigned setup_flags)
-{
-    struct iocp__uring_params prm;
-    unsigned i, *array;
-    void *m;
-    int fd, r;
-
-    memset(&prm, 0, sizeof(prm));
-    prm.flags = IOCP__SETUP_CQSIZE | IOCP__SETUP_CLAMP | setup_flags;
-    prm.cq_entries = entries * 4;
-    fd = iocp__sys_setup(entries, &prm);
-    if (fd < 0)
-        return fd;
-    u->fd = fd;
-    u->features = prm.features;
-    u->sq_map_len = prm.sq_off.array + prm.sq_entries * sizeof(unsigned);
-    u->cq_map_len = prm.cq_off.cqes + prm.cq_entries * sizeof(iocp__uring_cqe);
-    if ((prm.features & IOCP__FEAT_SINGLE_MMAP) && u->cq_map_len > u->sq_map_len)
-        u->sq_map_len = u->cq_map_len;
-    m = mmap(NULL, u->sq_map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-             fd, IOCP__OFF_SQ_RING);
-    if (m == MAP_FAILED)
-        goto fail;
-    u->sq_map = m;
-    if (prm.features & IOCP__FEAT_SINGLE_MMAP) {
-        u->cq_map = m;
-    } else {
-        m = mmap(NULL, u->cq_map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-                 fd, IOCP__OFF_CQ_RING);
-        if (m == MAP_FAILED)
-            goto fail;
-        u->cq_map = m;
-    }
-    u->sqes_len = prm.sq_entries * sizeof(iocp__uring_sqe);
-    m = mmap(NULL, u->sqes_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-             fd, IOCP__OFF_SQES);
-    if (m == MAP_FAILED)
-        goto fail;
-    u->sqes = m;
-
-    u->sq_khead = (unsigned *)((char *)u->sq_map + prm.sq_off.head);
-    u->sq_ktail = (unsigned *)((char *)u->sq_map + prm.sq_off.tail);
-    u->sq_kflags = (unsigned *)((char *)u->sq_map + prm.sq_off.flags);
-    u->sq_mask = *(unsigned *)((char *)u->sq_map + prm.sq_off.ring_mask);
-    u->sq_entries = prm.sq_entries;
-    u->sq_tail = *u->sq_ktail;
-    /* SQE slot i is always array entry i: the indirection is unused. */
-    array = (unsigned *)((char *)u->sq_map + prm.sq_off.array);
-    for (i = 0; i < prm.sq_entries; i++)
-        array[i] = i;
-
-    u->cq_khead = (unsigned *)((char *)u->cq_map + prm.cq_off.head);
-    u->cq_ktail = (unsigned *)((char *)u->cq_map + prm.cq_off.tail);
-    u->cq_mask = *(unsigned *)((char *)u->cq_map + prm.cq_off.ring_mask);
-    u->cqes = (iocp__uring_cqe *)((char *)u->cq_map + prm.cq_off.cqes);
-    return 0;
-
-fail:
-    r = -errno;
-    iocp__ring_unmap(u);
-    close(fd);
-    u->fd = -1;
-    return r;
-}
-
-static void iocp__ring_close(struct iocp__uring *u)
-{
-    iocp__ring_unmap(u);
-    if (u->fd >= 0)
-        close(u->fd);
-    u->fd = -1;
-}
-
-/* SQEs not yet consumed by the kernel. */
-static unsigned iocp__sq_pending(struct iocp__uring *u)
-{
-    return u->sq_tail - __atomic_load_n(u->sq_khead, __ATOMIC_ACQUIRE);
-}
-
-/*
- * Hands pending SQEs to the kernel without waiting.  Lock held (or the
- * ring private to the caller).  Leaves them pending on EBUSY/EAGAIN (old
- * kernels refuse submission while the CQ overflows; the next poll() reaps
- * and retries).
- */
-static int iocp__flush(struct iocp__uring *u)
-{
-    for (;;) {
-        unsigned pending = iocp__sq_pending(u);
-        int r;
-        if (pending == 0)
-            return 0;
-        r = iocp__sys_enter(u->fd, pending, 0, 0, NULL, 0);
-        if (r == -EINTR)
-            continue;
-        if (r <= 0)
-            return r;
-    }
-}
-
-/*
- * Takes a free SQE slot, zeroed; NULL if the SQ stays full even after a
- * submit.  The caller fills it and then calls iocp__sqe_commit().
- */
-static iocp__uring_sqe *iocp__sqe_get(struct iocp__uring *u)
-{
-    iocp__uring_sqe *sqe;
-
-    if (iocp__sq_pending(u) >= u->sq_entries) {
-        (void)iocp__flush(u);
-        if (iocp__sq_pending(u) >= u->sq_entries)
-            return NULL;
-    }
-    sqe = &u->sqes[u->sq_tail & u->sq_mask];
-    memset(sqe, 0, sizeof(*sqe));
-    return sqe;
-}
-
-/* Publishes the SQE filled since iocp__sqe_get (release: the kernel, or
- * a poller's concurrent io_uring_enter, must see it whole). */
-static void iocp__sqe_commit(struct iocp__uring *u)
-{
-    u->sq_tail++;
-    __atomic_store_n(u->sq_ktail, u->sq_tail, __ATOMIC_RELEASE);
-}
-
-/*
- * SQE for an op or a cancel.  With IOCP_URING_TEST_STARVE=N (tests only)
- * every Nth request finds the SQ "full", as when an old kernel refuses
- * submission during a CQ overflow, so the backlog paths run.
- */
-static iocp__uring_sqe *iocp__sqe_get_op(struct iocp__uring *u)
-{
-    if (u->starve && ++u->starve_ctr % u->starve == 0)
-        return NULL;
-    return iocp__sqe_get(u);
-}
-
-/* ---- capabilities ----------------------------------------------------- */
-
-static struct {
-    pthread_once_t once;
-    int err;                /* 0 or why io_uring cannot run */
-    unsigned caps;
-} iocp__uring_caps = { PTHREAD_ONCE_INIT, 0, 0 };
-
-/* Waits for the CQE tagged `ud` on a private ring; returns its res, or
- * `absent` if it did not come (the request is pending). */
-static int iocp__probe_result(struct iocp__uring *u, uint64_t ud, int absent)
-{
-    unsigned head = *u->cq_khead, tail = __atomic_load_n(u->cq_ktail, __ATOMIC_ACQUIRE);
-    int res = absent;
-
-    for (; head != tail; head++) {
-        iocp__uring_cqe *c = &u->cqes[head & u->cq_mask];
-        if (c->user_data == ud)
-            res = c->res;
-    }
-    __atomic_store_n(u->cq_khead, head, __ATOMIC_RELEASE);
-    return res;
-}
-
-/* Submits one prepared SQE on a private ring and reports its result. */
-static int iocp__probe_one(struct iocp__uring *u, int absent)
-{
-    iocp__sqe_commit(u);
-    if (iocp__flush(u) < 0)
-        return absent;
-    return iocp__probe_result(u, IOCP__UD_IN(IOCP__IN_PROBE, 0), absent);
-}
-
-/*
- * Which of the features we use the kernel has.  Opcode support comes from
- * IORING_REGISTER_PROBE; flags that have no probe (multishot accept and
- * recv, cancel by descriptor) are tried for real on a throw-away ring:
- * an old kernel rejects them at once with -EINVAL, a new one leaves the
- * request pending (or fails it for another reason).
- */
-static void iocp__detect(void)
-{
-    static const uint8_t needed[] = {
-        IOCP__OP_NOP, IOCP__OP_POLL_ADD, IOCP__OP_TIMEOUT, IOCP__OP_TIMEOUT_REMOVE,
-        IOCP__OP_ACCEPT, IOCP__OP_ASYNC_CANCEL, IOCP__OP_CONNECT, IOCP__OP_SEND,
-        IOCP__OP_RECV, IOCP__OP_SENDMSG
-    };
-    struct iocp__uring u;
-    struct iocp__uring_probe *pr;
-    struct iocp__uring_buf_reg reg;
-    iocp__uring_sqe *sqe;
-    unsigned caps = 0, i;
-    void *ring_mem = MAP_FAILED;
-    int r, sv[2] = { -1, -1 }, lfd = -1;
-
-    memset(&u, 0, sizeof(u));
-    u.fd = -1;
-    r = iocp__ring_open(&u, 8, IOCP__SETUP_SUBMIT_ALL);
-    if (r == -EINVAL)
-        r = iocp__ring_open(&u, 8, 0);
-    else if (r == 0)
-        caps |= IOCP__CAP_SUBMIT_ALL;
-    if (r < 0) {
-        iocp__uring_caps.err = r;
-        return;
-    }
-    /* Without NODROP a CQ overflow loses completions; without FAST_POLL
-     * every idle socket op blocks a kernel worker thread. */
-    if ((u.features & (IOCP__FEAT_NODROP | IOCP__FEAT_FAST_POLL)) !=
-        (IOCP__FEAT_NODROP | IOCP__FEAT_FAST_POLL)) {
-        iocp__uring_caps.err = -ENOSYS;
-        goto out;
-    }
-    if (u.features & IOCP__FEAT_EXT_ARG)
-        caps |= IOCP__CAP_EXT_ARG;
-    pr = calloc(1, sizeof(*pr));
-    if (!pr) {
-        iocp__uring_caps.err = -ENOMEM;
-        goto out;
-    }
-    r = iocp__sys_register(u.fd, IOCP__REGISTER_PROBE, pr, 256);
-    for (i = 0; r >= 0 && i < sizeof(needed); i++) {
-        if (needed[i] > pr->last_op || !(pr->ops[needed[i]].flags & IOCP__PROBE_OP_SUPPORTED))
-            r = -ENOSYS;
-    }
-    free(pr);
-    if (r < 0) {
-        iocp__uring_caps.err = r == -EINVAL ? -ENOSYS : r;
-        goto out;
-    }
-
-    /* Provided-buffer ring: one slot is enough to see it register. */
-    ring_mem = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (ring_mem != MAP_FAILED) {
-        memset(&reg, 0, sizeof(reg));
-        reg.ring_addr = (uint64_t)(uintptr_t)ring_mem;
-        reg.ring_entries = 1;
-        reg.bgid = 0;
-        if (iocp__sys_register(u.fd, IOCP__REGISTER_PBUF_RING, &reg, 1) == 0)
-            caps |= IOCP__CAP_PBUF;
-    }
-
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) == 0) {
-        /* Multishot recv needs a buffer group: the ring registered above. */
-        if ((caps & IOCP__CAP_PBUF) && (sqe = iocp__sqe_get(&u)) != NULL) {
-            sqe->opcode = IOCP__OP_RECV;
-            sqe->fd = sv[0];
-            sqe->ioprio = IOCP__RECV_MULTISHOT;
-            sqe->flags = IOCP__SQE_BUFFER_SELECT;
-            sqe->buf_group = 0;
-            sqe->user_data = IOCP__UD_IN(IOCP__IN_PROBE, 0);
-            /* With no buffer in the ring a new kernel answers -ENOBUFS. */
-            if (iocp__probe_one(&u, 1) != -EINVAL)
-                caps |= IOCP__CAP_MS_RECV;
-        }
-        if ((sqe = iocp__sqe_get(&u)) != NULL) {
-            sqe->opcode = IOCP__OP_ASYNC_CANCEL;
-            sqe->fd = sv[0];
-            sqe->op_flags = IOCP__CANCEL_FD | IOCP__CANCEL_ALL;
-            sqe->user_data = IOCP__UD_IN(IOCP__IN_PROBE, 0);
-            if (iocp__probe_one(&u, -EINVAL) >= 0)
-                caps |= IOCP__CAP_CANCEL_FD;
-        }
-    }
-    /* A Unix listener with an autobound abstract name: no file system. */
-    lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (lfd >= 0) {
-        struct sockaddr_un sa;
-        memset(&sa, 0, sizeof(sa));
-        sa.sun_family = AF_UNIX;
-        if (bind(lfd, (struct sockaddr *)&sa, sizeof(sa.sun_family)) == 0 &&
-            listen(lfd, 1) == 0 && (sqe = iocp__sqe_get(&u)) != NULL) {
-            sqe->opcode = IOCP__OP_ACCEPT;
-            sqe->fd = lfd;
-            sqe->ioprio = IOCP__ACCEPT_MULTISHOT;
-            sqe->op_flags = SOCK_CLOEXEC | SOCK_NONBLOCK;
-            sqe->user_data = IOCP__UD_IN(IOCP__IN_PROBE, 0);
-            if (iocp__probe_one(&u, 1) != -EINVAL)
-                caps |= IOCP__CAP_MS_ACCEPT;
-        }
-    }
-out:
-    /* Closing the ring cancels whatever the tests left pending. */
-    iocp__ring_close(&u);
-    if (ring_mem != MAP_FAILED)
-        munmap(ring_mem, 4096);
-    if (sv[0] >= 0) {
-        close(sv[0]);
-        close(sv[1]);
-    }
-    if (lfd >= 0)
-        close(lfd);
-    iocp__uring_caps.caps = caps;
-}
-
-static const struct { unsigned cap; const char *word; } iocp__cap_words[] = {
-    { IOCP__CAP_EXT_ARG, "ext-arg" },
-    { IOCP__CAP_SUBMIT_ALL, "submit-all" },
-    { IOCP__CAP_MS_ACCEPT, "multishot-accept" },
-    { IOCP__CAP_PBUF, "provided-buffers" },
-    { IOCP__CAP_MS_RECV, "recv-multishot" },
-    { IOCP__CAP_CANCEL_FD, "cancel-fd" },
-};
-#define IOCP__NCAPWORDS (sizeof(iocp__cap_words) / sizeof(iocp__cap_words[0]))
-
-/* Capabilities after IOCP_URING_DISABLE, or a negative error. */
-static int iocp__caps(unsigned *caps)
-{
-    const char *dis = getenv("IOCP_URING_DISABLE");
-    unsigned c, i;
-
-    if (iocp__env_fail_setup())
-        return -EPERM;
-    pthread_once(&iocp__uring_caps.once, iocp__detect);
-    if (iocp__uring_caps.err < 0)
-        return iocp__uring_caps.err;
-    c = iocp__uring_caps.caps;
-    for (i = 0; dis && i < IOCP__NCAPWORDS; i++) {
-        if (strstr(dis, iocp__cap_words[i].word))
-            c &= ~iocp__cap_words[i].cap;
-    }
-    *caps = c;
-    return 0;
-}
-
-static int iocp__uring_probe(char *features, size_t len)
-{
-    unsigned caps = 0, i;
-    size_t used;
-    int r = iocp__caps(&caps);
-
-    if (r < 0)
-        return r;
-    if (features && len) {
-        snprintf(features, len, "nodrop fast-poll");
-        for (i = 0; i < IOCP__NCAPWORDS; i++) {
-            if (!(caps & iocp__cap_words[i].cap))
-                continue;
-            used = strlen(features);
-            snprintf(features + used, len - used, " %s", iocp__cap_words[i].word);
-        }
-    }
-    return 0;
-}
+#include "uring_internal.h"
 
 /* ---- per-descriptor state ------------------------------------------- */
 
@@ -754,61 +136,7 @@ static int iocp__cancelling(struct iocp__uring *u, iocp_op *op)
     return !st || (unsigned)op->aux_sock != st->gen;
 }
 
-/* ---- provided-buffer ring --------------------------------------------- */
-
-static void iocp__pbuf_add(struct iocp__uring *u, unsigned bid)
-{
-    struct iocp__uring_buf *b = &u->pbuf_ring[u->pbuf_tail & (IOCP__PBUF_COUNT - 1)];
-
-    b->addr = (uint64_t)(uintptr_t)(u->pbuf_mem + (size_t)bid * IOCP__PBUF_SIZE);
-    b->len = IOCP__PBUF_SIZE;
-    b->bid = (uint16_t)bid;
-    u->pbuf_tail++;
-    /* The tail shares slot 0's last field; release so the kernel sees the
-     * slot before the tail that covers it. */
-    __atomic_store_n(&u->pbuf_ring[0].resv, u->pbuf_tail, __ATOMIC_RELEASE);
-}
-
-/* Sets the ring up on first use; memory is reserved, not touched, so it
- * costs only what receives actually write. */
-static int iocp__pbuf_ready(struct iocp__uring *u)
-{
-    struct iocp__uring_buf_reg reg;
-    size_t ring_len = IOCP__PBUF_COUNT * sizeof(struct iocp__uring_buf);
-    void *ring, *mem;
-    unsigned i;
-
-    if (u->pbuf_state)
-        return u->pbuf_state > 0;
-    u->pbuf_state = -1;
-    if (!(u->caps & IOCP__CAP_PBUF))
-        return 0;
-    ring = mmap(NULL, ring_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (ring == MAP_FAILED)
-        return 0;
-    mem = mmap(NULL, (size_t)IOCP__PBUF_COUNT * IOCP__PBUF_SIZE, PROT_READ | PROT_WRITE,
-               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (mem == MAP_FAILED) {
-        munmap(ring, ring_len);
-        return 0;
-    }
-    memset(&reg, 0, sizeof(reg));
-    reg.ring_addr = (uint64_t)(uintptr_t)ring;
-    reg.ring_entries = IOCP__PBUF_COUNT;
-    reg.bgid = 0;
-    if (iocp__sys_register(u->fd, IOCP__REGISTER_PBUF_RING, &reg, 1) < 0) {
-        munmap(mem, (size_t)IOCP__PBUF_COUNT * IOCP__PBUF_SIZE);
-        munmap(ring, ring_len);
-        return 0;
-    }
-    u->pbuf_ring = ring;
-    u->pbuf_mem = mem;
-    u->pbuf_tail = 0;
-    for (i = 0; i < IOCP__PBUF_COUNT; i++)
-        iocp__pbuf_add(u, i);
-    u->pbuf_state = 1;
-    return 1;
-}
+/* ---- provided buffers (uring_buf.c) ----------------------------------- */
 
 static void iocp__uring_release_buffer(iocp_port *p, char *data, uint32_t buf_id)
 {
@@ -897,75 +225,62 @@ static int iocp__fifo_remove(struct iocp__fifo *f, iocp_op *op)
     return prev == NULL;
 }
 
-/* Queues the SQE that (re)issues the op as its state says; with no SQE
- * free, the op waits on the backlog (drained by poll()). */
+/* The op's user_data (tag 0: the op itself). */
+static inline uint64_t iocp__ud_op(iocp_op *op)
+{
+    return (uint64_t)(uintptr_t)op | IOCP__UD_OP;
+}
+
+/* Queues the SQE that (re)issues the op as its state says; -1 with no SQE
+ * free (the caller puts the op on the backlog, drained by poll()). */
 static int iocp__arm_now(struct iocp__uring *u, iocp_op *op)
 {
     iocp__uring_sqe *sqe = iocp__sqe_get_op(u);
+    uint64_t ud = iocp__ud_op(op);
 
     if (!sqe)
         return -1;
-    sqe->fd = op->sock;
-    sqe->user_data = (uint64_t)(uintptr_t)op | IOCP__UD_OP;
     switch (op->kind) {
     case IOCP_OP_ACCEPT:
-        sqe->opcode = IOCP__OP_ACCEPT;
-        sqe->op_flags = SOCK_CLOEXEC | SOCK_NONBLOCK;
         if (op->state & IOCP__ST_MULTI) {
             /* Every connection would write the same address buffer while
              * we read it: take the peer from getpeername() instead. */
-            sqe->ioprio = IOCP__ACCEPT_MULTISHOT;
+            iocp__prep_accept(sqe, op->sock, NULL, NULL, 1, ud);
         } else {
             op->addrlen = sizeof(op->addr);
-            sqe->addr = (uint64_t)(uintptr_t)&op->addr;
-            sqe->off = (uint64_t)(uintptr_t)&op->addrlen;
+            iocp__prep_accept(sqe, op->sock, (struct sockaddr *)&op->addr, &op->addrlen,
+                              0, ud);
         }
         break;
     case IOCP_OP_CONNECT:
-        sqe->opcode = IOCP__OP_CONNECT;
-        sqe->addr = (uint64_t)(uintptr_t)&op->addr;
-        sqe->off = (uint64_t)op->addrlen;
+        iocp__prep_connect(sqe, op->sock, (struct sockaddr *)&op->addr, op->addrlen, ud);
         break;
     case IOCP_OP_RECV:
-        sqe->opcode = IOCP__OP_RECV;
-        sqe->len = op->len > 0x7ffff000u ? 0x7ffff000u : (uint32_t)op->len;
-        if (op->state & IOCP__ST_RINGBUF) {
-            sqe->flags = IOCP__SQE_BUFFER_SELECT;
-            sqe->buf_group = 0;
-        } else {
-            sqe->addr = (uint64_t)(uintptr_t)op->backend_data;
-        }
+        if (op->state & IOCP__ST_RINGBUF)
+            iocp__prep_recv_select(sqe, op->sock, op->len, 0, 0, ud);
+        else
+            iocp__prep_recv(sqe, op->sock, op->backend_data, op->len, ud);
         break;
     case IOCP_OP_RECV_INTO:
-        sqe->opcode = IOCP__OP_RECV;
-        sqe->addr = (uint64_t)(uintptr_t)op->buf;
-        sqe->len = op->len > 0x7ffff000u ? 0x7ffff000u : (uint32_t)op->len;
+        iocp__prep_recv(sqe, op->sock, op->buf, op->len, ud);
         break;
-    case IOCP_OP_SEND: {
-        size_t left = op->len - op->done;
+    case IOCP_OP_SEND:
         if (op->iovcnt > 0) {
             /* Gathered: SENDMSG over the segments still unsent.  The
              * msghdr lives in the op, so it stays valid however long the
-             * SQE waits in the ring (the kernel reads it at submission). */
+             * SQE waits in the ring. */
             int nseg;
             memset(&op->msg, 0, sizeof(op->msg));
             op->msg.msg_iov = (struct iovec *)iocp__iov_advance(op, 0, &nseg);
             op->msg.msg_iovlen = (size_t)nseg;
-            sqe->opcode = IOCP__OP_SENDMSG;
-            sqe->addr = (uint64_t)(uintptr_t)&op->msg;
-            sqe->len = 1;
-            sqe->op_flags = MSG_NOSIGNAL;
-            break;
+            iocp__prep_sendmsg(sqe, op->sock, &op->msg, MSG_NOSIGNAL, ud);
+        } else {
+            iocp__prep_send(sqe, op->sock, op->buf + op->done, op->len - op->done,
+                            MSG_NOSIGNAL, ud);
         }
-        sqe->opcode = IOCP__OP_SEND;
-        sqe->addr = (uint64_t)(uintptr_t)(op->buf + op->done);
-        sqe->len = left > 0x7ffff000u ? 0x7ffff000u : (uint32_t)left;
-        sqe->op_flags = MSG_NOSIGNAL;
         break;
-    }
     default: /* IOCP_OP_POST */
-        sqe->opcode = IOCP__OP_NOP;
-        sqe->fd = -1;
+        iocp__prep_nop(sqe, ud);
         break;
     }
     iocp__sqe_commit(u);
@@ -993,18 +308,22 @@ static void iocp__arm_poll(struct iocp__uring *u, iocp_op *op, unsigned events)
         iocp__arm(u, op);
         return;
     }
-    sqe->opcode = IOCP__OP_POLL_ADD;
-    sqe->fd = op->sock;
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    events = (events << 16) | (events >> 16);   /* the kernel swaps halves */
-#endif
-    sqe->op_flags = events;
-    sqe->user_data = (uint64_t)(uintptr_t)op | IOCP__UD_POLL;
+    iocp__prep_poll_add(sqe, op->sock, events, (uint64_t)(uintptr_t)op | IOCP__UD_POLL);
     iocp__sqe_commit(u);
     op->state |= IOCP__ST_POLL;
 }
 
-/* Queues a cancel for whatever request of the op is out. */
+/* Fills the cancel for whatever request of the op is out: its readiness
+ * wait if one is, else the op's own request. */
+static void iocp__prep_op_cancel(iocp__uring_sqe *sqe, iocp_op *op)
+{
+    iocp__prep_cancel(sqe, (uint64_t)(uintptr_t)op |
+                           ((op->state & IOCP__ST_POLL) ? IOCP__UD_POLL : IOCP__UD_OP),
+                      IOCP__UD_IN(IOCP__IN_CANCEL, 0));
+}
+
+/* Queues a cancel for whatever request of the op is out; with no SQE free
+ * it waits on the cancel backlog. */
 static void iocp__send_cancel(struct iocp__uring *u, iocp_op *op)
 {
     iocp__uring_sqe *sqe = iocp__sqe_get_op(u);
@@ -1014,11 +333,7 @@ static void iocp__send_cancel(struct iocp__uring *u, iocp_op *op)
         iocp__list_push(&u->cbacklog, op);
         return;
     }
-    sqe->opcode = IOCP__OP_ASYNC_CANCEL;
-    sqe->fd = -1;
-    sqe->addr = (uint64_t)(uintptr_t)op |
-                ((op->state & IOCP__ST_POLL) ? IOCP__UD_POLL : IOCP__UD_OP);
-    sqe->user_data = IOCP__UD_IN(IOCP__IN_CANCEL, 0);
+    iocp__prep_op_cancel(sqe, op);
     iocp__sqe_commit(u);
 }
 
@@ -1162,7 +477,7 @@ static void iocp__complete_recv(iocp_port *p, struct iocp__uring *u, iocp_op *op
         if (res > 0 && bid < IOCP__PBUF_COUNT) {
             p->live_buffers++;
             iocp__finish(p, u, op, res, 0, IOCP_CF_BUFFER,
-                         u->pbuf_mem + (size_t)bid * IOCP__PBUF_SIZE, bid + 1);
+                         iocp__pbuf_addr(u, bid), bid + 1);
             return;
         }
         if (bid < IOCP__PBUF_COUNT)
@@ -1349,11 +664,7 @@ static void iocp__drain_backlogs(struct iocp__uring *u)
         u->cbacklog = op->fd_next;
         op->fd_next = NULL;
         op->state &= ~IOCP__ST_CBACKLOG;
-        sqe->opcode = IOCP__OP_ASYNC_CANCEL;
-        sqe->fd = -1;
-        sqe->addr = (uint64_t)(uintptr_t)op |
-                    ((op->state & IOCP__ST_POLL) ? IOCP__UD_POLL : IOCP__UD_OP);
-        sqe->user_data = IOCP__UD_IN(IOCP__IN_CANCEL, 0);
+        iocp__prep_op_cancel(sqe, op);
         iocp__sqe_commit(u);
     }
     while (u->backlog) {
@@ -1372,26 +683,17 @@ static void iocp__drain_backlogs(struct iocp__uring *u)
  */
 static int iocp__reap(iocp_port *p, struct iocp__uring *u, int max)
 {
-    unsigned head, tail;
+    iocp__uring_cqe c;
     int flushed = 0;
 
     u->ndelivered = 0;
     for (;;) {
-        head = *u->cq_khead;
-        tail = __atomic_load_n(u->cq_ktail, __ATOMIC_ACQUIRE);
-        while (head != tail && u->ndelivered < max) {
-            iocp__uring_cqe c = u->cqes[head & u->cq_mask];
-            head++;
-            /* Give the slot back before acting: acting may submit, and a
-             * full CQ would only push the kernel onto its overflow list. */
-            __atomic_store_n(u->cq_khead, head, __ATOMIC_RELEASE);
+        while (u->ndelivered < max && iocp__cqe_next(u, &c))
             iocp__complete(p, u, &c);
-        }
         if (u->ndelivered >= max || flushed)
             break;
-        if (!(__atomic_load_n(u->sq_kflags, __ATOMIC_ACQUIRE) & IOCP__SQ_CQ_OVERFLOW))
+        if (!iocp__cq_flush_overflow(u))
             break;
-        (void)iocp__sys_enter(u->fd, 0, 0, IOCP__ENTER_GETEVENTS, NULL, 0);
         flushed = 1;
     }
     if (u->backlog || u->cbacklog)
@@ -1410,7 +712,7 @@ static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
     unsigned caps, entries;
     int r;
 
-    r = iocp__caps(&caps);
+    r = iocp__uring_caps(&caps);
     if (r < 0)
         return r;
     u = calloc(1, sizeof(*u));
@@ -1444,10 +746,7 @@ static void iocp__uring_release(iocp_port *p)
     struct iocp__uring *u = p->be;
 
     iocp__ring_close(u);
-    if (u->pbuf_state > 0) {
-        munmap(u->pbuf_mem, (size_t)IOCP__PBUF_COUNT * IOCP__PBUF_SIZE);
-        munmap(u->pbuf_ring, IOCP__PBUF_COUNT * sizeof(struct iocp__uring_buf));
-    }
+    iocp__pbuf_free(u);
     free(u->fds);
     free(u);
     p->be = NULL;
@@ -1457,12 +756,7 @@ static void iocp__uring_destroy(iocp_port *p)
 {
     struct iocp__uring *u = p->be;
 
-    if (u->pbuf_state > 0) {
-        struct iocp__uring_buf_reg reg;
-        memset(&reg, 0, sizeof(reg));
-        reg.bgid = 0;
-        (void)iocp__sys_register(u->fd, IOCP__UNREGISTER_PBUF_RING, &reg, 1);
-    }
+    iocp__pbuf_unregister(u);
     iocp__uring_release(p);
 }
 
@@ -1492,9 +786,7 @@ static void iocp__submit_policy(iocp_port *p, struct iocp__uring *u)
         /* Only a poll() drains the backlogs: end the sleeping one's wait. */
         iocp__uring_sqe *sqe = iocp__sqe_get(u);
         if (sqe) {
-            sqe->opcode = IOCP__OP_NOP;
-            sqe->fd = -1;
-            sqe->user_data = IOCP__UD_IN(IOCP__IN_WAKE, 0);
+            iocp__prep_wake(sqe);
             iocp__sqe_commit(u);
             u->wake_pending = 1;
         }
@@ -1544,10 +836,7 @@ static void iocp__cancel_fd_ops(iocp_port *p, struct iocp__uring *u, int fd, uns
         }
     }
     if (by_fd && (sqe = iocp__sqe_get_op(u)) != NULL) {
-        sqe->opcode = IOCP__OP_ASYNC_CANCEL;
-        sqe->fd = fd;
-        sqe->op_flags = IOCP__CANCEL_FD | IOCP__CANCEL_ALL;
-        sqe->user_data = IOCP__UD_IN(IOCP__IN_CANCEL, 0);
+        iocp__prep_cancel_fd(sqe, fd, IOCP__UD_IN(IOCP__IN_CANCEL, 0));
         iocp__sqe_commit(u);
         return;
     }
@@ -1742,12 +1031,8 @@ static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
             iocp__uring_sqe *sqe = iocp__sqe_get(u);
             if (sqe) {
                 u->timeout_seq = (u->timeout_seq + 1) & 0xffffff;
-                sqe->opcode = IOCP__OP_TIMEOUT;
-                sqe->fd = -1;
                 u->ts = ts;
-                sqe->addr = (uint64_t)(uintptr_t)&u->ts;
-                sqe->len = 1;
-                sqe->user_data = IOCP__UD_IN(IOCP__IN_TIMEOUT, u->timeout_seq);
+                iocp__prep_timeout(sqe, &u->ts, IOCP__UD_IN(IOCP__IN_TIMEOUT, u->timeout_seq));
                 iocp__sqe_commit(u);
                 u->timeout_armed = 1;
             }
@@ -1764,10 +1049,8 @@ static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
         /* Woken before the timer: remove it so timers do not pile up. */
         iocp__uring_sqe *sqe = iocp__sqe_get(u);
         if (sqe) {
-            sqe->opcode = IOCP__OP_TIMEOUT_REMOVE;
-            sqe->fd = -1;
-            sqe->addr = IOCP__UD_IN(IOCP__IN_TIMEOUT, u->timeout_seq);
-            sqe->user_data = IOCP__UD_IN(IOCP__IN_TIMEOUT_REMOVE, 0);
+            iocp__prep_timeout_remove(sqe, IOCP__UD_IN(IOCP__IN_TIMEOUT, u->timeout_seq),
+                                      IOCP__UD_IN(IOCP__IN_TIMEOUT_REMOVE, 0));
             iocp__sqe_commit(u);
             /* Now, so its two CQEs are in the ring before the next poll()
              * reaps: otherwise they would end that poll's wait at once. */
@@ -1803,9 +1086,7 @@ static int iocp__uring_wake(iocp_port *p)
         if (!sqe) {
             r = -EBUSY;
         } else {
-            sqe->opcode = IOCP__OP_NOP;
-            sqe->fd = -1;
-            sqe->user_data = IOCP__UD_IN(IOCP__IN_WAKE, 0);
+            iocp__prep_wake(sqe);
             iocp__sqe_commit(u);
             r = iocp__flush(u);
             if (r >= 0) {
@@ -1819,15 +1100,15 @@ static int iocp__uring_wake(iocp_port *p)
 }
 
 const iocp_backend iocp__backend_uring = {
-    "io_uring",
-    iocp__uring_probe,
-    iocp__uring_init,
-    iocp__uring_destroy,
-    iocp__uring_register,
-    iocp__uring_unregister,
-    iocp__uring_submit,
-    iocp__uring_cancel,
-    iocp__uring_poll,
-    iocp__uring_wake,
-    iocp__uring_release_buffer,
+    .name = "io_uring",
+    .probe = iocp__uring_probe,
+    .init = iocp__uring_init,
+    .destroy = iocp__uring_destroy,
+    .register_socket = iocp__uring_register,
+    .unregister_socket = iocp__uring_unregister,
+    .submit = iocp__uring_submit,
+    .cancel = iocp__uring_cancel,
+    .poll = iocp__uring_poll,
+    .wake = iocp__uring_wake,
+    .release_buffer = iocp__uring_release_buffer,
 };
