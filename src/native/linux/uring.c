@@ -49,7 +49,11 @@
  * So every socket has a read FIFO (recv, recv_into) and a write FIFO
  * (connect, send), linked through op->fifo_next, and only the head of each
  * has a request out; ops queued behind it cost no SQE and are issued one
- * by one as the head completes.  All re-issues (remainder, poll, -ENOBUFS
+ * by one as the head completes -- except that consecutive silent sends
+ * queued behind a silent head go out as one linked chain
+ * (IOSQE_IO_LINK + MSG_WAITALL, CQE_SKIP_SUCCESS on all but the last; see
+ * iocp__try_chain), so a socket with many small sends queued pays one
+ * round trip per chain, not per send.  All re-issues (remainder, poll, -ENOBUFS
  * fallback to a pool buffer, spurious cancel) are of the head itself.
  * Accept and post skip the FIFOs: they are no byte stream.
  *
@@ -86,7 +90,8 @@
  * Environment, for tests: IOCP_URING_FAIL_SETUP=1 makes probe() and init()
  * fail with -EPERM as if io_uring were disabled (the default port then falls
  * back to epoll).  IOCP_URING_DISABLE="ext-arg,provided-buffers,
- * multishot-accept,cancel-fd,submit-all" turns the named kernel features
+ * multishot-accept,recv-multishot,cancel-fd,submit-all,send-chain" (the
+ * feature words of uring_probe.c) turns the named kernel features
  * off to exercise the fallback paths on a new kernel.
  * IOCP_URING_TEST_STARVE=N makes every Nth op or cancel find the SQ full,
  * to exercise the backlogs.  IOCP_URING_STATS=1 prints the buffer-group
@@ -287,6 +292,23 @@ static inline size_t iocp__pool_recv_len(const iocp_op *op)
     return op->len;
 }
 
+/* Fills a SEND (a SENDMSG over the unsent segments of a gathered send). */
+static void iocp__prep_send_op(iocp__uring_sqe *sqe, iocp_op *op, unsigned msg_flags,
+                               uint64_t ud)
+{
+    if (op->iovcnt > 0) {
+        /* The msghdr lives in the op, so it stays valid however long the
+         * SQE waits in the ring. */
+        int nseg;
+        memset(&op->msg, 0, sizeof(op->msg));
+        op->msg.msg_iov = (struct iovec *)iocp__iov_advance(op, 0, &nseg);
+        op->msg.msg_iovlen = (size_t)nseg;
+        iocp__prep_sendmsg(sqe, op->sock, &op->msg, msg_flags, ud);
+    } else {
+        iocp__prep_send(sqe, op->sock, op->buf + op->done, op->len - op->done, msg_flags, ud);
+    }
+}
+
 /* Queues the SQE that (re)issues the op as its state says; -1 with no SQE
  * free (the caller puts the op on the backlog, drained by poll()). */
 static int iocp__arm_now(struct iocp__uring *u, iocp_op *op)
@@ -336,19 +358,7 @@ static int iocp__arm_now(struct iocp__uring *u, iocp_op *op)
         iocp__prep_recv(sqe, op->sock, op->buf, op->len, ud);
         break;
     case IOCP_OP_SEND:
-        if (op->iovcnt > 0) {
-            /* Gathered: SENDMSG over the segments still unsent.  The
-             * msghdr lives in the op, so it stays valid however long the
-             * SQE waits in the ring. */
-            int nseg;
-            memset(&op->msg, 0, sizeof(op->msg));
-            op->msg.msg_iov = (struct iovec *)iocp__iov_advance(op, 0, &nseg);
-            op->msg.msg_iovlen = (size_t)nseg;
-            iocp__prep_sendmsg(sqe, op->sock, &op->msg, MSG_NOSIGNAL, ud);
-        } else {
-            iocp__prep_send(sqe, op->sock, op->buf + op->done, op->len - op->done,
-                            MSG_NOSIGNAL, ud);
-        }
+        iocp__prep_send_op(sqe, op, MSG_NOSIGNAL, ud);
         break;
     default: /* IOCP_OP_POST */
         iocp__prep_nop(sqe, ud);
@@ -388,9 +398,75 @@ static void iocp__arm_poll(struct iocp__uring *u, iocp_op *op, unsigned events)
  * wait if one is, else the op's own request. */
 static void iocp__prep_op_cancel(iocp__uring_sqe *sqe, iocp_op *op)
 {
-    iocp__prep_cancel(sqe, (uint64_t)(uintptr_t)op |
-                           ((op->state & IOCP__ST_POLL) ? IOCP__UD_POLL : IOCP__UD_OP),
-                      IOCP__UD_IN(IOCP__IN_CANCEL, 0));
+    unsigned tag = (op->state & IOCP__ST_POLL) ? IOCP__UD_POLL
+                   : (op->state & IOCP__ST_CHAIN) ? IOCP__UD_CHAIN : IOCP__UD_OP;
+
+    iocp__prep_cancel(sqe, (uint64_t)(uintptr_t)op | tag, IOCP__UD_IN(IOCP__IN_CANCEL, 0));
+}
+
+/* Longest linked chain of sends (SQ room permitting). */
+#define IOCP__CHAIN_MAX 256u
+
+/*
+ * Silent sends, linked.  A socket's write FIFO runs one request at a time,
+ * so many small sends queued on it would cost one ring round trip each.
+ * When the head about to start is a silent send and more sends are queued
+ * right behind it, they go out as one chain instead: IOSQE_IO_LINK makes
+ * the kernel run them in order, one after the other; MSG_WAITALL makes it
+ * finish each send (retrying short ones itself) or fail it, and a failed
+ * or short member fails the rest of the link (-ECANCELED), so nothing can
+ * overtake a short send; IOSQE_CQE_SKIP_SUCCESS on all but the last means
+ * one CQE for the lot.  The chain is the maximal run of queued silent
+ * sends, closed by the next send if that one is not silent (its CQE is
+ * posted anyway).  Ends: the first CQE of any member (a member failing
+ * with CQE_SKIP posts its own CQE, and the kernel then skips those of the
+ * links it cancels -- all of them, the last one's too), so the members
+ * before it succeeded, it has its own result, and those after it never
+ * ran (iocp__complete_chain).  The SQEs are published together, after
+ * SKIP'd NOP padding if poll()'s blocking io_uring_enter might still take
+ * SQEs (u->poller_pending): it could otherwise submit a prefix of the
+ * chain on its own, cutting the link.
+ * Returns 1 if it issued a chain starting at `head` (not QUEUED any more).
+ */
+static int iocp__try_chain(struct iocp__uring *u, struct iocp__ufd *st, iocp_op *head)
+{
+    unsigned n = 0, i, pad = u->poller_pending, room = iocp__sq_space(u);
+    iocp_op *m;
+
+    if (!(u->caps & IOCP__CAP_CHAIN) || u->backlog || st->chain_n ||
+        head->kind != IOCP_OP_SEND || !(head->flags & IOCP_OPF_SILENT) ||
+        !(head->state & IOCP__ST_FIFO) || room < pad + 2)
+        return 0;
+    room -= pad;
+    if (room > IOCP__CHAIN_MAX)
+        room = IOCP__CHAIN_MAX;
+    for (m = head; m && n < room; m = m->fifo_next) {
+        if (m != head && (!(m->state & IOCP__ST_QUEUED) || m->kind != IOCP_OP_SEND ||
+                          iocp__cancelling(u, m)))
+            break;
+        n++;
+        if (!(m->flags & IOCP_OPF_SILENT))
+            break;
+    }
+    if (n < 2 || (u->starve && ++u->starve_ctr % u->starve == 0))
+        return 0;
+    for (i = 0; i < pad; i++) {
+        iocp__uring_sqe *sqe = iocp__sqe_at(u, i);
+        iocp__prep_nop(sqe, IOCP__UD_IN(IOCP__IN_PAD, 0));
+        sqe->flags = IOCP__SQE_CQE_SKIP;
+    }
+    for (m = head, i = 0; i < n; i++, m = m->fifo_next) {
+        iocp__uring_sqe *sqe = iocp__sqe_at(u, pad + i);
+        iocp__prep_send_op(sqe, m, MSG_NOSIGNAL | MSG_WAITALL,
+                           (uint64_t)(uintptr_t)m | IOCP__UD_CHAIN);
+        if (i + 1 < n)
+            sqe->flags |= IOCP__SQE_IO_LINK | IOCP__SQE_CQE_SKIP;
+        m->state &= ~IOCP__ST_QUEUED;
+        m->state |= IOCP__ST_ARMED | IOCP__ST_CHAIN;
+    }
+    iocp__sqe_commit_n(u, pad + n);
+    st->chain_n = n;
+    return 1;
 }
 
 /* Queues a cancel for whatever request of the op is out; with no SQE free
@@ -531,11 +607,15 @@ static void iocp__fifo_start(iocp_port *p, struct iocp__uring *u, struct iocp__f
     iocp_op *op;
 
     while ((op = f->head) != NULL && (op->state & IOCP__ST_QUEUED)) {
-        op->state &= ~IOCP__ST_QUEUED;
         if (!iocp__cancelling(u, op)) {
+            struct iocp__ufd *st = iocp__ufd(u, op->sock);
+            if (st && f == &st->wq && iocp__try_chain(u, st, op))
+                return;
+            op->state &= ~IOCP__ST_QUEUED;
             iocp__arm(u, op);
             return;
         }
+        op->state &= ~IOCP__ST_QUEUED;
         f->head = op->fifo_next;
         if (!f->head)
             f->tail = NULL;
@@ -818,6 +898,40 @@ static void iocp__complete_send(iocp_port *p, struct iocp__uring *u, iocp_op *op
     }
 }
 
+/*
+ * The first CQE of a linked chain of sends (see iocp__try_chain) ends it:
+ * the members before `op` were sent whole, `op` has its own result, and
+ * those after it never ran.  They go back to being queued behind `op`,
+ * in order -- re-issued after it if its result was short or a cancel
+ * (which may be another member's own), completed cancelled if it failed
+ * outright (the socket is broken; they would fail the same way).
+ */
+static void iocp__complete_chain(iocp_port *p, struct iocp__uring *u, iocp_op *op, int res)
+{
+    struct iocp__ufd *st = iocp__ufd(u, op->sock);
+    iocp_op *m, *next;
+    unsigned k = 0, i;
+    int hard = res < 0 && res != -EAGAIN && !iocp__is_cancel_res(res);
+
+    for (m = st ? st->wq.head : NULL; m && m != op && k < st->chain_n; m = m->fifo_next)
+        k++;
+    if (!m || m != op || k >= st->chain_n)
+        return;                     /* not a member of the chain out */
+    for (i = k + 1, m = op->fifo_next; i < st->chain_n && m; i++, m = m->fifo_next) {
+        m->state &= ~(IOCP__ST_CHAIN | IOCP__ST_ARMED);
+        m->state |= IOCP__ST_QUEUED | (hard ? IOCP__ST_CANCEL : 0);
+    }
+    st->chain_n = 0;
+    for (m = st->wq.head; m != op; m = next) {
+        next = m->fifo_next;
+        m->state &= ~(IOCP__ST_CHAIN | IOCP__ST_ARMED);
+        m->done = m->len;
+        iocp__finish(p, u, m, (int64_t)m->len, 0, 0, NULL, 0);
+    }
+    op->state &= ~IOCP__ST_CHAIN;
+    iocp__complete_send(p, u, op, res);
+}
+
 /* After a connect in progress became writable: how did it end? */
 static void iocp__connect_check(iocp_port *p, struct iocp__uring *u, iocp_op *op)
 {
@@ -933,6 +1047,13 @@ static void iocp__complete(iocp_port *p, struct iocp__uring *u, const iocp__urin
     if (tag == IOCP__UD_POLL) {
         op->state &= ~IOCP__ST_POLL;
         iocp__complete_poll(p, u, op, c->res);
+        return;
+    }
+    if (tag == IOCP__UD_CHAIN) {
+        if (op->state & IOCP__ST_CHAIN) {
+            op->state &= ~IOCP__ST_ARMED;
+            iocp__complete_chain(p, u, op, c->res);
+        }
         return;
     }
     if (!(c->flags & IOCP__CQE_F_MORE))
@@ -1404,11 +1525,13 @@ static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
         }
     }
     pending = iocp__sq_pending(u);
+    u->poller_pending = pending;
     iocp__unlock(p);
 
     r = iocp__sys_enter(u->fd, pending, 1, flags, argp, argsz);
 
     iocp__lock(p);
+    u->poller_pending = 0;
     n = iocp__reap(p, u, max);
     if (u->timeout_armed) {
         /* Woken before the timer: remove it so timers do not pile up. */

@@ -28,9 +28,10 @@
 #define IOCP__UD_OP        0u     /* the op itself */
 #define IOCP__UD_POLL      1u     /* the op's readiness wait */
 #define IOCP__UD_INTERNAL  2u     /* no op: kind << 3 | payload << 8 */
+#define IOCP__UD_CHAIN     3u     /* the op as a member of a linked chain */
 #define IOCP__UD_MASK      7u
 enum { IOCP__IN_WAKE = 1, IOCP__IN_CANCEL = 2, IOCP__IN_TIMEOUT = 3,
-       IOCP__IN_TIMEOUT_REMOVE = 4, IOCP__IN_PROBE = 5 };
+       IOCP__IN_TIMEOUT_REMOVE = 4, IOCP__IN_PROBE = 5, IOCP__IN_PAD = 6 };
 #define IOCP__UD_IN(kind, payload) \
     (IOCP__UD_INTERNAL | ((uint64_t)(kind) << 3) | ((uint64_t)(payload) << 8))
 
@@ -42,6 +43,7 @@ enum { IOCP__IN_WAKE = 1, IOCP__IN_CANCEL = 2, IOCP__IN_TIMEOUT = 3,
 #define IOCP__CAP_MS_ACCEPT  (1u << 3)
 #define IOCP__CAP_MS_RECV    (1u << 4)
 #define IOCP__CAP_CANCEL_FD  (1u << 5)
+#define IOCP__CAP_CHAIN      (1u << 6)   /* linked sends, CQE_SKIP_SUCCESS */
 
 /* ---- op->state bits (backend private) -------------------------------- */
 
@@ -58,6 +60,7 @@ enum { IOCP__IN_WAKE = 1, IOCP__IN_CANCEL = 2, IOCP__IN_TIMEOUT = 3,
 #define IOCP__ST_BG_LARGE  0x400  /* RINGBUF: picks from the 64 KiB group */
 #define IOCP__ST_PARKED    0x800  /* multishot recv waiting for buffers */
 #define IOCP__ST_OWED      0x1000 /* its final completion waits on u->owed */
+#define IOCP__ST_CHAIN     0x2000 /* SEND out as a member of a linked chain */
 
 #define IOCP__DEFAULT_ENTRIES 1024u
 
@@ -79,6 +82,8 @@ struct iocp__ufd {
     struct iocp__fifo rq;  /* recv, recv_into */
     struct iocp__fifo wq;  /* connect, send */
     iocp_op *msrecv;       /* the multishot recv of this registration */
+    unsigned chain_n;      /* the first chain_n ops of wq are a linked
+                              chain in the kernel (0: none) */
 };
 
 /*
@@ -170,6 +175,8 @@ struct iocp__uring {
     int timeout_armed;
     int ndelivered;                /* counts deliveries within one reap */
     int reaping, budget;           /* inside iocp__reap, and its `max` */
+    unsigned poller_pending;       /* SQEs the blocking io_uring_enter of
+                                      poll() may still take (see chains) */
     unsigned reap_seq;             /* bumped by every reap */
     struct iocp__owed *owed;       /* owed[owed_head .. +nowed) */
     unsigned owed_head, nowed, owed_cap;
@@ -227,6 +234,30 @@ static inline iocp__uring_sqe *iocp__sqe_get(struct iocp__uring *u)
 static inline void iocp__sqe_commit(struct iocp__uring *u)
 {
     u->sq_tail++;
+    __atomic_store_n(u->sq_ktail, u->sq_tail, __ATOMIC_RELEASE);
+}
+
+/* Free SQ slots (no submit needed to take this many). */
+static inline unsigned iocp__sq_space(struct iocp__uring *u)
+{
+    return u->sq_entries - iocp__sq_pending(u);
+}
+
+/*
+ * Several SQEs published at once (a linked chain: the kernel must never
+ * see a prefix of it).  Take slot i of n with iocp__sqe_at (i < the
+ * space), fill them all, then iocp__sqe_commit_n.
+ */
+static inline iocp__uring_sqe *iocp__sqe_at(struct iocp__uring *u, unsigned i)
+{
+    iocp__uring_sqe *sqe = &u->sqes[(u->sq_tail + i) & u->sq_mask];
+    memset(sqe, 0, sizeof(*sqe));
+    return sqe;
+}
+
+static inline void iocp__sqe_commit_n(struct iocp__uring *u, unsigned n)
+{
+    u->sq_tail += n;
     __atomic_store_n(u->sq_ktail, u->sq_tail, __ATOMIC_RELEASE);
 }
 
