@@ -38,7 +38,6 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* accept4 */
 #endif
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,6 +47,7 @@
 #include <unistd.h>
 
 #include "../iocp_internal.h"
+#include "sock.h"
 
 #define IOCP__EPOLL_BATCH 256
 
@@ -75,18 +75,10 @@ static int iocp__is_read_side(int kind)
     return kind == IOCP_OP_ACCEPT || kind == IOCP_OP_RECV || kind == IOCP_OP_RECV_INTO;
 }
 
-static struct iocp__fdstate *iocp__fd(struct iocp__epoll *e, int fd, int grow)
+/* The descriptor's state; NULL if it was never registered. */
+static inline struct iocp__fdstate *iocp__fd(struct iocp__epoll *e, int fd)
 {
-    if (fd < 0)
-        return NULL;
-    if (fd >= e->nfds) {
-        void *t = e->fds;
-        /* Overflow-safe for any fd; a huge one is ENOMEM, not a wrap. */
-        if (!grow || iocp__table_grow(&t, &e->nfds, fd, sizeof(*e->fds)) < 0)
-            return NULL;
-        e->fds = t;
-    }
-    return &e->fds[fd];
+    return iocp__sock_table_at(e->fds, e->nfds, fd, sizeof(*e->fds));
 }
 
 /* ---- per-socket FIFOs ---------------------------------------------- */
@@ -226,10 +218,11 @@ static int iocp__attempt(iocp_port *p, iocp_op *op, int *budget)
                 continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 return 0;
-            if (op->done > 0)
-                iocp__deliver(p, op, (int64_t)op->done, -errno, 0, NULL, 0);
-            else
-                iocp__deliver(p, op, -errno, 0, 0, NULL, 0);
+            {
+                int64_t result, error;
+                iocp__sock_stop_result(op, -errno, &result, &error);
+                iocp__deliver(p, op, result, error, 0, NULL, 0);
+            }
             return 1;
         }
         iocp__deliver(p, op, (int64_t)op->done, 0, 0, NULL, 0);
@@ -250,21 +243,10 @@ static int iocp__attempt(iocp_port *p, iocp_op *op, int *budget)
             iocp__deliver(p, op, -errno, 0, 0, NULL, 0);
             return 1;
         } else {
-            int err = 0;
-            socklen_t len = sizeof(err);
-            if (getsockopt(op->sock, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-                err = errno;
-            if (err == EINPROGRESS || err == EALREADY)
-                return 0;
-            if (err == 0) {
-                /* Spurious edge before the handshake ended? */
-                struct sockaddr_storage ss;
-                socklen_t sl = sizeof(ss);
-                if (getpeername(op->sock, (struct sockaddr *)&ss, &sl) < 0 &&
-                    errno == ENOTCONN)
-                    return 0;
-            }
-            iocp__deliver(p, op, -err, 0, 0, NULL, 0);
+            int r = iocp__sock_connect_status(op->sock);
+            if (r > 0)
+                return 0;       /* spurious edge: the handshake goes on */
+            iocp__deliver(p, op, r, 0, 0, NULL, 0);
             return 1;
         }
     default:
@@ -399,10 +381,7 @@ static void iocp__cancel_fifo(iocp_port *p, iocp_op **head, iocp_op **tail)
         iocp_op *op = *head;
         iocp__fifo_pop(head, tail);
         op->state = IOCP__ST_NONE;
-        if (op->kind == IOCP_OP_SEND && op->done > 0)
-            iocp__deliver(p, op, (int64_t)op->done, IOCP_ECANCELED, IOCP_CF_CANCELLED, NULL, 0);
-        else
-            iocp__deliver(p, op, IOCP_ECANCELED, 0, IOCP_CF_CANCELLED, NULL, 0);
+        iocp__sock_deliver_cancelled(p, op);
     }
 }
 
@@ -411,20 +390,20 @@ static int iocp__epoll_register(iocp_port *p, iocp_socket_t sock)
     struct iocp__epoll *e = p->be;
     struct iocp__fdstate *st;
     struct epoll_event ev;
-    int fl;
+    void *t = e->fds, *slot;
+    int r;
 
-    if (sock < 0)
-        return IOCP_EBADF;
     /* A descriptor that is not open (a made-up fileno) is EBADF before
      * the table grows for it. */
-    fl = fcntl(sock, F_GETFL);
-    if (fl < 0)
-        return -errno;
-    st = iocp__fd(e, sock, 1);
-    if (!st)
-        return IOCP_ENOMEM;
-    if (!(fl & O_NONBLOCK) && fcntl(sock, F_SETFL, fl | O_NONBLOCK) < 0)
-        return -errno;
+    r = iocp__sock_prepare(sock);
+    if (r < 0)
+        return r;
+    /* Overflow-safe for any fd; a huge one is ENOMEM, not a wrap. */
+    r = iocp__sock_table_reserve(&t, &e->nfds, sock, sizeof(*e->fds), &slot);
+    if (r < 0)
+        return r;
+    e->fds = t;
+    st = slot;
     memset(&ev, 0, sizeof(ev));
     ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
     ev.data.fd = sock;
@@ -443,7 +422,7 @@ static int iocp__epoll_register(iocp_port *p, iocp_socket_t sock)
 static int iocp__epoll_unregister(iocp_port *p, iocp_socket_t sock)
 {
     struct iocp__epoll *e = p->be;
-    struct iocp__fdstate *st = iocp__fd(e, sock, 0);
+    struct iocp__fdstate *st = iocp__fd(e, sock);
 
     if (!st || !st->registered)
         return IOCP_ENOENT;
@@ -465,7 +444,7 @@ static int iocp__epoll_submit(iocp_port *p, iocp_op *op)
         iocp__deliver(p, op, (int64_t)op->len, 0, 0, NULL, 0);
         return 0;
     }
-    st = iocp__fd(e, op->sock, 0);
+    st = iocp__fd(e, op->sock);
     if (!st || !st->registered)
         return IOCP_EBADF;
     op->state = IOCP__ST_NONE;
@@ -495,7 +474,7 @@ static int iocp__epoll_submit(iocp_port *p, iocp_op *op)
 static int iocp__epoll_cancel(iocp_port *p, iocp_op *op)
 {
     struct iocp__epoll *e = p->be;
-    struct iocp__fdstate *st = iocp__fd(e, op->sock, 0);
+    struct iocp__fdstate *st = iocp__fd(e, op->sock);
     int found;
 
     if (!st || op->state == IOCP__ST_NONE)
@@ -507,10 +486,7 @@ static int iocp__epoll_cancel(iocp_port *p, iocp_op *op)
     if (!found)
         return IOCP_ENOENT;
     op->state = IOCP__ST_NONE;
-    if (op->kind == IOCP_OP_SEND && op->done > 0)
-        iocp__deliver(p, op, (int64_t)op->done, IOCP_ECANCELED, IOCP_CF_CANCELLED, NULL, 0);
-    else
-        iocp__deliver(p, op, IOCP_ECANCELED, 0, IOCP_CF_CANCELLED, NULL, 0);
+    iocp__sock_deliver_cancelled(p, op);
     return 0;
 }
 
@@ -554,7 +530,7 @@ static int iocp__epoll_poll(iocp_port *p, int max, int timeout_ms)
             (void)rr;
             continue;
         }
-        st = iocp__fd(e, fd, 0);
+        st = iocp__fd(e, fd);
         if (!st || !st->registered)
             continue;
         if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
@@ -581,15 +557,15 @@ static int iocp__epoll_wake(iocp_port *p)
 }
 
 const iocp_backend iocp__backend_epoll = {
-    "epoll",
-    iocp__epoll_probe,
-    iocp__epoll_init,
-    iocp__epoll_destroy,
-    iocp__epoll_register,
-    iocp__epoll_unregister,
-    iocp__epoll_submit,
-    iocp__epoll_cancel,
-    iocp__epoll_poll,
-    iocp__epoll_wake,
-    NULL,
+    .name = "epoll",
+    .probe = iocp__epoll_probe,
+    .init = iocp__epoll_init,
+    .destroy = iocp__epoll_destroy,
+    .register_socket = iocp__epoll_register,
+    .unregister_socket = iocp__epoll_unregister,
+    .submit = iocp__epoll_submit,
+    .cancel = iocp__epoll_cancel,
+    .poll = iocp__epoll_poll,
+    .wake = iocp__epoll_wake,
+    .release_buffer = NULL,     /* RECV buffers come from the port pool */
 };
