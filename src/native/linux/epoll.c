@@ -16,7 +16,10 @@
  * first, since the edge will not fire again).  One completion per op, in
  * order per socket and direction.  A send completes only when all of its
  * bytes are written or an error stops it (then it reports both the bytes
- * written and the error), as WSASend does.
+ * written and the error), as WSASend does.  On TCP a short read clears
+ * "maybe readable" too (the queue is drained and the next arrival raises
+ * an edge), so a recv re-posted after it waits for that edge instead of
+ * trying recv -> EAGAIN first; iocp__read_done says when that holds.
  *
  * Cancel and close: an op still in a FIFO has not touched the kernel, so
  * cancel unlinks it and delivers a cancelled completion on the spot.
@@ -55,6 +58,9 @@ struct iocp__fdstate {
     unsigned char registered;
     unsigned char readable, writable;  /* "maybe ready" after the last edge */
     unsigned char on_ready_list;
+    unsigned char tcp;                 /* a short read drains (see iocp__read_done) */
+    unsigned char rd_sticky;           /* an edge said HUP/ERR/RDHUP/PRI: only
+                                          EAGAIN proves the socket drained */
     iocp_op *rq_head, *rq_tail;        /* accept / recv / recv_into */
     iocp_op *wq_head, *wq_tail;        /* connect / send */
     int ready_next;                    /* ready list link (fd), -1 ends */
@@ -67,6 +73,21 @@ struct iocp__epoll {
     int nfds;
     int ready_head;                    /* sockets with work left over */
 };
+
+/*
+ * Test-only counters (process-wide, relaxed atomics: they are bumped on
+ * paths that already cost a syscall): recv attempts that found nothing to
+ * read, all of them and those made inline at submit.  Read through
+ * iocp__epoll_test_counters, which the test suite finds with ctypes.
+ */
+static uint64_t iocp__cnt_recv_eagain, iocp__cnt_inline_recv_eagain;
+
+__attribute__((visibility("default"))) void iocp__epoll_test_counters(uint64_t out[2]);
+void iocp__epoll_test_counters(uint64_t out[2])
+{
+    out[0] = __atomic_load_n(&iocp__cnt_recv_eagain, __ATOMIC_RELAXED);
+    out[1] = __atomic_load_n(&iocp__cnt_inline_recv_eagain, __ATOMIC_RELAXED);
+}
 
 enum { IOCP__ST_NONE = 0, IOCP__ST_RQ = 1, IOCP__ST_WQ = 2, IOCP__ST_CONNECTING = 3 };
 
@@ -124,11 +145,40 @@ static int iocp__fifo_remove(iocp_op **head, iocp_op **tail, iocp_op *op)
 /* ---- the syscalls ---------------------------------------------------- */
 
 /*
- * Runs one op's syscall.  Returns 1 when the op finished (completion
- * delivered), 0 when it must wait for readiness (EAGAIN).  Lock held.
- * `budget` bounds how many completions a multishot accept may deliver.
+ * After a recv on the socket.  EAGAIN proves it drained.  So does a short
+ * read on TCP: tcp_recvmsg returns less than asked only once the receive
+ * queue (and the backlog) is empty, and every later arrival wakes the
+ * epoll item again, so the next edge will come -- the re-posted recv
+ * need not be tried (that try was one wasted recv -> EAGAIN per
+ * ping-pong).  Two things stop a TCP read short with data still queued
+ * and no new edge to come: the urgent mark (the edge said EPOLLPRI) and a
+ * FIN or error already reported (the next recv must run to return 0 or
+ * the error); rd_sticky holds off the rule after such an edge until an
+ * EAGAIN.  Unix stream sockets also stop short at a message carrying
+ * descriptors or other credentials, and datagrams are read one at a
+ * time, so they keep the EAGAIN rule.  Lock held.
  */
-static int iocp__attempt(iocp_port *p, iocp_op *op, int *budget)
+static inline void iocp__read_done(struct iocp__fdstate *st, ssize_t n, size_t asked,
+                                   int inline_try)
+{
+    if (n < 0) {
+        st->rd_sticky = 0;             /* EAGAIN: drained, an edge will come */
+        __atomic_fetch_add(&iocp__cnt_recv_eagain, 1, __ATOMIC_RELAXED);
+        if (inline_try)
+            __atomic_fetch_add(&iocp__cnt_inline_recv_eagain, 1, __ATOMIC_RELAXED);
+    } else if (n > 0 && (size_t)n < asked && st->tcp && !st->rd_sticky) {
+        st->readable = 0;
+    }
+}
+
+/*
+ * Runs one op's syscall.  Returns 1 when the op finished (completion
+ * delivered), 0 when it must wait for readiness (EAGAIN, or a short TCP
+ * read: see iocp__read_done).  Lock held.  `budget` bounds how many
+ * completions a multishot accept may deliver; `inline_try` is 1 at submit.
+ */
+static int iocp__attempt(iocp_port *p, struct iocp__fdstate *st, iocp_op *op, int *budget,
+                         int inline_try)
 {
     ssize_t n;
 
@@ -175,9 +225,12 @@ static int iocp__attempt(iocp_port *p, iocp_op *op, int *budget)
             n = recv(op->sock, buf, op->len, 0);
         while (n < 0 && errno == EINTR);
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            iocp__read_done(st, -1, op->len, inline_try);
             iocp__buffer_put(p, buf);
             return 0;
         }
+        if (n > 0)
+            iocp__read_done(st, n, op->len, inline_try);
         if (n <= 0) {
             int err = n < 0 ? -errno : 0;
             iocp__buffer_put(p, buf);
@@ -191,9 +244,16 @@ static int iocp__attempt(iocp_port *p, iocp_op *op, int *budget)
         do
             n = recv(op->sock, op->buf, op->len, 0);
         while (n < 0 && errno == EINTR);
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            iocp__read_done(st, -1, op->len, inline_try);
             return 0;
-        iocp__deliver(p, op, n < 0 ? -errno : n, 0, 0, NULL, 0);
+        }
+        if (n < 0) {
+            iocp__deliver(p, op, -errno, 0, 0, NULL, 0);
+            return 1;
+        }
+        iocp__read_done(st, n, op->len, inline_try);
+        iocp__deliver(p, op, n, 0, 0, NULL, 0);
         return 1;
     case IOCP_OP_SEND:
         while (op->done < op->len) {
@@ -259,14 +319,14 @@ static int iocp__attempt(iocp_port *p, iocp_op *op, int *budget)
  * Runs one direction's FIFO while it may be ready and the budget lasts.
  * Returns 1 if work is left that only budget (not readiness) stopped.
  */
-static int iocp__run_fifo(iocp_port *p, iocp_op **head, iocp_op **tail,
-                          unsigned char *ready, int *budget)
+static int iocp__run_fifo(iocp_port *p, struct iocp__fdstate *st, iocp_op **head,
+                          iocp_op **tail, unsigned char *ready, int *budget)
 {
     while (*head && *ready) {
         iocp_op *op = *head;
         if (*budget <= 0)
             return 1;
-        if (iocp__attempt(p, op, budget)) {
+        if (iocp__attempt(p, st, op, budget, 0)) {
             iocp__fifo_pop(head, tail);
             op->state = IOCP__ST_NONE;
             (*budget)--;
@@ -298,8 +358,8 @@ static void iocp__process_fd(iocp_port *p, struct iocp__epoll *e, int fd, int *b
     struct iocp__fdstate *st = &e->fds[fd];
     int left = 0;
 
-    left |= iocp__run_fifo(p, &st->rq_head, &st->rq_tail, &st->readable, budget);
-    left |= iocp__run_fifo(p, &st->wq_head, &st->wq_tail, &st->writable, budget);
+    left |= iocp__run_fifo(p, st, &st->rq_head, &st->rq_tail, &st->readable, budget);
+    left |= iocp__run_fifo(p, st, &st->wq_head, &st->wq_tail, &st->writable, budget);
     if (left)
         iocp__ready_list_add(p, e, fd);
 }
@@ -405,7 +465,8 @@ static int iocp__epoll_register(iocp_port *p, iocp_socket_t sock)
     e->fds = t;
     st = slot;
     memset(&ev, 0, sizeof(ev));
-    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    /* EPOLLPRI: an urgent mark stops a TCP read short (iocp__read_done). */
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET;
     ev.data.fd = sock;
     if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, sock, &ev) < 0)
         return -errno;   /* EEXIST: this very socket is registered already */
@@ -416,6 +477,8 @@ static int iocp__epoll_register(iocp_port *p, iocp_socket_t sock)
     }
     st->registered = 1;
     st->readable = st->writable = 1;
+    st->tcp = (unsigned char)iocp__sock_is_tcp(sock);
+    st->rd_sticky = 0;
     return 0;
 }
 
@@ -450,7 +513,7 @@ static int iocp__epoll_submit(iocp_port *p, iocp_op *op)
     op->state = IOCP__ST_NONE;
     if (iocp__is_read_side(op->kind)) {
         if (!st->rq_head && st->readable && !(op->flags & IOCP_OPF_MULTISHOT) &&
-            iocp__attempt(p, op, &budget))
+            iocp__attempt(p, st, op, &budget, 1))
             return 0;
         if (op->kind == IOCP_OP_ACCEPT && (op->flags & IOCP_OPF_MULTISHOT))
             iocp__ready_list_add(p, e, op->sock);   /* let poll() try it */
@@ -460,7 +523,7 @@ static int iocp__epoll_submit(iocp_port *p, iocp_op *op)
         op->state = IOCP__ST_RQ;
     } else {
         if (!st->wq_head && (st->writable || op->kind == IOCP_OP_CONNECT) &&
-            iocp__attempt(p, op, &budget))
+            iocp__attempt(p, st, op, &budget, 1))
             return 0;
         if (!st->wq_head)
             st->writable = 0;
@@ -533,8 +596,10 @@ static int iocp__epoll_poll(iocp_port *p, int max, int timeout_ms)
         st = iocp__fd(e, fd);
         if (!st || !st->registered)
             continue;
-        if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+        if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR | EPOLLPRI))
             st->readable = 1;
+        if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR | EPOLLPRI))
+            st->rd_sticky = 1;
         if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR))
             st->writable = 1;
         if (budget > 0)

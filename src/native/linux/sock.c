@@ -7,6 +7,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 
 #include "sock.h"
@@ -42,4 +43,19 @@ int iocp__sock_connect_status(iocp_socket_t sock)
     if (getpeername(sock, (struct sockaddr *)&ss, &sl) < 0 && errno == ENOTCONN)
         return 1;
     return 0;
+}
+
+int iocp__sock_is_tcp(iocp_socket_t sock)
+{
+    int type = 0, proto = 0;
+    socklen_t len = sizeof(type);
+
+    /* SOCK_STREAM and IPPROTO_TCP both: a raw socket can carry
+     * IPPROTO_TCP and still deliver whole datagrams. */
+    if (getsockopt(sock, SOL_SOCKET, SO_TYPE, &type, &len) < 0 || type != SOCK_STREAM)
+        return 0;
+    len = sizeof(proto);
+    if (getsockopt(sock, SOL_SOCKET, SO_PROTOCOL, &proto, &len) < 0)
+        return 0;
+    return proto == IPPROTO_TCP;
 }

@@ -86,4 +86,12 @@ int iocp__sock_prepare(iocp_socket_t sock);
  */
 int iocp__sock_connect_status(iocp_socket_t sock);
 
+/*
+ * 1 if `sock` is a TCP stream socket, 0 otherwise (or if it cannot tell).
+ * On TCP a recv that returned fewer bytes than asked drained the receive
+ * queue (at least up to an urgent mark), so the next arrival raises a
+ * fresh edge; datagram, unix and other sockets make no such promise.
+ */
+int iocp__sock_is_tcp(iocp_socket_t sock);
+
 #endif /* IOCP_LINUX_SOCK_H */
