@@ -21,6 +21,15 @@
  * an edge), so a recv re-posted after it waits for that edge instead of
  * trying recv -> EAGAIN first; iocp__read_done says when that holds.
  *
+ * Multishot: an armed multishot accept or recv stays at its FIFO head and
+ * runs only in poll(), within the budget poll() was given (what is left
+ * goes on the ready list, and poll() resumes it next time).  A multishot
+ * recv reads each arrival into a per-port scratch buffer and hands it out
+ * in a pool buffer of the size that came (IOCP_CF_MORE | IOCP_CF_BUFFER),
+ * so an idle socket pins nothing; EOF, an error or a cancel is its final
+ * completion.  While one is armed, other recvs on the socket are
+ * IOCP_EBUSY.
+ *
  * Cancel and close: an op still in a FIFO has not touched the kernel, so
  * cancel unlinks it and delivers a cancelled completion on the spot.
  * Unregister cancels every op of the socket and leaves the epoll set.  A
@@ -54,6 +63,16 @@
 
 #define IOCP__EPOLL_BATCH 256
 
+/* Most bytes one multishot recv completion carries (also its default). */
+#define IOCP__MS_RECV_MAX 65536
+
+/* What iocp__attempt says about an op. */
+enum {
+    IOCP__AT_WAIT = 0,      /* nothing to do until the next edge (EAGAIN) */
+    IOCP__AT_DONE = 1,      /* final completion delivered: unlink the op */
+    IOCP__AT_MORE = 2       /* multishot: the budget ran out, still ready */
+};
+
 struct iocp__fdstate {
     unsigned char registered;
     unsigned char readable, writable;  /* "maybe ready" after the last edge */
@@ -63,6 +82,7 @@ struct iocp__fdstate {
                                           EAGAIN proves the socket drained */
     iocp_op *rq_head, *rq_tail;        /* accept / recv / recv_into */
     iocp_op *wq_head, *wq_tail;        /* connect / send */
+    iocp_op *ms_recv;                  /* the armed multishot recv (in rq) */
     int ready_next;                    /* ready list link (fd), -1 ends */
 };
 
@@ -72,6 +92,10 @@ struct iocp__epoll {
     struct iocp__fdstate *fds;
     int nfds;
     int ready_head;                    /* sockets with work left over */
+    /* Multishot recv reads here first, then copies the bytes into a pool
+     * buffer of the size that arrived (poll() only, lock held: one
+     * poller at a time).  Allocated with the first multishot recv. */
+    char *scratch;
 };
 
 /*
@@ -172,10 +196,62 @@ static inline void iocp__read_done(struct iocp__fdstate *st, ssize_t n, size_t a
 }
 
 /*
- * Runs one op's syscall.  Returns 1 when the op finished (completion
- * delivered), 0 when it must wait for readiness (EAGAIN, or a short TCP
- * read: see iocp__read_done).  Lock held.  `budget` bounds how many
- * completions a multishot accept may deliver; `inline_try` is 1 at submit.
+ * A multishot recv on a readable edge: reads until EAGAIN (or a short TCP
+ * read), EOF, an error or the end of the budget, one completion with
+ * IOCP_CF_MORE | IOCP_CF_BUFFER per read.  Each read lands in the port's
+ * scratch buffer and is copied into a pool buffer of the size that came
+ * (a 64-byte message pins a 128-byte buffer, not 64 KiB; the copy of a
+ * small message costs less than the memory of a large buffer per queued
+ * completion), so nothing is pinned while the socket is idle.  Lock held.
+ */
+static int iocp__recv_multishot(iocp_port *p, struct iocp__fdstate *st, iocp_op *op,
+                                int *budget)
+{
+    struct iocp__epoll *e = p->be;
+    size_t cap = op->len > 0 && op->len < IOCP__MS_RECV_MAX ? op->len : IOCP__MS_RECV_MAX;
+
+    for (;;) {
+        ssize_t n;
+        char *buf;
+
+        if (*budget <= 0)
+            return IOCP__AT_MORE;
+        do
+            n = recv(op->sock, e->scratch, cap, 0);
+        while (n < 0 && errno == EINTR);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            iocp__read_done(st, -1, cap, 0);
+            return IOCP__AT_WAIT;
+        }
+        if (n <= 0) {
+            /* EOF or an error: the final completion. */
+            iocp__deliver(p, op, n < 0 ? -errno : 0, 0, 0, NULL, 0);
+            return IOCP__AT_DONE;
+        }
+        buf = iocp__buffer_get(p, (size_t)n);
+        if (!buf) {
+            /* Out of memory: those bytes cannot be handed out; end the op
+             * with the error rather than pretend nothing was read. */
+            iocp__deliver(p, op, IOCP_ENOMEM, 0, 0, NULL, 0);
+            return IOCP__AT_DONE;
+        }
+        memcpy(buf, e->scratch, (size_t)n);
+        iocp__deliver(p, op, n, 0, IOCP_CF_MORE | IOCP_CF_BUFFER, buf, 0);
+        (*budget)--;
+        iocp__read_done(st, n, cap, 0);
+        if (!st->readable)
+            return IOCP__AT_WAIT;      /* a short TCP read: drained */
+    }
+}
+
+/*
+ * Runs one op's syscall: IOCP__AT_DONE when the op finished (its final
+ * completion delivered), IOCP__AT_WAIT when it must wait for readiness
+ * (EAGAIN, or a short TCP read: see iocp__read_done), IOCP__AT_MORE when a
+ * multishot op used up the budget while the socket may still be ready.
+ * Lock held.  `budget` bounds how many completions a multishot op may
+ * deliver (the final one is counted by the caller); `inline_try` is 1 at
+ * submit.
  */
 static int iocp__attempt(iocp_port *p, struct iocp__fdstate *st, iocp_op *op, int *budget,
                          int inline_try)
@@ -186,40 +262,41 @@ static int iocp__attempt(iocp_port *p, struct iocp__fdstate *st, iocp_op *op, in
     case IOCP_OP_ACCEPT:
         for (;;) {
             socklen_t alen = sizeof(op->addr);
-            int fd = accept4(op->sock, (struct sockaddr *)&op->addr, &alen,
+            int fd;
+            if (*budget <= 0)
+                return IOCP__AT_MORE;  /* multishot: more next time */
+            fd = accept4(op->sock, (struct sockaddr *)&op->addr, &alen,
                              SOCK_NONBLOCK | SOCK_CLOEXEC);
             if (fd < 0) {
                 int err = errno;
                 if (err == EINTR)
                     continue;
                 if (err == EAGAIN || err == EWOULDBLOCK)
-                    return 0;
+                    return IOCP__AT_WAIT;
                 /* A connection that died in the backlog is not the
                  * listener's error: accept the next one. */
                 if (err == ECONNABORTED)
                     continue;
                 iocp__deliver(p, op, -err, 0, 0, NULL, 0);
-                return 1;
+                return IOCP__AT_DONE;
             }
             op->addrlen = alen;
-            if ((op->flags & IOCP_OPF_MULTISHOT) && *budget > 1) {
+            if (op->flags & IOCP_OPF_MULTISHOT) {
                 iocp__deliver(p, op, fd, 0, IOCP_CF_MORE, NULL, 0);
                 (*budget)--;
                 continue;
             }
-            if (op->flags & IOCP_OPF_MULTISHOT) {
-                iocp__deliver(p, op, fd, 0, IOCP_CF_MORE, NULL, 0);
-                (*budget)--;
-                return 0; /* stays queued: more next time */
-            }
             iocp__deliver(p, op, fd, 0, 0, NULL, 0);
-            return 1;
+            return IOCP__AT_DONE;
         }
     case IOCP_OP_RECV: {
-        char *buf = iocp__buffer_get(p, op->len);
+        char *buf;
+        if (op->flags & IOCP_OPF_MULTISHOT)
+            return iocp__recv_multishot(p, st, op, budget);
+        buf = iocp__buffer_get(p, op->len);
         if (!buf) {
             iocp__deliver(p, op, IOCP_ENOMEM, 0, 0, NULL, 0);
-            return 1;
+            return IOCP__AT_DONE;
         }
         do
             n = recv(op->sock, buf, op->len, 0);
@@ -227,7 +304,7 @@ static int iocp__attempt(iocp_port *p, struct iocp__fdstate *st, iocp_op *op, in
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
             iocp__read_done(st, -1, op->len, inline_try);
             iocp__buffer_put(p, buf);
-            return 0;
+            return IOCP__AT_WAIT;
         }
         if (n > 0)
             iocp__read_done(st, n, op->len, inline_try);
@@ -238,7 +315,7 @@ static int iocp__attempt(iocp_port *p, struct iocp__fdstate *st, iocp_op *op, in
         } else {
             iocp__deliver(p, op, n, 0, IOCP_CF_BUFFER, buf, 0);
         }
-        return 1;
+        return IOCP__AT_DONE;
     }
     case IOCP_OP_RECV_INTO:
         do
@@ -246,15 +323,15 @@ static int iocp__attempt(iocp_port *p, struct iocp__fdstate *st, iocp_op *op, in
         while (n < 0 && errno == EINTR);
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
             iocp__read_done(st, -1, op->len, inline_try);
-            return 0;
+            return IOCP__AT_WAIT;
         }
         if (n < 0) {
             iocp__deliver(p, op, -errno, 0, 0, NULL, 0);
-            return 1;
+            return IOCP__AT_DONE;
         }
         iocp__read_done(st, n, op->len, inline_try);
         iocp__deliver(p, op, n, 0, 0, NULL, 0);
-        return 1;
+        return IOCP__AT_DONE;
     case IOCP_OP_SEND:
         while (op->done < op->len) {
             if (op->iovcnt > 0) {
@@ -277,42 +354,50 @@ static int iocp__attempt(iocp_port *p, struct iocp__fdstate *st, iocp_op *op, in
             if (errno == EINTR)
                 continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return 0;
+                return IOCP__AT_WAIT;
             {
                 int64_t result, error;
                 iocp__sock_stop_result(op, -errno, &result, &error);
                 iocp__deliver(p, op, result, error, 0, NULL, 0);
             }
-            return 1;
+            return IOCP__AT_DONE;
         }
         iocp__deliver(p, op, (int64_t)op->done, 0, 0, NULL, 0);
-        return 1;
+        return IOCP__AT_DONE;
     case IOCP_OP_CONNECT:
         if (op->state != IOCP__ST_CONNECTING) {
             /* EINTR from a non-blocking connect means it goes on. */
             int r = connect(op->sock, (struct sockaddr *)&op->addr, op->addrlen);
             if (r == 0) {
                 iocp__deliver(p, op, 0, 0, 0, NULL, 0);
-                return 1;
+                return IOCP__AT_DONE;
             }
             if (errno == EINPROGRESS || errno == EINTR) {
                 /* The handshake goes on; writability reports its end. */
                 op->state = IOCP__ST_CONNECTING;
-                return 0;
+                return IOCP__AT_WAIT;
             }
             iocp__deliver(p, op, -errno, 0, 0, NULL, 0);
-            return 1;
+            return IOCP__AT_DONE;
         } else {
             int r = iocp__sock_connect_status(op->sock);
             if (r > 0)
-                return 0;       /* spurious edge: the handshake goes on */
+                return IOCP__AT_WAIT;       /* spurious edge: the handshake goes on */
             iocp__deliver(p, op, r, 0, 0, NULL, 0);
-            return 1;
+            return IOCP__AT_DONE;
         }
     default:
         iocp__deliver(p, op, IOCP_EINVAL, 0, 0, NULL, 0);
-        return 1;
+        return IOCP__AT_DONE;
     }
+}
+
+/* An op left its socket's queues for good (completed or cancelled). */
+static inline void iocp__unlinked(struct iocp__fdstate *st, iocp_op *op)
+{
+    op->state = IOCP__ST_NONE;
+    if (st->ms_recv == op)
+        st->ms_recv = NULL;
 }
 
 /*
@@ -324,14 +409,15 @@ static int iocp__run_fifo(iocp_port *p, struct iocp__fdstate *st, iocp_op **head
 {
     while (*head && *ready) {
         iocp_op *op = *head;
+        int r;
         if (*budget <= 0)
             return 1;
-        if (iocp__attempt(p, st, op, budget, 0)) {
+        r = iocp__attempt(p, st, op, budget, 0);
+        if (r == IOCP__AT_DONE) {
             iocp__fifo_pop(head, tail);
-            op->state = IOCP__ST_NONE;
+            iocp__unlinked(st, op);
             (*budget)--;
-        } else if ((op->flags & IOCP_OPF_MULTISHOT) && op->kind == IOCP_OP_ACCEPT &&
-                   *budget <= 0) {
+        } else if (r == IOCP__AT_MORE) {
             return 1;           /* multishot stopped by budget, not EAGAIN */
         } else {
             *ready = 0;
@@ -385,6 +471,7 @@ static void iocp__epoll_forget(iocp_port *p)
     close(e->evfd);
     close(e->epfd);
     free(e->fds);
+    free(e->scratch);
     free(e);
     p->be = NULL;
 }
@@ -435,12 +522,13 @@ static void iocp__epoll_destroy(iocp_port *p)
     iocp__epoll_forget(p);
 }
 
-static void iocp__cancel_fifo(iocp_port *p, iocp_op **head, iocp_op **tail)
+static void iocp__cancel_fifo(iocp_port *p, struct iocp__fdstate *st, iocp_op **head,
+                              iocp_op **tail)
 {
     while (*head) {
         iocp_op *op = *head;
         iocp__fifo_pop(head, tail);
-        op->state = IOCP__ST_NONE;
+        iocp__unlinked(st, op);
         iocp__sock_deliver_cancelled(p, op);
     }
 }
@@ -472,8 +560,8 @@ static int iocp__epoll_register(iocp_port *p, iocp_socket_t sock)
         return -errno;   /* EEXIST: this very socket is registered already */
     if (st->registered) {
         /* The descriptor was closed without unregister and reused. */
-        iocp__cancel_fifo(p, &st->rq_head, &st->rq_tail);
-        iocp__cancel_fifo(p, &st->wq_head, &st->wq_tail);
+        iocp__cancel_fifo(p, st, &st->rq_head, &st->rq_tail);
+        iocp__cancel_fifo(p, st, &st->wq_head, &st->wq_tail);
     }
     st->registered = 1;
     st->readable = st->writable = 1;
@@ -489,8 +577,8 @@ static int iocp__epoll_unregister(iocp_port *p, iocp_socket_t sock)
 
     if (!st || !st->registered)
         return IOCP_ENOENT;
-    iocp__cancel_fifo(p, &st->rq_head, &st->rq_tail);
-    iocp__cancel_fifo(p, &st->wq_head, &st->wq_tail);
+    iocp__cancel_fifo(p, st, &st->rq_head, &st->rq_tail);
+    iocp__cancel_fifo(p, st, &st->wq_head, &st->wq_tail);
     /* EBADF/ENOENT: already closed by the caller; the set forgot it. */
     (void)epoll_ctl(e->epfd, EPOLL_CTL_DEL, sock, NULL);
     st->registered = 0;
@@ -512,18 +600,34 @@ static int iocp__epoll_submit(iocp_port *p, iocp_op *op)
         return IOCP_EBADF;
     op->state = IOCP__ST_NONE;
     if (iocp__is_read_side(op->kind)) {
-        if (!st->rq_head && st->readable && !(op->flags & IOCP_OPF_MULTISHOT) &&
-            iocp__attempt(p, st, op, &budget, 1))
+        int multishot = (op->flags & IOCP_OPF_MULTISHOT) != 0;
+        /* An armed multishot recv owns the socket's incoming bytes. */
+        if (st->ms_recv && op->kind != IOCP_OP_ACCEPT)
+            return IOCP_EBUSY;
+        if (multishot && op->kind == IOCP_OP_RECV && !e->scratch) {
+            e->scratch = malloc(IOCP__MS_RECV_MAX);
+            if (!e->scratch)
+                return IOCP_ENOMEM;
+        }
+        if (!st->rq_head && st->readable && !multishot &&
+            iocp__attempt(p, st, op, &budget, 1) == IOCP__AT_DONE)
             return 0;
-        if (op->kind == IOCP_OP_ACCEPT && (op->flags & IOCP_OPF_MULTISHOT))
-            iocp__ready_list_add(p, e, op->sock);   /* let poll() try it */
-        else if (!st->rq_head)
+        if (multishot) {
+            /* Multishot ops run in poll() only, within its budget.  An
+             * accept's edge may have come and gone already; a recv goes
+             * there when the socket may be readable now. */
+            if (op->kind == IOCP_OP_ACCEPT || (!st->rq_head && st->readable))
+                iocp__ready_list_add(p, e, op->sock);
+            if (op->kind == IOCP_OP_RECV)
+                st->ms_recv = op;
+        } else if (!st->rq_head) {
             st->readable = 0;
+        }
         iocp__fifo_push(&st->rq_head, &st->rq_tail, op);
         op->state = IOCP__ST_RQ;
     } else {
         if (!st->wq_head && (st->writable || op->kind == IOCP_OP_CONNECT) &&
-            iocp__attempt(p, st, op, &budget, 1))
+            iocp__attempt(p, st, op, &budget, 1) == IOCP__AT_DONE)
             return 0;
         if (!st->wq_head)
             st->writable = 0;
@@ -548,7 +652,7 @@ static int iocp__epoll_cancel(iocp_port *p, iocp_op *op)
         found = iocp__fifo_remove(&st->wq_head, &st->wq_tail, op);
     if (!found)
         return IOCP_ENOENT;
-    op->state = IOCP__ST_NONE;
+    iocp__unlinked(st, op);
     iocp__sock_deliver_cancelled(p, op);
     return 0;
 }
