@@ -30,6 +30,17 @@
  * completion.  While one is armed, other recvs on the socket are
  * IOCP_EBUSY.
  *
+ * Poll ops (IOCP_OP_POLL) sit on a third, unordered list per socket and
+ * never hold up the FIFOs.  The set is edge-triggered, so a one-shot
+ * (level) poll checks readiness at submit: the "maybe ready" bits answer
+ * "not ready" for free, a "maybe" costs one poll(fd, 0).  After that, and
+ * for multishot polls, every edge is noted in each poll op (op->done
+ * holds the events seen and not yet delivered) and delivered within the
+ * budget.  An edge carries every current event of the socket, so a
+ * multishot poll for POLLOUT also hears when data arrives while the
+ * socket is writable: more completions than io_uring would give, never
+ * fewer.
+ *
  * Cancel and close: an op still in a FIFO has not touched the kernel, so
  * cancel unlinks it and delivers a cancelled completion on the spot.
  * Unregister cancels every op of the socket and leaves the epoll set.  A
@@ -50,6 +61,7 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* accept4 */
 #endif
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -83,6 +95,9 @@ struct iocp__fdstate {
     iocp_op *rq_head, *rq_tail;        /* accept / recv / recv_into */
     iocp_op *wq_head, *wq_tail;        /* connect / send */
     iocp_op *ms_recv;                  /* the armed multishot recv (in rq) */
+    iocp_op *pl_head;                  /* poll ops, linked by fd_next; each
+                                          keeps the events seen and not yet
+                                          delivered in its `done` */
     int ready_next;                    /* ready list link (fd), -1 ends */
 };
 
@@ -113,7 +128,15 @@ void iocp__epoll_test_counters(uint64_t out[2])
     out[1] = __atomic_load_n(&iocp__cnt_inline_recv_eagain, __ATOMIC_RELAXED);
 }
 
-enum { IOCP__ST_NONE = 0, IOCP__ST_RQ = 1, IOCP__ST_WQ = 2, IOCP__ST_CONNECTING = 3 };
+enum {
+    IOCP__ST_NONE = 0,
+    IOCP__ST_RQ = 1,
+    IOCP__ST_WQ = 2,
+    IOCP__ST_CONNECTING = 3,
+    IOCP__ST_POLL = 4
+};
+
+#define IOCP__POLL_ALL (IOCP_POLL_IN | IOCP_POLL_OUT | IOCP_POLL_ERR | IOCP_POLL_HUP)
 
 static int iocp__is_read_side(int kind)
 {
@@ -439,11 +462,161 @@ static void iocp__ready_list_add(iocp_port *p, struct iocp__epoll *e, int fd)
     e->ready_head = fd;
 }
 
+/* ---- poll ops -------------------------------------------------------- */
+
+/* The events a poll op reports: those it asked for, and ERR/HUP always. */
+static inline unsigned iocp__poll_want(const iocp_op *op)
+{
+    return ((unsigned)op->len & (IOCP_POLL_IN | IOCP_POLL_OUT)) | IOCP_POLL_ERR | IOCP_POLL_HUP;
+}
+
+/* An edge's epoll events as IOCP_POLL_* (EOF, RDHUP, is readable). */
+static inline unsigned iocp__poll_from_epoll(uint32_t ev)
+{
+    unsigned m = 0;
+
+    if (ev & (EPOLLIN | EPOLLRDHUP))
+        m |= IOCP_POLL_IN;
+    if (ev & EPOLLOUT)
+        m |= IOCP_POLL_OUT;
+    if (ev & EPOLLERR)
+        m |= IOCP_POLL_ERR;
+    if (ev & EPOLLHUP)
+        m |= IOCP_POLL_HUP;
+    return m;
+}
+
+/*
+ * Level check at submit: what of `want` the socket is ready for now.  The
+ * "maybe ready" bits answer "no" for free (they fall only on proof: EAGAIN,
+ * a drained TCP read, or the poll() below; an ERR or HUP edge raises
+ * both); a "maybe" costs one poll(fd, 0), whose "no" lowers the bits,
+ * since any later arrival raises an edge.  Lock held.
+ */
+static unsigned iocp__poll_level(struct iocp__fdstate *st, int fd, unsigned want)
+{
+    struct pollfd pfd;
+    int r, only_errors = !(want & (IOCP_POLL_IN | IOCP_POLL_OUT));
+
+    memset(&pfd, 0, sizeof(pfd));
+    pfd.fd = fd;
+    if ((want & IOCP_POLL_IN) && st->readable)
+        pfd.events |= POLLIN;
+    if ((want & IOCP_POLL_OUT) && st->writable)
+        pfd.events |= POLLOUT;
+    if (!pfd.events && !(only_errors && (st->readable || st->writable)))
+        return 0;
+    do
+        r = poll(&pfd, 1, 0);
+    while (r < 0 && errno == EINTR);
+    if (r < 0)
+        return 0;                      /* ENOMEM: the edge will tell */
+    if (pfd.revents & POLLNVAL)
+        return IOCP_POLL_ERR;          /* closed behind the port's back */
+    if (!(pfd.revents & (POLLERR | POLLHUP))) {
+        if ((pfd.events & POLLIN) && !(pfd.revents & POLLIN) && !st->rd_sticky)
+            st->readable = 0;
+        if ((pfd.events & POLLOUT) && !(pfd.revents & POLLOUT))
+            st->writable = 0;
+    }
+    return ((pfd.revents & POLLIN ? IOCP_POLL_IN : 0u) |
+            (pfd.revents & POLLOUT ? IOCP_POLL_OUT : 0u) |
+            (pfd.revents & POLLERR ? IOCP_POLL_ERR : 0u) |
+            (pfd.revents & POLLHUP ? IOCP_POLL_HUP : 0u)) & want;
+}
+
+/* An edge: every poll op of the socket notes what it wants of it. */
+static void iocp__poll_note(struct iocp__fdstate *st, uint32_t ev)
+{
+    unsigned m = iocp__poll_from_epoll(ev);
+    iocp_op *op;
+
+    for (op = st->pl_head; op; op = op->fd_next)
+        op->done |= m & iocp__poll_want(op);
+}
+
+/*
+ * Delivers what the socket's poll ops have seen: a one-shot op completes
+ * and leaves, a multishot one completes with IOCP_CF_MORE and stays.
+ * Returns 1 if the budget stopped it with events left.  Lock held.
+ */
+static int iocp__run_polls(iocp_port *p, struct iocp__fdstate *st, int *budget)
+{
+    iocp_op **link = &st->pl_head;
+
+    while (*link) {
+        iocp_op *op = *link;
+        unsigned seen = (unsigned)op->done;
+
+        if (!seen) {
+            link = &op->fd_next;
+            continue;
+        }
+        if (*budget <= 0)
+            return 1;
+        (*budget)--;
+        op->done = 0;
+        if (op->flags & IOCP_OPF_MULTISHOT) {
+            iocp__deliver(p, op, seen, 0, IOCP_CF_MORE, NULL, 0);
+            link = &op->fd_next;
+        } else {
+            *link = op->fd_next;       /* unlink before the record goes */
+            op->fd_next = NULL;
+            op->state = IOCP__ST_NONE;
+            iocp__deliver(p, op, seen, 0, 0, NULL, 0);
+        }
+    }
+    return 0;
+}
+
+static int iocp__poll_remove(struct iocp__fdstate *st, iocp_op *op)
+{
+    iocp_op **link;
+
+    for (link = &st->pl_head; *link; link = &(*link)->fd_next) {
+        if (*link == op) {
+            *link = op->fd_next;
+            op->fd_next = NULL;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/*
+ * A poll op: one-shot completes at once if the socket is ready (level),
+ * else on the next edge with what it wants; multishot completes (with
+ * IOCP_CF_MORE) at once if ready and then once per edge.  Lock held.
+ */
+static int iocp__poll_submit(iocp_port *p, struct iocp__fdstate *st, iocp_op *op)
+{
+    unsigned seen;
+
+    if (op->len & ~(size_t)IOCP__POLL_ALL)
+        return IOCP_EINVAL;
+    seen = iocp__poll_level(st, op->sock, iocp__poll_want(op));
+    op->done = 0;
+    if (seen && !(op->flags & IOCP_OPF_MULTISHOT)) {
+        iocp__deliver(p, op, seen, 0, 0, NULL, 0);
+        return 0;
+    }
+    if (seen)
+        iocp__deliver(p, op, seen, 0, IOCP_CF_MORE, NULL, 0);
+    op->fd_next = st->pl_head;
+    st->pl_head = op;
+    op->state = IOCP__ST_POLL;
+    return 0;
+}
+
 static void iocp__process_fd(iocp_port *p, struct iocp__epoll *e, int fd, int *budget)
 {
     struct iocp__fdstate *st = &e->fds[fd];
     int left = 0;
 
+    /* Polls first: they report the edge as it came, before a recv below
+     * may drain what it announced. */
+    if (st->pl_head)
+        left |= iocp__run_polls(p, st, budget);
     left |= iocp__run_fifo(p, st, &st->rq_head, &st->rq_tail, &st->readable, budget);
     left |= iocp__run_fifo(p, st, &st->wq_head, &st->wq_tail, &st->writable, budget);
     if (left)
@@ -533,6 +706,20 @@ static void iocp__cancel_fifo(iocp_port *p, struct iocp__fdstate *st, iocp_op **
     }
 }
 
+/* Every op of the socket completes cancelled (unregister, reuse). */
+static void iocp__cancel_fd(iocp_port *p, struct iocp__fdstate *st)
+{
+    iocp__cancel_fifo(p, st, &st->rq_head, &st->rq_tail);
+    iocp__cancel_fifo(p, st, &st->wq_head, &st->wq_tail);
+    while (st->pl_head) {
+        iocp_op *op = st->pl_head;
+        st->pl_head = op->fd_next;
+        op->fd_next = NULL;
+        op->state = IOCP__ST_NONE;
+        iocp__sock_deliver_cancelled(p, op);
+    }
+}
+
 static int iocp__epoll_register(iocp_port *p, iocp_socket_t sock)
 {
     struct iocp__epoll *e = p->be;
@@ -560,8 +747,7 @@ static int iocp__epoll_register(iocp_port *p, iocp_socket_t sock)
         return -errno;   /* EEXIST: this very socket is registered already */
     if (st->registered) {
         /* The descriptor was closed without unregister and reused. */
-        iocp__cancel_fifo(p, st, &st->rq_head, &st->rq_tail);
-        iocp__cancel_fifo(p, st, &st->wq_head, &st->wq_tail);
+        iocp__cancel_fd(p, st);
     }
     st->registered = 1;
     st->readable = st->writable = 1;
@@ -577,8 +763,7 @@ static int iocp__epoll_unregister(iocp_port *p, iocp_socket_t sock)
 
     if (!st || !st->registered)
         return IOCP_ENOENT;
-    iocp__cancel_fifo(p, st, &st->rq_head, &st->rq_tail);
-    iocp__cancel_fifo(p, st, &st->wq_head, &st->wq_tail);
+    iocp__cancel_fd(p, st);
     /* EBADF/ENOENT: already closed by the caller; the set forgot it. */
     (void)epoll_ctl(e->epfd, EPOLL_CTL_DEL, sock, NULL);
     st->registered = 0;
@@ -599,6 +784,8 @@ static int iocp__epoll_submit(iocp_port *p, iocp_op *op)
     if (!st || !st->registered)
         return IOCP_EBADF;
     op->state = IOCP__ST_NONE;
+    if (op->kind == IOCP_OP_POLL)
+        return iocp__poll_submit(p, st, op);
     if (iocp__is_read_side(op->kind)) {
         int multishot = (op->flags & IOCP_OPF_MULTISHOT) != 0;
         /* An armed multishot recv owns the socket's incoming bytes. */
@@ -646,7 +833,9 @@ static int iocp__epoll_cancel(iocp_port *p, iocp_op *op)
 
     if (!st || op->state == IOCP__ST_NONE)
         return IOCP_ENOENT;
-    if (op->state == IOCP__ST_RQ)
+    if (op->state == IOCP__ST_POLL)
+        found = iocp__poll_remove(st, op);
+    else if (op->state == IOCP__ST_RQ)
         found = iocp__fifo_remove(&st->rq_head, &st->rq_tail, op);
     else
         found = iocp__fifo_remove(&st->wq_head, &st->wq_tail, op);
@@ -706,9 +895,11 @@ static int iocp__epoll_poll(iocp_port *p, int max, int timeout_ms)
             st->rd_sticky = 1;
         if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR))
             st->writable = 1;
+        if (st->pl_head)
+            iocp__poll_note(st, ev);
         if (budget > 0)
             iocp__process_fd(p, e, fd, &budget);
-        else if (st->rq_head || st->wq_head)
+        else if (st->rq_head || st->wq_head || st->pl_head)
             iocp__ready_list_add(p, e, fd);
     }
     iocp__unlock(p);
