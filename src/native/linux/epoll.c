@@ -53,6 +53,15 @@
  * writes the eventfd if the poller sleeps in epoll_wait.  An op that waits
  * in its FIFO for EAGAIN to clear needs no kick: the edge wakes the poller.
  *
+ * Threads: all backend state is touched under the port lock (by submit,
+ * cancel, register and poll(), with one poller at a time), so on a
+ * single-issuer port, where the core makes that lock a no-op, only the
+ * owner thread touches it.  The backend takes no lock of its own and
+ * keeps no thread-local state; wake() is an eventfd write, safe from any
+ * thread in either mode.  A silent send that succeeds inline on the
+ * dispatching thread wakes nobody (that thread takes its record on its
+ * next wait).
+ *
  * fork(): the epoll set is shared with a child, interest list included, so
  * a child's EPOLL_CTL_DEL would drop the parent's sockets and its
  * epoll_wait would take the parent's edges.  The core never lets a child
@@ -116,16 +125,18 @@ struct iocp__epoll {
 /*
  * Test-only counters (process-wide, relaxed atomics: they are bumped on
  * paths that already cost a syscall): recv attempts that found nothing to
- * read, all of them and those made inline at submit.  Read through
- * iocp__epoll_test_counters, which the test suite finds with ctypes.
+ * read, all of them and those made inline at submit, and eventfd writes
+ * (wake).  Read through iocp__epoll_test_counters, which the test suite
+ * finds with ctypes.
  */
-static uint64_t iocp__cnt_recv_eagain, iocp__cnt_inline_recv_eagain;
+static uint64_t iocp__cnt_recv_eagain, iocp__cnt_inline_recv_eagain, iocp__cnt_wakes;
 
-__attribute__((visibility("default"))) void iocp__epoll_test_counters(uint64_t out[2]);
-void iocp__epoll_test_counters(uint64_t out[2])
+__attribute__((visibility("default"))) void iocp__epoll_test_counters(uint64_t out[3]);
+void iocp__epoll_test_counters(uint64_t out[3])
 {
     out[0] = __atomic_load_n(&iocp__cnt_recv_eagain, __ATOMIC_RELAXED);
     out[1] = __atomic_load_n(&iocp__cnt_inline_recv_eagain, __ATOMIC_RELAXED);
+    out[2] = __atomic_load_n(&iocp__cnt_wakes, __ATOMIC_RELAXED);
 }
 
 enum {
@@ -383,6 +394,22 @@ static int iocp__attempt(iocp_port *p, struct iocp__fdstate *st, iocp_op *op, in
                 iocp__sock_stop_result(op, -errno, &result, &error);
                 iocp__deliver(p, op, result, error, 0, NULL, 0);
             }
+            return IOCP__AT_DONE;
+        }
+        if (op->flags & IOCP_OPF_SILENT) {
+            /*
+             * A silent send that went out whole: its record goes back
+             * flagged, and nobody is waiting to hear of it.  Inline on the
+             * thread that dispatches this port (an event loop's callback)
+             * that thread waits on the port next and takes it then, so the
+             * delivery must not count as news: no broadcast, no eventfd
+             * write to a poller.  Any other thread keeps the wake, so a
+             * sleeping loop still drains what such sends leave queued.
+             */
+            int news = p->delivered;
+            iocp__deliver(p, op, (int64_t)op->done, 0, IOCP_CF_SILENT, NULL, 0);
+            if (inline_try && iocp__is_dispatching(p))
+                p->delivered = news;
             return IOCP__AT_DONE;
         }
         iocp__deliver(p, op, (int64_t)op->done, 0, 0, NULL, 0);
@@ -911,6 +938,8 @@ static int iocp__epoll_wake(iocp_port *p)
     struct iocp__epoll *e = p->be;
     uint64_t one = 1;
 
+    __atomic_fetch_add(&iocp__cnt_wakes, 1, __ATOMIC_RELAXED);
+    /* An eventfd write is safe from any thread, in every mode. */
     if (write(e->evfd, &one, sizeof(one)) < 0 && errno != EAGAIN)
         return -errno;
     return 0;
