@@ -349,6 +349,30 @@ def test_stop_from_another_thread_ends_run_once(port):
         t.join(10)
 
 
+@pytest.mark.parametrize("how", ["run", "run_once"])
+def test_submissions_of_the_last_batch_start_before_run_returns(port, how):
+    """run() (and run_once() on an ordinary port) end their last batch on
+    the way out: what its callbacks submitted is in the kernel's hands
+    without another call on the port."""
+    client, server = tcp_pair()
+    port.register(server)
+
+    def on_recv(c: iocp.Completion) -> None:
+        port.send(server, c.data, silent=True)
+        port.stop()
+
+    port.recv(server, 100, on_recv)
+    client.sendall(b"ping")
+    if how == "run":
+        assert port.run(10) == 1
+    else:
+        assert port.run_once(10) == 1
+    client.settimeout(10)
+    assert client.recv(100) == b"ping"              # no port call in between
+    pump(port, lambda: settled(port))
+    close_all(port, client, server)
+
+
 # ---------------------------------------------------------------- single issuer
 
 
