@@ -1297,7 +1297,8 @@ cdef class CompletionPort:
 
         Returns 0 when ``timeout`` seconds pass with nothing to do (None or
         ``inf``: wait as long as it takes; 0: only take what is ready), or
-        when ``stop()`` or ``close()`` is called meanwhile.  No posted
+        when ``stop()`` or ``close()`` is called meanwhile.  A batch of
+        silent sends' successes only (nothing to dispatch) does not end it.  No posted
         packet or ``stop()`` is needed to make it return.  Completions left
         over from a batch whose callback raised are dispatched first, with
         no wait.
@@ -1353,8 +1354,16 @@ cdef class CompletionPort:
             if n > 0:
                 if self.single_issuer:
                     self._open_dispatch = True
-                    return self._dispatch(batch, n, handler, False)
-                return self._dispatch(batch, n, handler, True)
+                    dispatched = self._dispatch(batch, n, handler, False)
+                else:
+                    dispatched = self._dispatch(batch, n, handler, True)
+                if dispatched > 0 or self._backlog:
+                    return dispatched
+                # Only silent successes: nothing happened for the caller;
+                # keep waiting (within the timeout).
+                if timeout == 0 or (timeout > 0 and _monotonic() >= deadline):
+                    break
+                continue
             if main:
                 PyErr_CheckSignals()
             if self._nforeign:

@@ -305,6 +305,24 @@ def test_run_once_dispatches_to_the_handler(port):
     assert seen[0].key == "k" and seen[0].nbytes == 3
 
 
+def test_run_once_does_not_return_for_silent_successes_alone(port):
+    client, server = tcp_pair()
+    port.register(server)
+    port.send(server, b"quiet", silent=True)
+    t0 = time.monotonic()
+    assert port.run_once(0.3) == 0               # the timeout, not the send
+    assert time.monotonic() - t0 >= 0.25
+    pump(port, lambda: settled(port))
+    got: list[iocp.Completion] = []
+    port.send(server, b"quiet", silent=True)
+    port.post(callback=got.append)
+    assert port.run_once(10) == 1 and len(got) == 1
+    client.settimeout(10)
+    assert client.recv(100) == b"quietquiet"
+    pump(port, lambda: settled(port))
+    close_all(port, client, server)
+
+
 def test_run_once_respects_its_timeout(port):
     t0 = time.monotonic()
     assert port.run_once(0.2) == 0
