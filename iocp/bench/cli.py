@@ -75,6 +75,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="iocp backend for the iocp servers (default: the best available)")
     parser.add_argument("--loadgen-threads", type=int_option(0, 256, "thread count"), default=0,
                         help="load generator threads (at most 256; default 0: automatic)")
+    parser.add_argument("--loadgen-work-us", type=float_option(0.0, 1e6), default=0.0,
+                        metavar="US",
+                        help="busy microseconds per message in the load generator: emulates "
+                             "a heavier client (default 0)")
     parser.add_argument("--max-interference", type=float_option(0.0, 100000.0, what="percentage"),
                         default=25.0, metavar="PCT",
                         help="measure a run again (up to twice) when other processes used "
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    ok, skipped = servers.available()
+    ok, skipped = servers.available(args.backend)
     if getattr(args, "list", False):
         for name, (_, _, desc) in servers.SERVERS.items():
             state = "" if name in ok else f"  [skipped: {skipped[name]}]"
@@ -165,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
             loadgen_threads=args.loadgen_threads,
             max_interference=args.max_interference,
             method=meth,
+            loadgen_work_us=args.loadgen_work_us,
         ))
     for name, reason in skipped.items():
         progress(f"skipping {name}: {reason}")

@@ -82,6 +82,7 @@ class Config:
     retries: int = 2                  # re-runs of a measurement disturbed beyond that
     startup_timeout: float = 20.0
     method: str = "suite"             # "suite" or "kit" (see the module docstring)
+    loadgen_work_us: float = 0.0      # busy work per message in the load generator
 
 
 @dataclass
@@ -353,7 +354,7 @@ def _measure_once(cfg: Config, server: str, sc: Scenario, rnd: int) -> Measureme
             "--warmup", str(cfg.warmup), "--duration", str(cfg.duration),
             "--active", str(sc.active), "--threads", str(threads),
             "--connect-timeout", str(connect_timeout), "--drain-timeout", "2.0",
-            "--server-pid", str(proc.pid))
+            "--server-pid", str(proc.pid), "--work-us", str(cfg.loadgen_work_us))
         sys0, steal0 = system_cpu_seconds()
         kids0, t0 = children_cpu_seconds(), time.monotonic()
         lg = subprocess.Popen(lcmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -610,6 +611,7 @@ def to_json(cfgs: List[Config], results: List[Measurement], rows: List[Dict[str,
         "config": [{"method": cfg.method, "rounds": cfg.rounds, "warmup_s": cfg.warmup,
                     "duration_s": cfg.duration, "max_interference_pct": cfg.max_interference,
                     "retries": cfg.retries, "servers": cfg.servers, "backend": cfg.backend,
+                    "loadgen_work_us": cfg.loadgen_work_us,
                     "scenarios": [asdict(s) for s in cfg.scenarios]} for cfg in cfgs],
         "skipped_servers": skipped_servers,
         "skipped_scenarios": skipped_scenarios,

@@ -401,10 +401,10 @@ def _iocp_ok() -> str | None:
     return None
 
 
-def _need_fastpath() -> str | None:
+def _need_fastpath(backend: str | None = None) -> str | None:
     """None when the port has the fast-path primitives iocp-port uses
-    (single_issuer, run_once, multishot recv, silent send) on the default
-    backend; else why not.  A real round trip on a socket pair, not a
+    (single_issuer, run_once, multishot recv, silent send) on `backend`
+    (None: the default one); else why not.  A real round trip on a socket pair, not a
     hasattr: a backend may still refuse a feature (OSError ENOSYS)."""
     err = _iocp_ok()
     if err:
@@ -416,7 +416,7 @@ def _need_fastpath() -> str | None:
     a, b = socket.socketpair()
     got: List[bytes] = []
     try:
-        with iocp.CompletionPort(single_issuer=True) as port:
+        with iocp.CompletionPort(backend=backend, single_issuer=True) as port:
             port.register(a)
             op = port.recv(a, 1024, lambda c: got.append(c.data or b""), multishot=True)
             port.send(a, b"ping", silent=True)
@@ -502,12 +502,19 @@ IOCP_SERVERS = ("iocp-port", "iocp-port-oneshot", "iocp-server", "iocp-aio")
 CEILING = "c-epoll"
 
 
-def available() -> Tuple[List[str], Dict[str, str]]:
+def check_server(name: str, backend: str | None = None) -> str | None:
+    """None when server `name` can run here (on iocp `backend`), else why not."""
+    if name == "iocp-port":
+        return _need_fastpath(backend)
+    return SERVERS[name][1]()
+
+
+def available(backend: str | None = None) -> Tuple[List[str], Dict[str, str]]:
     """(servers that can run here, {server: reason} for the others)."""
     ok: List[str] = []
     skipped: Dict[str, str] = {}
-    for name, (_, check, _) in SERVERS.items():
-        reason = check()
+    for name in SERVERS:
+        reason = check_server(name, backend)
         if reason:
             skipped[name] = reason
         else:
@@ -524,8 +531,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--backend", default=None, choices=["io_uring", "epoll", "iocp"],
                         help="iocp backend for iocp servers")
     args = parser.parse_args(argv)
-    func, check, _ = SERVERS[args.name]
-    reason = check()
+    func = SERVERS[args.name][0]
+    reason = check_server(args.name, args.backend)
     if reason:
         print(f"server {args.name} unavailable: {reason}", file=sys.stderr)
         return 2

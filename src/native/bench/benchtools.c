@@ -3,7 +3,7 @@
  *
  *   run_load(host, port, connections, size, inflight=1, warmup=1.0,
  *            duration=5.0, *, threads=1, active=-1, connect_timeout=10.0,
- *            drain_timeout=2.0, seed=0, server_pid=0) -> dict
+ *            drain_timeout=2.0, seed=0, server_pid=0, work_us=0.0) -> dict
  *       A closed-loop echo load generator.  Every connection keeps
  *       `inflight` messages of `size` bytes outstanding; each byte echoed
  *       back is checked against a per-connection pseudo-random stream, so a
@@ -352,6 +352,7 @@ typedef struct {
     size_t size;
     unsigned inflight;
     uint64_t warmup_ns, duration_ns, drain_ns, connect_ns;
+    uint64_t work_ns;        /* busy work per echoed message (a heavier client) */
     lconn_t *conns;
     int nconns;
     lshared_t *sh;
@@ -498,6 +499,13 @@ lconn_readable(lworker_t *w, lconn_t *c)
             if (t >= w->t_measure && t < w->t_end) {
                 w->msgs_window++;
                 hist_add(w->hist, t - q);
+            }
+            if (w->work_ns) {
+                /* Emulates a load generator that spends more per message
+                 * (parsing, bookkeeping): spin, then stamp the next send. */
+                uint64_t until = t + w->work_ns;
+                while ((t = now_ns()) < until) {
+                }
             }
             if (w->running && c->queued < c->budget)
                 lconn_queue(w, c, t);
@@ -794,26 +802,29 @@ resolve(const char *host, int port, struct sockaddr_storage *out, socklen_t *out
 PyDoc_STRVAR(run_load_doc,
 "run_load(host, port, connections, size, inflight=1, warmup=1.0, duration=5.0, *,\n"
 "         threads=1, active=-1, connect_timeout=10.0, drain_timeout=2.0, seed=0,\n"
-"         server_pid=0) -> dict\n"
+"         server_pid=0, work_us=0.0) -> dict\n"
 "\n"
 "Closed-loop echo load: each connection keeps `inflight` messages of `size`\n"
 "bytes outstanding and verifies every echoed byte.  `active` >= 0 makes only\n"
 "that many connections busy; the others echo one message and then stay idle.\n"
 "Returns throughput, latency percentiles (microseconds) and error counts.\n"
 "With server_pid > 0 also 'window': that process's CPU time over exactly\n"
-"the measured window and the messages echoed in it (first thread's view).");
+"the measured window and the messages echoed in it (first thread's view).\n"
+"work_us > 0 spins that long per echoed message: a heavier load generator.");
 
 static PyObject *
 run_load(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"host", "port", "connections", "size", "inflight",
                              "warmup", "duration", "threads", "active",
-                             "connect_timeout", "drain_timeout", "seed", "server_pid", NULL};
+                             "connect_timeout", "drain_timeout", "seed", "server_pid",
+                             "work_us", NULL};
     const char *host;
     int port, connections, threads = 1, active = -1, server_pid = 0;
     Py_ssize_t size;
     unsigned int inflight = 1;
     double warmup = 1.0, duration = 5.0, connect_timeout = 10.0, drain_timeout = 2.0;
+    double work_us = 0.0;
     unsigned long long seed = 0;
     struct sockaddr_storage addr;
     socklen_t addrlen = 0;
@@ -831,15 +842,15 @@ run_load(PyObject *self, PyObject *args, PyObject *kwds)
     int setup_errno = 0;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "siin|Iddiiddki", kwlist, &host, &port,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "siin|Iddiiddkid", kwlist, &host, &port,
                                      &connections, &size, &inflight, &warmup, &duration,
                                      &threads, &active, &connect_timeout, &drain_timeout,
-                                     &seed, &server_pid))
+                                     &seed, &server_pid, &work_us))
         return NULL;
     if (connections <= 0 || size <= 0 || inflight == 0 || inflight > 65536 ||
         threads <= 0 || threads > 256 || warmup < 0 || duration <= 0 ||
         port <= 0 || port > 65535 || connect_timeout <= 0 || drain_timeout < 0 ||
-        server_pid < 0) {
+        server_pid < 0 || !(work_us >= 0.0 && work_us <= 1e6)) {
         PyErr_SetString(PyExc_ValueError, "run_load: argument out of range");
         return NULL;
     }
@@ -889,6 +900,7 @@ run_load(PyObject *self, PyObject *args, PyObject *kwds)
             w->duration_ns = (uint64_t)(duration * 1e9);
             w->drain_ns = (uint64_t)(drain_timeout * 1e9);
             w->connect_ns = (uint64_t)(connect_timeout * 1e9);
+            w->work_ns = (uint64_t)(work_us * 1e3);
             w->conns = conns + first;
             w->nconns = n;
             w->sh = &sh;
