@@ -428,11 +428,11 @@ def test_method_defaults() -> None:
 
 
 def _server_cases() -> list:
-    from conftest import AVAILABLE
+    import iocp
 
     cases = []
     for name in ("iocp-port", "iocp-port-oneshot"):
-        cases += [pytest.param(name, b, id=f"{name}-{b}") for b in AVAILABLE]
+        cases += [pytest.param(name, b, id=f"{name}-{b}") for b in iocp.backends()]
     cases += [pytest.param(n, None, id=n) for n in ("rloop-protocol", "uvloop-protocol")]
     return cases
 
