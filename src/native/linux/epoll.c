@@ -49,15 +49,16 @@
  *
  * Waking the poller: whatever a submitter leaves for poll() to run without
  * a new edge (a multishot accept goes on the ready list, since the
- * listener's edge may have come and gone already) kicks the core, which
+ * listener's edge may have come and gone already; so does a multishot recv
+ * armed on a socket that may be readable) kicks the core, which
  * writes the eventfd if the poller sleeps in epoll_wait.  An op that waits
  * in its FIFO for EAGAIN to clear needs no kick: the edge wakes the poller.
  *
  * Threads: all backend state is touched under the port lock (by submit,
  * cancel, register and poll(), with one poller at a time), so on a
  * single-issuer port, where the core makes that lock a no-op, only the
- * owner thread touches it.  The backend takes no lock of its own and
- * keeps no thread-local state; wake() is an eventfd write, safe from any
+ * owner thread touches it.  The backend takes no lock and keeps no
+ * thread-local state of its own; wake() is an eventfd write, safe from any
  * thread in either mode.  A silent send that succeeds inline on the
  * dispatching thread wakes nobody (that thread takes its record on its
  * next wait).
