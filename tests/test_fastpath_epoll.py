@@ -514,3 +514,48 @@ def test_silent_inline_sends_on_the_dispatching_thread_wake_no_poller(backend, m
         for t in threads:
             t.join(WAIT)
         close_all(port, server, client)
+
+
+def test_silent_and_plain_sends_keep_their_order(make_port):
+    # Every backend: silent sends (plain and gathered), some inline and
+    # some queued behind a full send buffer, interleave with plain ones;
+    # the bytes arrive in submission order and only the plain ones report.
+    port = make_port()
+    client, server = tcp_pair()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    port.register(client)
+    reported: list[int] = []
+    pieces: list[bytes] = []
+    plain: list[iocp.Operation] = []
+    try:
+        for i in range(60):
+            b = bytes([i % 250 + 1])
+            if i % 3 == 0:
+                data = b * 20_000
+                plain.append(port.send(client, data, lambda c, i=i: reported.append(i)))
+                pieces.append(data)
+            elif i % 3 == 1:
+                data = b * 30_000
+                port.send(client, data, lambda c, i=i: reported.append(-i), silent=True)
+                pieces.append(data)
+            else:
+                parts = [b * 10_000, bytearray(b * 5_000)]
+                port.sendmsg(client, parts, lambda c, i=i: reported.append(-i), silent=True)
+                pieces.extend(bytes(p) for p in parts)
+        want = b"".join(pieces)
+        got = bytearray()
+        server.setblocking(False)
+        deadline = time.monotonic() + WAIT
+        while len(got) < len(want) or len(reported) < len(plain):
+            assert time.monotonic() < deadline, (len(got), reported)
+            port.run(timeout=0.01)
+            try:
+                while len(got) < len(want):
+                    got += server.recv(1 << 16)
+            except BlockingIOError:
+                pass
+        assert bytes(got) == want
+        assert reported == [i for i in range(60) if i % 3 == 0]
+        assert all(op.done for op in plain)
+    finally:
+        close_all(port, client, server)
