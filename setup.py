@@ -40,7 +40,12 @@ else:
     BACKEND_SOURCES = ["src/native/linux/sock.c", "src/native/linux/epoll.c"]
     MACROS = [("_GNU_SOURCE", "1")]
     if os.path.exists("src/native/linux/uring.c"):
-        BACKEND_SOURCES.append("src/native/linux/uring.c")
+        BACKEND_SOURCES += [
+            "src/native/linux/uring.c",
+            "src/native/linux/uring_ring.c",
+            "src/native/linux/uring_probe.c",
+            "src/native/linux/uring_buf.c",
+        ]
         MACROS.append(("IOCP_WITH_URING", "1"))
     SYSTEM_LIBS = ["pthread"]
 

@@ -13,7 +13,7 @@ trap '[ -z "${IOCP_NATIVE_OUT:-}" ] && rm -rf "$out"' EXIT
 srcs=("$src"/*.c "$src/linux/sock.c" "$src/linux/epoll.c")
 defs=(-D_GNU_SOURCE)
 if [ -f "$src/linux/uring.c" ]; then
-    srcs+=("$src/linux/uring.c")
+    srcs+=("$src"/linux/uring*.c)
     defs+=(-DIOCP_WITH_URING)
 fi
 libs=(-lpthread)
