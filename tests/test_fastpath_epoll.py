@@ -7,8 +7,9 @@
   with descriptors in flight).
 
 The counters come from a test-only C hook in epoll.c
-(iocp__epoll_test_counters: process-wide recv attempts that found nothing),
-read with ctypes, so the tests take deltas around their own traffic.
+(iocp__epoll_test_counters: recv attempts that found nothing and eventfd
+wakes, counted per thread), read with ctypes; the tests take deltas around
+their own traffic, all of which runs on the thread that reads them.
 
 Every wait is bounded; nothing here depends on timing.
 """
@@ -36,15 +37,16 @@ WAIT = 30.0  # seconds: a bound, never expected to be reached
 
 def _counters3() -> tuple[int, int, int]:
     """(recv attempts that got EAGAIN, of them inline at submit, eventfd
-    wakes), process-wide."""
+    wakes) made by the calling thread."""
     lib = ctypes.CDLL(iocp._core.__file__)
     out = (ctypes.c_uint64 * 3)()
-    lib.iocp__epoll_test_counters(out)
+    assert lib.iocp__epoll_test_counters(out, len(out)) == len(out)
     return int(out[0]), int(out[1]), int(out[2])
 
 
 def _counters() -> tuple[int, int]:
-    """(recv attempts that got EAGAIN, of them inline at submit), process-wide."""
+    """(recv attempts that got EAGAIN, of them inline at submit) made by the
+    calling thread."""
     total, inline, _ = _counters3()
     return total, inline
 
