@@ -808,15 +808,15 @@ static int iocp__win_wake(iocp_port *p)
 }
 
 const iocp_backend iocp__backend_iocp = {
-    "iocp",
-    iocp__win_probe,
-    iocp__win_init,
-    iocp__win_destroy,
-    iocp__win_register,
-    iocp__win_unregister,
-    iocp__win_submit,
-    iocp__win_cancel,
-    iocp__win_poll,
-    iocp__win_wake,
-    NULL,
+    .name = "iocp",
+    .probe = iocp__win_probe,
+    .init = iocp__win_init,
+    .destroy = iocp__win_destroy,
+    .register_socket = iocp__win_register,
+    .unregister_socket = iocp__win_unregister,
+    .submit = iocp__win_submit,
+    .cancel = iocp__win_cancel,
+    .poll = iocp__win_poll,
+    .wake = iocp__win_wake,
+    .release_buffer = NULL,   /* every buffer handed out is a pool buffer */
 };
