@@ -332,6 +332,64 @@ static int t_ms_recv_bounded(void)
     return 0;
 }
 
+/*
+ * The bound on buffers out (recv_pool_max): with 1000 bytes allowed and
+ * 600-byte reads, a caller that holds its buffer gets nothing more; each
+ * release lets the next read go; every byte arrives, in order.
+ */
+static int t_ms_recv_pool_bound(void)
+{
+    enum { TOTAL = 6000, CAP = 600 };
+    iocp_port_options o;
+    iocp_port *port;
+    SOCKET s, peer;
+    iocp_op *op;
+    iocp_completion c;
+    static char out[TOTAL], in[TOTAL];
+    size_t have = 0;
+    int i, n;
+
+    for (i = 0; i < TOTAL; i++)
+        out[i] = (char)(i * 13 + i / 97);
+    memset(&o, 0, sizeof(o));
+    o.backend = "iocp";
+    o.recv_pool_max = 1000;
+    CHECK(iocp_port_create(&o, &port) == 0, "port");
+    if (make_pair(port, &s, &peer))
+        return 1;
+    CHECK(send_all(peer, out, TOTAL) == 0, "send");
+    Sleep(50);   /* all of it in the socket: every read can be a full CAP */
+    op = op_new(port, IOCP_OP_RECV, s, NULL, CAP, IOCP_OPF_MULTISHOT);
+    CHECK(iocp_submit(port, op) == 0, "submit");
+    while (have < TOTAL) {
+        n = collect(port, &c, 1, WAIT_MS);
+        CHECK(n == 1 && c.op == op && c.flags == (IOCP_CF_MORE | IOCP_CF_BUFFER),
+              "completion at %zu: n %d flags %u", have, n, c.flags);
+        CHECK(c.result > 0 && have + (size_t)c.result <= TOTAL, "result %lld",
+              (long long)c.result);
+        memcpy(in + have, c.data, (size_t)c.result);
+        have += (size_t)c.result;
+        if (have < TOTAL && c.result == CAP) {
+            /* Holding 600 of 1000: the next 600-byte read must wait. */
+            if (quiet_for(port, 100))
+                return 1;
+        }
+        iocp_buffer_release(port, c.data, c.buf_id);
+    }
+    CHECK(memcmp(in, out, TOTAL) == 0, "data out of order or corrupted");
+    CHECK(iocp_cancel(port, op) == 0, "cancel");
+    n = collect(port, &c, 1, WAIT_MS);
+    CHECK(n == 1 && c.result == IOCP_ECANCELED && c.flags == IOCP_CF_CANCELLED, "cancel");
+    iocp_op_free(port, op);
+    iocp_unregister(port, s);
+    closesocket(s);
+    closesocket(peer);
+    if (check_clean(port))
+        return 1;
+    iocp_port_destroy(port);
+    return 0;
+}
+
 /* 4 MiB in one stream: every byte in order, buffers all returned. */
 static int t_ms_recv_large(void)
 {
@@ -763,6 +821,7 @@ static const struct {
     {"ms_recv_busy", t_ms_recv_busy},
     {"ms_recv_bounded", t_ms_recv_bounded},
     {"ms_recv_large", t_ms_recv_large},
+    {"ms_recv_pool_bound", t_ms_recv_pool_bound},
     {"ms_recv_cancel_paths", t_ms_recv_cancel_paths},
     {"silent_send", t_silent_send},
     {"poll_afd", t_poll_afd},

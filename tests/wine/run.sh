@@ -166,6 +166,14 @@ step "driver: run under Wine"
 driver_rc=0
 wrun 600 "$work/driver.exe" || driver_rc=$?
 echo "driver exit status: $driver_rc"
+# The Windows backend's fast-path ops (multishot recv, silent sends, poll),
+# plain and with every socket treated as non-IFS (inline successes wait
+# for their packet).
+"$CC" "${wflags[@]}" -Werror -static-libgcc -o "$work/win_fastpath.exe" \
+    "$root/tests/native/win_fastpath.c" "${native_srcs[@]}" -lws2_32
+wrun 300 "$work/win_fastpath.exe" || driver_rc=$?
+IOCP_WIN_TEST_NON_IFS=1 wrun 300 "$work/win_fastpath.exe" || driver_rc=$?
+echo "win_fastpath exit status: $driver_rc"
 
 if [ "${IOCP_WINE_SKIP_PY:-0}" = 1 ]; then
     exit "$driver_rc"

@@ -116,6 +116,12 @@
 #define IOCP__WST_AFD    0x20  /* poll: the step in the kernel is an AFD poll */
 #define IOCP__WST_DONE_INLINE 0x40 /* poll: re-armed wait finished inline; its
                                       result waits in the op (ready list) */
+#define IOCP__WST_STARVED 0x80 /* multishot recv: on the starved list, waiting
+                                  for buffers to come back (recv_pool_max) */
+
+/* Default bound of the bytes multishot recvs may hold in handed-out
+ * buffers (iocp_port_options.recv_pool_max). */
+#define IOCP__MS_POOL_MAX ((size_t)64 << 20)
 
 /* Multishot recv: bytes per completion when op->len is 0, and the size of
  * the read that tells end of stream from a race when FIONREAD says 0. */
@@ -196,6 +202,12 @@ struct iocp__win {
     iocp__nt_to_dos_fn nt_to_dos;
     int afd_broken;                   /* the AFD poll was refused once */
     int64_t limit;                    /* see iocp__room; 0 outside poll() */
+    /* Bytes of multishot-recv buffers handed out (in the kernel or with
+     * the caller) and their bound; recvs that would pass it wait on the
+     * starved list (linked by fd_next, not counted in nready, so poll()
+     * does not spin) until release_buffer gives bytes back. */
+    size_t ms_bytes, ms_max;
+    iocp_op *starved_head;
 };
 
 /* ---- registered sockets --------------------------------------------- */
@@ -472,6 +484,99 @@ static void iocp__park(iocp_port *p, iocp_op *op)
     p->kick = 1;
 }
 
+/* A port buffer of `size` bytes for a multishot recv's next read, counted
+ * against the bound; NULL with *err 0 when over it (wait for releases),
+ * with *err IOCP_ENOMEM when memory is out. */
+static char *iocp__ms_buf_take(iocp_port *p, iocp_op *op, size_t size, int *err)
+{
+    struct iocp__win *w = p->be;
+    char *buf;
+
+    *err = 0;
+    /* Over the bound, wait -- unless nothing is out at all, so a bound
+     * smaller than one read still makes progress. */
+    if (w->ms_bytes > 0 && w->ms_bytes + size > w->ms_max)
+        return NULL;
+    buf = iocp__buffer_get(p, size);
+    if (!buf) {
+        *err = IOCP_ENOMEM;
+        return NULL;
+    }
+    w->ms_bytes += size;
+    op->backend_data = buf;
+    op->wsabuf.buf = buf;
+    op->wsabuf.len = (ULONG)size;
+    return buf;
+}
+
+/* Gives back the op's unused read buffer (end of stream, error, cancel). */
+static void iocp__ms_buf_drop(iocp_port *p, iocp_op *op)
+{
+    struct iocp__win *w = p->be;
+
+    if (op->backend_data) {
+        iocp__buffer_put(p, op->backend_data);
+        op->backend_data = NULL;
+        w->ms_bytes -= op->wsabuf.len;
+    }
+}
+
+/* Hands the filled read buffer to the caller: buf_id carries its size so
+ * release_buffer can return it to the bound. */
+static void iocp__ms_buf_deliver(iocp_port *p, iocp_op *op, DWORD bytes)
+{
+    char *buf = op->backend_data;
+
+    op->backend_data = NULL;
+    iocp__deliver(p, op, (int64_t)bytes, 0, IOCP_CF_MORE | IOCP_CF_BUFFER, buf,
+                  (uint32_t)op->wsabuf.len);
+}
+
+static void iocp__starve(iocp_port *p, iocp_op *op)
+{
+    struct iocp__win *w = p->be;
+
+    op->state |= IOCP__WST_STARVED;
+    op->fd_next = w->starved_head;
+    w->starved_head = op;
+}
+
+/* Takes `op` off the starved list and onto the ready list. */
+static void iocp__unstarve(iocp_port *p, iocp_op *op)
+{
+    struct iocp__win *w = p->be;
+    iocp_op **pp;
+
+    for (pp = &w->starved_head; *pp; pp = &(*pp)->fd_next) {
+        if (*pp == op) {
+            *pp = op->fd_next;
+            break;
+        }
+    }
+    op->state &= ~IOCP__WST_STARVED;
+    iocp__park(p, op);
+}
+
+/*
+ * backend->release_buffer: a multishot recv's buffer (buf_id = its size)
+ * comes back.  Lock held (the core's).  When starved recvs can go on,
+ * they move to the ready list and the poller is woken -- with a packet,
+ * since this path does not pass the core's kick handling.
+ */
+static void iocp__win_release_buffer(iocp_port *p, char *data, uint32_t buf_id)
+{
+    struct iocp__win *w = p->be;
+
+    p->live_buffers++;            /* the core counted it back already */
+    iocp__buffer_put(p, data);
+    w->ms_bytes -= buf_id;
+    if (w->starved_head && w->ms_bytes < w->ms_max) {
+        while (w->starved_head)
+            iocp__unstarve(p, w->starved_head);
+        PostQueuedCompletionStatus(w->port, 0, IOCP__KEY_WAKE, NULL);
+    }
+}
+
 /* The final completion of a multishot recv or a poll: frees what the op
  * holds (port buffer, AFD poll block) and lets the socket take another
  * recv.  Lock held. */
@@ -485,7 +590,7 @@ static void iocp__ms_end(iocp_port *p, iocp_op *op, int64_t result, unsigned fla
         free(op->backend_data);
         op->backend_data = NULL;
     } else {
-        iocp__drop_buffer(p, op);
+        iocp__ms_buf_drop(p, op);
     }
     op->state &= IOCP__WST_CANCEL;
     iocp__deliver(p, op, result, 0, flags, NULL, 0);
@@ -576,16 +681,16 @@ static void iocp__ms_recv_pump(iocp_port *p, iocp_op *op)
         size = avail == 0 ? IOCP__MS_PROBE_LEN : (size_t)avail;
         if (size > cap)
             size = cap;
-        buf = iocp__buffer_get(p, size);
+        buf = iocp__ms_buf_take(p, op, size, &err);
         if (!buf) {
-            iocp__ms_end(p, op, IOCP_ENOMEM, 0);
+            if (err)
+                iocp__ms_end(p, op, err, 0);
+            else
+                iocp__starve(p, op);     /* release_buffer resumes it */
             return;
         }
         op->state &= ~IOCP__WST_FRESH;
-        op->backend_data = buf;
         memset(&op->ov, 0, sizeof(op->ov));
-        op->wsabuf.buf = buf;
-        op->wsabuf.len = (ULONG)size;
         if (WSARecv(op->sock, &op->wsabuf, 1, &bytes, &flags, &op->ov, NULL) == 0) {
             if (!se->skip) {
                 op->state |= IOCP__WST_DATA;   /* its packet will come */
@@ -600,13 +705,11 @@ static void iocp__ms_recv_pump(iocp_port *p, iocp_op *op)
             iocp__ms_fail(p, op, err);
             return;
         }
-        op->backend_data = NULL;
         if (bytes == 0) {
-            iocp__buffer_put(p, buf);
-            iocp__ms_end(p, op, 0, 0);          /* end of stream */
+            iocp__ms_end(p, op, 0, 0);          /* end of stream (drops buf) */
             return;
         }
-        iocp__deliver(p, op, (int64_t)bytes, 0, IOCP_CF_MORE | IOCP_CF_BUFFER, buf, 0);
+        iocp__ms_buf_deliver(p, op, bytes);
         /* Less than asked for: the socket was drained, go straight to the
          * zero-byte wait (it completes at once if more came). */
         drained = bytes < size;
@@ -617,8 +720,6 @@ static void iocp__ms_recv_pump(iocp_port *p, iocp_op *op)
  * pump must go on, 0 when the op ended.  Lock held. */
 static int iocp__ms_recv_done(iocp_port *p, iocp_op *op, DWORD bytes, int err)
 {
-    char *buf;
-
     if (op->state & IOCP__WST_ZERO) {
         op->state &= ~IOCP__WST_ZERO;
         if (err) {
@@ -633,14 +734,11 @@ static int iocp__ms_recv_done(iocp_port *p, iocp_op *op, DWORD bytes, int err)
         iocp__ms_fail(p, op, err);
         return 0;
     }
-    buf = op->backend_data;
-    op->backend_data = NULL;
     if (bytes == 0) {
-        iocp__buffer_put(p, buf);
         iocp__ms_end(p, op, 0, 0);
         return 0;
     }
-    iocp__deliver(p, op, (int64_t)bytes, 0, IOCP_CF_MORE | IOCP_CF_BUFFER, buf, 0);
+    iocp__ms_buf_deliver(p, op, bytes);
     return 2;
 }
 
@@ -1065,7 +1163,6 @@ static int iocp__win_init(iocp_port *p, const iocp_port_options *opts)
     WSADATA wd;
     int r;
 
-    (void)opts;
     /* Reference-counted; Python's socket module has called it already,
      * a C program may not have. */
     r = WSAStartup(MAKEWORD(2, 2), &wd);
@@ -1111,6 +1208,7 @@ static int iocp__win_init(iocp_port *p, const iocp_port_options *opts)
         if (!w->nt_to_dos)
             w->nt_ioctl = NULL;
     }
+    w->ms_max = opts && opts->recv_pool_max ? opts->recv_pool_max : IOCP__MS_POOL_MAX;
     p->be = w;
     return 0;
 }
@@ -1320,6 +1418,8 @@ static int iocp__win_cancel(iocp_port *p, iocp_op *op)
     if (op->kind == IOCP_OP_POST)
         return IOCP_ENOENT;   /* already queued; it arrives shortly */
     op->state |= IOCP__WST_CANCEL;
+    if (op->state & IOCP__WST_STARVED)
+        iocp__unstarve(p, op);   /* to the ready list: poll() ends it */
     if (op->state & IOCP__WST_PARKED) {
         /* Nothing in the kernel: the next poll() ends it (cancelled). */
         p->kick = 1;
@@ -1408,5 +1508,5 @@ const iocp_backend iocp__backend_iocp = {
     .cancel = iocp__win_cancel,
     .poll = iocp__win_poll,
     .wake = iocp__win_wake,
-    .release_buffer = NULL,   /* every buffer handed out is a pool buffer */
+    .release_buffer = iocp__win_release_buffer,  /* multishot recv buffers */
 };
