@@ -124,9 +124,11 @@
 #define IOCP__MS_POOL_MAX ((size_t)64 << 20)
 
 /* Multishot recv: bytes per completion when op->len is 0, and the size of
- * the read that tells end of stream from a race when FIONREAD says 0. */
+ * the first read after the socket became readable (no FIONREAD for it: a
+ * small message fits whole, end of stream reads 0, and only a longer
+ * arrival pays for FIONREAD to size the rest). */
 #define IOCP__MS_DEFAULT_LEN (64 * 1024)
-#define IOCP__MS_PROBE_LEN 512
+#define IOCP__MS_FIRST_LEN 4096
 
 /*
  * The AFD poll (see the note at the top).  Our own names for the layout
@@ -660,7 +662,8 @@ static void iocp__ms_recv_pump(iocp_port *p, iocp_op *op)
             iocp__ms_end(p, op, IOCP_ECANCELED, IOCP_CF_CANCELLED);
             return;
         }
-        if (!drained && ioctlsocket(op->sock, FIONREAD, &avail) != 0) {
+        if (!drained && !(op->state & IOCP__WST_FRESH) &&
+            ioctlsocket(op->sock, FIONREAD, &avail) != 0) {
             iocp__ms_fail(p, op, WSAGetLastError());
             return;
         }
@@ -678,7 +681,7 @@ static void iocp__ms_recv_pump(iocp_port *p, iocp_op *op)
             drained = 0;
             continue;
         }
-        size = avail == 0 ? IOCP__MS_PROBE_LEN : (size_t)avail;
+        size = avail == 0 ? IOCP__MS_FIRST_LEN : (size_t)avail;
         if (size > cap)
             size = cap;
         buf = iocp__ms_buf_take(p, op, size, &err);
