@@ -17,17 +17,48 @@
  *   CONNECT   ConnectEx, which insists on a bound socket: an unbound one is
  *             bound to the family's wildcard address first; then
  *             SO_UPDATE_CONNECT_CONTEXT so shutdown()/getpeername() work.
- *   RECV      WSARecv into a port buffer taken at submit (iocp__buffer_get).
- *             The simple choice: an idle connection pins op->len bytes.
- *             The alternative (a zero-byte WSARecv, then a non-blocking
- *             recv into a buffer taken only when data is there) needs the
- *             socket in non-blocking mode, which would change the caller's
- *             socket behind its back; left for when it is measured to
- *             matter.
+ *   RECV      WSARecv into a port buffer taken at submit (iocp__buffer_get):
+ *             a one-shot recv pins op->len bytes while it waits.
+ *   RECV + MULTISHOT (emulated; IOCP has no multishot): a zero-byte
+ *             WSARecv waits for the socket to become readable and pins
+ *             nothing.  When it completes, the socket is read with
+ *             overlapped WSARecvs into port buffers (first 4 KiB, after a
+ *             full read sized by FIONREAD) that complete at once because
+ *             the bytes are there -- so the caller's socket stays in
+ *             blocking mode, untouched -- each delivered with MORE|BUFFER,
+ *             until a short read says it is drained; then the zero-byte
+ *             WSARecv goes out again.  End of stream (a 0-byte read), an
+ *             error or a cancel is the final completion.  Buffers carry
+ *             their size as buf_id and come back through release_buffer,
+ *             so the bytes out are bounded (recv_pool_max): a read that
+ *             would pass the bound waits on a starved list until a release.
+ *             While armed, other recvs on the socket get IOCP_EBUSY.
  *   RECV_INTO WSARecv into the caller's pinned buffer.
  *   SEND      WSASend, issued again for the rest after a partial completion
  *             (rare on Windows, but allowed), so one completion reports the
  *             whole send or the bytes sent plus the error that stopped it.
+ *             A silent send's full success is delivered IOCP_CF_SILENT;
+ *             inline (skip mode) that is no packet at all.
+ *   POLL      The AFD poll, as the Winsock select() is built: IOCTL_AFD_POLL
+ *             through NtDeviceIoControlFile (looked up in ntdll at run time)
+ *             on the socket itself, which must be its own base handle
+ *             (SIO_BASE_HANDLE; not so behind a layered provider), with the
+ *             op's OVERLAPPED as APC context and its Internal pair as the
+ *             IO_STATUS_BLOCK, so the packet is the op and CancelIoEx on the
+ *             socket cancels it.  AFD events map to IOCP_POLL_*: RECEIVE,
+ *             ACCEPT, DISCONNECT -> IN; SEND -> OUT; ABORT -> ERR|HUP;
+ *             CONNECT_FAIL -> ERR; LOCAL_CLOSE (socket closed) -> cancelled.
+ *             One-shot is level triggered (the AFD poll completes at once
+ *             when ready).  Multishot re-arms after each delivery (MORE); a
+ *             re-armed poll that completes inline keeps its result for the
+ *             next poll() rather than looping, so a socket left ready is
+ *             reported once per poll(); ERR or HUP ends it.  Fallback where
+ *             the AFD poll is out of reach (no ntdll entry point, a layered
+ *             provider, the driver refusing the IOCTL): a zero-byte WSASend
+ *             when OUT is wanted (completes when the socket takes data, in
+ *             practice at once), else a zero-byte WSARecv (completes on
+ *             data or end of stream); a failure of either is ERR|HUP.
+ *             (Test knob: IOCP_WIN_TEST_POLL_FALLBACK=1 forces it.)
  *   POST      PostQueuedCompletionStatus with the op's OVERLAPPED; result is
  *             op->len (not the DWORD the packet can carry).
  *
@@ -72,6 +103,24 @@
  * Closing a socket aborts its pending ops (995 on Windows; Wine 8 says
  * ERROR_HANDLES_CLOSED, 676, which we treat the same).  A failed or
  * cancelled AcceptEx closes the socket it made.
+ *
+ * The ready list and the bounded queue: poll() is told how many
+ * completions it may deliver (`max`), but one packet of a multishot recv
+ * can mean many reads.  Every packet of a GQCSEx batch may deliver one
+ * completion, so a multishot recv reads on only while room is left for
+ * the rest of the batch (iocp__room); past that, or when work is found
+ * outside poll() (a submit whose zero-byte recv completed inline, a
+ * cancel of a parked op, a re-armed multishot poll already complete), the
+ * op is parked on the ready list, port->kick is set, and the next poll()
+ * runs the list first (with a zero timeout) -- nothing in the kernel
+ * while parked, so cancel just marks it.
+ *
+ * Threads: the only lock is the core's (iocp__lock around delivery in
+ * poll(), held by the core around submit/cancel/register); on a
+ * single-issuer port the core makes it a no-op and nothing here assumes
+ * more: all backend state is touched from the owner thread, except wake()
+ * and release_buffer's wake packet, which are PostQueuedCompletionStatus
+ * and safe from any thread.
  *
  * Wake-ups are packets with an internal key and no OVERLAPPED; they never
  * surface.  One GetQueuedCompletionStatusEx batch may hold wake packets that
