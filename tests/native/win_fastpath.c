@@ -686,6 +686,24 @@ static int poll_suite(int fallback)
     }
     CHECK(c.result == IOCP_ECANCELED && c.flags == IOCP_CF_CANCELLED, "multishot cancel %lld",
           (long long)c.result);
+    /* multishot on a socket that stays ready (writable): reported again
+     * at every poll (level), each with MORE, until cancelled */
+    op->len = IOCP_POLL_OUT;
+    CHECK(iocp_submit(port, op) == 0, "submit multishot OUT");
+    for (i = 0; i < 3; i++) {
+        n = collect(port, &c, 1, WAIT_MS);
+        CHECK(n == 1 && c.result == IOCP_POLL_OUT && c.flags == IOCP_CF_MORE,
+              "multishot OUT %d: n %d result %lld flags %u", i, n, (long long)c.result, c.flags);
+    }
+    CHECK(iocp_cancel(port, op) == 0, "cancel multishot OUT");
+    for (i = 0; i < 100; i++) {
+        n = collect(port, &c, 1, WAIT_MS);
+        CHECK(n == 1, "multishot OUT end");
+        if (!(c.flags & IOCP_CF_MORE))
+            break;
+    }
+    CHECK(c.result == IOCP_ECANCELED && c.flags == IOCP_CF_CANCELLED, "multishot OUT cancel");
+    op->len = IOCP_POLL_IN;
     /* close the socket under a pending poll */
     op->flags = 0;
     CHECK(iocp_submit(port, op) == 0, "submit for close");

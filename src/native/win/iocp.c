@@ -49,10 +49,10 @@
  *             ACCEPT, DISCONNECT -> IN; SEND -> OUT; ABORT -> ERR|HUP;
  *             CONNECT_FAIL -> ERR; LOCAL_CLOSE (socket closed) -> cancelled.
  *             One-shot is level triggered (the AFD poll completes at once
- *             when ready).  Multishot re-arms after each delivery (MORE); a
- *             re-armed poll that completes inline keeps its result for the
- *             next poll() rather than looping, so a socket left ready is
- *             reported once per poll(); ERR or HUP ends it.  Fallback where
+ *             when ready).  Multishot delivers with MORE and is armed again
+ *             by the next poll(), before it waits (armed at once it would
+ *             re-report a socket the caller is about to drain): a socket
+ *             left ready is reported once per poll(); ERR or HUP ends it.  Fallback where
  *             the AFD poll is out of reach (no ntdll entry point, a layered
  *             provider, the driver refusing the IOCTL): a zero-byte WSASend
  *             when OUT is wanted (completes when the socket takes data, in
@@ -110,10 +110,11 @@
  * completion, so a multishot recv reads on only while room is left for
  * the rest of the batch (iocp__room); past that, or when work is found
  * outside poll() (a submit whose zero-byte recv completed inline, a
- * cancel of a parked op, a re-armed multishot poll already complete), the
- * op is parked on the ready list, port->kick is set, and the next poll()
- * runs the list first (with a zero timeout) -- nothing in the kernel
- * while parked, so cancel just marks it.
+ * cancel of a parked op), or a multishot poll was delivered, the op is
+ * parked on the ready list, port->kick is set, and the next poll() runs
+ * the list before it waits (and waits with a zero timeout if that
+ * delivered something) -- nothing in the kernel while parked, so cancel
+ * just marks it.
  *
  * Threads: the only lock is the core's (iocp__lock around delivery in
  * poll(), held by the core around submit/cancel/register); on a
@@ -163,8 +164,6 @@
 #define IOCP__WST_PARKED 0x8   /* on the ready list: nothing in the kernel */
 #define IOCP__WST_FRESH  0x10  /* multishot recv: readable, nothing read since */
 #define IOCP__WST_AFD    0x20  /* poll: the step in the kernel is an AFD poll */
-#define IOCP__WST_DONE_INLINE 0x40 /* poll: re-armed wait finished inline; its
-                                      result waits in the op (ready list) */
 #define IOCP__WST_STARVED 0x80 /* multishot recv: on the starved list, waiting
                                   for buffers to come back (recv_pool_max) */
 
@@ -901,18 +900,19 @@ static int iocp__issue_poll(iocp_port *p, iocp_op *op, struct iocp__sockent *se)
 
 /*
  * A poll op's wait finished (err 0: its result is in the op).  One-shot:
- * deliver the events and end.  Multishot: deliver with MORE and arm again
- * at once; the AFD poll is level triggered, so a re-armed poll on a
- * socket still ready finishes inline, and that result is kept in the op
- * (IOCP__WST_DONE_INLINE) for the next poll() instead of being delivered
- * in a loop here.  ERR or HUP ends a multishot poll (the connection is
- * gone, nothing new can be reported).  Lock held; returns 0.
+ * deliver the events and end.  Multishot: deliver with MORE and park; the
+ * next poll() arms it again before it waits.  Not at once: the AFD poll
+ * is level triggered, and armed before the caller has seen this
+ * completion it would find the socket still ready and report it again,
+ * spuriously, after the caller drained it.  Armed at the next poll() --
+ * after the batch was dispatched -- a drained socket waits quietly and
+ * one still ready is reported once per poll().  ERR or HUP ends a
+ * multishot poll (the connection is gone, nothing new can be reported).
+ * Lock held; returns 0.
  */
 static int iocp__poll_done(iocp_port *p, iocp_op *op, int err)
 {
     unsigned want = (unsigned)op->len, mask;
-    struct iocp__sockent *se;
-    int r;
 
     if (err) {
         if ((op->state & IOCP__WST_AFD) || err == ERROR_OPERATION_ABORTED ||
@@ -947,23 +947,11 @@ static int iocp__poll_done(iocp_port *p, iocp_op *op, int err)
         return 0;
     }
     iocp__deliver(p, op, (int64_t)mask, 0, IOCP_CF_MORE, NULL, 0);
-    se = iocp__sock_find(p->be, op->sock, 0);
-    if ((op->state & IOCP__WST_CANCEL) || !se || !se->registered) {
-        iocp__ms_end(p, op, IOCP_ECANCELED, IOCP_CF_CANCELLED);
-        return 0;
-    }
-    r = iocp__issue_poll(p, op, se);
-    if (r == IOCP__INLINE) {
-        op->state |= IOCP__WST_DONE_INLINE;
-        iocp__park(p, op);
-    } else if (r != IOCP__PENDING) {
-        iocp__poll_done(p, op, -r);
-    }
+    iocp__park(p, op);
     return 0;
 }
 
-/* Runs a parked poll op: its kept inline result, or a new wait.  Lock
- * held. */
+/* Runs a parked poll op: arms its wait again.  Lock held. */
 static void iocp__poll_pump(iocp_port *p, iocp_op *op)
 {
     struct iocp__sockent *se = iocp__sock_find(p->be, op->sock, 0);
@@ -975,11 +963,6 @@ static void iocp__poll_pump(iocp_port *p, iocp_op *op)
     }
     if ((op->state & IOCP__WST_CANCEL) || !se || !se->registered) {
         iocp__ms_end(p, op, IOCP_ECANCELED, IOCP_CF_CANCELLED);
-        return;
-    }
-    if (op->state & IOCP__WST_DONE_INLINE) {
-        op->state &= ~IOCP__WST_DONE_INLINE;
-        iocp__poll_done(p, op, 0);
         return;
     }
     r = iocp__issue_poll(p, op, se);
@@ -1495,21 +1478,36 @@ static int iocp__win_poll(iocp_port *p, int max, int timeout_ms)
     OVERLAPPED_ENTRY ents[IOCP__WIN_BATCH];
     ULONG n = 0, i, batch;
     unsigned base;
-    int delivered;
+    int delivered = 0;
 
     if (max < 1)
         max = 1;
-    batch = max > IOCP__WIN_BATCH ? IOCP__WIN_BATCH : (ULONG)max;
-    if (w->nready)
-        timeout_ms = 0;          /* parked work to run: do not sleep */
+    if (w->nready) {
+        /* Parked work first: re-arming multishot polls and reading on
+         * before the wait lets the wait sleep if all of it went back to
+         * the kernel.  Only what was parked when this pass began runs
+         * (iocp__run_ready detaches the list), so a socket that stays
+         * ready is served once per poll(). */
+        iocp__lock(p);
+        base = p->qlen + p->ovflen;
+        w->limit = (int64_t)base + max;
+        iocp__run_ready(p);
+        w->limit = 0;
+        delivered = (int)(p->qlen + p->ovflen - base);
+        iocp__unlock(p);
+        if (delivered > 0 || w->nready)
+            timeout_ms = 0;
+        if (delivered >= max)
+            return delivered;
+    }
+    batch = (ULONG)(max - delivered) > IOCP__WIN_BATCH ? IOCP__WIN_BATCH
+                                                      : (ULONG)(max - delivered);
     if (!GetQueuedCompletionStatusEx(w->port, ents, batch, &n,
                                      timeout_ms < 0 ? INFINITE : (DWORD)timeout_ms, FALSE)) {
         DWORD err = GetLastError();
         if (err != WAIT_TIMEOUT)
-            return -(int)err;
-        n = 0;
-        if (!w->nready)
-            return 0;
+            return delivered > 0 ? delivered : -(int)err;
+        return delivered;
     }
     iocp__lock(p);
     base = p->qlen + p->ovflen;
@@ -1527,15 +1525,12 @@ static int iocp__win_poll(iocp_port *p, int max, int timeout_ms)
         }
         /* Every packet left in the batch may deliver one completion: a
          * multishot recv reading on from this one keeps room for them. */
-        w->limit = (int64_t)base + max - (int64_t)(n - i - 1);
+        w->limit = (int64_t)base + (max - delivered) - (int64_t)(n - i - 1);
         err = iocp__ov_error(op, &bytes);
         iocp__advance(p, op, bytes, err);
     }
-    w->limit = (int64_t)base + max;
-    if (w->ready_head)
-        iocp__run_ready(p);
     w->limit = 0;
-    delivered = (int)(p->qlen + p->ovflen - base);
+    delivered += (int)(p->qlen + p->ovflen - base);
     iocp__unlock(p);
     return delivered;
 }
