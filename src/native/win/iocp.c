@@ -1309,10 +1309,18 @@ static int iocp__win_register(iocp_port *p, iocp_socket_t sock)
         /* Associated just now, yet the value is marked registered: the
          * socket we knew under it was closed without unregister and this
          * is a new one.  The old one's ops were aborted by the close (their
-         * packets are on the way); make sure none is issued again. */
-        for (op = p->inflight_head.next; op != &p->inflight_head; op = op->next)
-            if (op->kind != IOCP_OP_POST && op->sock == sock)
+         * packets are on the way); make sure none is issued again.  One
+         * with nothing in the kernel (parked, starved) would wait for no
+         * packet: the ready list ends it. */
+        for (op = p->inflight_head.next; op != &p->inflight_head; op = op->next) {
+            if (op->kind != IOCP_OP_POST && op->sock == sock) {
                 op->state |= IOCP__WST_CANCEL;
+                if (op->state & IOCP__WST_STARVED)
+                    iocp__unstarve(p, op);
+                if (op->state & IOCP__WST_PARKED)
+                    p->kick = 1;
+            }
+        }
     }
     if (!se) {
         se = iocp__sock_find(w, sock, 1);
