@@ -57,7 +57,9 @@
  *             provider, the driver refusing the IOCTL): a zero-byte WSASend
  *             when OUT is wanted (completes when the socket takes data, in
  *             practice at once), else a zero-byte WSARecv (completes on
- *             data or end of stream); a failure of either is ERR|HUP.
+ *             data or end of stream); a broken connection is ERR|HUP, a
+ *             socket it cannot poll (a listener, one not connected) an
+ *             error (WSAENOTCONN).
  *             (Test knob: IOCP_WIN_TEST_POLL_FALLBACK=1 forces it.)
  *   POST      PostQueuedCompletionStatus with the op's OVERLAPPED; result is
  *             op->len (not the DWORD the packet can carry).
@@ -886,6 +888,15 @@ static int iocp__issue_poll(iocp_port *p, iocp_op *op, struct iocp__sockent *se)
         w->afd_broken = 1;
         memset(&op->ov, 0, sizeof(op->ov));
     }
+    {
+        /* A zero-byte call cannot wait on a listener (Windows refuses it
+         * with WSAENOTCONN; Wine leaves it pending forever): say so. */
+        BOOL listening = FALSE;
+        int llen = sizeof(listening);
+        if (getsockopt(op->sock, SOL_SOCKET, SO_ACCEPTCONN, (char *)&listening, &llen) == 0 &&
+            listening)
+            return -WSAENOTCONN;
+    }
     op->wsabuf.buf = op->accept_addrs;
     op->wsabuf.len = 0;
     if (want & IOCP_POLL_OUT)
@@ -916,7 +927,10 @@ static int iocp__poll_done(iocp_port *p, iocp_op *op, int err)
 
     if (err) {
         if ((op->state & IOCP__WST_AFD) || err == ERROR_OPERATION_ABORTED ||
-            err == ERROR_HANDLES_CLOSED || err == WSAENOTSOCK || (op->state & IOCP__WST_CANCEL)) {
+            err == ERROR_HANDLES_CLOSED || err == WSAENOTSOCK || err == WSAENOTCONN ||
+            err == WSAEINVAL || err == WSAEOPNOTSUPP || (op->state & IOCP__WST_CANCEL)) {
+            /* Cancelled or closed, or a socket the fallback cannot poll (a
+             * listener, one not connected yet): an error, not events. */
             iocp__ms_fail(p, op, err);
         } else {
             /* The fallback's zero-byte call failed: the connection broke. */
