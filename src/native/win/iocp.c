@@ -52,9 +52,10 @@
  *             when ready).  Multishot delivers with MORE and is armed again
  *             by the next poll(), before it waits (armed at once it would
  *             re-report a socket the caller is about to drain): a socket
- *             left ready is reported once per poll(); ERR or HUP ends it.  Fallback where
- *             the AFD poll is out of reach (no ntdll entry point, a layered
- *             provider, the driver refusing the IOCTL): a zero-byte WSASend
+ *             left ready is reported once per poll(); ERR or HUP ends it.
+ *             Fallback where the AFD poll is out of reach (no ntdll entry
+ *             point, a layered provider, the driver refusing the IOCTL):
+ *             a zero-byte WSASend
  *             when OUT is wanted (completes when the socket takes data, in
  *             practice at once), else a zero-byte WSARecv (completes on
  *             data or end of stream); a broken connection is ERR|HUP, a
