@@ -8,17 +8,33 @@
  * socket operation itself (arming an internal poll when the socket is not
  * ready), so an op costs no syscall of its own: SQEs are batched and handed
  * over by the io_uring_enter() that also waits for completions.  Talking to
- * the kernel uses raw syscalls and ABI records declared below under our own
- * names, so this file needs neither liburing nor recent kernel headers.
+ * the kernel uses raw syscalls and ABI records under our own names
+ * (uring_abi.h), so the backend needs neither liburing nor recent kernel
+ * headers.  This file is the op state machine; the ring (setup, SQE
+ * get/commit, flush, CQ primitives, one prep helper per SQE kind) is in
+ * uring_ring.c, the feature probes in uring_probe.c, the provided-buffer
+ * groups in uring_buf.c, and what they share in uring_internal.h.
  *
  * How ops map: user_data is the iocp_op pointer (records are at least
  * 8-byte aligned, so the low three bits are free for tags).  ACCEPT ->
  * IORING_OP_ACCEPT (multishot where the kernel has it, re-armed after every
  * connection where it does not), CONNECT -> IORING_OP_CONNECT, RECV ->
- * IORING_OP_RECV picking a buffer from a provided-buffer ring when the
- * request fits (an idle recv then pins no memory; the buffer goes to the
- * caller with buf_id = index + 1 and comes back through release_buffer),
- * else from the port pool at submit, RECV_INTO -> IORING_OP_RECV into the
+ * IORING_OP_RECV picking a buffer from a provided-buffer group when the
+ * request fits (4 KiB buffers up to 4 KiB, 64 KiB ones up to 64 KiB; an
+ * idle recv then pins no memory; the buffer goes to the caller with a
+ * buf_id naming group and buffer and comes back through release_buffer),
+ * else from the port pool at submit.  The groups grow with load (on
+ * -ENOBUFS, at most once per reap, and when most of a group is out with
+ * callers) up to recv_pool_max; a single-shot recv that still finds none
+ * moves to a pool buffer.  A multishot RECV is one armed
+ * IORING_RECV_MULTISHOT request from the 4 KiB group (64 KiB if its cap
+ * asks for that), one completion with MORE per CQE; where the kernel lacks
+ * it, or the cap is under a buffer, a single-shot recv from the group is
+ * re-armed after each completion, and with no buffer ring at all a
+ * POLL_ADD then a pool-buffer recv is.  -ENOBUFS ends a kernel multishot:
+ * the op grows the group or waits (ST_PARKED) until buffers come back,
+ * then re-arms; it never surfaces.  While it is armed the socket's other
+ * recvs get -EBUSY.  RECV_INTO -> IORING_OP_RECV into the
  * caller's buffer, SEND -> IORING_OP_SEND (IORING_OP_SENDMSG for a
  * gathered send, msghdr kept in the op) re-submitted for the remainder
  * after a short send, POST -> IORING_OP_NOP.  Should the kernel hand back
@@ -33,12 +49,17 @@
  * So every socket has a read FIFO (recv, recv_into) and a write FIFO
  * (connect, send), linked through op->fifo_next, and only the head of each
  * has a request out; ops queued behind it cost no SQE and are issued one
- * by one as the head completes.  All re-issues (remainder, poll, -ENOBUFS
+ * by one as the head completes -- except that consecutive silent sends
+ * queued behind a silent head go out as one linked chain
+ * (IOSQE_IO_LINK + MSG_WAITALL, CQE_SKIP_SUCCESS on all but the last; see
+ * iocp__try_chain), so a socket with many small sends queued pays one
+ * round trip per chain, not per send.  All re-issues (remainder, poll, -ENOBUFS
  * fallback to a pool buffer, spurious cancel) are of the head itself.
  * Accept and post skip the FIFOs: they are no byte stream.
  *
- * Cancel and close: an op queued behind its FIFO head has nothing in the
- * kernel, so cancel unlinks it and completes it cancelled at once.  For an
+ * Cancel and close: an op queued behind its FIFO head, or a multishot
+ * recv waiting for buffers, has nothing in the kernel, so cancel unlinks
+ * it and completes it cancelled at once.  For an
  * op with a request out, cancel submits IORING_OP_ASYNC_CANCEL for the op's
  * user_data; the op's own completion then arrives, -ECANCELED (or -EINTR
  * when an io-wq worker was interrupted), and is flagged cancelled -- or
@@ -53,9 +74,11 @@
  * -ECANCELED re-issues the op instead of failing it.
  *
  * Completions are never lost: the CQ is 4x the SQ, IORING_FEAT_NODROP is
- * required, poll() reaps at most `max` CQEs and leaves the rest in the ring
- * (the kernel's overflow list absorbs more; io_uring_enter(GETEVENTS)
- * flushes it back when the ring says so).  Submission happens under the
+ * required, poll() delivers at most `max` completions and leaves the rest
+ * in the ring (a CQE that means more completions than fit -- a multishot
+ * recv's last data and its cancel -- owes the rest, u->owed, delivered
+ * first by the next reap); the kernel's overflow list absorbs more, and
+ * io_uring_enter(GETEVENTS) flushes it back when the ring says so.  Submission happens under the
  * port lock from any thread.  SQEs made by a thread while it dispatches a
  * batch wait until that batch ends (the port's dispatch_done hook submits
  * them) or its next poll(), whichever is first; every other thread's go at
@@ -67,647 +90,28 @@
  * Environment, for tests: IOCP_URING_FAIL_SETUP=1 makes probe() and init()
  * fail with -EPERM as if io_uring were disabled (the default port then falls
  * back to epoll).  IOCP_URING_DISABLE="ext-arg,provided-buffers,
- * multishot-accept,cancel-fd,submit-all" turns the named kernel features
+ * multishot-accept,recv-multishot,cancel-fd,submit-all,send-chain" (the
+ * feature words of uring_probe.c) turns the named kernel features
  * off to exercise the fallback paths on a new kernel.
  * IOCP_URING_TEST_STARVE=N makes every Nth op or cancel find the SQ full,
- * to exercise the backlogs.
+ * to exercise the backlogs.  IOCP_URING_STATS=1 prints the buffer-group
+ * counters (-ENOBUFS seen, growths, waits) to stderr when a port closes.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
+#include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
-#include <sys/un.h>
 #include <unistd.h>
 
-#include "../iocp_internal.h"
-
-/* ---- kernel ABI (include/uapi/linux/io_uring.h), under our names ---- */
-
-#ifndef __NR_io_uring_setup
-#  define __NR_io_uring_setup 425
-#endif
-#ifndef __NR_io_uring_enter
-#  define __NR_io_uring_enter 426
-#endif
-#ifndef __NR_io_uring_register
-#  define __NR_io_uring_register 427
-#endif
-
-typedef struct iocp__uring_sqe {
-    uint8_t opcode;
-    uint8_t flags;          /* IOSQE_* */
-    uint16_t ioprio;        /* accept/recv: multishot bits */
-    int32_t fd;
-    uint64_t off;           /* connect: addrlen; accept: &addrlen */
-    uint64_t addr;          /* buffer / sockaddr; cancel: target user_data */
-    uint32_t len;
-    uint32_t op_flags;      /* msg_flags, accept_flags, cancel_flags, poll32 */
-    uint64_t user_data;
-    uint16_t buf_group;
-    uint16_t personality;
-    uint32_t file_index;
-    uint64_t addr3;
-    uint64_t pad2;
-} iocp__uring_sqe;
-
-typedef struct iocp__uring_cqe {
-    uint64_t user_data;
-    int32_t res;
-    uint32_t flags;
-} iocp__uring_cqe;
-
-struct iocp__uring_sq_offsets {
-    uint32_t head, tail, ring_mask, ring_entries, flags, dropped, array, resv1;
-    uint64_t user_addr;
-};
-
-struct iocp__uring_cq_offsets {
-    uint32_t head, tail, ring_mask, ring_entries, overflow, cqes, flags, resv1;
-    uint64_t user_addr;
-};
-
-struct iocp__uring_params {
-    uint32_t sq_entries, cq_entries, flags, sq_thread_cpu, sq_thread_idle;
-    uint32_t features, wq_fd, resv[3];
-    struct iocp__uring_sq_offsets sq_off;
-    struct iocp__uring_cq_offsets cq_off;
-};
-
-struct iocp__uring_getevents_arg {
-    uint64_t sigmask;
-    uint32_t sigmask_sz;
-    uint32_t pad;
-    uint64_t ts;
-};
-
-struct iocp__uring_ts {
-    int64_t tv_sec;
-    long long tv_nsec;
-};
-
-struct iocp__uring_probe_op {
-    uint8_t op, resv;
-    uint16_t flags;
-    uint32_t resv2;
-};
-
-struct iocp__uring_probe {
-    uint8_t last_op, ops_len;
-    uint16_t resv;
-    uint32_t resv2[3];
-    struct iocp__uring_probe_op ops[256];
-};
-
-struct iocp__uring_buf {          /* one provided-buffer ring slot */
-    uint64_t addr;
-    uint32_t len;
-    uint16_t bid;
-    uint16_t resv;                /* slot 0: the ring tail lives here */
-};
-
-struct iocp__uring_buf_reg {
-    uint64_t ring_addr;
-    uint32_t ring_entries;
-    uint16_t bgid;
-    uint16_t flags;
-    uint64_t resv[3];
-};
-
-enum {
-    IOCP__OP_NOP = 0, IOCP__OP_POLL_ADD = 6, IOCP__OP_SENDMSG = 9, IOCP__OP_TIMEOUT = 11,
-    IOCP__OP_TIMEOUT_REMOVE = 12, IOCP__OP_ACCEPT = 13,
-    IOCP__OP_ASYNC_CANCEL = 14, IOCP__OP_CONNECT = 16, IOCP__OP_SEND = 26,
-    IOCP__OP_RECV = 27
-};
-
-#define IOCP__SETUP_CQSIZE      (1u << 3)
-#define IOCP__SETUP_CLAMP       (1u << 4)
-#define IOCP__SETUP_SUBMIT_ALL  (1u << 7)
-
-#define IOCP__FEAT_SINGLE_MMAP  (1u << 0)
-#define IOCP__FEAT_NODROP       (1u << 1)
-#define IOCP__FEAT_FAST_POLL    (1u << 5)
-#define IOCP__FEAT_EXT_ARG      (1u << 8)
-
-#define IOCP__ENTER_GETEVENTS   (1u << 0)
-#define IOCP__ENTER_EXT_ARG     (1u << 3)
-
-#define IOCP__SQ_CQ_OVERFLOW    (1u << 1)
-
-#define IOCP__SQE_BUFFER_SELECT (1u << 5)
-
-#define IOCP__CQE_F_BUFFER      (1u << 0)
-#define IOCP__CQE_F_MORE        (1u << 1)
-#define IOCP__CQE_BUFFER_SHIFT  16
-
-#define IOCP__ACCEPT_MULTISHOT  (1u << 0)   /* sqe->ioprio */
-#define IOCP__RECV_MULTISHOT    (1u << 1)   /* sqe->ioprio */
-#define IOCP__CANCEL_ALL        (1u << 0)
-#define IOCP__CANCEL_FD         (1u << 1)
-
-#define IOCP__OFF_SQ_RING       0ULL
-#define IOCP__OFF_CQ_RING       0x8000000ULL
-#define IOCP__OFF_SQES          0x10000000ULL
-
-#define IOCP__REGISTER_PROBE          8
-#define IOCP__REGISTER_PBUF_RING      22
-#define IOCP__UNREGISTER_PBUF_RING    23
-#define IOCP__PROBE_OP_SUPPORTED      (1u << 0)
-
-/* ---- our own constants ---------------------------------------------- */
-
-/* user_data tags (low three bits). */
-#define IOCP__UD_OP        0u     /* the op itself */
-#define IOCP__UD_POLL      1u     /* the op's readiness wait */
-#define IOCP__UD_INTERNAL  2u     /* no op: kind << 3 | payload << 8 */
-#define IOCP__UD_MASK      7u
-enum { IOCP__IN_WAKE = 1, IOCP__IN_CANCEL = 2, IOCP__IN_TIMEOUT = 3,
-       IOCP__IN_TIMEOUT_REMOVE = 4, IOCP__IN_PROBE = 5 };
-#define IOCP__UD_IN(kind, payload) \
-    (IOCP__UD_INTERNAL | ((uint64_t)(kind) << 3) | ((uint64_t)(payload) << 8))
-
-/* Capability bits (probe results, maskable by IOCP_URING_DISABLE). */
-#define IOCP__CAP_EXT_ARG    (1u << 0)
-#define IOCP__CAP_SUBMIT_ALL (1u << 1)
-#define IOCP__CAP_PBUF       (1u << 2)
-#define IOCP__CAP_MS_ACCEPT  (1u << 3)
-#define IOCP__CAP_MS_RECV    (1u << 4)
-#define IOCP__CAP_CANCEL_FD  (1u << 5)
-
-/* op->state bits (backend private). */
-#define IOCP__ST_ARMED     0x01   /* an SQE with user_data == op is out */
-#define IOCP__ST_POLL      0x02   /* a POLL_ADD with op|1 is out */
-#define IOCP__ST_CANCEL    0x04   /* cancel requested */
-#define IOCP__ST_BACKLOG   0x08   /* waiting for an SQE to be issued */
-#define IOCP__ST_CBACKLOG  0x10   /* its cancel waits for an SQE */
-#define IOCP__ST_RINGBUF   0x20   /* RECV picks from the buffer ring */
-#define IOCP__ST_CONNWAIT  0x40   /* CONNECT in progress, polling POLLOUT */
-#define IOCP__ST_MULTI     0x80   /* ACCEPT armed as kernel multishot */
-#define IOCP__ST_FIFO      0x100  /* in its socket's read or write FIFO */
-#define IOCP__ST_QUEUED    0x200  /* ... behind the head: nothing issued */
-
-#define IOCP__DEFAULT_ENTRIES 1024u
-#define IOCP__PBUF_COUNT 128u         /* power of two */
-#define IOCP__PBUF_SIZE  65536u
-
-/* Ops of one socket and direction, in submission order (op->fifo_next).
- * Only the head has a request in the kernel. */
-struct iocp__fifo {
-    iocp_op *head, *tail;
-};
-
-struct iocp__ufd {
-    unsigned registered;
-    unsigned gen;          /* bumped by unregister/register: old ops cancel */
-    unsigned nops;         /* ops in flight on this descriptor */
-    dev_t dev;
-    ino_t ino;             /* which socket: tells a reused descriptor apart */
-    struct iocp__fifo rq;  /* recv, recv_into */
-    struct iocp__fifo wq;  /* connect, send */
-};
-
-/* The table grows by doubling up to this many descriptors: doubling an int
- * past it would overflow, and no kernel hands out larger descriptors
- * (fs.nr_open tops out just below 2^31 and defaults to 2^20). */
-#define IOCP__UFD_MAX (1 << 30)
-
-struct iocp__uring {
-    int fd;
-    unsigned caps;
-    unsigned features;
-
-    /* SQ */
-    void *sq_map;
-    size_t sq_map_len;
-    unsigned *sq_khead, *sq_ktail, *sq_kflags;
-    unsigned sq_mask, sq_entries;
-    unsigned sq_tail;              /* ours; published to *sq_ktail */
-    iocp__uring_sqe *sqes;
-    size_t sqes_len;
-
-    /* CQ */
-    void *cq_map;                  /* == sq_map with SINGLE_MMAP */
-    size_t cq_map_len;
-    unsigned *cq_khead, *cq_ktail;
-    unsigned cq_mask;
-    iocp__uring_cqe *cqes;
-
-    /* Provided-buffer ring (lazy, on the first RECV that fits). */
-    int pbuf_state;                /* 0 not tried, 1 ready, -1 unavailable */
-    struct iocp__uring_buf *pbuf_ring;
-    char *pbuf_mem;
-    unsigned short pbuf_tail;
-
-    /* Descriptors. */
-    struct iocp__ufd *fds;
-    int nfds;
-
-    /* Ops waiting for an SQE, and ops whose cancel waits (op->fd_next). */
-    iocp_op *backlog, *cbacklog;
-
-    int wake_pending;              /* a wake NOP is out */
-    int woken;                     /* reaped a wake NOP in this poll() */
-    unsigned starve, starve_ctr;   /* IOCP_URING_TEST_STARVE (tests only) */
-    unsigned timeout_seq;          /* TIMEOUT SQE fallback */
-    int timeout_armed;
-    int ndelivered;                /* counts deliveries within one reap */
-    struct iocp__uring_ts ts;      /* TIMEOUT SQE: read when the kernel takes it */
-};
-
-/* ---- syscalls --------------------------------------------------------- */
-
-static int iocp__sys_setup(unsigned entries, struct iocp__uring_params *p)
-{
-    long r = syscall(__NR_io_uring_setup, entries, p);
-    return r < 0 ? -errno : (int)r;
-}
-
-static int iocp__sys_enter(int fd, unsigned to_submit, unsigned min_complete,
-                           unsigned flags, void *arg, size_t argsz)
-{
-    long r = syscall(__NR_io_uring_enter, fd, to_submit, min_complete, flags, arg, argsz);
-    return r < 0 ? -errno : (int)r;
-}
-
-static int iocp__sys_register(int fd, unsigned opcode, void *arg, unsigned nr)
-{
-    long r = syscall(__NR_io_uring_register, fd, opcode, arg, nr);
-    return r < 0 ? -errno : (int)r;
-}
-
-static int iocp__env_fail_setup(void)
-{
-    const char *v = getenv("IOCP_URING_FAIL_SETUP");
-    return v && v[0] && strcmp(v, "0") != 0;
-}
-
-/* ---- rings ------------------------------------------------------------ */
-
-static void iocp__ring_unmap(struct iocp__uring *u)
-{
-    if (u->sqes)
-        munmap(u->sqes, u->sqes_len);
-    if (u->cq_map && u->cq_map != u->sq_map)
-        munmap(u->cq_map, u->cq_map_len);
-    if (u->sq_map)
-        munmap(u->sq_map, u->sq_map_len);
-    u->sqes = NULL;
-    u->cq_map = u->sq_map = NULL;
-}
-
-/* Creates the ring and maps it.  Returns 0 or -errno (nothing left open). */
-static int iocp__ring_open(struct iocp__uring *u, unsigned entries, unsigned setup_flags)
-{
-    struct iocp__uring_params prm;
-    unsigned i, *array;
-    void *m;
-    int fd, r;
-
-    memset(&prm, 0, sizeof(prm));
-    prm.flags = IOCP__SETUP_CQSIZE | IOCP__SETUP_CLAMP | setup_flags;
-    prm.cq_entries = entries * 4;
-    fd = iocp__sys_setup(entries, &prm);
-    if (fd < 0)
-        return fd;
-    u->fd = fd;
-    u->features = prm.features;
-    u->sq_map_len = prm.sq_off.array + prm.sq_entries * sizeof(unsigned);
-    u->cq_map_len = prm.cq_off.cqes + prm.cq_entries * sizeof(iocp__uring_cqe);
-    if ((prm.features & IOCP__FEAT_SINGLE_MMAP) && u->cq_map_len > u->sq_map_len)
-        u->sq_map_len = u->cq_map_len;
-    m = mmap(NULL, u->sq_map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-             fd, IOCP__OFF_SQ_RING);
-    if (m == MAP_FAILED)
-        goto fail;
-    u->sq_map = m;
-    if (prm.features & IOCP__FEAT_SINGLE_MMAP) {
-        u->cq_map = m;
-    } else {
-        m = mmap(NULL, u->cq_map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-                 fd, IOCP__OFF_CQ_RING);
-        if (m == MAP_FAILED)
-            goto fail;
-        u->cq_map = m;
-    }
-    u->sqes_len = prm.sq_entries * sizeof(iocp__uring_sqe);
-    m = mmap(NULL, u->sqes_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-             fd, IOCP__OFF_SQES);
-    if (m == MAP_FAILED)
-        goto fail;
-    u->sqes = m;
-
-    u->sq_khead = (unsigned *)((char *)u->sq_map + prm.sq_off.head);
-    u->sq_ktail = (unsigned *)((char *)u->sq_map + prm.sq_off.tail);
-    u->sq_kflags = (unsigned *)((char *)u->sq_map + prm.sq_off.flags);
-    u->sq_mask = *(unsigned *)((char *)u->sq_map + prm.sq_off.ring_mask);
-    u->sq_entries = prm.sq_entries;
-    u->sq_tail = *u->sq_ktail;
-    /* SQE slot i is always array entry i: the indirection is unused. */
-    array = (unsigned *)((char *)u->sq_map + prm.sq_off.array);
-    for (i = 0; i < prm.sq_entries; i++)
-        array[i] = i;
-
-    u->cq_khead = (unsigned *)((char *)u->cq_map + prm.cq_off.head);
-    u->cq_ktail = (unsigned *)((char *)u->cq_map + prm.cq_off.tail);
-    u->cq_mask = *(unsigned *)((char *)u->cq_map + prm.cq_off.ring_mask);
-    u->cqes = (iocp__uring_cqe *)((char *)u->cq_map + prm.cq_off.cqes);
-    return 0;
-
-fail:
-    r = -errno;
-    iocp__ring_unmap(u);
-    close(fd);
-    u->fd = -1;
-    return r;
-}
-
-static void iocp__ring_close(struct iocp__uring *u)
-{
-    iocp__ring_unmap(u);
-    if (u->fd >= 0)
-        close(u->fd);
-    u->fd = -1;
-}
-
-/* SQEs not yet consumed by the kernel. */
-static unsigned iocp__sq_pending(struct iocp__uring *u)
-{
-    return u->sq_tail - __atomic_load_n(u->sq_khead, __ATOMIC_ACQUIRE);
-}
-
-/*
- * Hands pending SQEs to the kernel without waiting.  Lock held (or the
- * ring private to the caller).  Leaves them pending on EBUSY/EAGAIN (old
- * kernels refuse submission while the CQ overflows; the next poll() reaps
- * and retries).
- */
-static int iocp__flush(struct iocp__uring *u)
-{
-    for (;;) {
-        unsigned pending = iocp__sq_pending(u);
-        int r;
-        if (pending == 0)
-            return 0;
-        r = iocp__sys_enter(u->fd, pending, 0, 0, NULL, 0);
-        if (r == -EINTR)
-            continue;
-        if (r <= 0)
-            return r;
-    }
-}
-
-/*
- * Takes a free SQE slot, zeroed; NULL if the SQ stays full even after a
- * submit.  The caller fills it and then calls iocp__sqe_commit().
- */
-static iocp__uring_sqe *iocp__sqe_get(struct iocp__uring *u)
-{
-    iocp__uring_sqe *sqe;
-
-    if (iocp__sq_pending(u) >= u->sq_entries) {
-        (void)iocp__flush(u);
-        if (iocp__sq_pending(u) >= u->sq_entries)
-            return NULL;
-    }
-    sqe = &u->sqes[u->sq_tail & u->sq_mask];
-    memset(sqe, 0, sizeof(*sqe));
-    return sqe;
-}
-
-/* Publishes the SQE filled since iocp__sqe_get (release: the kernel, or
- * a poller's concurrent io_uring_enter, must see it whole). */
-static void iocp__sqe_commit(struct iocp__uring *u)
-{
-    u->sq_tail++;
-    __atomic_store_n(u->sq_ktail, u->sq_tail, __ATOMIC_RELEASE);
-}
-
-/*
- * SQE for an op or a cancel.  With IOCP_URING_TEST_STARVE=N (tests only)
- * every Nth request finds the SQ "full", as when an old kernel refuses
- * submission during a CQ overflow, so the backlog paths run.
- */
-static iocp__uring_sqe *iocp__sqe_get_op(struct iocp__uring *u)
-{
-    if (u->starve && ++u->starve_ctr % u->starve == 0)
-        return NULL;
-    return iocp__sqe_get(u);
-}
-
-/* ---- capabilities ----------------------------------------------------- */
-
-static struct {
-    pthread_once_t once;
-    int err;                /* 0 or why io_uring cannot run */
-    unsigned caps;
-} iocp__uring_caps = { PTHREAD_ONCE_INIT, 0, 0 };
-
-/* Waits for the CQE tagged `ud` on a private ring; returns its res, or
- * `absent` if it did not come (the request is pending). */
-static int iocp__probe_result(struct iocp__uring *u, uint64_t ud, int absent)
-{
-    unsigned head = *u->cq_khead, tail = __atomic_load_n(u->cq_ktail, __ATOMIC_ACQUIRE);
-    int res = absent;
-
-    for (; head != tail; head++) {
-        iocp__uring_cqe *c = &u->cqes[head & u->cq_mask];
-        if (c->user_data == ud)
-            res = c->res;
-    }
-    __atomic_store_n(u->cq_khead, head, __ATOMIC_RELEASE);
-    return res;
-}
-
-/* Submits one prepared SQE on a private ring and reports its result. */
-static int iocp__probe_one(struct iocp__uring *u, int absent)
-{
-    iocp__sqe_commit(u);
-    if (iocp__flush(u) < 0)
-        return absent;
-    return iocp__probe_result(u, IOCP__UD_IN(IOCP__IN_PROBE, 0), absent);
-}
-
-/*
- * Which of the features we use the kernel has.  Opcode support comes from
- * IORING_REGISTER_PROBE; flags that have no probe (multishot accept and
- * recv, cancel by descriptor) are tried for real on a throw-away ring:
- * an old kernel rejects them at once with -EINVAL, a new one leaves the
- * request pending (or fails it for another reason).
- */
-static void iocp__detect(void)
-{
-    static const uint8_t needed[] = {
-        IOCP__OP_NOP, IOCP__OP_POLL_ADD, IOCP__OP_TIMEOUT, IOCP__OP_TIMEOUT_REMOVE,
-        IOCP__OP_ACCEPT, IOCP__OP_ASYNC_CANCEL, IOCP__OP_CONNECT, IOCP__OP_SEND,
-        IOCP__OP_RECV, IOCP__OP_SENDMSG
-    };
-    struct iocp__uring u;
-    struct iocp__uring_probe *pr;
-    struct iocp__uring_buf_reg reg;
-    iocp__uring_sqe *sqe;
-    unsigned caps = 0, i;
-    void *ring_mem = MAP_FAILED;
-    int r, sv[2] = { -1, -1 }, lfd = -1;
-
-    memset(&u, 0, sizeof(u));
-    u.fd = -1;
-    r = iocp__ring_open(&u, 8, IOCP__SETUP_SUBMIT_ALL);
-    if (r == -EINVAL)
-        r = iocp__ring_open(&u, 8, 0);
-    else if (r == 0)
-        caps |= IOCP__CAP_SUBMIT_ALL;
-    if (r < 0) {
-        iocp__uring_caps.err = r;
-        return;
-    }
-    /* Without NODROP a CQ overflow loses completions; without FAST_POLL
-     * every idle socket op blocks a kernel worker thread. */
-    if ((u.features & (IOCP__FEAT_NODROP | IOCP__FEAT_FAST_POLL)) !=
-        (IOCP__FEAT_NODROP | IOCP__FEAT_FAST_POLL)) {
-        iocp__uring_caps.err = -ENOSYS;
-        goto out;
-    }
-    if (u.features & IOCP__FEAT_EXT_ARG)
-        caps |= IOCP__CAP_EXT_ARG;
-    pr = calloc(1, sizeof(*pr));
-    if (!pr) {
-        iocp__uring_caps.err = -ENOMEM;
-        goto out;
-    }
-    r = iocp__sys_register(u.fd, IOCP__REGISTER_PROBE, pr, 256);
-    for (i = 0; r >= 0 && i < sizeof(needed); i++) {
-        if (needed[i] > pr->last_op || !(pr->ops[needed[i]].flags & IOCP__PROBE_OP_SUPPORTED))
-            r = -ENOSYS;
-    }
-    free(pr);
-    if (r < 0) {
-        iocp__uring_caps.err = r == -EINVAL ? -ENOSYS : r;
-        goto out;
-    }
-
-    /* Provided-buffer ring: one slot is enough to see it register. */
-    ring_mem = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (ring_mem != MAP_FAILED) {
-        memset(&reg, 0, sizeof(reg));
-        reg.ring_addr = (uint64_t)(uintptr_t)ring_mem;
-        reg.ring_entries = 1;
-        reg.bgid = 0;
-        if (iocp__sys_register(u.fd, IOCP__REGISTER_PBUF_RING, &reg, 1) == 0)
-            caps |= IOCP__CAP_PBUF;
-    }
-
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) == 0) {
-        /* Multishot recv needs a buffer group: the ring registered above. */
-        if ((caps & IOCP__CAP_PBUF) && (sqe = iocp__sqe_get(&u)) != NULL) {
-            sqe->opcode = IOCP__OP_RECV;
-            sqe->fd = sv[0];
-            sqe->ioprio = IOCP__RECV_MULTISHOT;
-            sqe->flags = IOCP__SQE_BUFFER_SELECT;
-            sqe->buf_group = 0;
-            sqe->user_data = IOCP__UD_IN(IOCP__IN_PROBE, 0);
-            /* With no buffer in the ring a new kernel answers -ENOBUFS. */
-            if (iocp__probe_one(&u, 1) != -EINVAL)
-                caps |= IOCP__CAP_MS_RECV;
-        }
-        if ((sqe = iocp__sqe_get(&u)) != NULL) {
-            sqe->opcode = IOCP__OP_ASYNC_CANCEL;
-            sqe->fd = sv[0];
-            sqe->op_flags = IOCP__CANCEL_FD | IOCP__CANCEL_ALL;
-            sqe->user_data = IOCP__UD_IN(IOCP__IN_PROBE, 0);
-            if (iocp__probe_one(&u, -EINVAL) >= 0)
-                caps |= IOCP__CAP_CANCEL_FD;
-        }
-    }
-    /* A Unix listener with an autobound abstract name: no file system. */
-    lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (lfd >= 0) {
-        struct sockaddr_un sa;
-        memset(&sa, 0, sizeof(sa));
-        sa.sun_family = AF_UNIX;
-        if (bind(lfd, (struct sockaddr *)&sa, sizeof(sa.sun_family)) == 0 &&
-            listen(lfd, 1) == 0 && (sqe = iocp__sqe_get(&u)) != NULL) {
-            sqe->opcode = IOCP__OP_ACCEPT;
-            sqe->fd = lfd;
-            sqe->ioprio = IOCP__ACCEPT_MULTISHOT;
-            sqe->op_flags = SOCK_CLOEXEC | SOCK_NONBLOCK;
-            sqe->user_data = IOCP__UD_IN(IOCP__IN_PROBE, 0);
-            if (iocp__probe_one(&u, 1) != -EINVAL)
-                caps |= IOCP__CAP_MS_ACCEPT;
-        }
-    }
-out:
-    /* Closing the ring cancels whatever the tests left pending. */
-    iocp__ring_close(&u);
-    if (ring_mem != MAP_FAILED)
-        munmap(ring_mem, 4096);
-    if (sv[0] >= 0) {
-        close(sv[0]);
-        close(sv[1]);
-    }
-    if (lfd >= 0)
-        close(lfd);
-    iocp__uring_caps.caps = caps;
-}
-
-static const struct { unsigned cap; const char *word; } iocp__cap_words[] = {
-    { IOCP__CAP_EXT_ARG, "ext-arg" },
-    { IOCP__CAP_SUBMIT_ALL, "submit-all" },
-    { IOCP__CAP_MS_ACCEPT, "multishot-accept" },
-    { IOCP__CAP_PBUF, "provided-buffers" },
-    { IOCP__CAP_MS_RECV, "recv-multishot" },
-    { IOCP__CAP_CANCEL_FD, "cancel-fd" },
-};
-#define IOCP__NCAPWORDS (sizeof(iocp__cap_words) / sizeof(iocp__cap_words[0]))
-
-/* Capabilities after IOCP_URING_DISABLE, or a negative error. */
-static int iocp__caps(unsigned *caps)
-{
-    const char *dis = getenv("IOCP_URING_DISABLE");
-    unsigned c, i;
-
-    if (iocp__env_fail_setup())
-        return -EPERM;
-    pthread_once(&iocp__uring_caps.once, iocp__detect);
-    if (iocp__uring_caps.err < 0)
-        return iocp__uring_caps.err;
-    c = iocp__uring_caps.caps;
-    for (i = 0; dis && i < IOCP__NCAPWORDS; i++) {
-        if (strstr(dis, iocp__cap_words[i].word))
-            c &= ~iocp__cap_words[i].cap;
-    }
-    *caps = c;
-    return 0;
-}
-
-static int iocp__uring_probe(char *features, size_t len)
-{
-    unsigned caps = 0, i;
-    size_t used;
-    int r = iocp__caps(&caps);
-
-    if (r < 0)
-        return r;
-    if (features && len) {
-        snprintf(features, len, "nodrop fast-poll");
-        for (i = 0; i < IOCP__NCAPWORDS; i++) {
-            if (!(caps & iocp__cap_words[i].cap))
-                continue;
-            used = strlen(features);
-            snprintf(features + used, len - used, " %s", iocp__cap_words[i].word);
-        }
-    }
-    return 0;
-}
+#include "uring_internal.h"
 
 /* ---- per-descriptor state ------------------------------------------- */
 
@@ -754,71 +158,6 @@ static int iocp__cancelling(struct iocp__uring *u, iocp_op *op)
     return !st || (unsigned)op->aux_sock != st->gen;
 }
 
-/* ---- provided-buffer ring --------------------------------------------- */
-
-static void iocp__pbuf_add(struct iocp__uring *u, unsigned bid)
-{
-    struct iocp__uring_buf *b = &u->pbuf_ring[u->pbuf_tail & (IOCP__PBUF_COUNT - 1)];
-
-    b->addr = (uint64_t)(uintptr_t)(u->pbuf_mem + (size_t)bid * IOCP__PBUF_SIZE);
-    b->len = IOCP__PBUF_SIZE;
-    b->bid = (uint16_t)bid;
-    u->pbuf_tail++;
-    /* The tail shares slot 0's last field; release so the kernel sees the
-     * slot before the tail that covers it. */
-    __atomic_store_n(&u->pbuf_ring[0].resv, u->pbuf_tail, __ATOMIC_RELEASE);
-}
-
-/* Sets the ring up on first use; memory is reserved, not touched, so it
- * costs only what receives actually write. */
-static int iocp__pbuf_ready(struct iocp__uring *u)
-{
-    struct iocp__uring_buf_reg reg;
-    size_t ring_len = IOCP__PBUF_COUNT * sizeof(struct iocp__uring_buf);
-    void *ring, *mem;
-    unsigned i;
-
-    if (u->pbuf_state)
-        return u->pbuf_state > 0;
-    u->pbuf_state = -1;
-    if (!(u->caps & IOCP__CAP_PBUF))
-        return 0;
-    ring = mmap(NULL, ring_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (ring == MAP_FAILED)
-        return 0;
-    mem = mmap(NULL, (size_t)IOCP__PBUF_COUNT * IOCP__PBUF_SIZE, PROT_READ | PROT_WRITE,
-               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (mem == MAP_FAILED) {
-        munmap(ring, ring_len);
-        return 0;
-    }
-    memset(&reg, 0, sizeof(reg));
-    reg.ring_addr = (uint64_t)(uintptr_t)ring;
-    reg.ring_entries = IOCP__PBUF_COUNT;
-    reg.bgid = 0;
-    if (iocp__sys_register(u->fd, IOCP__REGISTER_PBUF_RING, &reg, 1) < 0) {
-        munmap(mem, (size_t)IOCP__PBUF_COUNT * IOCP__PBUF_SIZE);
-        munmap(ring, ring_len);
-        return 0;
-    }
-    u->pbuf_ring = ring;
-    u->pbuf_mem = mem;
-    u->pbuf_tail = 0;
-    for (i = 0; i < IOCP__PBUF_COUNT; i++)
-        iocp__pbuf_add(u, i);
-    u->pbuf_state = 1;
-    return 1;
-}
-
-static void iocp__uring_release_buffer(iocp_port *p, char *data, uint32_t buf_id)
-{
-    struct iocp__uring *u = p->be;
-
-    (void)data;
-    if (buf_id >= 1 && buf_id <= IOCP__PBUF_COUNT && u->pbuf_state > 0)
-        iocp__pbuf_add(u, buf_id - 1);
-}
-
 /* ---- arming ops ------------------------------------------------------- */
 
 static void iocp__list_push(iocp_op **head, iocp_op *op)
@@ -843,6 +182,36 @@ static int iocp__list_remove(iocp_op **head, iocp_op *op)
         }
     }
     return 0;
+}
+
+/* Multishot recvs waiting for buffers of a group, oldest first. */
+static void iocp__waiter_push(struct iocp__bgroup *b, iocp_op *op)
+{
+    op->fd_next = NULL;
+    if (b->waiters_tail)
+        b->waiters_tail->fd_next = op;
+    else
+        b->waiters = op;
+    b->waiters_tail = op;
+    op->state |= IOCP__ST_PARKED;
+}
+
+static void iocp__waiter_remove(struct iocp__bgroup *b, iocp_op *op)
+{
+    iocp_op *prev = NULL, *it;
+
+    for (it = b->waiters; it && it != op; it = it->fd_next)
+        prev = it;
+    if (!it)
+        return;
+    if (prev)
+        prev->fd_next = op->fd_next;
+    else
+        b->waiters = op->fd_next;
+    if (b->waiters_tail == op)
+        b->waiters_tail = prev;
+    op->fd_next = NULL;
+    op->state &= ~IOCP__ST_PARKED;
 }
 
 /*
@@ -897,75 +266,102 @@ static int iocp__fifo_remove(struct iocp__fifo *f, iocp_op *op)
     return prev == NULL;
 }
 
-/* Queues the SQE that (re)issues the op as its state says; with no SQE
- * free, the op waits on the backlog (drained by poll()). */
+/* The op's user_data (tag 0: the op itself). */
+static inline uint64_t iocp__ud_op(iocp_op *op)
+{
+    return (uint64_t)(uintptr_t)op | IOCP__UD_OP;
+}
+
+static inline int iocp__is_msrecv(const iocp_op *op)
+{
+    return op->kind == IOCP_OP_RECV && (op->flags & IOCP_OPF_MULTISHOT);
+}
+
+/* The buffer group a RINGBUF recv picks from. */
+static inline int iocp__op_group(const iocp_op *op)
+{
+    return (op->state & IOCP__ST_BG_LARGE) ? IOCP__BG_LARGE : IOCP__BG_SMALL;
+}
+
+/* Bytes a recv into a pool buffer asks for (a multishot one: its cap, or
+ * 64 KiB). */
+static inline size_t iocp__pool_recv_len(const iocp_op *op)
+{
+    if (iocp__is_msrecv(op) && op->len == 0)
+        return 65536;
+    return op->len;
+}
+
+/* Fills a SEND (a SENDMSG over the unsent segments of a gathered send). */
+static void iocp__prep_send_op(iocp__uring_sqe *sqe, iocp_op *op, unsigned msg_flags,
+                               uint64_t ud)
+{
+    if (op->iovcnt > 0) {
+        /* The msghdr lives in the op, so it stays valid however long the
+         * SQE waits in the ring. */
+        int nseg;
+        memset(&op->msg, 0, sizeof(op->msg));
+        op->msg.msg_iov = (struct iovec *)iocp__iov_advance(op, 0, &nseg);
+        op->msg.msg_iovlen = (size_t)nseg;
+        iocp__prep_sendmsg(sqe, op->sock, &op->msg, msg_flags, ud);
+    } else {
+        iocp__prep_send(sqe, op->sock, op->buf + op->done, op->len - op->done, msg_flags, ud);
+    }
+}
+
+/* Queues the SQE that (re)issues the op as its state says; -1 with no SQE
+ * free (the caller puts the op on the backlog, drained by poll()). */
 static int iocp__arm_now(struct iocp__uring *u, iocp_op *op)
 {
     iocp__uring_sqe *sqe = iocp__sqe_get_op(u);
+    uint64_t ud = iocp__ud_op(op);
 
     if (!sqe)
         return -1;
-    sqe->fd = op->sock;
-    sqe->user_data = (uint64_t)(uintptr_t)op | IOCP__UD_OP;
     switch (op->kind) {
     case IOCP_OP_ACCEPT:
-        sqe->opcode = IOCP__OP_ACCEPT;
-        sqe->op_flags = SOCK_CLOEXEC | SOCK_NONBLOCK;
         if (op->state & IOCP__ST_MULTI) {
             /* Every connection would write the same address buffer while
              * we read it: take the peer from getpeername() instead. */
-            sqe->ioprio = IOCP__ACCEPT_MULTISHOT;
+            iocp__prep_accept(sqe, op->sock, NULL, NULL, 1, ud);
         } else {
             op->addrlen = sizeof(op->addr);
-            sqe->addr = (uint64_t)(uintptr_t)&op->addr;
-            sqe->off = (uint64_t)(uintptr_t)&op->addrlen;
+            iocp__prep_accept(sqe, op->sock, (struct sockaddr *)&op->addr, &op->addrlen,
+                              0, ud);
         }
         break;
     case IOCP_OP_CONNECT:
-        sqe->opcode = IOCP__OP_CONNECT;
-        sqe->addr = (uint64_t)(uintptr_t)&op->addr;
-        sqe->off = (uint64_t)op->addrlen;
+        iocp__prep_connect(sqe, op->sock, (struct sockaddr *)&op->addr, op->addrlen, ud);
         break;
     case IOCP_OP_RECV:
-        sqe->opcode = IOCP__OP_RECV;
-        sqe->len = op->len > 0x7ffff000u ? 0x7ffff000u : (uint32_t)op->len;
         if (op->state & IOCP__ST_RINGBUF) {
-            sqe->flags = IOCP__SQE_BUFFER_SELECT;
-            sqe->buf_group = 0;
+            int g = iocp__op_group(op);
+            size_t size = iocp__bg_size(&u->bg[g]);
+            if (op->state & IOCP__ST_MULTI)
+                iocp__prep_recv_select(sqe, op->sock, 0, (unsigned)g, 1, ud);
+            else
+                iocp__prep_recv_select(sqe, op->sock, op->len && op->len < size ? op->len : size,
+                                       (unsigned)g, 0, ud);
+        } else if (op->backend_data) {
+            iocp__prep_recv(sqe, op->sock, op->backend_data, iocp__pool_recv_len(op), ud);
         } else {
-            sqe->addr = (uint64_t)(uintptr_t)op->backend_data;
+            /* Multishot with no buffer ring: wait for data before taking a
+             * pool buffer (iocp__complete_poll), so an idle socket pins
+             * none. */
+            iocp__prep_poll_add(sqe, op->sock, POLLIN, (uint64_t)(uintptr_t)op | IOCP__UD_POLL);
+            iocp__sqe_commit(u);
+            op->state |= IOCP__ST_POLL;
+            return 0;
         }
         break;
     case IOCP_OP_RECV_INTO:
-        sqe->opcode = IOCP__OP_RECV;
-        sqe->addr = (uint64_t)(uintptr_t)op->buf;
-        sqe->len = op->len > 0x7ffff000u ? 0x7ffff000u : (uint32_t)op->len;
+        iocp__prep_recv(sqe, op->sock, op->buf, op->len, ud);
         break;
-    case IOCP_OP_SEND: {
-        size_t left = op->len - op->done;
-        if (op->iovcnt > 0) {
-            /* Gathered: SENDMSG over the segments still unsent.  The
-             * msghdr lives in the op, so it stays valid however long the
-             * SQE waits in the ring (the kernel reads it at submission). */
-            int nseg;
-            memset(&op->msg, 0, sizeof(op->msg));
-            op->msg.msg_iov = (struct iovec *)iocp__iov_advance(op, 0, &nseg);
-            op->msg.msg_iovlen = (size_t)nseg;
-            sqe->opcode = IOCP__OP_SENDMSG;
-            sqe->addr = (uint64_t)(uintptr_t)&op->msg;
-            sqe->len = 1;
-            sqe->op_flags = MSG_NOSIGNAL;
-            break;
-        }
-        sqe->opcode = IOCP__OP_SEND;
-        sqe->addr = (uint64_t)(uintptr_t)(op->buf + op->done);
-        sqe->len = left > 0x7ffff000u ? 0x7ffff000u : (uint32_t)left;
-        sqe->op_flags = MSG_NOSIGNAL;
+    case IOCP_OP_SEND:
+        iocp__prep_send_op(sqe, op, MSG_NOSIGNAL, ud);
         break;
-    }
     default: /* IOCP_OP_POST */
-        sqe->opcode = IOCP__OP_NOP;
-        sqe->fd = -1;
+        iocp__prep_nop(sqe, ud);
         break;
     }
     iocp__sqe_commit(u);
@@ -993,18 +389,88 @@ static void iocp__arm_poll(struct iocp__uring *u, iocp_op *op, unsigned events)
         iocp__arm(u, op);
         return;
     }
-    sqe->opcode = IOCP__OP_POLL_ADD;
-    sqe->fd = op->sock;
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    events = (events << 16) | (events >> 16);   /* the kernel swaps halves */
-#endif
-    sqe->op_flags = events;
-    sqe->user_data = (uint64_t)(uintptr_t)op | IOCP__UD_POLL;
+    iocp__prep_poll_add(sqe, op->sock, events, (uint64_t)(uintptr_t)op | IOCP__UD_POLL);
     iocp__sqe_commit(u);
     op->state |= IOCP__ST_POLL;
 }
 
-/* Queues a cancel for whatever request of the op is out. */
+/* Fills the cancel for whatever request of the op is out: its readiness
+ * wait if one is, else the op's own request. */
+static void iocp__prep_op_cancel(iocp__uring_sqe *sqe, iocp_op *op)
+{
+    unsigned tag = (op->state & IOCP__ST_POLL) ? IOCP__UD_POLL
+                   : (op->state & IOCP__ST_CHAIN) ? IOCP__UD_CHAIN : IOCP__UD_OP;
+
+    iocp__prep_cancel(sqe, (uint64_t)(uintptr_t)op | tag, IOCP__UD_IN(IOCP__IN_CANCEL, 0));
+}
+
+/* Longest linked chain of sends (SQ room permitting). */
+#define IOCP__CHAIN_MAX 256u
+
+/*
+ * Silent sends, linked.  A socket's write FIFO runs one request at a time,
+ * so many small sends queued on it would cost one ring round trip each.
+ * When the head about to start is a silent send and more sends are queued
+ * right behind it, they go out as one chain instead: IOSQE_IO_LINK makes
+ * the kernel run them in order, one after the other; MSG_WAITALL makes it
+ * finish each send (retrying short ones itself) or fail it, and a failed
+ * or short member fails the rest of the link (-ECANCELED), so nothing can
+ * overtake a short send; IOSQE_CQE_SKIP_SUCCESS on all but the last means
+ * one CQE for the lot.  The chain is the maximal run of queued silent
+ * sends, closed by the next send if that one is not silent (its CQE is
+ * posted anyway).  Ends: the first CQE of any member (a member failing
+ * with CQE_SKIP posts its own CQE, and the kernel then skips those of the
+ * links it cancels -- all of them, the last one's too), so the members
+ * before it succeeded, it has its own result, and those after it never
+ * ran (iocp__complete_chain).  The SQEs are published together, after
+ * SKIP'd NOP padding if poll()'s blocking io_uring_enter might still take
+ * SQEs (u->poller_pending): it could otherwise submit a prefix of the
+ * chain on its own, cutting the link.
+ * Returns 1 if it issued a chain starting at `head` (not QUEUED any more).
+ */
+static int iocp__try_chain(struct iocp__uring *u, struct iocp__ufd *st, iocp_op *head)
+{
+    unsigned n = 0, i, pad = u->poller_pending, room = iocp__sq_space(u);
+    iocp_op *m;
+
+    if (!(u->caps & IOCP__CAP_CHAIN) || u->backlog || st->chain_n ||
+        head->kind != IOCP_OP_SEND || !(head->flags & IOCP_OPF_SILENT) ||
+        !(head->state & IOCP__ST_FIFO) || room < pad + 2)
+        return 0;
+    room -= pad;
+    if (room > IOCP__CHAIN_MAX)
+        room = IOCP__CHAIN_MAX;
+    for (m = head; m && n < room; m = m->fifo_next) {
+        if (m != head && (!(m->state & IOCP__ST_QUEUED) || m->kind != IOCP_OP_SEND ||
+                          iocp__cancelling(u, m)))
+            break;
+        n++;
+        if (!(m->flags & IOCP_OPF_SILENT))
+            break;
+    }
+    if (n < 2 || (u->starve && ++u->starve_ctr % u->starve == 0))
+        return 0;
+    for (i = 0; i < pad; i++) {
+        iocp__uring_sqe *sqe = iocp__sqe_at(u, i);
+        iocp__prep_nop(sqe, IOCP__UD_IN(IOCP__IN_PAD, 0));
+        sqe->flags = IOCP__SQE_CQE_SKIP;
+    }
+    for (m = head, i = 0; i < n; i++, m = m->fifo_next) {
+        iocp__uring_sqe *sqe = iocp__sqe_at(u, pad + i);
+        iocp__prep_send_op(sqe, m, MSG_NOSIGNAL | MSG_WAITALL,
+                           (uint64_t)(uintptr_t)m | IOCP__UD_CHAIN);
+        if (i + 1 < n)
+            sqe->flags |= IOCP__SQE_IO_LINK | IOCP__SQE_CQE_SKIP;
+        m->state &= ~IOCP__ST_QUEUED;
+        m->state |= IOCP__ST_ARMED | IOCP__ST_CHAIN;
+    }
+    iocp__sqe_commit_n(u, pad + n);
+    st->chain_n = n;
+    return 1;
+}
+
+/* Queues a cancel for whatever request of the op is out; with no SQE free
+ * it waits on the cancel backlog. */
 static void iocp__send_cancel(struct iocp__uring *u, iocp_op *op)
 {
     iocp__uring_sqe *sqe = iocp__sqe_get_op(u);
@@ -1014,26 +480,28 @@ static void iocp__send_cancel(struct iocp__uring *u, iocp_op *op)
         iocp__list_push(&u->cbacklog, op);
         return;
     }
-    sqe->opcode = IOCP__OP_ASYNC_CANCEL;
-    sqe->fd = -1;
-    sqe->addr = (uint64_t)(uintptr_t)op |
-                ((op->state & IOCP__ST_POLL) ? IOCP__UD_POLL : IOCP__UD_OP);
-    sqe->user_data = IOCP__UD_IN(IOCP__IN_CANCEL, 0);
+    iocp__prep_op_cancel(sqe, op);
     iocp__sqe_commit(u);
 }
 
 /* ---- delivering ------------------------------------------------------- */
 
+static void iocp__submit_policy(iocp_port *p, struct iocp__uring *u);
+
 static void iocp__fifo_start(iocp_port *p, struct iocp__uring *u, struct iocp__fifo *f);
 
-static void iocp__finish(iocp_port *p, struct iocp__uring *u, iocp_op *op,
-                         int64_t result, int64_t error, unsigned flags,
-                         char *data, uint32_t buf_id)
+static void iocp__finish_now(iocp_port *p, struct iocp__uring *u, iocp_op *op,
+                             int64_t result, int64_t error, unsigned flags,
+                             char *data, uint32_t buf_id)
 {
     struct iocp__fifo *next = NULL;
 
     if (!(flags & IOCP_CF_MORE)) {
         struct iocp__ufd *st = iocp__ufd(u, op->sock);
+        if (st && st->msrecv == op)
+            st->msrecv = NULL;
+        if (op->state & IOCP__ST_PARKED)
+            iocp__waiter_remove(&u->bg[iocp__op_group(op)], op);
         if ((op->state & IOCP__ST_FIFO) && st) {
             /* The head's successor may start now (after this delivery, so
              * completions of one direction come out in order). */
@@ -1059,6 +527,68 @@ static void iocp__finish(iocp_port *p, struct iocp__uring *u, iocp_op *op,
         iocp__fifo_start(p, u, next);
 }
 
+/* Appends to the owed list; -1 if it cannot grow (out of memory). */
+static int iocp__owe(struct iocp__uring *u, iocp_op *op, int64_t result, int64_t error,
+                     unsigned flags, char *data, uint32_t buf_id)
+{
+    struct iocp__owed *o;
+
+    if (u->owed_head + u->nowed == u->owed_cap) {
+        if (u->owed_head > 0) {
+            memmove(u->owed, u->owed + u->owed_head, u->nowed * sizeof(*u->owed));
+            u->owed_head = 0;
+        } else {
+            unsigned cap = u->owed_cap ? u->owed_cap * 2 : 64;
+            struct iocp__owed *n = realloc(u->owed, cap * sizeof(*n));
+            if (!n)
+                return -1;
+            u->owed = n;
+            u->owed_cap = cap;
+        }
+    }
+    o = &u->owed[u->owed_head + u->nowed++];
+    o->op = op;
+    o->result = result;
+    o->error = error;
+    o->flags = flags;
+    o->data = data;
+    o->buf_id = buf_id;
+    return 0;
+}
+
+/*
+ * Delivers one outcome of the op -- or, when this reap has handed out its
+ * `max` (or earlier outcomes already wait), owes it: the next reap delivers
+ * it first.  Once anything is owed every later outcome is too, so order
+ * holds.  An op whose final outcome is owed is ST_OWED: nothing of it is in
+ * the kernel any more and cancel leaves it alone.
+ */
+static void iocp__finish(iocp_port *p, struct iocp__uring *u, iocp_op *op,
+                         int64_t result, int64_t error, unsigned flags,
+                         char *data, uint32_t buf_id)
+{
+    if ((u->nowed || (u->reaping && u->ndelivered >= u->budget)) &&
+        iocp__owe(u, op, result, error, flags, data, buf_id) == 0) {
+        if (!(flags & IOCP_CF_MORE))
+            op->state |= IOCP__ST_OWED;
+        if (!u->reaping)
+            p->kick = 1;             /* only poll() hands it out */
+        return;
+    }
+    iocp__finish_now(p, u, op, result, error, flags, data, buf_id);
+}
+
+/* Hands out what earlier reaps owed, as far as this reap's budget goes. */
+static void iocp__owed_drain(iocp_port *p, struct iocp__uring *u)
+{
+    while (u->nowed && u->ndelivered < u->budget) {
+        struct iocp__owed o = u->owed[u->owed_head++];
+        if (--u->nowed == 0)
+            u->owed_head = 0;
+        iocp__finish_now(p, u, o.op, o.result, o.error, o.flags, o.data, o.buf_id);
+    }
+}
+
 static void iocp__finish_cancelled(iocp_port *p, struct iocp__uring *u, iocp_op *op)
 {
     if (op->kind == IOCP_OP_SEND && op->done > 0)
@@ -1077,11 +607,15 @@ static void iocp__fifo_start(iocp_port *p, struct iocp__uring *u, struct iocp__f
     iocp_op *op;
 
     while ((op = f->head) != NULL && (op->state & IOCP__ST_QUEUED)) {
-        op->state &= ~IOCP__ST_QUEUED;
         if (!iocp__cancelling(u, op)) {
+            struct iocp__ufd *st = iocp__ufd(u, op->sock);
+            if (st && f == &st->wq && iocp__try_chain(u, st, op))
+                return;
+            op->state &= ~IOCP__ST_QUEUED;
             iocp__arm(u, op);
             return;
         }
+        op->state &= ~IOCP__ST_QUEUED;
         f->head = op->fifo_next;
         if (!f->head)
             f->tail = NULL;
@@ -1151,6 +685,90 @@ static void iocp__complete_accept(iocp_port *p, struct iocp__uring *u, iocp_op *
         iocp__finish(p, u, op, res, 0, 0, NULL, 0);
 }
 
+/*
+ * Re-arms every multishot recv that waited for buffers of group g.  All of
+ * them: the kernel also answers -ENOBUFS to a recv issued on an idle socket
+ * while the ring is empty, so a waiter may have no data and take no
+ * buffer; re-arming only as many as came back could leave one with data
+ * waiting for a release that never comes.  Those that find the ring empty
+ * again wait again.
+ */
+static void iocp__unpark(iocp_port *p, struct iocp__uring *u, int g)
+{
+    struct iocp__bgroup *b = &u->bg[g];
+    iocp_op *list = b->waiters, *op;
+
+    b->waiters = b->waiters_tail = NULL;
+    while ((op = list) != NULL) {
+        list = op->fd_next;
+        op->fd_next = NULL;
+        op->state &= ~IOCP__ST_PARKED;
+        iocp__again(p, u, op);
+    }
+}
+
+/* Grows group g and re-arms the recvs that waited for its buffers.
+ * Returns how many buffers it added. */
+static unsigned iocp__grow(iocp_port *p, struct iocp__uring *u, int g)
+{
+    unsigned added = iocp__bg_grow(u, g);
+
+    if (added > 0) {
+        u->bg[g].grew_seq = u->reap_seq;
+        if (u->bg[g].waiters)
+            iocp__unpark(p, u, g);
+    }
+    return added;
+}
+
+/*
+ * After -ENOBUFS: may the recv go again on the ring?  One shortage shows
+ * as a burst of -ENOBUFS in one batch of CQEs, so the group grows (doubles)
+ * at most once per reap and the rest of the burst re-arms on those
+ * buffers; a shortage that lasts grows it again at the next reap.
+ */
+static int iocp__refill(iocp_port *p, struct iocp__uring *u, int g)
+{
+    if (u->reaping && u->bg[g].grew_seq == u->reap_seq)
+        return 1;
+    return iocp__grow(p, u, g) > 0;
+}
+
+/* A CQE gave us buffer `bid` of group g with `res` bytes: it goes to the
+ * caller (ours until release_buffer).  When most of the group is out with
+ * callers, grow before the kernel runs dry. */
+static void iocp__handout(iocp_port *p, struct iocp__uring *u, iocp_op *op, int g,
+                          unsigned bid, int res, unsigned flags)
+{
+    struct iocp__bgroup *b = &u->bg[g];
+
+    b->out++;
+    p->live_buffers++;
+    iocp__finish(p, u, op, res, 0, flags | IOCP_CF_BUFFER, iocp__bg_addr(u, g, bid),
+                 iocp__bg_buf_id(g, bid));
+    if (b->nbufs - b->out < b->nbufs / 4)
+        (void)iocp__grow(p, u, g);
+}
+
+/* The kernel found no buffer for a multishot recv (which then stopped):
+ * grow the group, else wait until a buffer comes back.  Never surfaces. */
+static void iocp__recv_starved(iocp_port *p, struct iocp__uring *u, iocp_op *op)
+{
+    int g = iocp__op_group(op);
+
+    u->n_enobufs++;
+    if (iocp__cancelling(u, op)) {
+        iocp__finish_cancelled(p, u, op);
+    } else if (iocp__refill(p, u, g) || u->bg[g].out == 0) {
+        /* With nothing out with callers every buffer is back in the ring
+         * or on its way to us in a CQE: no release would wake a waiter. */
+        iocp__arm(u, op);
+    } else {
+        iocp__waiter_push(&u->bg[g], op);
+        u->n_parks++;
+    }
+}
+
 static void iocp__complete_recv(iocp_port *p, struct iocp__uring *u, iocp_op *op,
                                 int res, unsigned cflags)
 {
@@ -1159,14 +777,14 @@ static void iocp__complete_recv(iocp_port *p, struct iocp__uring *u, iocp_op *op
     if (cflags & IOCP__CQE_F_BUFFER) {
         /* A ring buffer came with it: ours until given away or put back. */
         unsigned bid = cflags >> IOCP__CQE_BUFFER_SHIFT;
-        if (res > 0 && bid < IOCP__PBUF_COUNT) {
-            p->live_buffers++;
-            iocp__finish(p, u, op, res, 0, IOCP_CF_BUFFER,
-                         u->pbuf_mem + (size_t)bid * IOCP__PBUF_SIZE, bid + 1);
-            return;
+        int g = iocp__op_group(op);
+        if (bid < u->bg[g].nbufs) {
+            if (res > 0) {
+                iocp__handout(p, u, op, g, bid, res, 0);
+                return;
+            }
+            iocp__bg_put(u, g, bid);
         }
-        if (bid < IOCP__PBUF_COUNT)
-            iocp__pbuf_add(u, bid);
     }
     if (res > 0) {
         data = op->backend_data;
@@ -1181,12 +799,18 @@ static void iocp__complete_recv(iocp_port *p, struct iocp__uring *u, iocp_op *op
     if (res == 0) {
         iocp__finish(p, u, op, 0, 0, 0, NULL, 0);
     } else if (res == -ENOBUFS && (op->state & IOCP__ST_RINGBUF)) {
-        /* Every ring buffer is out with the caller: use the pool. */
+        u->n_enobufs++;
         if (iocp__cancelling(u, op)) {
             iocp__finish_cancelled(p, u, op);
             return;
         }
-        op->state &= ~IOCP__ST_RINGBUF;
+        if (iocp__refill(p, u, iocp__op_group(op))) {
+            iocp__arm(u, op);
+            return;
+        }
+        /* The groups are at their bound and every buffer is out: use
+         * the pool. */
+        op->state &= ~(IOCP__ST_RINGBUF | IOCP__ST_BG_LARGE);
         op->backend_data = iocp__buffer_get(p, op->len);
         if (!op->backend_data)
             iocp__finish(p, u, op, IOCP_ENOMEM, 0, 0, NULL, 0);
@@ -1199,6 +823,46 @@ static void iocp__complete_recv(iocp_port *p, struct iocp__uring *u, iocp_op *op
     } else {
         iocp__finish(p, u, op, res, 0, 0, NULL, 0);
     }
+}
+
+/*
+ * Multishot recv.  Kernel multishot (ST_MULTI) posts one CQE per arrival
+ * with F_MORE while it stays armed; the emulations (a single-shot recv
+ * from the buffer ring, or a poll then a pool-buffer recv) post one CQE per
+ * request and are re-armed here.  Either way every arrival is delivered
+ * with MORE; the final completion is EOF, an error or the cancel.
+ */
+static void iocp__complete_recv_ms(iocp_port *p, struct iocp__uring *u, iocp_op *op,
+                                   int res, unsigned cflags)
+{
+    if (cflags & IOCP__CQE_F_BUFFER) {
+        unsigned bid = cflags >> IOCP__CQE_BUFFER_SHIFT;
+        int g = iocp__op_group(op);
+        if (bid < u->bg[g].nbufs) {
+            if (res > 0)
+                iocp__handout(p, u, op, g, bid, res, IOCP_CF_MORE);
+            else
+                iocp__bg_put(u, g, bid);
+        }
+    } else if (res > 0 && op->backend_data) {
+        char *data = op->backend_data;
+        op->backend_data = NULL;
+        iocp__finish(p, u, op, res, 0, IOCP_CF_MORE | IOCP_CF_BUFFER, data, 0);
+    }
+    if (cflags & IOCP__CQE_F_MORE)
+        return;                     /* still armed in the kernel */
+    if (res > 0)
+        iocp__again(p, u, op);      /* emulation, or the kernel stopped */
+    else if (res == 0)
+        iocp__finish(p, u, op, 0, 0, 0, NULL, 0);
+    else if (res == -ENOBUFS && (op->state & IOCP__ST_RINGBUF))
+        iocp__recv_starved(p, u, op);
+    else if (res == -EAGAIN)
+        iocp__again_poll(p, u, op, POLLIN);
+    else if (iocp__is_cancel_res(res))
+        iocp__again(p, u, op);
+    else
+        iocp__finish(p, u, op, res, 0, 0, NULL, 0);
 }
 
 static void iocp__complete_recv_into(iocp_port *p, struct iocp__uring *u, iocp_op *op, int res)
@@ -1232,6 +896,40 @@ static void iocp__complete_send(iocp_port *p, struct iocp__uring *u, iocp_op *op
     } else {
         iocp__finish(p, u, op, res, 0, 0, NULL, 0);
     }
+}
+
+/*
+ * The first CQE of a linked chain of sends (see iocp__try_chain) ends it:
+ * the members before `op` were sent whole, `op` has its own result, and
+ * those after it never ran.  They go back to being queued behind `op`,
+ * in order -- re-issued after it if its result was short or a cancel
+ * (which may be another member's own), completed cancelled if it failed
+ * outright (the socket is broken; they would fail the same way).
+ */
+static void iocp__complete_chain(iocp_port *p, struct iocp__uring *u, iocp_op *op, int res)
+{
+    struct iocp__ufd *st = iocp__ufd(u, op->sock);
+    iocp_op *m, *next;
+    unsigned k = 0, i;
+    int hard = res < 0 && res != -EAGAIN && !iocp__is_cancel_res(res);
+
+    for (m = st ? st->wq.head : NULL; m && m != op && k < st->chain_n; m = m->fifo_next)
+        k++;
+    if (!m || m != op || k >= st->chain_n)
+        return;                     /* not a member of the chain out */
+    for (i = k + 1, m = op->fifo_next; i < st->chain_n && m; i++, m = m->fifo_next) {
+        m->state &= ~(IOCP__ST_CHAIN | IOCP__ST_ARMED);
+        m->state |= IOCP__ST_QUEUED | (hard ? IOCP__ST_CANCEL : 0);
+    }
+    st->chain_n = 0;
+    for (m = st->wq.head; m != op; m = next) {
+        next = m->fifo_next;
+        m->state &= ~(IOCP__ST_CHAIN | IOCP__ST_ARMED);
+        m->done = m->len;
+        iocp__finish(p, u, m, (int64_t)m->len, 0, 0, NULL, 0);
+    }
+    op->state &= ~IOCP__ST_CHAIN;
+    iocp__complete_send(p, u, op, res);
 }
 
 /* After a connect in progress became writable: how did it end? */
@@ -1287,7 +985,43 @@ static void iocp__complete_poll(iocp_port *p, struct iocp__uring *u, iocp_op *op
         else
             iocp__connect_check(p, u, op);
     } else {
+        if (iocp__is_msrecv(op) && !(op->state & IOCP__ST_RINGBUF) && !op->backend_data) {
+            /* Multishot with no buffer ring: data is there, take a buffer. */
+            op->backend_data = iocp__buffer_get(p, iocp__pool_recv_len(op));
+            if (!op->backend_data) {
+                iocp__finish(p, u, op, IOCP_ENOMEM, 0, 0, NULL, 0);
+                return;
+            }
+        }
         iocp__arm(u, op);
+    }
+}
+
+/* ---- provided buffers ------------------------------------------------- */
+
+/* A buffer the caller got from a CQE comes back (lock held): into its
+ * ring.  Recvs waiting for buffers of that group go again once half the
+ * group is back (a wave, not one re-arm per buffer), or when nothing is
+ * out any more (no later release would wake them). */
+static void iocp__uring_release_buffer(iocp_port *p, char *data, uint32_t buf_id)
+{
+    struct iocp__uring *u = p->be;
+    int g = (int)(buf_id >> 16) - 1;
+    unsigned bid = buf_id & 0xffffu;
+    struct iocp__bgroup *b;
+
+    (void)data;
+    if (g < 0 || g >= IOCP__BG_COUNT)
+        return;
+    b = &u->bg[g];
+    if (b->state <= 0 || bid >= b->nbufs)
+        return;
+    iocp__bg_put(u, g, bid);
+    if (b->out > 0)
+        b->out--;
+    if (b->waiters && b->out <= b->nbufs / 2) {
+        iocp__unpark(p, u, g);
+        iocp__submit_policy(p, u);
     }
 }
 
@@ -1315,6 +1049,13 @@ static void iocp__complete(iocp_port *p, struct iocp__uring *u, const iocp__urin
         iocp__complete_poll(p, u, op, c->res);
         return;
     }
+    if (tag == IOCP__UD_CHAIN) {
+        if (op->state & IOCP__ST_CHAIN) {
+            op->state &= ~IOCP__ST_ARMED;
+            iocp__complete_chain(p, u, op, c->res);
+        }
+        return;
+    }
     if (!(c->flags & IOCP__CQE_F_MORE))
         op->state &= ~IOCP__ST_ARMED;
     switch (op->kind) {
@@ -1325,7 +1066,10 @@ static void iocp__complete(iocp_port *p, struct iocp__uring *u, const iocp__urin
         iocp__complete_connect(p, u, op, c->res);
         break;
     case IOCP_OP_RECV:
-        iocp__complete_recv(p, u, op, c->res, c->flags);
+        if (op->flags & IOCP_OPF_MULTISHOT)
+            iocp__complete_recv_ms(p, u, op, c->res, c->flags);
+        else
+            iocp__complete_recv(p, u, op, c->res, c->flags);
         break;
     case IOCP_OP_RECV_INTO:
         iocp__complete_recv_into(p, u, op, c->res);
@@ -1349,11 +1093,7 @@ static void iocp__drain_backlogs(struct iocp__uring *u)
         u->cbacklog = op->fd_next;
         op->fd_next = NULL;
         op->state &= ~IOCP__ST_CBACKLOG;
-        sqe->opcode = IOCP__OP_ASYNC_CANCEL;
-        sqe->fd = -1;
-        sqe->addr = (uint64_t)(uintptr_t)op |
-                    ((op->state & IOCP__ST_POLL) ? IOCP__UD_POLL : IOCP__UD_OP);
-        sqe->user_data = IOCP__UD_IN(IOCP__IN_CANCEL, 0);
+        iocp__prep_op_cancel(sqe, op);
         iocp__sqe_commit(u);
     }
     while (u->backlog) {
@@ -1372,28 +1112,26 @@ static void iocp__drain_backlogs(struct iocp__uring *u)
  */
 static int iocp__reap(iocp_port *p, struct iocp__uring *u, int max)
 {
-    unsigned head, tail;
+    iocp__uring_cqe c;
     int flushed = 0;
 
     u->ndelivered = 0;
+    u->reap_seq++;
+    u->reaping = 1;
+    u->budget = max;
+    iocp__owed_drain(p, u);
     for (;;) {
-        head = *u->cq_khead;
-        tail = __atomic_load_n(u->cq_ktail, __ATOMIC_ACQUIRE);
-        while (head != tail && u->ndelivered < max) {
-            iocp__uring_cqe c = u->cqes[head & u->cq_mask];
-            head++;
-            /* Give the slot back before acting: acting may submit, and a
-             * full CQ would only push the kernel onto its overflow list. */
-            __atomic_store_n(u->cq_khead, head, __ATOMIC_RELEASE);
+        /* A CQE may mean several completions: whatever does not fit is
+         * owed (iocp__finish), and nothing more is reaped while it is. */
+        while (u->ndelivered < max && !u->nowed && iocp__cqe_next(u, &c))
             iocp__complete(p, u, &c);
-        }
-        if (u->ndelivered >= max || flushed)
+        if (u->ndelivered >= max || u->nowed || flushed)
             break;
-        if (!(__atomic_load_n(u->sq_kflags, __ATOMIC_ACQUIRE) & IOCP__SQ_CQ_OVERFLOW))
+        if (!iocp__cq_flush_overflow(u))
             break;
-        (void)iocp__sys_enter(u->fd, 0, 0, IOCP__ENTER_GETEVENTS, NULL, 0);
         flushed = 1;
     }
+    u->reaping = 0;
     if (u->backlog || u->cbacklog)
         iocp__drain_backlogs(u);
     return u->ndelivered;
@@ -1410,7 +1148,7 @@ static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
     unsigned caps, entries;
     int r;
 
-    r = iocp__caps(&caps);
+    r = iocp__uring_caps(&caps);
     if (r < 0)
         return r;
     u = calloc(1, sizeof(*u));
@@ -1418,6 +1156,8 @@ static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
         return IOCP_ENOMEM;
     u->fd = -1;
     u->caps = caps;
+    u->pool_max = opts && opts->recv_pool_max ? opts->recv_pool_max : IOCP__POOL_MAX_DEFAULT;
+    u->print_stats = getenv("IOCP_URING_STATS") != NULL;
     if (getenv("IOCP_URING_TEST_STARVE"))
         u->starve = (unsigned)atoi(getenv("IOCP_URING_TEST_STARVE"));
     if (u->starve == 1)
@@ -1444,10 +1184,8 @@ static void iocp__uring_release(iocp_port *p)
     struct iocp__uring *u = p->be;
 
     iocp__ring_close(u);
-    if (u->pbuf_state > 0) {
-        munmap(u->pbuf_mem, (size_t)IOCP__PBUF_COUNT * IOCP__PBUF_SIZE);
-        munmap(u->pbuf_ring, IOCP__PBUF_COUNT * sizeof(struct iocp__uring_buf));
-    }
+    iocp__bg_free(u);
+    free(u->owed);
     free(u->fds);
     free(u);
     p->be = NULL;
@@ -1457,12 +1195,15 @@ static void iocp__uring_destroy(iocp_port *p)
 {
     struct iocp__uring *u = p->be;
 
-    if (u->pbuf_state > 0) {
-        struct iocp__uring_buf_reg reg;
-        memset(&reg, 0, sizeof(reg));
-        reg.bgid = 0;
-        (void)iocp__sys_register(u->fd, IOCP__UNREGISTER_PBUF_RING, &reg, 1);
+    if (u->print_stats) {
+        /* Tests and measurements read this (IOCP_URING_STATS=1). */
+        fprintf(stderr, "iocp-uring-stats enobufs=%llu grows=%llu parks=%llu "
+                "pool_bytes=%zu small_bufs=%u large_bufs=%u\n",
+                (unsigned long long)u->n_enobufs, (unsigned long long)u->n_grows,
+                (unsigned long long)u->n_parks, u->pool_bytes, u->bg[IOCP__BG_SMALL].nbufs,
+                u->bg[IOCP__BG_LARGE].nbufs);
     }
+    iocp__bg_unregister(u);
     iocp__uring_release(p);
 }
 
@@ -1492,9 +1233,7 @@ static void iocp__submit_policy(iocp_port *p, struct iocp__uring *u)
         /* Only a poll() drains the backlogs: end the sleeping one's wait. */
         iocp__uring_sqe *sqe = iocp__sqe_get(u);
         if (sqe) {
-            sqe->opcode = IOCP__OP_NOP;
-            sqe->fd = -1;
-            sqe->user_data = IOCP__UD_IN(IOCP__IN_WAKE, 0);
+            iocp__prep_wake(sqe);
             iocp__sqe_commit(u);
             u->wake_pending = 1;
         }
@@ -1535,7 +1274,8 @@ static void iocp__cancel_fd_ops(iocp_port *p, struct iocp__uring *u, int fd, uns
                 iocp__finish_cancelled(p, u, op);
         }
     }
-    /* Ops still on the backlog never reached the kernel either. */
+    /* Ops still on the backlog never reached the kernel either, nor did
+     * multishot recvs waiting for buffers. */
     for (op = u->backlog; op; op = next) {
         next = op->fd_next;
         if (op->sock == fd && (unsigned)op->aux_sock == gen && op->kind != IOCP_OP_POST) {
@@ -1543,17 +1283,23 @@ static void iocp__cancel_fd_ops(iocp_port *p, struct iocp__uring *u, int fd, uns
             iocp__finish_cancelled(p, u, op);
         }
     }
+    for (i = 0; i < IOCP__BG_COUNT; i++) {
+        for (op = u->bg[i].waiters; op; op = next) {
+            next = op->fd_next;
+            if (op->sock == fd && (unsigned)op->aux_sock == gen) {
+                iocp__waiter_remove(&u->bg[i], op);
+                iocp__finish_cancelled(p, u, op);
+            }
+        }
+    }
     if (by_fd && (sqe = iocp__sqe_get_op(u)) != NULL) {
-        sqe->opcode = IOCP__OP_ASYNC_CANCEL;
-        sqe->fd = fd;
-        sqe->op_flags = IOCP__CANCEL_FD | IOCP__CANCEL_ALL;
-        sqe->user_data = IOCP__UD_IN(IOCP__IN_CANCEL, 0);
+        iocp__prep_cancel_fd(sqe, fd, IOCP__UD_IN(IOCP__IN_CANCEL, 0));
         iocp__sqe_commit(u);
         return;
     }
     for (op = p->inflight_head.next; op != &p->inflight_head; op = op->next) {
         if (op->sock == fd && op->kind != IOCP_OP_POST && (unsigned)op->aux_sock == gen &&
-            !(op->state & (IOCP__ST_CANCEL | IOCP__ST_BACKLOG))) {
+            !(op->state & (IOCP__ST_CANCEL | IOCP__ST_BACKLOG | IOCP__ST_OWED))) {
             op->state |= IOCP__ST_CANCEL;
             iocp__send_cancel(u, op);
         }
@@ -1592,6 +1338,7 @@ static int iocp__uring_register(iocp_port *p, iocp_socket_t sock)
         iocp__cancel_fd_ops(p, u, sock, st->gen, 0);
         iocp__submit_policy(p, u);
     }
+    st->msrecv = NULL;              /* the old socket's, if any */
     st->gen++;
     st->registered = 1;
     st->dev = sb.st_dev;
@@ -1610,6 +1357,7 @@ static int iocp__uring_unregister(iocp_port *p, iocp_socket_t sock)
     gen = st->gen;
     st->registered = 0;
     st->gen++;
+    st->msrecv = NULL;              /* it completes cancelled, as the rest */
     if (st->nops > 0) {
         iocp__cancel_fd_ops(p, u, sock, gen, (u->caps & IOCP__CAP_CANCEL_FD) != 0);
         /* Submit now: the caller closes the descriptor next, and both the
@@ -1645,9 +1393,28 @@ static int iocp__uring_submit(iocp_port *p, iocp_op *op)
     if (op->kind == IOCP_OP_ACCEPT && (op->flags & IOCP_OPF_MULTISHOT) &&
         (u->caps & IOCP__CAP_MS_ACCEPT))
         op->state |= IOCP__ST_MULTI;
-    if (op->kind == IOCP_OP_RECV) {
-        if (op->len > 0 && op->len <= IOCP__PBUF_SIZE && iocp__pbuf_ready(u)) {
-            op->state |= IOCP__ST_RINGBUF;
+    /* While a multishot recv is armed it owns the socket's read side. */
+    if (st && st->msrecv && (op->kind == IOCP_OP_RECV || op->kind == IOCP_OP_RECV_INTO))
+        return IOCP_EBUSY;
+    if (iocp__is_msrecv(op)) {
+        /* Kernel multishot delivers up to a buffer per arrival, so its
+         * group's buffers must not exceed the cap (`len`, 0: none); a
+         * cap below 4 KiB re-arms a single-shot recv from the ring. */
+        size_t want = op->len == 0 ? 0 : op->len >= 65536 ? 65536 : op->len > 4096 ? 4096
+                                                                                    : op->len;
+        int g = iocp__bg_pick(u, want);
+        if (g >= 0) {
+            op->state |= IOCP__ST_RINGBUF | (g == IOCP__BG_LARGE ? IOCP__ST_BG_LARGE : 0);
+            if ((u->caps & IOCP__CAP_MS_RECV) &&
+                (op->len == 0 || op->len >= iocp__bg_size(&u->bg[g])))
+                op->state |= IOCP__ST_MULTI;
+        }
+        /* Else a poll, then a pool buffer, per arrival (arm_now). */
+        st->msrecv = op;
+    } else if (op->kind == IOCP_OP_RECV) {
+        int g = op->len > 0 ? iocp__bg_pick(u, op->len) : -1;
+        if (g >= 0) {
+            op->state |= IOCP__ST_RINGBUF | (g == IOCP__BG_LARGE ? IOCP__ST_BG_LARGE : 0);
         } else {
             op->backend_data = iocp__buffer_get(p, op->len ? op->len : 1);
             if (!op->backend_data)
@@ -1686,12 +1453,39 @@ static int iocp__uring_cancel(iocp_port *p, iocp_op *op)
         iocp__finish_cancelled(p, u, op);
         return 0;
     }
+    if (op->state & IOCP__ST_OWED)
+        return 0;                   /* its final completion is on its way */
+    if (op->state & IOCP__ST_PARKED) {
+        /* A multishot recv waiting for buffers: nothing in the kernel. */
+        iocp__waiter_remove(&u->bg[iocp__op_group(op)], op);
+        iocp__finish_cancelled(p, u, op);
+        return 0;
+    }
     if (op->state & IOCP__ST_CANCEL)
         return 0;
     op->state |= IOCP__ST_CANCEL;
     iocp__send_cancel(u, op);
     iocp__submit_policy(p, u);
     return 0;
+}
+
+/*
+ * poll() found completions and made SQEs while reaping them (re-arms,
+ * remainders).  Those may wait for the next kernel entry when this thread
+ * is sure to make one soon: it takes the batch it delivered (the core's
+ * wait takes a batch when a dispatch slot is free), and its dispatch_done
+ * or its next wait submits them -- the event loop's next turn then costs
+ * one io_uring_enter, not two.  SQEs that were pending when poll() began
+ * (held back by a dispatching thread) go now, as does everything when
+ * nothing was delivered.  Lock held.
+ */
+static void iocp__flush_after_reap(iocp_port *p, struct iocp__uring *u, int n, int held)
+{
+    if (!iocp__sq_pending(u))
+        return;
+    if (n > 0 && !held && (p->active < p->concurrency || p->closing))
+        return;
+    (void)iocp__flush(u);
 }
 
 static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
@@ -1702,12 +1496,13 @@ static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
     unsigned flags = IOCP__ENTER_GETEVENTS, pending;
     void *argp = NULL;
     size_t argsz = 0;
-    int n, r;
+    int n, r, held;
 
     iocp__lock(p);
     if (u->backlog || u->cbacklog)
         iocp__drain_backlogs(u);
     u->woken = 0;
+    held = iocp__sq_pending(u) > 0;
     n = iocp__reap(p, u, max);
     /* A wake-up already in the CQ is this call's reason to return: going
      * to sleep after eating it would lose it. */
@@ -1715,14 +1510,14 @@ static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
         if (n == 0) {
             /* Non-blocking: submit, run pending task work, look again. */
             r = iocp__sys_enter(u->fd, iocp__sq_pending(u), 0, IOCP__ENTER_GETEVENTS, NULL, 0);
+            held = 0;
             n = iocp__reap(p, u, max);
             if (n == 0 && r == -EINTR) {
                 iocp__unlock(p);
                 return IOCP_EINTR;
             }
-        } else if (iocp__sq_pending(u)) {
-            (void)iocp__flush(u);
         }
+        iocp__flush_after_reap(p, u, n, held);
         iocp__unlock(p);
         return n;
     }
@@ -1742,32 +1537,28 @@ static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
             iocp__uring_sqe *sqe = iocp__sqe_get(u);
             if (sqe) {
                 u->timeout_seq = (u->timeout_seq + 1) & 0xffffff;
-                sqe->opcode = IOCP__OP_TIMEOUT;
-                sqe->fd = -1;
                 u->ts = ts;
-                sqe->addr = (uint64_t)(uintptr_t)&u->ts;
-                sqe->len = 1;
-                sqe->user_data = IOCP__UD_IN(IOCP__IN_TIMEOUT, u->timeout_seq);
+                iocp__prep_timeout(sqe, &u->ts, IOCP__UD_IN(IOCP__IN_TIMEOUT, u->timeout_seq));
                 iocp__sqe_commit(u);
                 u->timeout_armed = 1;
             }
         }
     }
     pending = iocp__sq_pending(u);
+    u->poller_pending = pending;
     iocp__unlock(p);
 
     r = iocp__sys_enter(u->fd, pending, 1, flags, argp, argsz);
 
     iocp__lock(p);
+    u->poller_pending = 0;
     n = iocp__reap(p, u, max);
     if (u->timeout_armed) {
         /* Woken before the timer: remove it so timers do not pile up. */
         iocp__uring_sqe *sqe = iocp__sqe_get(u);
         if (sqe) {
-            sqe->opcode = IOCP__OP_TIMEOUT_REMOVE;
-            sqe->fd = -1;
-            sqe->addr = IOCP__UD_IN(IOCP__IN_TIMEOUT, u->timeout_seq);
-            sqe->user_data = IOCP__UD_IN(IOCP__IN_TIMEOUT_REMOVE, 0);
+            iocp__prep_timeout_remove(sqe, IOCP__UD_IN(IOCP__IN_TIMEOUT, u->timeout_seq),
+                                      IOCP__UD_IN(IOCP__IN_TIMEOUT_REMOVE, 0));
             iocp__sqe_commit(u);
             /* Now, so its two CQEs are in the ring before the next poll()
              * reaps: otherwise they would end that poll's wait at once. */
@@ -1776,9 +1567,8 @@ static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
         u->timeout_armed = 0;
     }
     /* Re-issues made while reaping (short sends, re-armed accepts, recvs
-     * moved to the pool) start now, not whenever someone polls again. */
-    if (iocp__sq_pending(u))
-        (void)iocp__flush(u);
+     * moved to the pool) start with this thread's next kernel entry. */
+    iocp__flush_after_reap(p, u, n, 0);
     iocp__unlock(p);
     if (n > 0)
         return n;
@@ -1803,9 +1593,7 @@ static int iocp__uring_wake(iocp_port *p)
         if (!sqe) {
             r = -EBUSY;
         } else {
-            sqe->opcode = IOCP__OP_NOP;
-            sqe->fd = -1;
-            sqe->user_data = IOCP__UD_IN(IOCP__IN_WAKE, 0);
+            iocp__prep_wake(sqe);
             iocp__sqe_commit(u);
             r = iocp__flush(u);
             if (r >= 0) {
@@ -1819,15 +1607,15 @@ static int iocp__uring_wake(iocp_port *p)
 }
 
 const iocp_backend iocp__backend_uring = {
-    "io_uring",
-    iocp__uring_probe,
-    iocp__uring_init,
-    iocp__uring_destroy,
-    iocp__uring_register,
-    iocp__uring_unregister,
-    iocp__uring_submit,
-    iocp__uring_cancel,
-    iocp__uring_poll,
-    iocp__uring_wake,
-    iocp__uring_release_buffer,
+    .name = "io_uring",
+    .probe = iocp__uring_probe,
+    .init = iocp__uring_init,
+    .destroy = iocp__uring_destroy,
+    .register_socket = iocp__uring_register,
+    .unregister_socket = iocp__uring_unregister,
+    .submit = iocp__uring_submit,
+    .cancel = iocp__uring_cancel,
+    .poll = iocp__uring_poll,
+    .wake = iocp__uring_wake,
+    .release_buffer = iocp__uring_release_buffer,
 };

@@ -1,0 +1,322 @@
+/*
+ * uring_ring.c -- the io_uring ring itself, with no op semantics.
+ *
+ * What it does: io_uring_setup with a CQ four times the SQ (so bursts of
+ * completions stay in the ring, not on the kernel's overflow list), maps
+ * the SQ, CQ and SQE array (one mapping for both rings where the kernel
+ * has SINGLE_MMAP), and publishes SQEs: SQE slot i is always SQ array
+ * entry i, so the indirection array is filled once and never touched
+ * again.  Submission is a plain io_uring_enter(to_submit) loop; a full SQ
+ * is submitted to make room.  The CQ side is two primitives: take the next
+ * CQE (iocp__cqe_next, inline in uring_internal.h) and flush the kernel's
+ * overflow list back into the ring when the SQ flags say it holds some.
+ *
+ * Every SQE the backend makes is filled by one prep helper below, so the
+ * layout of each request kind is written down once (the probes use the
+ * same helpers).  None of this takes a lock: callers hold the port lock,
+ * or own a private ring (the probes).
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "uring_internal.h"
+
+/* ---- syscalls --------------------------------------------------------- */
+
+int iocp__sys_setup(unsigned entries, struct iocp__uring_params *p)
+{
+    long r = syscall(__NR_io_uring_setup, entries, p);
+    return r < 0 ? -errno : (int)r;
+}
+
+int iocp__sys_enter(int fd, unsigned to_submit, unsigned min_complete,
+                    unsigned flags, void *arg, size_t argsz)
+{
+    long r = syscall(__NR_io_uring_enter, fd, to_submit, min_complete, flags, arg, argsz);
+    return r < 0 ? -errno : (int)r;
+}
+
+int iocp__sys_register(int fd, unsigned opcode, void *arg, unsigned nr)
+{
+    long r = syscall(__NR_io_uring_register, fd, opcode, arg, nr);
+    return r < 0 ? -errno : (int)r;
+}
+
+/* ---- setup and teardown ------------------------------------------------ */
+
+static void iocp__ring_unmap(struct iocp__uring *u)
+{
+    if (u->sqes)
+        munmap(u->sqes, u->sqes_len);
+    if (u->cq_map && u->cq_map != u->sq_map)
+        munmap(u->cq_map, u->cq_map_len);
+    if (u->sq_map)
+        munmap(u->sq_map, u->sq_map_len);
+    u->sqes = NULL;
+    u->cq_map = u->sq_map = NULL;
+}
+
+int iocp__ring_open(struct iocp__uring *u, unsigned entries, unsigned setup_flags)
+{
+    struct iocp__uring_params prm;
+    unsigned i, *array;
+    void *m;
+    int fd, r;
+
+    memset(&prm, 0, sizeof(prm));
+    prm.flags = IOCP__SETUP_CQSIZE | IOCP__SETUP_CLAMP | setup_flags;
+    prm.cq_entries = entries * 4;
+    fd = iocp__sys_setup(entries, &prm);
+    if (fd < 0)
+        return fd;
+    u->fd = fd;
+    u->features = prm.features;
+    u->sq_map_len = prm.sq_off.array + prm.sq_entries * sizeof(unsigned);
+    u->cq_map_len = prm.cq_off.cqes + prm.cq_entries * sizeof(iocp__uring_cqe);
+    if ((prm.features & IOCP__FEAT_SINGLE_MMAP) && u->cq_map_len > u->sq_map_len)
+        u->sq_map_len = u->cq_map_len;
+    m = mmap(NULL, u->sq_map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+             fd, IOCP__OFF_SQ_RING);
+    if (m == MAP_FAILED)
+        goto fail;
+    u->sq_map = m;
+    if (prm.features & IOCP__FEAT_SINGLE_MMAP) {
+        u->cq_map = m;
+    } else {
+        m = mmap(NULL, u->cq_map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                 fd, IOCP__OFF_CQ_RING);
+        if (m == MAP_FAILED)
+            goto fail;
+        u->cq_map = m;
+    }
+    u->sqes_len = prm.sq_entries * sizeof(iocp__uring_sqe);
+    m = mmap(NULL, u->sqes_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+             fd, IOCP__OFF_SQES);
+    if (m == MAP_FAILED)
+        goto fail;
+    u->sqes = m;
+
+    u->sq_khead = (unsigned *)((char *)u->sq_map + prm.sq_off.head);
+    u->sq_ktail = (unsigned *)((char *)u->sq_map + prm.sq_off.tail);
+    u->sq_kflags = (unsigned *)((char *)u->sq_map + prm.sq_off.flags);
+    u->sq_mask = *(unsigned *)((char *)u->sq_map + prm.sq_off.ring_mask);
+    u->sq_entries = prm.sq_entries;
+    u->sq_tail = *u->sq_ktail;
+    /* SQE slot i is always array entry i: the indirection is unused. */
+    array = (unsigned *)((char *)u->sq_map + prm.sq_off.array);
+    for (i = 0; i < prm.sq_entries; i++)
+        array[i] = i;
+
+    u->cq_khead = (unsigned *)((char *)u->cq_map + prm.cq_off.head);
+    u->cq_ktail = (unsigned *)((char *)u->cq_map + prm.cq_off.tail);
+    u->cq_mask = *(unsigned *)((char *)u->cq_map + prm.cq_off.ring_mask);
+    u->cqes = (iocp__uring_cqe *)((char *)u->cq_map + prm.cq_off.cqes);
+    return 0;
+
+fail:
+    r = -errno;
+    iocp__ring_unmap(u);
+    close(fd);
+    u->fd = -1;
+    return r;
+}
+
+void iocp__ring_close(struct iocp__uring *u)
+{
+    iocp__ring_unmap(u);
+    if (u->fd >= 0)
+        close(u->fd);
+    u->fd = -1;
+}
+
+/* ---- submission -------------------------------------------------------- */
+
+/*
+ * Hands pending SQEs to the kernel without waiting.  Leaves them pending
+ * on EBUSY/EAGAIN (old kernels refuse submission while the CQ overflows;
+ * the next poll() reaps and retries).
+ */
+int iocp__flush(struct iocp__uring *u)
+{
+    for (;;) {
+        unsigned pending = iocp__sq_pending(u);
+        int r;
+        if (pending == 0)
+            return 0;
+        r = iocp__sys_enter(u->fd, pending, 0, 0, NULL, 0);
+        if (r == -EINTR)
+            continue;
+        if (r <= 0)
+            return r;
+    }
+}
+
+iocp__uring_sqe *iocp__sqe_get_slow(struct iocp__uring *u)
+{
+    iocp__uring_sqe *sqe;
+
+    (void)iocp__flush(u);
+    if (iocp__sq_pending(u) >= u->sq_entries)
+        return NULL;
+    sqe = &u->sqes[u->sq_tail & u->sq_mask];
+    memset(sqe, 0, sizeof(*sqe));
+    return sqe;
+}
+
+/*
+ * SQE for an op or a cancel.  With IOCP_URING_TEST_STARVE=N (tests only)
+ * every Nth request finds the SQ "full", as when an old kernel refuses
+ * submission during a CQ overflow, so the backlog paths run.
+ */
+iocp__uring_sqe *iocp__sqe_get_op(struct iocp__uring *u)
+{
+    if (u->starve && ++u->starve_ctr % u->starve == 0)
+        return NULL;
+    return iocp__sqe_get(u);
+}
+
+/* ---- completion -------------------------------------------------------- */
+
+int iocp__cq_flush_overflow(struct iocp__uring *u)
+{
+    if (!(__atomic_load_n(u->sq_kflags, __ATOMIC_ACQUIRE) & IOCP__SQ_CQ_OVERFLOW))
+        return 0;
+    (void)iocp__sys_enter(u->fd, 0, 0, IOCP__ENTER_GETEVENTS, NULL, 0);
+    return 1;
+}
+
+/* ---- prep helpers ------------------------------------------------------ */
+
+void iocp__prep_nop(iocp__uring_sqe *sqe, uint64_t ud)
+{
+    sqe->opcode = IOCP__OP_NOP;
+    sqe->fd = -1;
+    sqe->user_data = ud;
+}
+
+void iocp__prep_wake(iocp__uring_sqe *sqe)
+{
+    iocp__prep_nop(sqe, IOCP__UD_IN(IOCP__IN_WAKE, 0));
+}
+
+void iocp__prep_cancel(iocp__uring_sqe *sqe, uint64_t target, uint64_t ud)
+{
+    sqe->opcode = IOCP__OP_ASYNC_CANCEL;
+    sqe->fd = -1;
+    sqe->addr = target;
+    sqe->user_data = ud;
+}
+
+void iocp__prep_cancel_fd(iocp__uring_sqe *sqe, int fd, uint64_t ud)
+{
+    sqe->opcode = IOCP__OP_ASYNC_CANCEL;
+    sqe->fd = fd;
+    sqe->op_flags = IOCP__CANCEL_FD | IOCP__CANCEL_ALL;
+    sqe->user_data = ud;
+}
+
+void iocp__prep_poll_add(iocp__uring_sqe *sqe, int fd, unsigned events, uint64_t ud)
+{
+    sqe->opcode = IOCP__OP_POLL_ADD;
+    sqe->fd = fd;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    events = (events << 16) | (events >> 16);   /* the kernel swaps halves */
+#endif
+    sqe->op_flags = events;
+    sqe->user_data = ud;
+}
+
+void iocp__prep_timeout(iocp__uring_sqe *sqe, struct iocp__uring_ts *ts, uint64_t ud)
+{
+    /* The kernel copies *ts while it takes the SQE (io_uring_enter). */
+    sqe->opcode = IOCP__OP_TIMEOUT;
+    sqe->fd = -1;
+    sqe->addr = (uint64_t)(uintptr_t)ts;
+    sqe->len = 1;
+    sqe->user_data = ud;
+}
+
+void iocp__prep_timeout_remove(iocp__uring_sqe *sqe, uint64_t target, uint64_t ud)
+{
+    sqe->opcode = IOCP__OP_TIMEOUT_REMOVE;
+    sqe->fd = -1;
+    sqe->addr = target;
+    sqe->user_data = ud;
+}
+
+void iocp__prep_accept(iocp__uring_sqe *sqe, int fd, struct sockaddr *addr,
+                       socklen_t *alen, int multishot, uint64_t ud)
+{
+    sqe->opcode = IOCP__OP_ACCEPT;
+    sqe->fd = fd;
+    sqe->op_flags = SOCK_CLOEXEC | SOCK_NONBLOCK;
+    if (multishot)
+        sqe->ioprio = IOCP__ACCEPT_MULTISHOT;
+    sqe->addr = (uint64_t)(uintptr_t)addr;
+    sqe->off = (uint64_t)(uintptr_t)alen;
+    sqe->user_data = ud;
+}
+
+void iocp__prep_connect(iocp__uring_sqe *sqe, int fd, const struct sockaddr *addr,
+                        socklen_t alen, uint64_t ud)
+{
+    sqe->opcode = IOCP__OP_CONNECT;
+    sqe->fd = fd;
+    sqe->addr = (uint64_t)(uintptr_t)addr;
+    sqe->off = (uint64_t)alen;
+    sqe->user_data = ud;
+}
+
+void iocp__prep_recv(iocp__uring_sqe *sqe, int fd, void *buf, size_t len, uint64_t ud)
+{
+    sqe->opcode = IOCP__OP_RECV;
+    sqe->fd = fd;
+    sqe->addr = (uint64_t)(uintptr_t)buf;
+    sqe->len = len > IOCP__IO_MAX ? IOCP__IO_MAX : (uint32_t)len;
+    sqe->user_data = ud;
+}
+
+void iocp__prep_recv_select(iocp__uring_sqe *sqe, int fd, size_t len, unsigned group,
+                            int multishot, uint64_t ud)
+{
+    sqe->opcode = IOCP__OP_RECV;
+    sqe->fd = fd;
+    sqe->len = len > IOCP__IO_MAX ? IOCP__IO_MAX : (uint32_t)len;
+    sqe->flags = IOCP__SQE_BUFFER_SELECT;
+    sqe->buf_group = (uint16_t)group;
+    if (multishot)
+        sqe->ioprio = IOCP__RECV_MULTISHOT;
+    sqe->user_data = ud;
+}
+
+void iocp__prep_send(iocp__uring_sqe *sqe, int fd, const void *buf, size_t len,
+                     unsigned msg_flags, uint64_t ud)
+{
+    sqe->opcode = IOCP__OP_SEND;
+    sqe->fd = fd;
+    sqe->addr = (uint64_t)(uintptr_t)buf;
+    sqe->len = len > IOCP__IO_MAX ? IOCP__IO_MAX : (uint32_t)len;
+    sqe->op_flags = msg_flags;
+    sqe->user_data = ud;
+}
+
+void iocp__prep_sendmsg(iocp__uring_sqe *sqe, int fd, const struct msghdr *msg,
+                        unsigned msg_flags, uint64_t ud)
+{
+    /* The kernel reads *msg when it takes the SQE, not before: it must
+     * stay valid while the SQE waits in the ring. */
+    sqe->opcode = IOCP__OP_SENDMSG;
+    sqe->fd = fd;
+    sqe->addr = (uint64_t)(uintptr_t)msg;
+    sqe->len = 1;
+    sqe->op_flags = msg_flags;
+    sqe->user_data = ud;
+}
