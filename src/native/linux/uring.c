@@ -1376,6 +1376,8 @@ static int iocp__uring_submit(iocp_port *p, iocp_op *op)
     op->state = 0;
     op->backend_data = NULL;
     op->fd_next = NULL;
+    if (op->kind == IOCP_OP_POLL)
+        return IOCP_ENOSYS;         /* not on io_uring yet */
     if (op->kind < IOCP_OP_ACCEPT || op->kind > IOCP_OP_POST)
         return IOCP_EINVAL;
     if (op->kind != IOCP_OP_POST) {
