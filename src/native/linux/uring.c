@@ -279,6 +279,14 @@ static int iocp__arm_now(struct iocp__uring *u, iocp_op *op)
                             MSG_NOSIGNAL, ud);
         }
         break;
+    case IOCP_OP_POLL:
+        /* `len` holds the IOCP_POLL_* events: POSIX poll bits, which is
+         * what POLL_ADD takes. */
+        if (op->state & IOCP__ST_MULTI)
+            iocp__prep_poll_multishot(sqe, op->sock, (unsigned)op->len, ud);
+        else
+            iocp__prep_poll_add(sqe, op->sock, (unsigned)op->len, ud);
+        break;
     default: /* IOCP_OP_POST */
         iocp__prep_nop(sqe, ud);
         break;
@@ -606,6 +614,38 @@ static void iocp__complete_poll(iocp_port *p, struct iocp__uring *u, iocp_op *op
     }
 }
 
+/*
+ * The poll op (IOCP_OP_POLL, not the readiness wait of another op).  A
+ * multishot poll the kernel ended (or that it cannot keep armed: before
+ * 5.13 every poll is one-shot) is re-armed here and its event still
+ * delivered with MORE, so the caller sees one armed op either way.
+ */
+static void iocp__complete_pollop(iocp_port *p, struct iocp__uring *u, iocp_op *op,
+                                  int res, unsigned cflags)
+{
+    if (res >= 0) {
+        int64_t ev = res & (IOCP_POLL_IN | IOCP_POLL_OUT | IOCP_POLL_ERR | IOCP_POLL_HUP);
+        if (res & POLLNVAL)
+            ev |= IOCP_POLL_ERR;
+        if (!(op->flags & IOCP_OPF_MULTISHOT)) {
+            iocp__finish(p, u, op, ev, 0, 0, NULL, 0);
+            return;
+        }
+        iocp__finish(p, u, op, ev, 0, IOCP_CF_MORE, NULL, 0);
+        if (!(cflags & IOCP__CQE_F_MORE))
+            iocp__again(p, u, op);      /* completes it if being cancelled */
+        return;
+    }
+    if (cflags & IOCP__CQE_F_MORE)
+        return;
+    if (iocp__is_cancel_res(res) && !iocp__cancelling(u, op))
+        iocp__again(p, u, op);          /* the kernel's own (thread exit) */
+    else if (iocp__is_cancel_res(res))
+        iocp__finish_cancelled(p, u, op);
+    else
+        iocp__finish(p, u, op, res, 0, 0, NULL, 0);
+}
+
 static void iocp__complete(iocp_port *p, struct iocp__uring *u, const iocp__uring_cqe *c)
 {
     uint64_t ud = c->user_data;
@@ -617,6 +657,9 @@ static void iocp__complete(iocp_port *p, struct iocp__uring *u, const iocp__urin
         if (kind == IOCP__IN_WAKE) {
             u->wake_pending = 0;
             u->woken = 1;
+        } else if (kind == IOCP__IN_EVENTFD) {
+            u->woken = 1;
+            iocp__efd_reaped(u, c->flags);
         }
         else if (kind == IOCP__IN_TIMEOUT && (unsigned)(ud >> 8) == u->timeout_seq)
             u->timeout_armed = 0;
@@ -647,6 +690,9 @@ static void iocp__complete(iocp_port *p, struct iocp__uring *u, const iocp__urin
         break;
     case IOCP_OP_SEND:
         iocp__complete_send(p, u, op, c->res);
+        break;
+    case IOCP_OP_POLL:
+        iocp__complete_pollop(p, u, op, c->res, c->flags);
         break;
     default:
         iocp__finish(p, u, op, (int64_t)op->len, 0, 0, NULL, 0);
@@ -709,7 +755,7 @@ static void iocp__uring_forget(iocp_port *p);
 static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
 {
     struct iocp__uring *u;
-    unsigned caps, entries;
+    unsigned caps, entries, flags;
     int r;
 
     r = iocp__uring_caps(&caps);
@@ -718,7 +764,8 @@ static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
     u = calloc(1, sizeof(*u));
     if (!u)
         return IOCP_ENOMEM;
-    u->fd = -1;
+    u->fd = u->enter_fd = u->efd = -1;
+    u->enabled = 1;
     u->caps = caps;
     if (getenv("IOCP_URING_TEST_STARVE"))
         u->starve = (unsigned)atoi(getenv("IOCP_URING_TEST_STARVE"));
@@ -728,7 +775,14 @@ static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
     if (entries > 32768)
         entries = 32768;
     /* SUBMIT_ALL: one bad SQE must not hold back the ones behind it. */
-    r = iocp__ring_open(u, entries, (caps & IOCP__CAP_SUBMIT_ALL) ? IOCP__SETUP_SUBMIT_ALL : 0);
+    flags = (caps & IOCP__CAP_SUBMIT_ALL) ? IOCP__SETUP_SUBMIT_ALL : 0;
+    if (opts && opts->single_issuer) {
+        /* Enabled, registered and armed by the owner's first call. */
+        u->enabled = 0;
+        r = iocp__ring_open_single(u, entries, flags);
+    } else {
+        r = iocp__ring_open(u, entries, flags);
+    }
     if (r < 0) {
         free(u);
         return r;
@@ -746,6 +800,8 @@ static void iocp__uring_release(iocp_port *p)
     struct iocp__uring *u = p->be;
 
     iocp__ring_close(u);
+    if (u->efd >= 0)
+        close(u->efd);              /* after the ring: its poll holds it */
     iocp__pbuf_free(u);
     free(u->fds);
     free(u);
@@ -756,6 +812,7 @@ static void iocp__uring_destroy(iocp_port *p)
 {
     struct iocp__uring *u = p->be;
 
+    iocp__ring_unregister_fd(u);
     iocp__pbuf_unregister(u);
     iocp__uring_release(p);
 }
@@ -801,7 +858,7 @@ static void iocp__uring_dispatch_done(iocp_port *p)
 {
     struct iocp__uring *u = p->be;
 
-    if (iocp__sq_pending(u))
+    if (iocp__ring_own(u) == 0 && iocp__sq_pending(u))
         (void)iocp__flush(u);
 }
 
@@ -854,15 +911,14 @@ static int iocp__uring_register(iocp_port *p, iocp_socket_t sock)
     struct iocp__uring *u = p->be;
     struct iocp__ufd *st;
     struct stat sb;
-    int fl;
+    int fl, r;
 
+    if ((r = iocp__ring_own(u)) < 0)
+        return r;
     if (fstat(sock, &sb) < 0)
         return -errno;
-    if (sock >= u->nfds) {
-        int r = iocp__ufd_grow(u, sock);
-        if (r < 0)
-            return r;
-    }
+    if (sock >= u->nfds && (r = iocp__ufd_grow(u, sock)) < 0)
+        return r;
     st = iocp__ufd(u, sock);
     if (st->registered && st->dev == sb.st_dev && st->ino == sb.st_ino)
         return IOCP_EEXIST;
@@ -893,7 +949,10 @@ static int iocp__uring_unregister(iocp_port *p, iocp_socket_t sock)
     struct iocp__uring *u = p->be;
     struct iocp__ufd *st = iocp__ufd(u, sock);
     unsigned gen;
+    int r;
 
+    if ((r = iocp__ring_own(u)) < 0)
+        return r;
     if (!st || !st->registered)
         return IOCP_ENOENT;
     gen = st->gen;
@@ -913,12 +972,21 @@ static int iocp__uring_submit(iocp_port *p, iocp_op *op)
 {
     struct iocp__uring *u = p->be;
     struct iocp__ufd *st = NULL;
+    int r;
 
+    if ((r = iocp__ring_own(u)) < 0)
+        return r;
     op->state = 0;
     op->backend_data = NULL;
     op->fd_next = NULL;
-    if (op->kind < IOCP_OP_ACCEPT || op->kind > IOCP_OP_POST)
+    if (op->kind < IOCP_OP_ACCEPT || op->kind > IOCP_OP_POLL)
         return IOCP_EINVAL;
+    if (op->kind == IOCP_OP_POLL) {
+        if (op->len & ~(size_t)(IOCP_POLL_IN | IOCP_POLL_OUT | IOCP_POLL_ERR | IOCP_POLL_HUP))
+            return IOCP_EINVAL;
+        if ((op->flags & IOCP_OPF_MULTISHOT) && (u->caps & IOCP__CAP_POLL_MULTI))
+            op->state |= IOCP__ST_MULTI;
+    }
     if (op->kind != IOCP_OP_POST) {
         st = iocp__ufd(u, op->sock);
         if (!st || !st->registered)
@@ -963,7 +1031,10 @@ static int iocp__uring_submit(iocp_port *p, iocp_op *op)
 static int iocp__uring_cancel(iocp_port *p, iocp_op *op)
 {
     struct iocp__uring *u = p->be;
+    int r;
 
+    if ((r = iocp__ring_own(u)) < 0)
+        return r;
     if (op->state & IOCP__ST_QUEUED) {
         /* Queued behind its FIFO head: nothing of it is in the kernel. */
         iocp__finish_cancelled(p, u, op);
@@ -993,17 +1064,23 @@ static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
     size_t argsz = 0;
     int n, r;
 
+    if ((r = iocp__ring_own(u)) < 0)
+        return r;
     iocp__lock(p);
     if (u->backlog || u->cbacklog)
         iocp__drain_backlogs(u);
+    if (u->efd >= 0 && !u->efd_armed)
+        iocp__efd_arm(u);           /* the SQ was full when it ended */
     u->woken = 0;
     n = iocp__reap(p, u, max);
     /* A wake-up already in the CQ is this call's reason to return: going
      * to sleep after eating it would lose it. */
     if (n > 0 || timeout_ms == 0 || u->woken) {
-        if (n == 0) {
+        if (n == 0 && !u->woken && iocp__ring_quiet(u)) {
+            /* The kernel says an enter would find nothing: save it. */
+        } else if (n == 0) {
             /* Non-blocking: submit, run pending task work, look again. */
-            r = iocp__sys_enter(u->fd, iocp__sq_pending(u), 0, IOCP__ENTER_GETEVENTS, NULL, 0);
+            r = iocp__enter(u, iocp__sq_pending(u), 0, IOCP__ENTER_GETEVENTS, NULL, 0);
             n = iocp__reap(p, u, max);
             if (n == 0 && r == -EINTR) {
                 iocp__unlock(p);
@@ -1041,7 +1118,7 @@ static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
     pending = iocp__sq_pending(u);
     iocp__unlock(p);
 
-    r = iocp__sys_enter(u->fd, pending, 1, flags, argp, argsz);
+    r = iocp__enter(u, pending, 1, flags, argp, argsz);
 
     iocp__lock(p);
     n = iocp__reap(p, u, max);
@@ -1078,6 +1155,9 @@ static int iocp__uring_wake(iocp_port *p)
     iocp__uring_sqe *sqe;
     int r = 0;
 
+    /* Single-issuer: this thread may not enter the ring (nor lock). */
+    if (u->efd >= 0)
+        return iocp__efd_wake(u);
     iocp__lock(p);
     if (!u->wake_pending) {
         /* A NOP's completion is all it takes to end a wait in the kernel;
