@@ -68,11 +68,27 @@
  * descriptor table doubles up to IOCP__UFD_MAX; a larger descriptor is
  * refused with -EBADF.
  *
+ * Single-issuer ports (iocp_port_options.single_issuer: one thread, an
+ * event loop, and no port lock): the ring is set up SINGLE_ISSUER |
+ * DEFER_TASKRUN where the kernel has them (then SINGLE_ISSUER |
+ * COOP_TASKRUN, SINGLE_ISSUER, COOP_TASKRUN, plain), R_DISABLED so that
+ * its owner -- the first thread that uses the port, not its creator -- is
+ * the one that enables it and so the one the kernel lets submit; that
+ * first call also registers the ring fd for the owner (every enter then
+ * names a registered index).  A foreign thread may neither enter such a
+ * ring nor lock, so wake() writes an eventfd the ring keeps a multishot
+ * POLL_ADD on (tag IOCP__IN_EVENTFD, internal like the wake NOP of the
+ * multi-thread mode); see uring_ring.c.  POLL -> IORING_OP_POLL_ADD with
+ * the IOCP_POLL_* mask (POSIX bits), IORING_POLL_ADD_MULTI for a multishot
+ * poll (re-armed one-shot, still delivered with MORE, where the kernel
+ * ends it or lacks it); poll ops skip the FIFOs and cancel like any op.
+ *
  * Environment, for tests: IOCP_URING_FAIL_SETUP=1 makes probe() and init()
  * fail with -EPERM as if io_uring were disabled (the default port then falls
  * back to epoll).  IOCP_URING_DISABLE="ext-arg,provided-buffers,
  * multishot-accept,cancel-fd,submit-all" turns the named kernel features
- * off to exercise the fallback paths on a new kernel.
+ * off to exercise the fallback paths on a new kernel (also single-issuer,
+ * defer-taskrun, coop-taskrun, registered-ring, poll-multishot).
  * IOCP_URING_TEST_STARVE=N makes every Nth op or cancel find the SQ full,
  * to exercise the backlogs.
  */

@@ -11,6 +11,12 @@
  * CQE (iocp__cqe_next, inline in uring_internal.h) and flush the kernel's
  * overflow list back into the ring when the SQ flags say it holds some.
  *
+ * A single-issuer port's ring (see "single-issuer mode" below) is set up
+ * with the best of the kernel's single-task flags, starts disabled, and
+ * is enabled, its fd registered and its wake eventfd's poll armed by the
+ * owner's first call; every enter goes through iocp__enter, which names
+ * the registered index once there is one.
+ *
  * Every SQE the backend makes is filled by one prep helper below, so the
  * layout of each request kind is written down once (the probes use the
  * same helpers).  None of this takes a lock: callers hold the port lock,
