@@ -319,12 +319,17 @@ void iocp__efd_reaped(struct iocp__uring *u, unsigned cqe_flags)
  */
 int iocp__flush(struct iocp__uring *u)
 {
+    /* DEFER_TASKRUN posts completions only when asked for events: ask in
+     * the same entry (never waiting), so the next reap sees them without
+     * an io_uring_enter of its own. */
+    unsigned flags = (u->setup_flags & IOCP__SETUP_DEFER_TASKRUN) ? IOCP__ENTER_GETEVENTS : 0;
+
     for (;;) {
         unsigned pending = iocp__sq_pending(u);
         int r;
         if (pending == 0)
             return 0;
-        r = iocp__enter(u, pending, 0, 0, NULL, 0);
+        r = iocp__enter(u, pending, 0, flags, NULL, 0);
         if (r == -EINTR)
             continue;
         if (r <= 0)
