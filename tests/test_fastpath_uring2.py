@@ -41,7 +41,7 @@ FEATURES = set(URING or ())
 BOUND = 5.0  # seconds a wake-up or completion may take once its cause is there
 
 # IOCP_URING_DISABLE sets, each giving the single-issuer port another setup:
-# (disable words, kernel refuses other threads' enter, feature words gone).
+# (disable words, whether the ring is SINGLE_ISSUER).
 SETUPS = [
     ("", True),                                   # SINGLE_ISSUER|DEFER_TASKRUN
     ("defer-taskrun", True),                      # SINGLE_ISSUER|COOP_TASKRUN
@@ -371,10 +371,18 @@ def mode(request) -> bool:
     return request.param
 
 
-@pytest.fixture(params=["", "poll-multishot"], ids=["kernel-multishot", "re-armed"])
+@pytest.fixture(params=["", "poll-multishot", "cancel-fd", "starve"],
+                ids=["kernel-multishot", "re-armed", "cancel-each", "sq-starved"])
 def poll_setup(request, monkeypatch) -> str:
+    """Poll ops as the kernel runs them, re-armed one-shot (no multishot
+    poll), cancelled one by one at unregister (no cancel by descriptor),
+    and with every 3rd SQE refused (the backlog paths)."""
     monkeypatch.delenv("IOCP_URING_TEST_STARVE", raising=False)
-    monkeypatch.setenv("IOCP_URING_DISABLE", request.param)
+    monkeypatch.delenv("IOCP_URING_DISABLE", raising=False)
+    if request.param == "starve":
+        monkeypatch.setenv("IOCP_URING_TEST_STARVE", "3")
+    else:
+        monkeypatch.setenv("IOCP_URING_DISABLE", request.param)
     return request.param
 
 
