@@ -17,10 +17,23 @@ Client, connect), and an asyncio event loop on the port (``iocp.aio``,
 imported on demand so plain users do not pay for asyncio).
 """
 
-from iocp._core import Completion, CompletionPort, Operation, backends
+from iocp._core import (
+    POLLERR,
+    POLLHUP,
+    POLLIN,
+    POLLOUT,
+    Completion,
+    CompletionPort,
+    Operation,
+    backends,
+)
 from iocp.server import Client, Connection, Protocol, Server, WriteBufferFull, connect
 
 __all__ = [
+    "POLLERR",
+    "POLLHUP",
+    "POLLIN",
+    "POLLOUT",
     "Client",
     "Completion",
     "CompletionPort",

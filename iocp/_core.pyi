@@ -8,6 +8,10 @@ from typing_extensions import Buffer
 
 KIND_NAMES: tuple[str, ...]
 KNOWN_BACKENDS: tuple[str, ...]
+POLLIN: int
+POLLOUT: int
+POLLERR: int
+POLLHUP: int
 
 Callback = Callable[["Completion"], Any]
 Address = Union[tuple[str, int], tuple[str, int, int, int], str, bytes]
@@ -65,9 +69,12 @@ class CompletionPort:
         backend: str | None = None,
         queue_capacity: int = 1024,
         ring_entries: int = 0,
+        single_issuer: bool = False,
     ) -> None: ...
     @property
     def backend(self) -> str: ...
+    @property
+    def single_issuer(self) -> bool: ...
     @property
     def closed(self) -> bool: ...
     @property
@@ -83,23 +90,32 @@ class CompletionPort:
         self, sock: socket.socket, address: Address, callback: Callback | None = None
     ) -> Operation: ...
     def recv(
-        self, sock: socket.socket, nbytes: int, callback: Callback | None = None
+        self, sock: socket.socket, nbytes: int, callback: Callback | None = None, *,
+        multishot: bool = False,
     ) -> Operation: ...
     def recv_into(
         self, sock: socket.socket, buffer: Buffer, callback: Callback | None = None
     ) -> Operation: ...
     def send(
-        self, sock: socket.socket, data: Buffer, callback: Callback | None = None
+        self, sock: socket.socket, data: Buffer, callback: Callback | None = None, *,
+        silent: bool = False,
     ) -> Operation: ...
     def sendmsg(
         self, sock: socket.socket, buffers: Iterable[Buffer],
-        callback: Callback | None = None,
+        callback: Callback | None = None, *, silent: bool = False,
+    ) -> Operation: ...
+    def poll(
+        self, sock: socket.socket, events: int, callback: Callback | None = None, *,
+        multishot: bool = False,
     ) -> Operation: ...
     def post(
         self, key: Any = None, nbytes: int = 0, obj: Any = None,
         callback: Callback | None = None,
     ) -> Operation: ...
     def run(
+        self, timeout: float | None = None, handler: Callback | None = None
+    ) -> int: ...
+    def run_once(
         self, timeout: float | None = None, handler: Callback | None = None
     ) -> int: ...
     def stop(self) -> None: ...

@@ -19,6 +19,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyOb
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport int64_t, uint32_t
 from libc.string cimport memcpy, memset
@@ -51,7 +52,31 @@ cdef enum:
 
 cdef bint _WINDOWS = _sys.platform == "win32"
 
-KIND_NAMES = ("none", "accept", "connect", "recv", "recv_into", "send", "post")
+KIND_NAMES = ("none", "accept", "connect", "recv", "recv_into", "send", "post", "poll")
+
+# Readiness events of CompletionPort.poll() (the POSIX poll() values).
+POLLIN = IOCP_POLL_IN
+POLLOUT = IOCP_POLL_OUT
+POLLERR = IOCP_POLL_ERR
+POLLHUP = IOCP_POLL_HUP
+
+# The thread that receives signals, compared by ident on every wait (a
+# cheap C comparison, where threading.current_thread() is a dict lookup).
+# After fork() the forking thread is the child's main thread.
+cdef unsigned long _main_ident = _threading.main_thread().ident
+
+
+def _refresh_main_ident() -> None:
+    global _main_ident
+    _main_ident = _threading.main_thread().ident
+
+
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_refresh_main_ident)
+
+
+cdef inline bint _on_main_thread() noexcept:
+    return PyThread_get_thread_ident() == _main_ident
 # Every backend the library has, whether or not this build or machine can
 # run it: a name outside this is a ValueError, one inside that cannot run
 # here an OSError.
@@ -68,6 +93,9 @@ cdef object _oserror(int64_t code):
     cdef int c = <int>(-code)
     if code == IOCP_EFORKED:
         return _forked_error(-1)
+    if code == IOCP_EWRONGTHREAD:
+        return RuntimeError("this single-issuer completion port is owned by another "
+                            "thread; only post(), stop() and stats() work from here")
     if _WINDOWS:
         iocp_error_message(c, msg, sizeof(msg))
         return OSError(None, msg.decode("utf-8", "replace"), None, c)
@@ -274,6 +302,7 @@ cdef class Operation:
     cdef bint _pinned
     cdef bint _done
     cdef bint _multishot
+    cdef Py_ssize_t _post_nbytes    # a post made off the owner thread (see post())
     cdef Py_buffer *_views          # gathered send: one pin per segment
     cdef Py_ssize_t _nviews
     cdef iocp_iovec *_iov
@@ -291,7 +320,7 @@ cdef class Operation:
 
     @property
     def kind(self) -> str:
-        """"accept", "connect", "recv", "recv_into", "send" or "post"."""
+        """"accept", "connect", "recv", "recv_into", "send", "post" or "poll"."""
         return KIND_NAMES[self._kind]
 
     @property
@@ -308,6 +337,8 @@ cdef class Operation:
         finished (or the port is closed).
         """
         cdef int r
+        if self._port is not None and self._port.single_issuer:
+            self._port._check_owner()
         if self._done or self._op == NULL or self._port._port == NULL:
             return False
         r = iocp_cancel(self._port._port, self._op)
@@ -361,7 +392,10 @@ cdef class Completion:
     (a partial send reports both the bytes sent and the error); ``data``
     depends on the kind: ``(socket, address)`` for accept, ``bytes`` for
     recv (``b""`` means the peer closed its side), the caller's buffer for
-    recv_into, the object given to ``post`` for posts, None otherwise.
+    recv_into, the object given to ``post`` for posts, the int mask of
+    events seen (``POLLIN | POLLOUT | POLLERR | POLLHUP``) for poll, None
+    otherwise.  A multishot operation (accept, recv, poll) completes once
+    per event with ``more`` true; its last completion has ``more`` false.
     """
     cdef readonly object key
     """The completion key (registration key of the socket, or post key)."""
@@ -376,7 +410,8 @@ cdef class Completion:
     cdef readonly bint cancelled
     """True if the operation was cancelled before it could complete."""
     cdef readonly bint more
-    """True for a multishot accept that stays armed after this completion."""
+    """True when a multishot operation (accept, recv, poll) stays armed
+    after this completion; its final one has ``more`` false."""
     cdef object _failure        # exception that interrupted its conversion
 
     def __cinit__(self):
@@ -416,7 +451,7 @@ cdef class CompletionPort:
     """An I/O completion port.
 
     ``CompletionPort(concurrency=0, *, backend=None, queue_capacity=1024,
-    ring_entries=0)``
+    ring_entries=0, single_issuer=False)``
 
     ``concurrency`` caps how many threads dispatch completions at the same
     time (0: the number of CPUs), like the NumberOfConcurrentThreads of
@@ -425,6 +460,13 @@ cdef class CompletionPort:
     the platform offers).  ``queue_capacity`` bounds the queue between the
     kernel and Python dispatch: when it is full the port stops reaping and
     the kernel holds the rest, so memory stays bounded and nothing is lost.
+
+    ``single_issuer=True`` makes a port for one thread -- an event loop:
+    the first thread that registers, submits or waits owns it, the native
+    layer takes no mutex on its behalf, and any other thread calling a
+    method other than ``post``, ``stop``, ``stats``, ``closed``,
+    ``pending`` and ``repr`` gets RuntimeError.  ``post`` and ``stop`` from
+    another thread still work: they wake the owner, which runs the post.
     """
     cdef iocp_port *_port
     cdef dict _registered          # fd -> (socket, key)
@@ -441,9 +483,17 @@ cdef class CompletionPort:
     cdef bint _closing
     cdef dict _final_stats          # stats() as they were when close() ended
     cdef set _run_threads           # idents of threads inside run()
+    cdef readonly bint single_issuer
+    """True for a port only its owner thread may use (see the class doc)."""
+    cdef bint _has_owner
+    cdef unsigned long _owner       # single-issuer: ident of the owner thread
+    cdef object _foreign            # single-issuer: posts made by other threads
+    cdef Py_ssize_t _nforeign       # len(_foreign), tested on every wait
+    cdef dict _ms_recv              # fd -> its armed multishot recv Operation
 
     def __cinit__(self, unsigned concurrency=0, *, backend=None,
-                  unsigned queue_capacity=1024, unsigned ring_entries=0):
+                  unsigned queue_capacity=1024, unsigned ring_entries=0,
+                  bint single_issuer=False):
         cdef iocp_port_options opts
         cdef bytes name_b
         self._port = NULL
@@ -472,6 +522,13 @@ cdef class CompletionPort:
         opts.queue_capacity = queue_capacity
         opts.concurrency = concurrency
         opts.ring_entries = ring_entries
+        opts.single_issuer = 1 if single_issuer else 0
+        self.single_issuer = single_issuer
+        self._has_owner = False
+        self._owner = 0
+        self._foreign = _deque()
+        self._nforeign = 0
+        self._ms_recv = {}
         r = iocp_port_create(&opts, &self._port)
         if r < 0:
             err = _oserror(r)
@@ -532,6 +589,46 @@ cdef class CompletionPort:
             raise ValueError("I/O operation on a closed completion port")
         if iocp_port_forked(self._port):
             raise _forked_error(iocp_port_owner_pid(self._port))
+        if self.single_issuer:
+            self._check_owner()
+        return 0
+
+    cdef int _check_owner(self) except -1:
+        """Single-issuer ports: the first thread that comes here owns the
+        port; any other raises RuntimeError (the native layer refuses the
+        same calls with IOCP_EWRONGTHREAD)."""
+        cdef unsigned long me = PyThread_get_thread_ident()
+        if not self._has_owner:
+            self._owner = me
+            self._has_owner = True
+        elif self._owner != me:
+            raise RuntimeError(
+                f"this single-issuer completion port is owned by thread {self._owner} "
+                f"and cannot be used from thread {me}; only post(), stop() and "
+                f"stats() work from other threads")
+        return 0
+
+    cdef inline bint _foreign_thread(self) noexcept:
+        """True on a single-issuer port that has an owner other than the
+        calling thread."""
+        return (self.single_issuer and self._has_owner and
+                self._owner != PyThread_get_thread_ident())
+
+    cdef int _drain_foreign(self) except -1:
+        """Owner thread: submits the posts other threads queued (see
+        post()), oldest first, so they complete in this thread's waits."""
+        cdef Operation op
+        while self._foreign:
+            op = <Operation>self._foreign[0]
+            op._op = iocp_op_alloc(self._port)
+            if op._op == NULL:
+                raise MemoryError()        # the rest wait for the next drain
+            self._foreign.popleft()
+            self._nforeign -= 1
+            op._op.kind = IOCP_OP_POST
+            op._op.user = <void *>op
+            op._op.len = <size_t>op._post_nbytes
+            self._submit(op)
         return 0
 
     # ---- sockets -------------------------------------------------------
@@ -668,14 +765,49 @@ cdef class CompletionPort:
             raise
         return self._submit(op)
 
-    def recv(self, sock, Py_ssize_t nbytes, callback=None) -> Operation:
+    cdef int _check_no_multishot_recv(self, Operation op) except -1:
+        """A socket with an armed multishot recv takes no other recv: the
+        bytes would be split between two operations in no useful order."""
+        cdef Operation armed
+        entry = self._ms_recv.get(op._op.sock)
+        if entry is None:
+            return 0
+        armed = <Operation>entry
+        if armed._done or armed.socket is not op.socket:
+            # Finished, or an earlier socket's whose descriptor was reused.
+            del self._ms_recv[op._op.sock]
+            return 0
+        self._discard(op)
+        raise OSError(_errno.EBUSY, "a multishot recv is armed on this socket; "
+                      "cancel it before another recv")
+
+    def recv(self, sock, Py_ssize_t nbytes, callback=None, *,
+             bint multishot=False) -> Operation:
         """Receives up to ``nbytes`` (WSARecv) into a buffer the port picks
         when data arrives; the completion's ``data`` is the bytes received
-        and ``b""`` when the peer closed its side."""
-        if nbytes <= 0:
-            raise ValueError("nbytes must be positive")
+        and ``b""`` when the peer closed its side.
+
+        With ``multishot=True`` the operation stays armed and completes
+        once per arrival (``completion.more`` true, ``data`` the bytes, at
+        most ``nbytes`` each; 0 means the backend's default size), in
+        order, until end of file (``data == b""``), an error or a cancel
+        ends it with a final completion (``more`` false).  An armed
+        multishot recv pins no buffer while the socket is idle.  While it
+        is armed, another recv or recv_into on the socket raises OSError
+        (EBUSY)."""
+        if nbytes < 0 or (nbytes == 0 and not multishot):
+            raise ValueError("nbytes must be positive" if not multishot else
+                             "nbytes must be >= 0 (0: the backend's default)")
         cdef Operation op = self._new_op(IOCP_OP_RECV, sock, callback)
         op._op.len = <size_t>nbytes
+        if self._ms_recv:
+            self._check_no_multishot_recv(op)
+        if multishot:
+            op._op.flags |= IOCP_OPF_MULTISHOT
+            op._multishot = True
+            self._submit(op)
+            self._ms_recv[op._op.sock] = op
+            return op
         return self._submit(op)
 
     def recv_into(self, sock, buffer, callback=None) -> Operation:
@@ -692,15 +824,22 @@ cdef class CompletionPort:
         except BaseException:
             self._discard(op)
             raise
+        if self._ms_recv:
+            self._check_no_multishot_recv(op)
         return self._submit(op)
 
-    def send(self, sock, data, callback=None) -> Operation:
+    def send(self, sock, data, callback=None, *, bint silent=False) -> Operation:
         """Sends all of a bytes-like object (WSASend).
 
         The buffer is pinned until the completion is dequeued.  The op
         completes when every byte is sent, or when an error stops it: then
         ``completion.nbytes`` is what was sent and ``completion.error`` why
         it stopped.
+
+        With ``silent=True`` a send that succeeds completes with no
+        Completion and no callback (its record and pin are freed by the
+        port); one that fails, stops short or is cancelled completes as
+        usual.  Per-socket order is the same either way.
         """
         cdef Operation op = self._new_op(IOCP_OP_SEND, sock, callback)
         try:
@@ -708,15 +847,18 @@ cdef class CompletionPort:
         except BaseException:
             self._discard(op)
             raise
+        if silent:
+            op._op.flags |= IOCP_OPF_SILENT
         return self._submit(op)
 
-    def sendmsg(self, sock, buffers, callback=None) -> Operation:
+    def sendmsg(self, sock, buffers, callback=None, *, bint silent=False) -> Operation:
         """Sends several bytes-like objects as one gathered send (WSASend
         with many WSABUFs, sendmsg), without joining them first.
 
         Every segment is pinned until the completion is dequeued.  Like
         ``send``, it completes when all bytes are sent or an error stops
         it; ``completion.nbytes`` is the total sent.  At most 1024 segments.
+        ``silent=True`` works as for ``send``.
         """
         cdef Operation op
         cdef Py_ssize_t i, n
@@ -747,20 +889,77 @@ cdef class CompletionPort:
         op._op.iov = op._iov
         op._op.iovcnt = <int>n
         op._op.len = total
+        if silent:
+            op._op.flags |= IOCP_OPF_SILENT
         return self._submit(op)
 
     def post(self, key=None, Py_ssize_t nbytes=0, obj=None, callback=None) -> Operation:
         """Queues a user packet (PostQueuedCompletionStatus).
 
         Thread-safe; wakes a waiting loop.  The completion carries ``key``,
-        ``nbytes`` and ``data=obj``.
+        ``nbytes`` and ``data=obj``.  On a single-issuer port a post from a
+        thread other than the owner is handed to the owner, which submits
+        it on its next wait (so it completes on the owner's thread, after
+        the owner's own earlier posts), and ``cancel()`` of it returns
+        False until then.
         """
+        cdef Operation op
         if nbytes < 0:
             raise ValueError("nbytes must not be negative")
-        cdef Operation op = self._new_op(IOCP_OP_POST, None, callback)
+        if self._foreign_thread():
+            return self._post_foreign(key, nbytes, obj, callback)
+        op = self._new_op(IOCP_OP_POST, None, callback)
         op.key = key
         op._obj = obj
         op._op.len = <size_t>nbytes
+        return self._submit(op)
+
+    cdef Operation _post_foreign(self, object key, Py_ssize_t nbytes, object obj,
+                                 object callback):
+        """post() from a thread that does not own a single-issuer port: no
+        native call but the wake (the record pool and the queue are the
+        owner's, unlocked).  The GIL orders this with the owner's drain;
+        close() sets _closing before it drains, so nothing queued here is
+        left behind."""
+        cdef Operation op
+        if self._port == NULL or self._closing:
+            raise ValueError("I/O operation on a closed completion port")
+        if iocp_port_forked(self._port):
+            raise _forked_error(iocp_port_owner_pid(self._port))
+        if callback is not None and not callable(callback):
+            raise TypeError("callback must be callable or None")
+        op = _new_operation()
+        op._port = self
+        op._kind = IOCP_OP_POST
+        op.callback = callback
+        op.key = key
+        op._obj = obj
+        op._post_nbytes = nbytes
+        self._foreign.append(op)
+        self._nforeign += 1
+        _check(iocp_port_wake(self._port))
+        return op
+
+    def poll(self, sock, events, callback=None, *, bint multishot=False) -> Operation:
+        """Completes when a registered socket is ready: ``events`` is
+        ``POLLIN``, ``POLLOUT`` or both; ``completion.data`` is the mask of
+        events seen (``POLLERR`` and ``POLLHUP`` are always reported).
+
+        One-shot (the default) it completes at once if the socket is ready
+        already.  With ``multishot=True`` it stays armed and completes once
+        per readiness event (``completion.more``), edge-style: a reader that
+        does not drain the socket may not hear again until more data comes.
+        Cancel ends it."""
+        cdef Operation op
+        if not isinstance(events, int) or isinstance(events, bool):
+            raise TypeError(f"events must be an int, not {type(events).__name__}")
+        if events == 0 or events & ~(IOCP_POLL_IN | IOCP_POLL_OUT):
+            raise ValueError("events must be POLLIN, POLLOUT or POLLIN | POLLOUT")
+        op = self._new_op(IOCP_OP_POLL, sock, callback)
+        op._op.len = <size_t>events
+        if multishot:
+            op._op.flags |= IOCP_OPF_MULTISHOT
+            op._multishot = True
         return self._submit(op)
 
     # ---- completing ----------------------------------------------------
@@ -776,13 +975,24 @@ cdef class CompletionPort:
         payload fails, the Completion still comes back, with ``data=None``,
         an OSError in ``error`` and the exception in ``_failure`` for
         _convert() to raise once the whole batch is converted.  Raises only
-        if not even the Completion could be allocated."""
+        if not even the Completion could be allocated.
+
+        A silent send's success (IOCP_CF_SILENT) makes no Completion: its
+        record, pin and reference are released and None comes back."""
         cdef Operation op = <Operation>c.op.user
         cdef Completion comp = None
         cdef int kind = op._kind
         cdef bint final = not (c.flags & IOCP_CF_MORE)
         cdef bint buffer = (c.flags & IOCP_CF_BUFFER) != 0
         cdef bint fd_owned = False   # the accepted fd is closed or in a socket
+        if c.flags & IOCP_CF_SILENT:
+            op._unpin()
+            op._obj = None
+            iocp_op_free(self._port, op._op)
+            op._op = NULL
+            op._done = True
+            Py_DECREF(op)          # the native record's reference
+            return None
         try:
             comp = _new_completion()
             comp.operation = op
@@ -810,6 +1020,10 @@ cdef class CompletionPort:
                         comp.data = self._accepted(op, c.result)
                 elif kind == IOCP_OP_RECV_INTO or kind == IOCP_OP_POST:
                     comp.data = op._obj
+                elif kind == IOCP_OP_POLL:
+                    comp.nbytes = 0
+                    if c.result >= 0:
+                        comp.data = <int>c.result
             except BaseException as exc:
                 comp._failure = exc
                 comp.data = None
@@ -822,6 +1036,9 @@ cdef class CompletionPort:
             if kind == IOCP_OP_ACCEPT and c.result >= 0 and not fd_owned:
                 iocp_socket_close(<iocp_socket_t>c.result)
             if final:
+                if op._multishot and kind == IOCP_OP_RECV:
+                    if self._ms_recv.get(op._op.sock) is op:
+                        del self._ms_recv[op._op.sock]
                 op._unpin()
                 op._obj = None
                 iocp_op_free(self._port, op._op)
@@ -917,6 +1134,8 @@ cdef class CompletionPort:
             for i in range(n):
                 try:
                     comp = self._complete(&batch[i])
+                    if comp is None:
+                        continue           # a silent success: nobody to tell
                     if comp._failure is not None:
                         if first is None:
                             first = comp._failure
@@ -946,9 +1165,9 @@ cdef class CompletionPort:
         """
         cdef unsigned long gen = self._stop_gen
         cdef unsigned wake_gen
-        cdef bint main = _threading.current_thread() is _threading.main_thread()
+        cdef bint main = _on_main_thread()
         self._check_open()
-        me = _threading.get_ident()
+        me = PyThread_get_thread_ident()
         if me in self._run_threads:
             # The outer run() holds a dispatch slot: a nested loop could
             # wait forever for one (concurrency=1) and would reorder
@@ -971,7 +1190,6 @@ cdef class CompletionPort:
         cdef int n, slice_ms
         cdef Py_ssize_t dispatched = 0
         cdef double deadline = 0.0, left
-        cdef object pending_exc = None
         if timeout >= 0:
             deadline = _monotonic() + timeout
         while not self._closing and gen == self._stop_gen:
@@ -980,6 +1198,11 @@ cdef class CompletionPort:
                 self._deliver(comp, handler)
                 dispatched += 1
                 continue
+            if self._nforeign:
+                # Their wake changed the generation: wait on the new one
+                # (a stop() since then bumped _stop_gen first, seen above).
+                wake_gen = iocp_port_wake_gen(self._port)
+                self._drain_foreign()
             slice_ms = -1
             if timeout >= 0:
                 left = deadline - _monotonic()
@@ -993,28 +1216,100 @@ cdef class CompletionPort:
                 if main:
                     PyErr_CheckSignals()
                 continue
-            comps = []
-            try:
-                # A conversion failure (Ctrl-C during socket.socket(), ...)
-                # is raised like one from a callback: every converted
-                # completion of the batch waits in the backlog.
-                pending_exc = self._convert(batch, n, comps)
-                for comp in comps:
-                    if pending_exc is not None:
-                        self._backlog.append(comp)
-                        continue
-                    try:
-                        self._deliver(comp, handler)
-                        dispatched += 1
-                    except BaseException as exc:   # KeyboardInterrupt, SystemExit
-                        pending_exc = exc
-            finally:
-                # close() from a callback may have freed the port already.
-                if self._port != NULL:
-                    iocp_port_dispatch_done(self._port)
-            if pending_exc is not None:
-                raise pending_exc
+            dispatched += self._dispatch(batch, n, handler)
         return dispatched
+
+    cdef Py_ssize_t _dispatch(self, iocp_completion *batch, int n,
+                              object handler) except -1:
+        """Converts a dequeued batch, runs its callbacks in order and ends
+        the dispatch.  Returns how many completions were dispatched."""
+        cdef Py_ssize_t dispatched = 0
+        cdef object pending_exc = None
+        comps = []
+        try:
+            # A conversion failure (Ctrl-C during socket.socket(), ...)
+            # is raised like one from a callback: every converted
+            # completion of the batch waits in the backlog.
+            pending_exc = self._convert(batch, n, comps)
+            for comp in comps:
+                if pending_exc is not None:
+                    self._backlog.append(comp)
+                    continue
+                try:
+                    self._deliver(comp, handler)
+                    dispatched += 1
+                except BaseException as exc:   # KeyboardInterrupt, SystemExit
+                    pending_exc = exc
+        finally:
+            # close() from a callback may have freed the port already.
+            if self._port != NULL:
+                iocp_port_dispatch_done(self._port)
+        if pending_exc is not None:
+            raise pending_exc
+        return dispatched
+
+    def run_once(self, timeout=None, handler=None) -> int:
+        """One turn of an event loop: submits what is queued, waits once
+        (GIL released) for completions, dispatches that one batch (as
+        ``run()`` does: callbacks, else ``handler``) and returns how many
+        were dispatched.
+
+        Returns 0 when ``timeout`` seconds pass with nothing to do (None or
+        ``inf``: wait as long as it takes; 0: only take what is ready), or
+        when ``stop()`` or ``close()`` is called meanwhile.  No posted
+        packet or ``stop()`` is needed to make it return.  Completions left
+        over from a batch whose callback raised are dispatched first, with
+        no wait.
+        """
+        cdef unsigned long gen = self._stop_gen
+        cdef unsigned wake_gen
+        cdef double timeout_s
+        self._check_open()
+        timeout_s = _timeout_seconds(timeout)
+        me = PyThread_get_thread_ident()
+        if me in self._run_threads:
+            raise RuntimeError("run_once() called from a callback of run() or "
+                               "run_once() on the same thread")
+        wake_gen = iocp_port_wake_gen(self._port)
+        self._run_threads.add(me)
+        try:
+            return self._run_once(gen, wake_gen, _on_main_thread(), timeout_s, handler)
+        finally:
+            self._run_threads.discard(me)
+
+    cdef Py_ssize_t _run_once(self, unsigned long gen, unsigned wake_gen, bint main,
+                              double timeout, object handler) except -1:
+        """run_once() after its checks; `timeout` in seconds, < 0: forever."""
+        cdef iocp_completion batch[BATCH]
+        cdef int n, slice_ms
+        cdef Py_ssize_t dispatched = 0
+        cdef double deadline = 0.0
+        if self._backlog:
+            while self._backlog and not self._closing:
+                self._deliver(self._backlog.popleft(), handler)
+                dispatched += 1
+            return dispatched
+        if timeout > 0:
+            deadline = _monotonic() + timeout
+        while not self._closing and gen == self._stop_gen:
+            if self._nforeign:
+                wake_gen = iocp_port_wake_gen(self._port)
+                self._drain_foreign()
+            slice_ms = -1
+            if timeout >= 0:
+                slice_ms = _slice_ms(deadline - _monotonic()) if timeout > 0 else 0
+            if main and (slice_ms < 0 or slice_ms > SIGNAL_SLICE_MS):
+                slice_ms = SIGNAL_SLICE_MS
+            n = self._wait(batch, BATCH, slice_ms, wake_gen)
+            if n > 0:
+                return self._dispatch(batch, n, handler)
+            if main:
+                PyErr_CheckSignals()
+            if self._nforeign:
+                continue               # woken by a post from another thread
+            if timeout == 0 or (timeout > 0 and _monotonic() >= deadline):
+                break
+        return 0
 
     def stop(self) -> None:
         """Makes every running ``run()`` return after its current batch.
@@ -1039,7 +1334,7 @@ cdef class CompletionPort:
         timeout.  Does not call callbacks."""
         cdef iocp_completion batch[BATCH]
         cdef int n, i, slice_ms
-        cdef bint main = _threading.current_thread() is _threading.main_thread()
+        cdef bint main = _on_main_thread()
         cdef double deadline = 0.0, left
         cdef double timeout_s
         self._check_open()
@@ -1056,6 +1351,8 @@ cdef class CompletionPort:
         if timeout_s >= 0:
             deadline = _monotonic() + timeout_s
         while not self._closing:
+            if self._nforeign:
+                self._drain_foreign()
             slice_ms = -1
             if timeout_s >= 0:
                 slice_ms = _slice_ms(deadline - _monotonic())
@@ -1092,6 +1389,8 @@ cdef class CompletionPort:
         conv_exc = None
         if self._port == NULL or self._closing:
             return
+        if self.single_issuer and not iocp_port_forked(self._port):
+            self._check_owner()
         self._closing = True
         self._stop_gen += 1
         if iocp_port_forked(self._port):
@@ -1106,6 +1405,9 @@ cdef class CompletionPort:
             self._port = NULL
             return
         iocp_port_begin_close(self._port)
+        # Posts other threads queued before _closing was set: they are
+        # delivered (callbacks run) like every other pending completion.
+        self._drain_foreign()
         iocp_cancel_all(self._port)
         while True:
             while self._backlog:

@@ -130,7 +130,7 @@ NOT_CALLED = {
     "select",
 }
 # Methods whose waits take a timeout: always called with timeout=0.
-TIMED = {"run", "get", "get_many", "wait_closed", "shutdown", "close"}
+TIMED = {"run", "run_once", "get", "get_many", "wait_closed", "shutdown", "close"}
 
 
 def _public_types() -> list:

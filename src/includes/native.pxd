@@ -16,6 +16,9 @@ cdef extern from "iocp_native.h" nogil:
     int IOCP_ENOENT
     int IOCP_EEXIST
     int IOCP_EFORKED
+    int IOCP_EWRONGTHREAD
+    int IOCP_EBUSY
+    int IOCP_ENOSYS
 
     enum:
         IOCP_OP_NONE
@@ -25,11 +28,18 @@ cdef extern from "iocp_native.h" nogil:
         IOCP_OP_RECV_INTO
         IOCP_OP_SEND
         IOCP_OP_POST
+        IOCP_OP_POLL
 
     unsigned IOCP_OPF_MULTISHOT
+    unsigned IOCP_OPF_SILENT
     unsigned IOCP_CF_MORE
     unsigned IOCP_CF_CANCELLED
     unsigned IOCP_CF_BUFFER
+    unsigned IOCP_CF_SILENT
+    unsigned IOCP_POLL_IN
+    unsigned IOCP_POLL_OUT
+    unsigned IOCP_POLL_ERR
+    unsigned IOCP_POLL_HUP
 
     ctypedef struct iocp_iovec:
         void *base
@@ -66,6 +76,8 @@ cdef extern from "iocp_native.h" nogil:
         unsigned queue_capacity
         unsigned concurrency
         unsigned ring_entries
+        int single_issuer
+        size_t recv_pool_max
 
     ctypedef struct iocp_port_stats:
         int64_t live_ops
@@ -93,6 +105,9 @@ cdef extern from "iocp_native.h" nogil:
                              int timeout_ms, unsigned since)
     unsigned iocp_port_wake_gen(iocp_port *port)
     void iocp_port_dispatch_done(iocp_port *port)
+    int iocp_port_run_once(iocp_port *port, iocp_completion *out, int max,
+                           int timeout_ms, unsigned since)
+    void iocp_port_release_batch(iocp_port *port, iocp_completion *batch, int n)
     int iocp_port_wake(iocp_port *port)
     void iocp_port_begin_close(iocp_port *port)
     void iocp_buffer_release(iocp_port *port, char *data, uint32_t buf_id)

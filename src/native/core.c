@@ -373,6 +373,25 @@ int iocp_unregister(iocp_port *p, iocp_socket_t sock)
     return r;
 }
 
+/*
+ * Kinds and flags the contract defines: anything else is refused here, so
+ * no backend ever sees a kind its switch does not know.  IOCP_OP_POLL
+ * passes; a backend that has not implemented it answers an error.
+ */
+static int iocp__op_valid(const iocp_op *op)
+{
+    if (op->kind < IOCP_OP_ACCEPT || op->kind > IOCP_OP_POLL)
+        return 0;
+    if (op->flags & ~(IOCP_OPF_MULTISHOT | IOCP_OPF_SILENT))
+        return 0;
+    if ((op->flags & IOCP_OPF_MULTISHOT) && op->kind != IOCP_OP_ACCEPT &&
+        op->kind != IOCP_OP_RECV && op->kind != IOCP_OP_POLL)
+        return 0;
+    if ((op->flags & IOCP_OPF_SILENT) && op->kind != IOCP_OP_SEND)
+        return 0;
+    return 1;
+}
+
 int iocp_submit(iocp_port *p, iocp_op *op)
 {
     int r;
@@ -380,6 +399,8 @@ int iocp_submit(iocp_port *p, iocp_op *op)
     if (iocp__forked(p))
         return IOCP_EFORKED;
     if (op->inflight)
+        return IOCP_EINVAL;
+    if (!iocp__op_valid(op))
         return IOCP_EINVAL;
     iocp__lock(p);
     op->inflight = 1;

@@ -50,6 +50,16 @@ void iocp__deliver(iocp_port *p, iocp_op *op, int64_t result, int64_t error,
 {
     iocp_completion c;
 
+    /*
+     * Silent sends, generically: a final, whole, error-free success is
+     * flagged so the caller releases it without telling anyone.  Backends
+     * may do better (post no packet, skip the CQE) and pass the flag
+     * themselves; this makes it hold on every backend.
+     */
+    if ((op->flags & IOCP_OPF_SILENT) && op->kind == IOCP_OP_SEND &&
+        !(flags & (IOCP_CF_MORE | IOCP_CF_CANCELLED)) && error == 0 &&
+        result >= 0 && (uint64_t)result == (uint64_t)op->len)
+        flags |= IOCP_CF_SILENT;
     c.op = op;
     c.result = result;
     c.error = error;
