@@ -37,7 +37,7 @@ if WINDOWS:
     MACROS: list[tuple[str, str]] = [("WIN32_LEAN_AND_MEAN", "1"), ("_WIN32_WINNT", "0x0600")]
     SYSTEM_LIBS = ["ws2_32"]
 else:
-    BACKEND_SOURCES = ["src/native/linux/epoll.c"]
+    BACKEND_SOURCES = ["src/native/linux/sock.c", "src/native/linux/epoll.c"]
     MACROS = [("_GNU_SOURCE", "1")]
     if os.path.exists("src/native/linux/uring.c"):
         BACKEND_SOURCES += [

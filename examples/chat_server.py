@@ -88,7 +88,8 @@ def main() -> int:
     except OSError as exc:
         print(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    return server.serve_forever()
+    # `ready` runs once SIGINT/SIGTERM stop the server gracefully.
+    return server.serve_forever(ready=lambda: logging.info("serving until Ctrl-C or SIGTERM"))
 
 
 if __name__ == "__main__":

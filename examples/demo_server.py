@@ -67,7 +67,10 @@ def main() -> int:
         return 1
     port = server.address[1]  # type: ignore[index]
     print(f"listening on {args.host}:{port} (backend {server.backend})", flush=True)
-    return server.serve_forever()
+    # `ready` runs once SIGINT/SIGTERM stop the server gracefully.
+    return server.serve_forever(
+        ready=lambda: print("serving until Ctrl-C or SIGTERM", flush=True)
+    )
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def test_echo_server() -> None:
     proc = start("echo_server.py", "--port", str(port), "--threads", "2")
     try:
         proc.wait_for("listening on")
+        proc.wait_for("serving until")  # signal handlers are in place
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(b"echo me\n")
             assert recv_line(s) == b"echo me\n"
@@ -70,6 +71,7 @@ def test_chat_server_broadcasts() -> None:
     socks: List[socket.socket] = []
     try:
         proc.wait_for("listening on")
+        proc.wait_for("serving until")  # signal handlers are in place
         for _ in range(3):
             s = socket.create_connection(("127.0.0.1", port), timeout=5)
             assert recv_line(s).startswith(b"* welcome")
@@ -95,6 +97,7 @@ def test_demo_pair() -> None:
     server = start("demo_server.py", "--port", str(port))
     try:
         server.wait_for("listening on")
+        server.wait_for("serving until")  # signal handlers are in place
         r = subprocess.run(
             [sys.executable, str(EXAMPLES / "demo_client.py"), "--port", str(port)],
             input=b"first line\nsecond \x00 line\n",
@@ -129,6 +132,7 @@ def test_demo_client_against_echo_server() -> None:
     server = start("echo_server.py", "--port", str(port))
     try:
         server.wait_for("listening on")
+        server.wait_for("serving until")  # signal handlers are in place
         r = subprocess.run(
             [sys.executable, str(EXAMPLES / "demo_client.py"), "--port", str(port)],
             input=b"a\nb\n",

@@ -13,16 +13,28 @@
  * headers.  This file is the op state machine; the ring (setup, SQE
  * get/commit, flush, CQ primitives, one prep helper per SQE kind) is in
  * uring_ring.c, the feature probes in uring_probe.c, the provided-buffer
- * ring in uring_buf.c, and what they share in uring_internal.h.
+ * groups in uring_buf.c, and what they share in uring_internal.h.
  *
  * How ops map: user_data is the iocp_op pointer (records are at least
  * 8-byte aligned, so the low three bits are free for tags).  ACCEPT ->
  * IORING_OP_ACCEPT (multishot where the kernel has it, re-armed after every
  * connection where it does not), CONNECT -> IORING_OP_CONNECT, RECV ->
- * IORING_OP_RECV picking a buffer from a provided-buffer ring when the
- * request fits (an idle recv then pins no memory; the buffer goes to the
- * caller with buf_id = index + 1 and comes back through release_buffer),
- * else from the port pool at submit, RECV_INTO -> IORING_OP_RECV into the
+ * IORING_OP_RECV picking a buffer from a provided-buffer group when the
+ * request fits (4 KiB buffers up to 4 KiB, 64 KiB ones up to 64 KiB; an
+ * idle recv then pins no memory; the buffer goes to the caller with a
+ * buf_id naming group and buffer and comes back through release_buffer),
+ * else from the port pool at submit.  The groups grow with load (on
+ * -ENOBUFS, at most once per reap, and when most of a group is out with
+ * callers) up to recv_pool_max; a single-shot recv that still finds none
+ * moves to a pool buffer.  A multishot RECV is one armed
+ * IORING_RECV_MULTISHOT request from the 4 KiB group (64 KiB if its cap
+ * asks for that), one completion with MORE per CQE; where the kernel lacks
+ * it, or the cap is under a buffer, a single-shot recv from the group is
+ * re-armed after each completion, and with no buffer ring at all a
+ * POLL_ADD then a pool-buffer recv is.  -ENOBUFS ends a kernel multishot:
+ * the op grows the group or waits (ST_PARKED) until buffers come back,
+ * then re-arms; it never surfaces.  While it is armed the socket's other
+ * recvs get -EBUSY.  RECV_INTO -> IORING_OP_RECV into the
  * caller's buffer, SEND -> IORING_OP_SEND (IORING_OP_SENDMSG for a
  * gathered send, msghdr kept in the op) re-submitted for the remainder
  * after a short send, POST -> IORING_OP_NOP.  Should the kernel hand back
@@ -37,12 +49,17 @@
  * So every socket has a read FIFO (recv, recv_into) and a write FIFO
  * (connect, send), linked through op->fifo_next, and only the head of each
  * has a request out; ops queued behind it cost no SQE and are issued one
- * by one as the head completes.  All re-issues (remainder, poll, -ENOBUFS
+ * by one as the head completes -- except that consecutive silent sends
+ * queued behind a silent head go out as one linked chain
+ * (IOSQE_IO_LINK + MSG_WAITALL, CQE_SKIP_SUCCESS on all but the last; see
+ * iocp__try_chain), so a socket with many small sends queued pays one
+ * round trip per chain, not per send.  All re-issues (remainder, poll, -ENOBUFS
  * fallback to a pool buffer, spurious cancel) are of the head itself.
  * Accept and post skip the FIFOs: they are no byte stream.
  *
- * Cancel and close: an op queued behind its FIFO head has nothing in the
- * kernel, so cancel unlinks it and completes it cancelled at once.  For an
+ * Cancel and close: an op queued behind its FIFO head, or a multishot
+ * recv waiting for buffers, has nothing in the kernel, so cancel unlinks
+ * it and completes it cancelled at once.  For an
  * op with a request out, cancel submits IORING_OP_ASYNC_CANCEL for the op's
  * user_data; the op's own completion then arrives, -ECANCELED (or -EINTR
  * when an io-wq worker was interrupted), and is flagged cancelled -- or
@@ -57,9 +74,11 @@
  * -ECANCELED re-issues the op instead of failing it.
  *
  * Completions are never lost: the CQ is 4x the SQ, IORING_FEAT_NODROP is
- * required, poll() reaps at most `max` CQEs and leaves the rest in the ring
- * (the kernel's overflow list absorbs more; io_uring_enter(GETEVENTS)
- * flushes it back when the ring says so).  Submission happens under the
+ * required, poll() delivers at most `max` completions and leaves the rest
+ * in the ring (a CQE that means more completions than fit -- a multishot
+ * recv's last data and its cancel -- owes the rest, u->owed, delivered
+ * first by the next reap); the kernel's overflow list absorbs more, and
+ * io_uring_enter(GETEVENTS) flushes it back when the ring says so.  Submission happens under the
  * port lock from any thread.  SQEs made by a thread while it dispatches a
  * batch wait until that batch ends (the port's dispatch_done hook submits
  * them) or its next poll(), whichever is first; every other thread's go at
@@ -86,11 +105,13 @@
  * Environment, for tests: IOCP_URING_FAIL_SETUP=1 makes probe() and init()
  * fail with -EPERM as if io_uring were disabled (the default port then falls
  * back to epoll).  IOCP_URING_DISABLE="ext-arg,provided-buffers,
- * multishot-accept,cancel-fd,submit-all" turns the named kernel features
+ * multishot-accept,recv-multishot,cancel-fd,submit-all,send-chain" (the
+ * feature words of uring_probe.c) turns the named kernel features
  * off to exercise the fallback paths on a new kernel (also single-issuer,
  * defer-taskrun, coop-taskrun, registered-ring, poll-multishot).
  * IOCP_URING_TEST_STARVE=N makes every Nth op or cancel find the SQ full,
- * to exercise the backlogs.
+ * to exercise the backlogs.  IOCP_URING_STATS=1 prints the buffer-group
+ * counters (-ENOBUFS seen, growths, waits) to stderr when a port closes.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -99,6 +120,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -152,17 +174,6 @@ static int iocp__cancelling(struct iocp__uring *u, iocp_op *op)
     return !st || (unsigned)op->aux_sock != st->gen;
 }
 
-/* ---- provided buffers (uring_buf.c) ----------------------------------- */
-
-static void iocp__uring_release_buffer(iocp_port *p, char *data, uint32_t buf_id)
-{
-    struct iocp__uring *u = p->be;
-
-    (void)data;
-    if (buf_id >= 1 && buf_id <= IOCP__PBUF_COUNT && u->pbuf_state > 0)
-        iocp__pbuf_add(u, buf_id - 1);
-}
-
 /* ---- arming ops ------------------------------------------------------- */
 
 static void iocp__list_push(iocp_op **head, iocp_op *op)
@@ -187,6 +198,36 @@ static int iocp__list_remove(iocp_op **head, iocp_op *op)
         }
     }
     return 0;
+}
+
+/* Multishot recvs waiting for buffers of a group, oldest first. */
+static void iocp__waiter_push(struct iocp__bgroup *b, iocp_op *op)
+{
+    op->fd_next = NULL;
+    if (b->waiters_tail)
+        b->waiters_tail->fd_next = op;
+    else
+        b->waiters = op;
+    b->waiters_tail = op;
+    op->state |= IOCP__ST_PARKED;
+}
+
+static void iocp__waiter_remove(struct iocp__bgroup *b, iocp_op *op)
+{
+    iocp_op *prev = NULL, *it;
+
+    for (it = b->waiters; it && it != op; it = it->fd_next)
+        prev = it;
+    if (!it)
+        return;
+    if (prev)
+        prev->fd_next = op->fd_next;
+    else
+        b->waiters = op->fd_next;
+    if (b->waiters_tail == op)
+        b->waiters_tail = prev;
+    op->fd_next = NULL;
+    op->state &= ~IOCP__ST_PARKED;
 }
 
 /*
@@ -247,6 +288,43 @@ static inline uint64_t iocp__ud_op(iocp_op *op)
     return (uint64_t)(uintptr_t)op | IOCP__UD_OP;
 }
 
+static inline int iocp__is_msrecv(const iocp_op *op)
+{
+    return op->kind == IOCP_OP_RECV && (op->flags & IOCP_OPF_MULTISHOT);
+}
+
+/* The buffer group a RINGBUF recv picks from. */
+static inline int iocp__op_group(const iocp_op *op)
+{
+    return (op->state & IOCP__ST_BG_LARGE) ? IOCP__BG_LARGE : IOCP__BG_SMALL;
+}
+
+/* Bytes a recv into a pool buffer asks for (a multishot one: its cap, or
+ * 64 KiB). */
+static inline size_t iocp__pool_recv_len(const iocp_op *op)
+{
+    if (iocp__is_msrecv(op) && op->len == 0)
+        return 65536;
+    return op->len;
+}
+
+/* Fills a SEND (a SENDMSG over the unsent segments of a gathered send). */
+static void iocp__prep_send_op(iocp__uring_sqe *sqe, iocp_op *op, unsigned msg_flags,
+                               uint64_t ud)
+{
+    if (op->iovcnt > 0) {
+        /* The msghdr lives in the op, so it stays valid however long the
+         * SQE waits in the ring. */
+        int nseg;
+        memset(&op->msg, 0, sizeof(op->msg));
+        op->msg.msg_iov = (struct iovec *)iocp__iov_advance(op, 0, &nseg);
+        op->msg.msg_iovlen = (size_t)nseg;
+        iocp__prep_sendmsg(sqe, op->sock, &op->msg, msg_flags, ud);
+    } else {
+        iocp__prep_send(sqe, op->sock, op->buf + op->done, op->len - op->done, msg_flags, ud);
+    }
+}
+
 /* Queues the SQE that (re)issues the op as its state says; -1 with no SQE
  * free (the caller puts the op on the backlog, drained by poll()). */
 static int iocp__arm_now(struct iocp__uring *u, iocp_op *op)
@@ -272,28 +350,31 @@ static int iocp__arm_now(struct iocp__uring *u, iocp_op *op)
         iocp__prep_connect(sqe, op->sock, (struct sockaddr *)&op->addr, op->addrlen, ud);
         break;
     case IOCP_OP_RECV:
-        if (op->state & IOCP__ST_RINGBUF)
-            iocp__prep_recv_select(sqe, op->sock, op->len, 0, 0, ud);
-        else
-            iocp__prep_recv(sqe, op->sock, op->backend_data, op->len, ud);
+        if (op->state & IOCP__ST_RINGBUF) {
+            int g = iocp__op_group(op);
+            size_t size = iocp__bg_size(&u->bg[g]);
+            if (op->state & IOCP__ST_MULTI)
+                iocp__prep_recv_select(sqe, op->sock, 0, (unsigned)g, 1, ud);
+            else
+                iocp__prep_recv_select(sqe, op->sock, op->len && op->len < size ? op->len : size,
+                                       (unsigned)g, 0, ud);
+        } else if (op->backend_data) {
+            iocp__prep_recv(sqe, op->sock, op->backend_data, iocp__pool_recv_len(op), ud);
+        } else {
+            /* Multishot with no buffer ring: wait for data before taking a
+             * pool buffer (iocp__complete_poll), so an idle socket pins
+             * none. */
+            iocp__prep_poll_add(sqe, op->sock, POLLIN, (uint64_t)(uintptr_t)op | IOCP__UD_POLL);
+            iocp__sqe_commit(u);
+            op->state |= IOCP__ST_POLL;
+            return 0;
+        }
         break;
     case IOCP_OP_RECV_INTO:
         iocp__prep_recv(sqe, op->sock, op->buf, op->len, ud);
         break;
     case IOCP_OP_SEND:
-        if (op->iovcnt > 0) {
-            /* Gathered: SENDMSG over the segments still unsent.  The
-             * msghdr lives in the op, so it stays valid however long the
-             * SQE waits in the ring. */
-            int nseg;
-            memset(&op->msg, 0, sizeof(op->msg));
-            op->msg.msg_iov = (struct iovec *)iocp__iov_advance(op, 0, &nseg);
-            op->msg.msg_iovlen = (size_t)nseg;
-            iocp__prep_sendmsg(sqe, op->sock, &op->msg, MSG_NOSIGNAL, ud);
-        } else {
-            iocp__prep_send(sqe, op->sock, op->buf + op->done, op->len - op->done,
-                            MSG_NOSIGNAL, ud);
-        }
+        iocp__prep_send_op(sqe, op, MSG_NOSIGNAL, ud);
         break;
     case IOCP_OP_POLL:
         /* `len` holds the IOCP_POLL_* events: POSIX poll bits, which is
@@ -341,9 +422,75 @@ static void iocp__arm_poll(struct iocp__uring *u, iocp_op *op, unsigned events)
  * wait if one is, else the op's own request. */
 static void iocp__prep_op_cancel(iocp__uring_sqe *sqe, iocp_op *op)
 {
-    iocp__prep_cancel(sqe, (uint64_t)(uintptr_t)op |
-                           ((op->state & IOCP__ST_POLL) ? IOCP__UD_POLL : IOCP__UD_OP),
-                      IOCP__UD_IN(IOCP__IN_CANCEL, 0));
+    unsigned tag = (op->state & IOCP__ST_POLL) ? IOCP__UD_POLL
+                   : (op->state & IOCP__ST_CHAIN) ? IOCP__UD_CHAIN : IOCP__UD_OP;
+
+    iocp__prep_cancel(sqe, (uint64_t)(uintptr_t)op | tag, IOCP__UD_IN(IOCP__IN_CANCEL, 0));
+}
+
+/* Longest linked chain of sends (SQ room permitting). */
+#define IOCP__CHAIN_MAX 256u
+
+/*
+ * Silent sends, linked.  A socket's write FIFO runs one request at a time,
+ * so many small sends queued on it would cost one ring round trip each.
+ * When the head about to start is a silent send and more sends are queued
+ * right behind it, they go out as one chain instead: IOSQE_IO_LINK makes
+ * the kernel run them in order, one after the other; MSG_WAITALL makes it
+ * finish each send (retrying short ones itself) or fail it, and a failed
+ * or short member fails the rest of the link (-ECANCELED), so nothing can
+ * overtake a short send; IOSQE_CQE_SKIP_SUCCESS on all but the last means
+ * one CQE for the lot.  The chain is the maximal run of queued silent
+ * sends, closed by the next send if that one is not silent (its CQE is
+ * posted anyway).  Ends: the first CQE of any member (a member failing
+ * with CQE_SKIP posts its own CQE, and the kernel then skips those of the
+ * links it cancels -- all of them, the last one's too), so the members
+ * before it succeeded, it has its own result, and those after it never
+ * ran (iocp__complete_chain).  The SQEs are published together, after
+ * SKIP'd NOP padding if poll()'s blocking io_uring_enter might still take
+ * SQEs (u->poller_pending): it could otherwise submit a prefix of the
+ * chain on its own, cutting the link.
+ * Returns 1 if it issued a chain starting at `head` (not QUEUED any more).
+ */
+static int iocp__try_chain(struct iocp__uring *u, struct iocp__ufd *st, iocp_op *head)
+{
+    unsigned n = 0, i, pad = u->poller_pending, room = iocp__sq_space(u);
+    iocp_op *m;
+
+    if (!(u->caps & IOCP__CAP_CHAIN) || u->backlog || st->chain_n ||
+        head->kind != IOCP_OP_SEND || !(head->flags & IOCP_OPF_SILENT) ||
+        !(head->state & IOCP__ST_FIFO) || room < pad + 2)
+        return 0;
+    room -= pad;
+    if (room > IOCP__CHAIN_MAX)
+        room = IOCP__CHAIN_MAX;
+    for (m = head; m && n < room; m = m->fifo_next) {
+        if (m != head && (!(m->state & IOCP__ST_QUEUED) || m->kind != IOCP_OP_SEND ||
+                          iocp__cancelling(u, m)))
+            break;
+        n++;
+        if (!(m->flags & IOCP_OPF_SILENT))
+            break;
+    }
+    if (n < 2 || (u->starve && ++u->starve_ctr % u->starve == 0))
+        return 0;
+    for (i = 0; i < pad; i++) {
+        iocp__uring_sqe *sqe = iocp__sqe_at(u, i);
+        iocp__prep_nop(sqe, IOCP__UD_IN(IOCP__IN_PAD, 0));
+        sqe->flags = IOCP__SQE_CQE_SKIP;
+    }
+    for (m = head, i = 0; i < n; i++, m = m->fifo_next) {
+        iocp__uring_sqe *sqe = iocp__sqe_at(u, pad + i);
+        iocp__prep_send_op(sqe, m, MSG_NOSIGNAL | MSG_WAITALL,
+                           (uint64_t)(uintptr_t)m | IOCP__UD_CHAIN);
+        if (i + 1 < n)
+            sqe->flags |= IOCP__SQE_IO_LINK | IOCP__SQE_CQE_SKIP;
+        m->state &= ~IOCP__ST_QUEUED;
+        m->state |= IOCP__ST_ARMED | IOCP__ST_CHAIN;
+    }
+    iocp__sqe_commit_n(u, pad + n);
+    st->chain_n = n;
+    return 1;
 }
 
 /* Queues a cancel for whatever request of the op is out; with no SQE free
@@ -363,16 +510,22 @@ static void iocp__send_cancel(struct iocp__uring *u, iocp_op *op)
 
 /* ---- delivering ------------------------------------------------------- */
 
+static void iocp__submit_policy(iocp_port *p, struct iocp__uring *u);
+
 static void iocp__fifo_start(iocp_port *p, struct iocp__uring *u, struct iocp__fifo *f);
 
-static void iocp__finish(iocp_port *p, struct iocp__uring *u, iocp_op *op,
-                         int64_t result, int64_t error, unsigned flags,
-                         char *data, uint32_t buf_id)
+static void iocp__finish_now(iocp_port *p, struct iocp__uring *u, iocp_op *op,
+                             int64_t result, int64_t error, unsigned flags,
+                             char *data, uint32_t buf_id)
 {
     struct iocp__fifo *next = NULL;
 
     if (!(flags & IOCP_CF_MORE)) {
         struct iocp__ufd *st = iocp__ufd(u, op->sock);
+        if (st && st->msrecv == op)
+            st->msrecv = NULL;
+        if (op->state & IOCP__ST_PARKED)
+            iocp__waiter_remove(&u->bg[iocp__op_group(op)], op);
         if ((op->state & IOCP__ST_FIFO) && st) {
             /* The head's successor may start now (after this delivery, so
              * completions of one direction come out in order). */
@@ -398,6 +551,68 @@ static void iocp__finish(iocp_port *p, struct iocp__uring *u, iocp_op *op,
         iocp__fifo_start(p, u, next);
 }
 
+/* Appends to the owed list; -1 if it cannot grow (out of memory). */
+static int iocp__owe(struct iocp__uring *u, iocp_op *op, int64_t result, int64_t error,
+                     unsigned flags, char *data, uint32_t buf_id)
+{
+    struct iocp__owed *o;
+
+    if (u->owed_head + u->nowed == u->owed_cap) {
+        if (u->owed_head > 0) {
+            memmove(u->owed, u->owed + u->owed_head, u->nowed * sizeof(*u->owed));
+            u->owed_head = 0;
+        } else {
+            unsigned cap = u->owed_cap ? u->owed_cap * 2 : 64;
+            struct iocp__owed *n = realloc(u->owed, cap * sizeof(*n));
+            if (!n)
+                return -1;
+            u->owed = n;
+            u->owed_cap = cap;
+        }
+    }
+    o = &u->owed[u->owed_head + u->nowed++];
+    o->op = op;
+    o->result = result;
+    o->error = error;
+    o->flags = flags;
+    o->data = data;
+    o->buf_id = buf_id;
+    return 0;
+}
+
+/*
+ * Delivers one outcome of the op -- or, when this reap has handed out its
+ * `max` (or earlier outcomes already wait), owes it: the next reap delivers
+ * it first.  Once anything is owed every later outcome is too, so order
+ * holds.  An op whose final outcome is owed is ST_OWED: nothing of it is in
+ * the kernel any more and cancel leaves it alone.
+ */
+static void iocp__finish(iocp_port *p, struct iocp__uring *u, iocp_op *op,
+                         int64_t result, int64_t error, unsigned flags,
+                         char *data, uint32_t buf_id)
+{
+    if ((u->nowed || (u->reaping && u->ndelivered >= u->budget)) &&
+        iocp__owe(u, op, result, error, flags, data, buf_id) == 0) {
+        if (!(flags & IOCP_CF_MORE))
+            op->state |= IOCP__ST_OWED;
+        if (!u->reaping)
+            p->kick = 1;             /* only poll() hands it out */
+        return;
+    }
+    iocp__finish_now(p, u, op, result, error, flags, data, buf_id);
+}
+
+/* Hands out what earlier reaps owed, as far as this reap's budget goes. */
+static void iocp__owed_drain(iocp_port *p, struct iocp__uring *u)
+{
+    while (u->nowed && u->ndelivered < u->budget) {
+        struct iocp__owed o = u->owed[u->owed_head++];
+        if (--u->nowed == 0)
+            u->owed_head = 0;
+        iocp__finish_now(p, u, o.op, o.result, o.error, o.flags, o.data, o.buf_id);
+    }
+}
+
 static void iocp__finish_cancelled(iocp_port *p, struct iocp__uring *u, iocp_op *op)
 {
     if (op->kind == IOCP_OP_SEND && op->done > 0)
@@ -416,11 +631,15 @@ static void iocp__fifo_start(iocp_port *p, struct iocp__uring *u, struct iocp__f
     iocp_op *op;
 
     while ((op = f->head) != NULL && (op->state & IOCP__ST_QUEUED)) {
-        op->state &= ~IOCP__ST_QUEUED;
         if (!iocp__cancelling(u, op)) {
+            struct iocp__ufd *st = iocp__ufd(u, op->sock);
+            if (st && f == &st->wq && iocp__try_chain(u, st, op))
+                return;
+            op->state &= ~IOCP__ST_QUEUED;
             iocp__arm(u, op);
             return;
         }
+        op->state &= ~IOCP__ST_QUEUED;
         f->head = op->fifo_next;
         if (!f->head)
             f->tail = NULL;
@@ -490,6 +709,90 @@ static void iocp__complete_accept(iocp_port *p, struct iocp__uring *u, iocp_op *
         iocp__finish(p, u, op, res, 0, 0, NULL, 0);
 }
 
+/*
+ * Re-arms every multishot recv that waited for buffers of group g.  All of
+ * them: the kernel also answers -ENOBUFS to a recv issued on an idle socket
+ * while the ring is empty, so a waiter may have no data and take no
+ * buffer; re-arming only as many as came back could leave one with data
+ * waiting for a release that never comes.  Those that find the ring empty
+ * again wait again.
+ */
+static void iocp__unpark(iocp_port *p, struct iocp__uring *u, int g)
+{
+    struct iocp__bgroup *b = &u->bg[g];
+    iocp_op *list = b->waiters, *op;
+
+    b->waiters = b->waiters_tail = NULL;
+    while ((op = list) != NULL) {
+        list = op->fd_next;
+        op->fd_next = NULL;
+        op->state &= ~IOCP__ST_PARKED;
+        iocp__again(p, u, op);
+    }
+}
+
+/* Grows group g and re-arms the recvs that waited for its buffers.
+ * Returns how many buffers it added. */
+static unsigned iocp__grow(iocp_port *p, struct iocp__uring *u, int g)
+{
+    unsigned added = iocp__bg_grow(u, g);
+
+    if (added > 0) {
+        u->bg[g].grew_seq = u->reap_seq;
+        if (u->bg[g].waiters)
+            iocp__unpark(p, u, g);
+    }
+    return added;
+}
+
+/*
+ * After -ENOBUFS: may the recv go again on the ring?  One shortage shows
+ * as a burst of -ENOBUFS in one batch of CQEs, so the group grows (doubles)
+ * at most once per reap and the rest of the burst re-arms on those
+ * buffers; a shortage that lasts grows it again at the next reap.
+ */
+static int iocp__refill(iocp_port *p, struct iocp__uring *u, int g)
+{
+    if (u->reaping && u->bg[g].grew_seq == u->reap_seq)
+        return 1;
+    return iocp__grow(p, u, g) > 0;
+}
+
+/* A CQE gave us buffer `bid` of group g with `res` bytes: it goes to the
+ * caller (ours until release_buffer).  When most of the group is out with
+ * callers, grow before the kernel runs dry. */
+static void iocp__handout(iocp_port *p, struct iocp__uring *u, iocp_op *op, int g,
+                          unsigned bid, int res, unsigned flags)
+{
+    struct iocp__bgroup *b = &u->bg[g];
+
+    b->out++;
+    p->live_buffers++;
+    iocp__finish(p, u, op, res, 0, flags | IOCP_CF_BUFFER, iocp__bg_addr(u, g, bid),
+                 iocp__bg_buf_id(g, bid));
+    if (b->nbufs - b->out < b->nbufs / 4)
+        (void)iocp__grow(p, u, g);
+}
+
+/* The kernel found no buffer for a multishot recv (which then stopped):
+ * grow the group, else wait until a buffer comes back.  Never surfaces. */
+static void iocp__recv_starved(iocp_port *p, struct iocp__uring *u, iocp_op *op)
+{
+    int g = iocp__op_group(op);
+
+    u->n_enobufs++;
+    if (iocp__cancelling(u, op)) {
+        iocp__finish_cancelled(p, u, op);
+    } else if (iocp__refill(p, u, g) || u->bg[g].out == 0) {
+        /* With nothing out with callers every buffer is back in the ring
+         * or on its way to us in a CQE: no release would wake a waiter. */
+        iocp__arm(u, op);
+    } else {
+        iocp__waiter_push(&u->bg[g], op);
+        u->n_parks++;
+    }
+}
+
 static void iocp__complete_recv(iocp_port *p, struct iocp__uring *u, iocp_op *op,
                                 int res, unsigned cflags)
 {
@@ -498,14 +801,14 @@ static void iocp__complete_recv(iocp_port *p, struct iocp__uring *u, iocp_op *op
     if (cflags & IOCP__CQE_F_BUFFER) {
         /* A ring buffer came with it: ours until given away or put back. */
         unsigned bid = cflags >> IOCP__CQE_BUFFER_SHIFT;
-        if (res > 0 && bid < IOCP__PBUF_COUNT) {
-            p->live_buffers++;
-            iocp__finish(p, u, op, res, 0, IOCP_CF_BUFFER,
-                         iocp__pbuf_addr(u, bid), bid + 1);
-            return;
+        int g = iocp__op_group(op);
+        if (bid < u->bg[g].nbufs) {
+            if (res > 0) {
+                iocp__handout(p, u, op, g, bid, res, 0);
+                return;
+            }
+            iocp__bg_put(u, g, bid);
         }
-        if (bid < IOCP__PBUF_COUNT)
-            iocp__pbuf_add(u, bid);
     }
     if (res > 0) {
         data = op->backend_data;
@@ -520,12 +823,18 @@ static void iocp__complete_recv(iocp_port *p, struct iocp__uring *u, iocp_op *op
     if (res == 0) {
         iocp__finish(p, u, op, 0, 0, 0, NULL, 0);
     } else if (res == -ENOBUFS && (op->state & IOCP__ST_RINGBUF)) {
-        /* Every ring buffer is out with the caller: use the pool. */
+        u->n_enobufs++;
         if (iocp__cancelling(u, op)) {
             iocp__finish_cancelled(p, u, op);
             return;
         }
-        op->state &= ~IOCP__ST_RINGBUF;
+        if (iocp__refill(p, u, iocp__op_group(op))) {
+            iocp__arm(u, op);
+            return;
+        }
+        /* The groups are at their bound and every buffer is out: use
+         * the pool. */
+        op->state &= ~(IOCP__ST_RINGBUF | IOCP__ST_BG_LARGE);
         op->backend_data = iocp__buffer_get(p, op->len);
         if (!op->backend_data)
             iocp__finish(p, u, op, IOCP_ENOMEM, 0, 0, NULL, 0);
@@ -538,6 +847,46 @@ static void iocp__complete_recv(iocp_port *p, struct iocp__uring *u, iocp_op *op
     } else {
         iocp__finish(p, u, op, res, 0, 0, NULL, 0);
     }
+}
+
+/*
+ * Multishot recv.  Kernel multishot (ST_MULTI) posts one CQE per arrival
+ * with F_MORE while it stays armed; the emulations (a single-shot recv
+ * from the buffer ring, or a poll then a pool-buffer recv) post one CQE per
+ * request and are re-armed here.  Either way every arrival is delivered
+ * with MORE; the final completion is EOF, an error or the cancel.
+ */
+static void iocp__complete_recv_ms(iocp_port *p, struct iocp__uring *u, iocp_op *op,
+                                   int res, unsigned cflags)
+{
+    if (cflags & IOCP__CQE_F_BUFFER) {
+        unsigned bid = cflags >> IOCP__CQE_BUFFER_SHIFT;
+        int g = iocp__op_group(op);
+        if (bid < u->bg[g].nbufs) {
+            if (res > 0)
+                iocp__handout(p, u, op, g, bid, res, IOCP_CF_MORE);
+            else
+                iocp__bg_put(u, g, bid);
+        }
+    } else if (res > 0 && op->backend_data) {
+        char *data = op->backend_data;
+        op->backend_data = NULL;
+        iocp__finish(p, u, op, res, 0, IOCP_CF_MORE | IOCP_CF_BUFFER, data, 0);
+    }
+    if (cflags & IOCP__CQE_F_MORE)
+        return;                     /* still armed in the kernel */
+    if (res > 0)
+        iocp__again(p, u, op);      /* emulation, or the kernel stopped */
+    else if (res == 0)
+        iocp__finish(p, u, op, 0, 0, 0, NULL, 0);
+    else if (res == -ENOBUFS && (op->state & IOCP__ST_RINGBUF))
+        iocp__recv_starved(p, u, op);
+    else if (res == -EAGAIN)
+        iocp__again_poll(p, u, op, POLLIN);
+    else if (iocp__is_cancel_res(res))
+        iocp__again(p, u, op);
+    else
+        iocp__finish(p, u, op, res, 0, 0, NULL, 0);
 }
 
 static void iocp__complete_recv_into(iocp_port *p, struct iocp__uring *u, iocp_op *op, int res)
@@ -571,6 +920,40 @@ static void iocp__complete_send(iocp_port *p, struct iocp__uring *u, iocp_op *op
     } else {
         iocp__finish(p, u, op, res, 0, 0, NULL, 0);
     }
+}
+
+/*
+ * The first CQE of a linked chain of sends (see iocp__try_chain) ends it:
+ * the members before `op` were sent whole, `op` has its own result, and
+ * those after it never ran.  They go back to being queued behind `op`,
+ * in order -- re-issued after it if its result was short or a cancel
+ * (which may be another member's own), completed cancelled if it failed
+ * outright (the socket is broken; they would fail the same way).
+ */
+static void iocp__complete_chain(iocp_port *p, struct iocp__uring *u, iocp_op *op, int res)
+{
+    struct iocp__ufd *st = iocp__ufd(u, op->sock);
+    iocp_op *m, *next;
+    unsigned k = 0, i;
+    int hard = res < 0 && res != -EAGAIN && !iocp__is_cancel_res(res);
+
+    for (m = st ? st->wq.head : NULL; m && m != op && k < st->chain_n; m = m->fifo_next)
+        k++;
+    if (!m || m != op || k >= st->chain_n)
+        return;                     /* not a member of the chain out */
+    for (i = k + 1, m = op->fifo_next; i < st->chain_n && m; i++, m = m->fifo_next) {
+        m->state &= ~(IOCP__ST_CHAIN | IOCP__ST_ARMED);
+        m->state |= IOCP__ST_QUEUED | (hard ? IOCP__ST_CANCEL : 0);
+    }
+    st->chain_n = 0;
+    for (m = st->wq.head; m != op; m = next) {
+        next = m->fifo_next;
+        m->state &= ~(IOCP__ST_CHAIN | IOCP__ST_ARMED);
+        m->done = m->len;
+        iocp__finish(p, u, m, (int64_t)m->len, 0, 0, NULL, 0);
+    }
+    op->state &= ~IOCP__ST_CHAIN;
+    iocp__complete_send(p, u, op, res);
 }
 
 /* After a connect in progress became writable: how did it end? */
@@ -626,6 +1009,14 @@ static void iocp__complete_poll(iocp_port *p, struct iocp__uring *u, iocp_op *op
         else
             iocp__connect_check(p, u, op);
     } else {
+        if (iocp__is_msrecv(op) && !(op->state & IOCP__ST_RINGBUF) && !op->backend_data) {
+            /* Multishot with no buffer ring: data is there, take a buffer. */
+            op->backend_data = iocp__buffer_get(p, iocp__pool_recv_len(op));
+            if (!op->backend_data) {
+                iocp__finish(p, u, op, IOCP_ENOMEM, 0, 0, NULL, 0);
+                return;
+            }
+        }
         iocp__arm(u, op);
     }
 }
@@ -662,6 +1053,34 @@ static void iocp__complete_pollop(iocp_port *p, struct iocp__uring *u, iocp_op *
         iocp__finish(p, u, op, res, 0, 0, NULL, 0);
 }
 
+/* ---- provided buffers ------------------------------------------------- */
+
+/* A buffer the caller got from a CQE comes back (lock held): into its
+ * ring.  Recvs waiting for buffers of that group go again once half the
+ * group is back (a wave, not one re-arm per buffer), or when nothing is
+ * out any more (no later release would wake them). */
+static void iocp__uring_release_buffer(iocp_port *p, char *data, uint32_t buf_id)
+{
+    struct iocp__uring *u = p->be;
+    int g = (int)(buf_id >> 16) - 1;
+    unsigned bid = buf_id & 0xffffu;
+    struct iocp__bgroup *b;
+
+    (void)data;
+    if (g < 0 || g >= IOCP__BG_COUNT)
+        return;
+    b = &u->bg[g];
+    if (b->state <= 0 || bid >= b->nbufs)
+        return;
+    iocp__bg_put(u, g, bid);
+    if (b->out > 0)
+        b->out--;
+    if (b->waiters && b->out <= b->nbufs / 2) {
+        iocp__unpark(p, u, g);
+        iocp__submit_policy(p, u);
+    }
+}
+
 static void iocp__complete(iocp_port *p, struct iocp__uring *u, const iocp__uring_cqe *c)
 {
     uint64_t ud = c->user_data;
@@ -689,6 +1108,13 @@ static void iocp__complete(iocp_port *p, struct iocp__uring *u, const iocp__urin
         iocp__complete_poll(p, u, op, c->res);
         return;
     }
+    if (tag == IOCP__UD_CHAIN) {
+        if (op->state & IOCP__ST_CHAIN) {
+            op->state &= ~IOCP__ST_ARMED;
+            iocp__complete_chain(p, u, op, c->res);
+        }
+        return;
+    }
     if (!(c->flags & IOCP__CQE_F_MORE))
         op->state &= ~IOCP__ST_ARMED;
     switch (op->kind) {
@@ -699,7 +1125,10 @@ static void iocp__complete(iocp_port *p, struct iocp__uring *u, const iocp__urin
         iocp__complete_connect(p, u, op, c->res);
         break;
     case IOCP_OP_RECV:
-        iocp__complete_recv(p, u, op, c->res, c->flags);
+        if (op->flags & IOCP_OPF_MULTISHOT)
+            iocp__complete_recv_ms(p, u, op, c->res, c->flags);
+        else
+            iocp__complete_recv(p, u, op, c->res, c->flags);
         break;
     case IOCP_OP_RECV_INTO:
         iocp__complete_recv_into(p, u, op, c->res);
@@ -749,15 +1178,22 @@ static int iocp__reap(iocp_port *p, struct iocp__uring *u, int max)
     int flushed = 0;
 
     u->ndelivered = 0;
+    u->reap_seq++;
+    u->reaping = 1;
+    u->budget = max;
+    iocp__owed_drain(p, u);
     for (;;) {
-        while (u->ndelivered < max && iocp__cqe_next(u, &c))
+        /* A CQE may mean several completions: whatever does not fit is
+         * owed (iocp__finish), and nothing more is reaped while it is. */
+        while (u->ndelivered < max && !u->nowed && iocp__cqe_next(u, &c))
             iocp__complete(p, u, &c);
-        if (u->ndelivered >= max || flushed)
+        if (u->ndelivered >= max || u->nowed || flushed)
             break;
         if (!iocp__cq_flush_overflow(u))
             break;
         flushed = 1;
     }
+    u->reaping = 0;
     if (u->backlog || u->cbacklog)
         iocp__drain_backlogs(u);
     return u->ndelivered;
@@ -783,6 +1219,8 @@ static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
     u->fd = u->enter_fd = u->efd = -1;
     u->enabled = 1;
     u->caps = caps;
+    u->pool_max = opts && opts->recv_pool_max ? opts->recv_pool_max : IOCP__POOL_MAX_DEFAULT;
+    u->print_stats = getenv("IOCP_URING_STATS") != NULL;
     if (getenv("IOCP_URING_TEST_STARVE"))
         u->starve = (unsigned)atoi(getenv("IOCP_URING_TEST_STARVE"));
     if (u->starve == 1)
@@ -818,7 +1256,8 @@ static void iocp__uring_release(iocp_port *p)
     iocp__ring_close(u);
     if (u->efd >= 0)
         close(u->efd);              /* after the ring: its poll holds it */
-    iocp__pbuf_free(u);
+    iocp__bg_free(u);
+    free(u->owed);
     free(u->fds);
     free(u);
     p->be = NULL;
@@ -828,8 +1267,16 @@ static void iocp__uring_destroy(iocp_port *p)
 {
     struct iocp__uring *u = p->be;
 
+    if (u->print_stats) {
+        /* Tests and measurements read this (IOCP_URING_STATS=1). */
+        fprintf(stderr, "iocp-uring-stats enobufs=%llu grows=%llu parks=%llu "
+                "pool_bytes=%zu small_bufs=%u large_bufs=%u\n",
+                (unsigned long long)u->n_enobufs, (unsigned long long)u->n_grows,
+                (unsigned long long)u->n_parks, u->pool_bytes, u->bg[IOCP__BG_SMALL].nbufs,
+                u->bg[IOCP__BG_LARGE].nbufs);
+    }
     iocp__ring_unregister_fd(u);
-    iocp__pbuf_unregister(u);
+    iocp__bg_unregister(u);
     iocp__uring_release(p);
 }
 
@@ -900,12 +1347,22 @@ static void iocp__cancel_fd_ops(iocp_port *p, struct iocp__uring *u, int fd, uns
                 iocp__finish_cancelled(p, u, op);
         }
     }
-    /* Ops still on the backlog never reached the kernel either. */
+    /* Ops still on the backlog never reached the kernel either, nor did
+     * multishot recvs waiting for buffers. */
     for (op = u->backlog; op; op = next) {
         next = op->fd_next;
         if (op->sock == fd && (unsigned)op->aux_sock == gen && op->kind != IOCP_OP_POST) {
             iocp__list_remove(&u->backlog, op);
             iocp__finish_cancelled(p, u, op);
+        }
+    }
+    for (i = 0; i < IOCP__BG_COUNT; i++) {
+        for (op = u->bg[i].waiters; op; op = next) {
+            next = op->fd_next;
+            if (op->sock == fd && (unsigned)op->aux_sock == gen) {
+                iocp__waiter_remove(&u->bg[i], op);
+                iocp__finish_cancelled(p, u, op);
+            }
         }
     }
     if (by_fd && (sqe = iocp__sqe_get_op(u)) != NULL) {
@@ -915,7 +1372,7 @@ static void iocp__cancel_fd_ops(iocp_port *p, struct iocp__uring *u, int fd, uns
     }
     for (op = p->inflight_head.next; op != &p->inflight_head; op = op->next) {
         if (op->sock == fd && op->kind != IOCP_OP_POST && (unsigned)op->aux_sock == gen &&
-            !(op->state & (IOCP__ST_CANCEL | IOCP__ST_BACKLOG))) {
+            !(op->state & (IOCP__ST_CANCEL | IOCP__ST_BACKLOG | IOCP__ST_OWED))) {
             op->state |= IOCP__ST_CANCEL;
             iocp__send_cancel(u, op);
         }
@@ -953,6 +1410,7 @@ static int iocp__uring_register(iocp_port *p, iocp_socket_t sock)
         iocp__cancel_fd_ops(p, u, sock, st->gen, 0);
         iocp__submit_policy(p, u);
     }
+    st->msrecv = NULL;              /* the old socket's, if any */
     st->gen++;
     st->registered = 1;
     st->dev = sb.st_dev;
@@ -974,6 +1432,7 @@ static int iocp__uring_unregister(iocp_port *p, iocp_socket_t sock)
     gen = st->gen;
     st->registered = 0;
     st->gen++;
+    st->msrecv = NULL;              /* it completes cancelled, as the rest */
     if (st->nops > 0) {
         iocp__cancel_fd_ops(p, u, sock, gen, (u->caps & IOCP__CAP_CANCEL_FD) != 0);
         /* Submit now: the caller closes the descriptor next, and both the
@@ -1018,9 +1477,28 @@ static int iocp__uring_submit(iocp_port *p, iocp_op *op)
     if (op->kind == IOCP_OP_ACCEPT && (op->flags & IOCP_OPF_MULTISHOT) &&
         (u->caps & IOCP__CAP_MS_ACCEPT))
         op->state |= IOCP__ST_MULTI;
-    if (op->kind == IOCP_OP_RECV) {
-        if (op->len > 0 && op->len <= IOCP__PBUF_SIZE && iocp__pbuf_ready(u)) {
-            op->state |= IOCP__ST_RINGBUF;
+    /* While a multishot recv is armed it owns the socket's read side. */
+    if (st && st->msrecv && (op->kind == IOCP_OP_RECV || op->kind == IOCP_OP_RECV_INTO))
+        return IOCP_EBUSY;
+    if (iocp__is_msrecv(op)) {
+        /* Kernel multishot delivers up to a buffer per arrival, so its
+         * group's buffers must not exceed the cap (`len`, 0: none); a
+         * cap below 4 KiB re-arms a single-shot recv from the ring. */
+        size_t want = op->len == 0 ? 0 : op->len >= 65536 ? 65536 : op->len > 4096 ? 4096
+                                                                                    : op->len;
+        int g = iocp__bg_pick(u, want);
+        if (g >= 0) {
+            op->state |= IOCP__ST_RINGBUF | (g == IOCP__BG_LARGE ? IOCP__ST_BG_LARGE : 0);
+            if ((u->caps & IOCP__CAP_MS_RECV) &&
+                (op->len == 0 || op->len >= iocp__bg_size(&u->bg[g])))
+                op->state |= IOCP__ST_MULTI;
+        }
+        /* Else a poll, then a pool buffer, per arrival (arm_now). */
+        st->msrecv = op;
+    } else if (op->kind == IOCP_OP_RECV) {
+        int g = op->len > 0 ? iocp__bg_pick(u, op->len) : -1;
+        if (g >= 0) {
+            op->state |= IOCP__ST_RINGBUF | (g == IOCP__BG_LARGE ? IOCP__ST_BG_LARGE : 0);
         } else {
             op->backend_data = iocp__buffer_get(p, op->len ? op->len : 1);
             if (!op->backend_data)
@@ -1059,6 +1537,14 @@ static int iocp__uring_cancel(iocp_port *p, iocp_op *op)
     if (op->state & IOCP__ST_BACKLOG) {
         /* Never reached the kernel: done here. */
         iocp__list_remove(&u->backlog, op);
+        iocp__finish_cancelled(p, u, op);
+        return 0;
+    }
+    if (op->state & IOCP__ST_OWED)
+        return 0;                   /* its final completion is on its way */
+    if (op->state & IOCP__ST_PARKED) {
+        /* A multishot recv waiting for buffers: nothing in the kernel. */
+        iocp__waiter_remove(&u->bg[iocp__op_group(op)], op);
         iocp__finish_cancelled(p, u, op);
         return 0;
     }
@@ -1132,11 +1618,13 @@ static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
         }
     }
     pending = iocp__sq_pending(u);
+    u->poller_pending = pending;
     iocp__unlock(p);
 
     r = iocp__enter(u, pending, 1, flags, argp, argsz);
 
     iocp__lock(p);
+    u->poller_pending = 0;
     n = iocp__reap(p, u, max);
     if (u->timeout_armed) {
         /* Woken before the timer: remove it so timers do not pile up. */

@@ -29,9 +29,10 @@
 #define IOCP__UD_OP        0u     /* the op itself */
 #define IOCP__UD_POLL      1u     /* the op's readiness wait */
 #define IOCP__UD_INTERNAL  2u     /* no op: kind << 3 | payload << 8 */
+#define IOCP__UD_CHAIN     3u     /* the op as a member of a linked chain */
 #define IOCP__UD_MASK      7u
 enum { IOCP__IN_WAKE = 1, IOCP__IN_CANCEL = 2, IOCP__IN_TIMEOUT = 3,
-       IOCP__IN_TIMEOUT_REMOVE = 4, IOCP__IN_PROBE = 5,
+       IOCP__IN_TIMEOUT_REMOVE = 4, IOCP__IN_PROBE = 5, IOCP__IN_PAD = 6,
        IOCP__IN_EVENTFD = 16 /* the wake eventfd's POLL_ADD */ };
 #define IOCP__UD_IN(kind, payload) \
     (IOCP__UD_INTERNAL | ((uint64_t)(kind) << 3) | ((uint64_t)(payload) << 8))
@@ -44,6 +45,7 @@ enum { IOCP__IN_WAKE = 1, IOCP__IN_CANCEL = 2, IOCP__IN_TIMEOUT = 3,
 #define IOCP__CAP_MS_ACCEPT  (1u << 3)
 #define IOCP__CAP_MS_RECV    (1u << 4)
 #define IOCP__CAP_CANCEL_FD  (1u << 5)
+#define IOCP__CAP_CHAIN      (1u << 6)   /* linked sends, CQE_SKIP_SUCCESS */
 /* Single-issuer setups and the poll op (uring_ring.c, IOCP_OP_POLL). */
 #define IOCP__CAP_SINGLE_ISSUER (1u << 16)  /* SINGLE_ISSUER | R_DISABLED */
 #define IOCP__CAP_DEFER_TASKRUN (1u << 17)  /* ... | DEFER_TASKRUN | TASKRUN_FLAG */
@@ -60,13 +62,15 @@ enum { IOCP__IN_WAKE = 1, IOCP__IN_CANCEL = 2, IOCP__IN_TIMEOUT = 3,
 #define IOCP__ST_CBACKLOG  0x10   /* its cancel waits for an SQE */
 #define IOCP__ST_RINGBUF   0x20   /* RECV picks from the buffer ring */
 #define IOCP__ST_CONNWAIT  0x40   /* CONNECT in progress, polling POLLOUT */
-#define IOCP__ST_MULTI     0x80   /* ACCEPT armed as kernel multishot */
+#define IOCP__ST_MULTI     0x80   /* ACCEPT / RECV armed as kernel multishot */
 #define IOCP__ST_FIFO      0x100  /* in its socket's read or write FIFO */
 #define IOCP__ST_QUEUED    0x200  /* ... behind the head: nothing issued */
+#define IOCP__ST_BG_LARGE  0x400  /* RINGBUF: picks from the 64 KiB group */
+#define IOCP__ST_PARKED    0x800  /* multishot recv waiting for buffers */
+#define IOCP__ST_OWED      0x1000 /* its final completion waits on u->owed */
+#define IOCP__ST_CHAIN     0x2000 /* SEND out as a member of a linked chain */
 
 #define IOCP__DEFAULT_ENTRIES 1024u
-#define IOCP__PBUF_COUNT 128u         /* power of two */
-#define IOCP__PBUF_SIZE  65536u
 
 /* Largest length one RECV/SEND SQE carries (what read(2) caps at). */
 #define IOCP__IO_MAX 0x7ffff000u
@@ -85,12 +89,56 @@ struct iocp__ufd {
     ino_t ino;             /* which socket: tells a reused descriptor apart */
     struct iocp__fifo rq;  /* recv, recv_into */
     struct iocp__fifo wq;  /* connect, send */
+    iocp_op *msrecv;       /* the multishot recv of this registration */
+    unsigned chain_n;      /* the first chain_n ops of wq are a linked
+                              chain in the kernel (0: none) */
+};
+
+/*
+ * A completion owed to the queue: poll() may hand out at most `max`, and
+ * one CQE can mean several completions (a multishot recv's last data and
+ * its cancel; a linked chain of sends).  What does not fit waits here, in
+ * order, and goes first at the next reap.
+ */
+struct iocp__owed {
+    iocp_op *op;
+    int64_t result, error;
+    unsigned flags;
+    uint32_t buf_id;
+    char *data;
 };
 
 /* The table grows by doubling up to this many descriptors: doubling an int
  * past it would overflow, and no kernel hands out larger descriptors
  * (fs.nr_open tops out just below 2^31 and defaults to 2^20). */
 #define IOCP__UFD_MAX (1 << 30)
+
+/*
+ * One provided-buffer group: a kernel ring of buffer descriptors plus the
+ * buffers, all of one size.  Buffer ids [0, nbufs) exist; each is in the
+ * ring, held by the kernel for a CQE we have not reaped, or out with the
+ * caller (counted in `out`) until release_buffer puts it back.  The group
+ * grows (more ids, never fewer) and the ring has room for every id it may
+ * ever have, so putting a buffer back never overflows it.
+ */
+#define IOCP__BG_SMALL 0          /* 4 KiB: multishot recv, small recvs */
+#define IOCP__BG_LARGE 1          /* 64 KiB: recvs up to 64 KiB */
+#define IOCP__BG_COUNT 2
+
+struct iocp__bgroup {
+    int state;                     /* 0 not tried, 1 ready, -1 unavailable */
+    unsigned shift;                /* log2 of the buffer size */
+    struct iocp__uring_buf *ring;  /* `entries` descriptors (mmap) */
+    unsigned entries;              /* ring size: power of two, >= max_bufs */
+    unsigned short tail;           /* ours; published in slot 0's resv */
+    unsigned nbufs, max_bufs;      /* ids made so far; most it may make */
+    unsigned out;                  /* ids out with the caller */
+    unsigned grew_seq;             /* u->reap_seq of the last growth */
+    unsigned chunk_shift;          /* ids per chunk: 1 << chunk_shift */
+    char **chunks;                 /* chunk k: ids [k << chunk_shift, ...) */
+    iocp_op *waiters, *waiters_tail; /* multishot recvs waiting for
+                                      buffers (op->fd_next), oldest first */
+};
 
 struct iocp__uring {
     int fd;
@@ -126,11 +174,13 @@ struct iocp__uring {
     unsigned cq_mask;
     iocp__uring_cqe *cqes;
 
-    /* Provided-buffer ring (lazy, on the first RECV that fits). */
-    int pbuf_state;                /* 0 not tried, 1 ready, -1 unavailable */
-    struct iocp__uring_buf *pbuf_ring;
-    char *pbuf_mem;
-    unsigned short pbuf_tail;
+    /* Provided-buffer groups (uring_buf.c), set up on first use, and the
+     * bytes all of them may grow to. */
+    struct iocp__bgroup bg[IOCP__BG_COUNT];
+    size_t pool_max, pool_bytes;
+    /* Counters for IOCP_URING_STATS (tests and measurements). */
+    uint64_t n_enobufs, n_grows, n_parks;
+    int print_stats;
 
     /* Descriptors. */
     struct iocp__ufd *fds;
@@ -145,6 +195,12 @@ struct iocp__uring {
     unsigned timeout_seq;          /* TIMEOUT SQE fallback */
     int timeout_armed;
     int ndelivered;                /* counts deliveries within one reap */
+    int reaping, budget;           /* inside iocp__reap, and its `max` */
+    unsigned poller_pending;       /* SQEs the blocking io_uring_enter of
+                                      poll() may still take (see chains) */
+    unsigned reap_seq;             /* bumped by every reap */
+    struct iocp__owed *owed;       /* owed[owed_head .. +nowed) */
+    unsigned owed_head, nowed, owed_cap;
     struct iocp__uring_ts ts;      /* TIMEOUT SQE: read when the kernel takes it */
 };
 
@@ -235,6 +291,30 @@ static inline void iocp__sqe_commit(struct iocp__uring *u)
     __atomic_store_n(u->sq_ktail, u->sq_tail, __ATOMIC_RELEASE);
 }
 
+/* Free SQ slots (no submit needed to take this many). */
+static inline unsigned iocp__sq_space(struct iocp__uring *u)
+{
+    return u->sq_entries - iocp__sq_pending(u);
+}
+
+/*
+ * Several SQEs published at once (a linked chain: the kernel must never
+ * see a prefix of it).  Take slot i of n with iocp__sqe_at (i < the
+ * space), fill them all, then iocp__sqe_commit_n.
+ */
+static inline iocp__uring_sqe *iocp__sqe_at(struct iocp__uring *u, unsigned i)
+{
+    iocp__uring_sqe *sqe = &u->sqes[(u->sq_tail + i) & u->sq_mask];
+    memset(sqe, 0, sizeof(*sqe));
+    return sqe;
+}
+
+static inline void iocp__sqe_commit_n(struct iocp__uring *u, unsigned n)
+{
+    u->sq_tail += n;
+    __atomic_store_n(u->sq_ktail, u->sq_tail, __ATOMIC_RELEASE);
+}
+
 /*
  * Takes the next CQE into *out and gives its slot back before the caller
  * acts on it (acting may submit, and a full CQ would only push the kernel
@@ -298,20 +378,42 @@ int iocp__uring_caps(unsigned *caps);
 /* The backend's probe slot: 0 and the feature words, or an error. */
 int iocp__uring_probe(char *features, size_t len);
 
-/* ---- uring_buf.c: the provided-buffer ring ---------------------------- */
+/* ---- uring_buf.c: provided-buffer groups ----------------------------- */
 
-/* Sets the ring up on first use; 1 if receives may pick from it. */
-int iocp__pbuf_ready(struct iocp__uring *u);
-/* Puts buffer `bid` back in the ring. */
-void iocp__pbuf_add(struct iocp__uring *u, unsigned bid);
-/* The buffer of `bid`. */
-static inline char *iocp__pbuf_addr(struct iocp__uring *u, unsigned bid)
+#define IOCP__BG_SMALL_SHIFT 12           /* 4 KiB */
+#define IOCP__BG_LARGE_SHIFT 16           /* 64 KiB */
+#define IOCP__POOL_MAX_DEFAULT ((size_t)64 << 20)
+
+/* The group a receive of up to `len` bytes picks from (len 0: the small
+ * one), set up on first use; -1 if none fits or the kernel has none. */
+int iocp__bg_pick(struct iocp__uring *u, size_t len);
+/* Adds buffers to group g (doubling, within the pool bound).  Returns how
+ * many were added (0: at the bound, or out of memory). */
+unsigned iocp__bg_grow(struct iocp__uring *u, int g);
+/* Puts buffer `bid` of group g (back) in its ring. */
+void iocp__bg_put(struct iocp__uring *u, int g, unsigned bid);
+/* Tells the kernel the rings are gone (not in a fork() child). */
+void iocp__bg_unregister(struct iocp__uring *u);
+/* Frees rings and buffers (after iocp__bg_unregister, or in a child). */
+void iocp__bg_free(struct iocp__uring *u);
+
+static inline unsigned iocp__bg_size(const struct iocp__bgroup *b)
 {
-    return u->pbuf_mem + (size_t)bid * IOCP__PBUF_SIZE;
+    return 1u << b->shift;
 }
-/* Frees the memory (unregister first: iocp__pbuf_unregister). */
-void iocp__pbuf_free(struct iocp__uring *u);
-/* Tells the kernel the ring is gone (not in a fork() child). */
-void iocp__pbuf_unregister(struct iocp__uring *u);
+
+/* Address of buffer `bid` of group g (bid < nbufs). */
+static inline char *iocp__bg_addr(struct iocp__uring *u, int g, unsigned bid)
+{
+    struct iocp__bgroup *b = &u->bg[g];
+    return b->chunks[bid >> b->chunk_shift] +
+           ((size_t)(bid & ((1u << b->chunk_shift) - 1)) << b->shift);
+}
+
+/* buf_id handed to the caller: nonzero, says group and id. */
+static inline uint32_t iocp__bg_buf_id(int g, unsigned bid)
+{
+    return ((uint32_t)(g + 1) << 16) | bid;
+}
 
 #endif /* IOCP_URING_INTERNAL_H */

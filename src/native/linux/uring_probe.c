@@ -117,6 +117,27 @@ static void iocp__detect(void)
     }
     if (u.features & IOCP__FEAT_EXT_ARG)
         caps |= IOCP__CAP_EXT_ARG;
+    /* Linked chains of sends that post only their last CQE: CQE_SKIP
+     * (5.17; the link fails on a short MSG_WAITALL send since before).
+     * Tried for real: a skipped NOP linked to one that posts. */
+    if ((u.features & IOCP__FEAT_CQE_SKIP) && iocp__sq_space(&u) >= 2) {
+        iocp__uring_sqe *a = iocp__sqe_at(&u, 0), *b = iocp__sqe_at(&u, 1);
+        iocp__uring_cqe c;
+        int seen = 0, last = 0;
+        iocp__prep_nop(a, IOCP__UD_IN(IOCP__IN_PROBE, 1));
+        a->flags = IOCP__SQE_IO_LINK | IOCP__SQE_CQE_SKIP;
+        iocp__prep_nop(b, IOCP__UD_IN(IOCP__IN_PROBE, 2));
+        iocp__sqe_commit_n(&u, 2);
+        if (iocp__sys_enter(u.fd, 2, 1, IOCP__ENTER_GETEVENTS, NULL, 0) >= 0) {
+            /* NOPs complete inline: both are done once one CQE is in. */
+            while (iocp__cqe_next(&u, &c)) {
+                seen++;
+                last = c.user_data == IOCP__UD_IN(IOCP__IN_PROBE, 2) && c.res == 0;
+            }
+        }
+        if (seen == 1 && last)
+            caps |= IOCP__CAP_CHAIN;
+    }
     pr = calloc(1, sizeof(*pr));
     if (!pr) {
         iocp__uring_detected.err = -ENOMEM;
@@ -222,6 +243,7 @@ static const struct { unsigned cap; const char *word; } iocp__cap_words[] = {
     { IOCP__CAP_PBUF, "provided-buffers" },
     { IOCP__CAP_MS_RECV, "recv-multishot" },
     { IOCP__CAP_CANCEL_FD, "cancel-fd" },
+    { IOCP__CAP_CHAIN, "send-chain" },
     { IOCP__CAP_SINGLE_ISSUER, "single-issuer" },
     { IOCP__CAP_DEFER_TASKRUN, "defer-taskrun" },
     { IOCP__CAP_COOP_TASKRUN, "coop-taskrun" },
