@@ -278,3 +278,203 @@ def test_helper_programs_refuse_out_of_range_numbers(module, argv, capsys) -> No
         mod.main(argv)
     assert exc.value.code == 2
     assert "invalid" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- kit method
+
+
+def test_window_samples_the_given_process_not_the_load_generator(serve) -> None:
+    # The window's CPU time is the server process's, sampled at the edges of
+    # the measured window: an idle child spends (almost) none of it while
+    # the load generator itself is busy all the time.
+    import subprocess
+
+    srv = serve(lambda data, total: data)
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        r = bt.run_load("127.0.0.1", srv.port, 4, 64, 1, **FAST, server_pid=idle.pid)
+    finally:
+        idle.kill()
+        idle.wait(10)
+    win = r["window"]
+    assert r["error_total"] == 0, r["errors"]
+    assert win["source"] in ("schedstat", "stat")
+    assert 0 <= win["server_cpu_s"] < 0.05 * win["seconds"] + 0.02, win
+    assert 0 < win["messages"] <= r["messages_total"]
+    # Every message costs the load generator a send and a recv at least.
+    assert win["loadgen_syscalls_per_msg"] >= 2.0
+    assert win["loadgen_epoll_waits"] > 0
+
+
+def test_window_counts_the_servers_cpu(serve) -> None:
+    # This process serves (threads): its CPU over the window is > 0 and the
+    # per-message figure is that CPU over the window's messages.
+    import os
+
+    srv = serve(lambda data, total: data)
+    r = bt.run_load("127.0.0.1", srv.port, 4, 64, 2, **FAST, server_pid=os.getpid())
+    win = r["window"]
+    assert win["server_cpu_s"] > 0 and win["messages"] > 0, win
+    assert win["server_cpu_us_per_msg"] == pytest.approx(
+        win["server_cpu_s"] * 1e6 / win["messages"])
+    assert "window" not in bt.run_load("127.0.0.1", srv.port, 1, 64, 1, **FAST)
+
+
+def test_window_with_a_corrupting_server_still_counts_the_mismatch(serve) -> None:
+    import os
+
+    def corrupt(data: bytes, total: int) -> bytes:
+        return data[:-1] + bytes([data[-1] ^ 0xFF]) if total >= 640 else data
+
+    srv = serve(corrupt)
+    r = bt.run_load("127.0.0.1", srv.port, 4, 64, 1, **FAST, server_pid=os.getpid())
+    assert r["errors"]["mismatch"] == 4, r["errors"]
+
+
+def test_kit_cpu_plan(monkeypatch) -> None:
+    import os
+
+    from iocp.bench import runner
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5, 7})
+    assert runner.cpu_plan(0, "kit") == ({3}, {5}, 1)
+    assert runner.cpu_plan(4, "kit") == ({3}, {5}, 1)       # always one load thread
+    assert runner.cpu_plan(0, "suite") == ({7}, {3, 5}, 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2})
+    assert runner.cpu_plan(0, "kit") == (None, None, 1)     # degrade: nothing pinned
+
+
+def _kit_args(tmp_path, servers: str, *extra: str):
+    import argparse
+
+    from iocp.bench import cli
+
+    parser = argparse.ArgumentParser()
+    cli.configure_parser(parser)
+    return parser.parse_args(["--kit", "--servers", servers, "--scenarios", "100x64B",
+                              "--warmup", "0.1", "--duration", "0.4", "--rounds", "2",
+                              "--max-interference", "0", "--json", str(tmp_path / "r.json"),
+                              *extra])
+
+
+def test_kit_method_short_run(tmp_path, capsys) -> None:
+    import os
+
+    from iocp.bench import cli
+
+    assert cli.run(_kit_args(tmp_path, "c-epoll,asyncio-protocol")) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "[kit method]" in printed and "CPU us/msg" in printed and "p99 us" in printed
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [c["method"] for c in data["config"]] == ["kit"]
+    two = len(os.sched_getaffinity(0)) >= 2
+    if two:
+        assert "server pinned to CPU" in printed
+    else:
+        assert "not pinned" in printed
+    ms = data["measurements"]
+    assert len(ms) == 4 and {m["round"] for m in ms} == {1, 2}
+    # Interleaved: each round runs every server before the next round starts.
+    assert [m["round"] for m in ms] == [1, 1, 2, 2]
+    for m in ms:
+        assert m["method"] == "kit" and m["ok"], m
+        assert m["pinned"] is two
+        assert m["load"]["threads"] == 1
+        assert m["load"]["window"]["source"] in ("schedstat", "stat")
+    rows = {r["server"]: r for r in data["summary"]}
+    assert set(rows) == {"c-epoll", "asyncio-protocol"}
+    for row in rows.values():
+        assert row["method"] == "kit" and row["rounds"] == 2
+        assert row["errors"] == 0            # every echoed byte verified
+        assert row["msgs_per_s"] > 0 and row["p99_us"] > 0
+        assert row["cpu_us_per_msg"] > 0
+    assert rows["asyncio-protocol"]["cpu_vs_ceiling"] == pytest.approx(
+        rows["asyncio-protocol"]["cpu_us_per_msg"] / rows["c-epoll"]["cpu_us_per_msg"])
+    assert rows["c-epoll"]["best_peer"] == "asyncio-protocol"
+
+
+def test_full_runs_both_methods_and_says_which_is_which(tmp_path, capsys, monkeypatch) -> None:
+    # --full defaults to both methods; tiny windows keep it short.
+    from iocp.bench import cli, runner
+
+    monkeypatch.setattr(runner, "SCENARIOS", {k: v for k, v in runner.SCENARIOS.items()})
+    args = _kit_args(tmp_path, "c-epoll", "--full", "--rounds", "1", "--method", "both")
+    assert cli.run(args) == 0
+    printed = capsys.readouterr().out
+    assert "[suite method]" in printed and "[kit method]" in printed
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [c["method"] for c in data["config"]] == ["suite", "kit"]
+    assert {(r["method"], r["scenario"]) for r in data["summary"]} == {
+        ("suite", "100x64B"), ("kit", "100x64B")}
+
+
+def test_method_defaults() -> None:
+    import argparse
+
+    from iocp.bench import cli
+
+    parser = argparse.ArgumentParser()
+    cli.configure_parser(parser)
+    assert parser.parse_args(["--kit"]).method == "kit"
+    assert parser.parse_args(["--quick"]).method is None       # suite, as the README types it
+    assert cli.PRESETS[("kit", "full")] == {"rounds": 5, "warmup": 1.0, "duration": 3.0}
+    from iocp.bench import runner
+
+    assert runner.KIT_SCENARIOS == ["100x64B", "1000x64B", "10x64Bx16"]
+
+
+# ---------------------------------------------------------------- servers
+
+
+def _server_cases() -> list:
+    import iocp
+
+    cases = []
+    for name in ("iocp-port", "iocp-port-oneshot"):
+        cases += [pytest.param(name, b, id=f"{name}-{b}") for b in iocp.backends()]
+    cases += [pytest.param(n, None, id=n) for n in ("rloop-protocol", "uvloop-protocol")]
+    return cases
+
+
+@pytest.mark.parametrize("name,backend", _server_cases())
+def test_server_echoes_every_byte_and_stops_on_sigterm(name: str, backend: str | None) -> None:
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    from iocp.bench import runner, servers
+
+    reason = servers.check_server(name, backend)
+    if reason:
+        pytest.skip(reason)
+    port = runner.free_port("127.0.0.1")
+    argv = [name, "--port", str(port)] + (["--backend", backend] if backend else [])
+    err = tempfile.TemporaryFile()
+    proc = subprocess.Popen(runner.python_command("iocp.bench.servers", *argv),
+                            stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 30
+        while not runner.echo_probe("127.0.0.1", port):
+            assert proc.poll() is None, "server exited"
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        # Many connections, several messages in flight and an odd size, so
+        # echoes arrive split and coalesced; then large ones (partial sends).
+        for conns, size, inflight in ((50, 333, 4), (4, 200_000, 2)):
+            r = bt.run_load("127.0.0.1", port, conns, size, inflight, **FAST)
+            assert r["error_total"] == 0, r["errors"]
+            assert r["connected"] == conns and r["messages_total"] > conns
+        # Connections the load generator closed are gone; the server serves on.
+        assert runner.echo_probe("127.0.0.1", port)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        err.seek(0)
+        tail = err.read()[-2000:].decode(errors="replace")
+        err.close()
+    assert "Traceback" not in tail, tail

@@ -37,6 +37,10 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--connect-timeout", type=float_option(lo_open=True), default=10.0)
     p.add_argument("--drain-timeout", type=float_option(0.0, MAX_SECONDS), default=2.0)
     p.add_argument("--seed", type=int_option(0, (1 << 64) - 1, "seed"), default=0)
+    p.add_argument("--server-pid", type=int_option(0, (1 << 31) - 1, "pid"), default=0,
+                   help="sample this process's CPU time over exactly the measured window")
+    p.add_argument("--work-us", type=float_option(0.0, 1e6), default=0.0,
+                   help="busy microseconds per echoed message (emulates a heavier client)")
     a = p.parse_args(argv)
     try:
         from iocp import _benchtools  # type: ignore[attr-defined]
@@ -50,7 +54,8 @@ def main(argv: List[str] | None = None) -> int:
         result = _benchtools.run_load(
             a.host, a.port, a.connections, a.size, a.inflight, a.warmup, a.duration,
             threads=a.threads, active=a.active, connect_timeout=a.connect_timeout,
-            drain_timeout=a.drain_timeout, seed=a.seed)
+            drain_timeout=a.drain_timeout, seed=a.seed, server_pid=a.server_pid,
+            work_us=a.work_us)
     except KeyboardInterrupt:
         return 130
     json.dump(result, sys.stdout)

@@ -8,7 +8,29 @@ from iocp.bench.runner import SCENARIOS
 from iocp.bench.servers import CEILING, IOCP_SERVERS
 
 RATIO_NOTE = ("vs peer = msgs/s / the best of asyncio-protocol, asyncio-streams, "
-              "uvloop-protocol and threads in the same scenario")
+              "uvloop-protocol, rloop-protocol and threads in the same scenario and method")
+KIT_NOTE = ("kit method: CPU us/msg = server CPU microseconds per message over exactly "
+            "the measured window; runs/msg = times the server's threads were scheduled "
+            "in per message (~ wake-ups); CPU vs C = CPU us/msg / c-epoll's; "
+            "p99 vs uv = p99 / uvloop-protocol's")
+
+# Issue 10's targets for the port loop, checked in every run that has the rows.
+TARGET_SERVER = "iocp-port"
+TARGET_RATIO, TARGET_CPU, TARGET_P99 = 1.15, 1.25, 1.0
+
+
+def method_line(cfg: Any, machine: Dict[str, Any]) -> str:
+    """One line saying how a method measured."""
+    pin = machine.get("pinning", {}).get(cfg.method, {})
+    where = (f"server pinned to CPU {pin.get('server_cpus')}, load generator to "
+             f"{pin.get('loadgen_cpus')}" if pin.get("server_cpus") else
+             "not pinned (fewer than 2 usable CPUs)")
+    threads = cfg.loadgen_threads or pin.get("loadgen_threads", 1)
+    cpu = ("server CPU over the measured window only" if cfg.method == "kit" else
+           "server CPU over the whole load (setup, warm-up and drain included)")
+    return (f"{where}, {threads} load-generator thread(s), a fresh server per run, "
+            f"{cfg.warmup:g} s warm-up + {cfg.duration:g} s measured, {cfg.rounds} "
+            f"interleaved round(s), medians; {cpu}")
 
 
 def _num(v: float) -> str:
@@ -26,23 +48,30 @@ def _rss(kib: float) -> str:
 def table(rows: List[Dict[str, Any]], markdown: bool = False) -> str:
     """One block per scenario, one row per server."""
     out: List[str] = []
-    scenarios: List[str] = []
+    blocks: List[tuple] = []
     for r in rows:
-        if r["scenario"] not in scenarios:
-            scenarios.append(r["scenario"])
-    for sc in scenarios:
+        key = (r.get("method", "suite"), r["scenario"])
+        if key not in blocks:
+            blocks.append(key)
+    methods = {m for m, _ in blocks}
+    for method, sc in blocks:
         spec = SCENARIOS.get(sc)
         idle = spec is not None and spec.active >= 0
-        spread = any(r.get("rounds", 0) > 1 for r in rows if r["scenario"] == sc)
-        head = ["server", "msgs/s"] + (["spread"] if spread else []) + [
-            "MB/s", "p50 us", "p99 us", "CPU s/100k", "peak RSS"]
-        if idle:
-            head.append("KiB/conn")
-        head += ["vs peer", "errors"]
+        mine = [r for r in rows if r.get("method", "suite") == method and r["scenario"] == sc]
+        spread = any(r.get("rounds", 0) > 1 for r in mine)
+        kit = method == "kit"
+        if kit:
+            head = ["server", "msgs/s"] + (["spread"] if spread else []) + [
+                "p50 us", "p99 us", "CPU us/msg", "runs/msg", "vs peer", "CPU vs C",
+                "p99 vs uv", "errors"]
+        else:
+            head = ["server", "msgs/s"] + (["spread"] if spread else []) + [
+                "MB/s", "p50 us", "p99 us", "CPU s/100k", "peak RSS"]
+            if idle:
+                head.append("KiB/conn")
+            head += ["vs peer", "errors"]
         body: List[List[str]] = []
-        for r in rows:
-            if r["scenario"] != sc:
-                continue
+        for r in mine:
             name = r["server"] + (" (ceiling)" if r["server"] == CEILING else "")
             if "msgs_per_s" not in r:
                 body.append([name, "failed: " + r.get("note", "?")] + [""] * (len(head) - 2))
@@ -52,13 +81,22 @@ def table(rows: List[Dict[str, Any]], markdown: bool = False) -> str:
             if spread:
                 half = (r["msgs_per_s_max"] - r["msgs_per_s_min"]) / 2
                 line.append(f"±{100 * half / r['msgs_per_s']:.0f}%" if r["msgs_per_s"] else "-")
+            if kit:
+                line += [_num(r["p50_us"]), _num(r["p99_us"]), f"{r['cpu_us_per_msg']:.2f}",
+                         f"{r['runs_per_msg']:.2f}", _ratio(ratio),
+                         _ratio(r.get("cpu_vs_ceiling")), _ratio(r.get("p99_vs_uvloop")),
+                         str(r.get("errors", 0))]
+                body.append(line)
+                continue
             line += [_num(r["mb_per_s"]), _num(r["p50_us"]),
                     _num(r["p99_us"]), f"{r['cpu_s_per_100k']:.2f}", _rss(r["peak_rss_kib"])]
             if idle:
                 line.append(f"{r['kib_per_conn']:.1f}")
-            line += [f"{ratio:.2f}" if ratio else "-", str(r.get("errors", 0))]
+            line += [_ratio(ratio), str(r.get("errors", 0))]
             body.append(line)
         title = f"{sc}: {spec.description}" if spec else sc
+        if len(methods) > 1 or kit:
+            title += f"  [{method} method]"
         if markdown:
             out.append(f"### {title}\n")
             out.append("| " + " | ".join(head) + " |")
@@ -81,7 +119,41 @@ def table(rows: List[Dict[str, Any]], markdown: bool = False) -> str:
     out.append(RATIO_NOTE + "; spread = half the min-max range of msgs/s over rounds"
                "; CPU s/100k = server CPU seconds per 100,000 echoed messages"
                " (warm-up included); latencies are per-message round trips.")
+    if "kit" in methods:
+        out.append(KIT_NOTE + ".")
     return "\n".join(out)
+
+
+def _ratio(v: Any) -> str:
+    return f"{v:.2f}" if v else "-"
+
+
+def targets(rows: List[Dict[str, Any]]) -> str:
+    """Issue 10's targets for iocp-port, per method and scenario that has
+    the rows to check them: >= 1.15x the best peer's msgs/s, CPU per
+    message <= 1.25x the C ceiling's, p99 <= uvloop's.  "" if none apply."""
+    out: List[str] = []
+    for r in rows:
+        if r["server"] != TARGET_SERVER or "msgs_per_s" not in r:
+            continue
+        checks = []
+        ratio = r.get("vs_best_peer")
+        if ratio:
+            checks.append(f"{ratio:.2f}x {r.get('best_peer')} "
+                          f"{'ok' if ratio >= TARGET_RATIO else 'MISSED'} (>= {TARGET_RATIO})")
+        cpu = r.get("cpu_vs_ceiling")
+        if cpu:
+            checks.append(f"CPU/msg {cpu:.2f}x C {'ok' if cpu <= TARGET_CPU else 'MISSED'} "
+                          f"(<= {TARGET_CPU})")
+        p99 = r.get("p99_vs_uvloop")
+        if p99:
+            checks.append(f"p99 {p99:.2f}x uvloop {'ok' if p99 <= TARGET_P99 else 'MISSED'}")
+        if checks:
+            out.append(f"  {r.get('method', 'suite'):<5} {r['scenario']:<10} " +
+                       "; ".join(checks))
+    if not out:
+        return ""
+    return "\ntargets (issue 10) for " + TARGET_SERVER + ":\n" + "\n".join(out)
 
 
 def plot(rows: List[Dict[str, Any]], path: str, title: str | None = None) -> None:

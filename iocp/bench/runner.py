@@ -6,6 +6,17 @@ CPUs), read the server's CPU time and peak RSS from /proc, stop it
 (SIGTERM, then SIGKILL).  Servers are interleaved within each round
 (A B C A B C ...) so a slow drift of the machine hits all of them alike;
 results are medians over rounds.
+
+Two methods (``Config.method``):
+
+- ``suite``: the server on the last CPU, the load generator on the others
+  with up to 4 threads; server CPU per message over the whole load
+  (connection setup, warm-up and drain included).
+- ``kit``: the way the project machine's private echo kit measures: one
+  load-generator thread, the server on the first CPU and the load
+  generator on the second, server CPU per message over exactly the
+  measured window (sampled by the load generator itself at the window's
+  edges), 1 s warm-up + 3 s, 5 rounds in --full.
 """
 
 from __future__ import annotations
@@ -52,6 +63,9 @@ SCENARIOS: Dict[str, Scenario] = {s.name: s for s in (
 )}
 
 QUICK_SCENARIOS = ["100x64B", "10x64Bx16"]
+# The three scenarios of the private echo kit (issue 10's targets).
+KIT_SCENARIOS = ["100x64B", "1000x64B", "10x64Bx16"]
+METHODS = ("suite", "kit")
 
 
 @dataclass
@@ -67,6 +81,8 @@ class Config:
     max_interference: float = 25.0    # % of a CPU used by other processes; <= 0: ignore
     retries: int = 2                  # re-runs of a measurement disturbed beyond that
     startup_timeout: float = 20.0
+    method: str = "suite"             # "suite" or "kit" (see the module docstring)
+    loadgen_work_us: float = 0.0      # busy work per message in the load generator
 
 
 @dataclass
@@ -75,6 +91,7 @@ class Measurement:
     scenario: str
     round: int
     ok: bool
+    method: str = "suite"
     msgs_per_s: float = 0.0
     mb_per_s: float = 0.0
     p50_us: float = 0.0
@@ -95,6 +112,13 @@ class Measurement:
     other_cpu_s: float = 0.0      # CPU busy time of everything else during the load
     steal_s: float = 0.0          # time the hypervisor took from this VM
     discarded: bool = False       # disturbed by other work, measured again
+    # Over exactly the measured window (sampled by the load generator):
+    cpu_us_per_msg: float = 0.0   # server CPU microseconds per echoed message
+    runs_per_msg: float = 0.0     # times the server was scheduled in, per message
+    loadgen_util: float = 0.0     # load generator thread's CPU / wall (1.0 = saturated)
+    loadgen_syscalls_per_msg: float = 0.0
+    loadgen_events_per_wait: float = 0.0
+    pinned: bool = False
 
     @property
     def interference_pct(self) -> float:
@@ -164,12 +188,21 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def cpu_plan(loadgen_threads: int) -> Tuple[set | None, set | None, int]:
-    """(server CPUs, load generator CPUs, load generator threads)."""
+def cpu_plan(loadgen_threads: int, method: str = "suite") -> Tuple[set | None, set | None, int]:
+    """(server CPUs, load generator CPUs, load generator threads).
+
+    suite: the server on the last usable CPU, the load generator on the
+    others with up to 4 threads.  kit: one load-generator thread, the server
+    on the first usable CPU and the load generator on the second.  With
+    fewer than 2 usable CPUs nothing is pinned (None, None)."""
     try:
         cpus = sorted(os.sched_getaffinity(0))
     except AttributeError:
         return None, None, max(1, loadgen_threads)
+    if method == "kit":
+        if len(cpus) < 2:
+            return None, None, 1
+        return {cpus[0]}, {cpus[1]}, 1
     if len(cpus) < 2:
         return None, None, max(1, loadgen_threads)
     server = {cpus[-1]}
@@ -178,12 +211,15 @@ def cpu_plan(loadgen_threads: int) -> Tuple[set | None, set | None, int]:
     return server, load, threads
 
 
-def _pin(pid: int, cpus: set | None) -> None:
+def _pin(pid: int, cpus: set | None) -> bool:
+    """Pins pid (and the threads it starts later) to cpus; True if it did."""
     if cpus:
         try:
             os.sched_setaffinity(pid, cpus)
+            return True
         except OSError:
             pass
+    return False
 
 
 def echo_probe(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -284,8 +320,8 @@ def measure(cfg: Config, server: str, sc: Scenario, rnd: int) -> Measurement:
 
 
 def _measure_once(cfg: Config, server: str, sc: Scenario, rnd: int) -> Measurement:
-    m = Measurement(server=server, scenario=sc.name, round=rnd, ok=False)
-    srv_cpus, load_cpus, threads = cpu_plan(cfg.loadgen_threads)
+    m = Measurement(server=server, scenario=sc.name, round=rnd, ok=False, method=cfg.method)
+    srv_cpus, load_cpus, threads = cpu_plan(cfg.loadgen_threads, cfg.method)
     threads = min(threads, sc.connections)
     port = free_port(cfg.host)
     sargs = [server, "--host", cfg.host, "--port", str(port)]
@@ -295,7 +331,7 @@ def _measure_once(cfg: Config, server: str, sc: Scenario, rnd: int) -> Measureme
     # stderr to a file, not a pipe: a chatty server must never block on it.
     errfile = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errfile)
-    _pin(proc.pid, srv_cpus)
+    pinned = _pin(proc.pid, srv_cpus)
     try:
         deadline = time.monotonic() + cfg.startup_timeout
         while not echo_probe(cfg.host, port):
@@ -317,11 +353,12 @@ def _measure_once(cfg: Config, server: str, sc: Scenario, rnd: int) -> Measureme
             "--size", str(sc.size), "--inflight", str(sc.inflight),
             "--warmup", str(cfg.warmup), "--duration", str(cfg.duration),
             "--active", str(sc.active), "--threads", str(threads),
-            "--connect-timeout", str(connect_timeout), "--drain-timeout", "2.0")
+            "--connect-timeout", str(connect_timeout), "--drain-timeout", "2.0",
+            "--server-pid", str(proc.pid), "--work-us", str(cfg.loadgen_work_us))
         sys0, steal0 = system_cpu_seconds()
         kids0, t0 = children_cpu_seconds(), time.monotonic()
         lg = subprocess.Popen(lcmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        _pin(lg.pid, load_cpus)
+        m.pinned = _pin(lg.pid, load_cpus) and pinned
         budget = cfg.warmup + cfg.duration + connect_timeout + 2.0 + 30.0
         try:
             out, err = lg.communicate(timeout=budget)
@@ -358,6 +395,17 @@ def _measure_once(cfg: Config, server: str, sc: Scenario, rnd: int) -> Measureme
             m.cpu_s_per_100k = m.server_cpu_s / m.messages_total * 1e5
         if sc.active >= 0 and m.connected:
             m.kib_per_conn = max(0, m.peak_rss_kib - m.base_rss_kib) / m.connected
+        win = r.get("window") or {}
+        if win.get("messages"):
+            m.cpu_us_per_msg = win["server_cpu_us_per_msg"]
+            m.runs_per_msg = win.get("server_runs", 0) / win["messages"]
+            if win.get("seconds"):
+                m.loadgen_util = win.get("loadgen_cpu_s", 0.0) / win["seconds"]
+            m.loadgen_syscalls_per_msg = win.get("loadgen_syscalls_per_msg", 0.0)
+            m.loadgen_events_per_wait = win.get("loadgen_events_per_wait", 0.0)
+        elif cfg.method == "kit":
+            m.note = "the load generator could not sample the server's CPU time"
+            return m
         if proc.poll() is not None:
             m.note = f"server exited during the run (status {proc.returncode})"
             return m
@@ -393,7 +441,7 @@ def run_all(cfg: Config, progress: Callable[[str], None]) -> Tuple[List[Measurem
         elapsed = time.monotonic() - t_start
         per = elapsed / done if done else est_each
         left = per * (len(jobs) - done)
-        progress(f"[round {rnd}/{cfg.rounds}] {sc.name:<10} {srv:<17} "
+        progress(f"[{cfg.method} round {rnd}/{cfg.rounds}] {sc.name:<10} {srv:<20} "
                  f"run {i + 1}/{len(jobs)}, ~{_fmt_time(left)} left")
         m = measure(cfg, srv, sc, rnd)
         for _ in range(cfg.retries):
@@ -421,12 +469,12 @@ def _fmt_time(s: float) -> str:
 
 def summarize(results: List[Measurement]) -> List[Dict[str, Any]]:
     """Median of each metric over the ok rounds of every (scenario, server)."""
-    groups: Dict[Tuple[str, str], List[Measurement]] = {}
-    order: List[Tuple[str, str]] = []
+    groups: Dict[Tuple[str, str, str], List[Measurement]] = {}
+    order: List[Tuple[str, str, str]] = []
     for m in results:
         if m.discarded:
             continue
-        key = (m.scenario, m.server)
+        key = (m.method, m.scenario, m.server)
         if key not in groups:
             groups[key] = []
             order.append(key)
@@ -435,12 +483,15 @@ def summarize(results: List[Measurement]) -> List[Dict[str, Any]]:
     for key in order:
         ms = groups[key]
         ok = [m for m in ms if m.ok]
-        row: Dict[str, Any] = {"scenario": key[0], "server": key[1], "rounds": len(ok),
-                               "failed_rounds": len(ms) - len(ok)}
+        row: Dict[str, Any] = {"method": key[0], "scenario": key[1], "server": key[2],
+                               "rounds": len(ok), "failed_rounds": len(ms) - len(ok)}
         if ok:
             for attr in ("msgs_per_s", "mb_per_s", "p50_us", "p99_us", "p999_us",
-                         "cpu_s_per_100k", "peak_rss_kib", "kib_per_conn", "connect_s"):
+                         "cpu_s_per_100k", "peak_rss_kib", "kib_per_conn", "connect_s",
+                         "cpu_us_per_msg", "runs_per_msg", "loadgen_util",
+                         "loadgen_syscalls_per_msg", "loadgen_events_per_wait"):
                 row[attr] = statistics.median(getattr(m, attr) for m in ok)
+            row["pinned"] = all(m.pinned for m in ok)
             row["errors"] = sum(m.errors for m in ok)
             row["interference_pct"] = statistics.median(m.interference_pct for m in ok)
             rates = [m.msgs_per_s for m in ok]
@@ -448,14 +499,25 @@ def summarize(results: List[Measurement]) -> List[Dict[str, Any]]:
         else:
             row["note"] = ms[-1].note
         rows.append(row)
-    # Ratio to the best non-iocp Python peer in the same scenario.
-    for sc in {r["scenario"] for r in rows}:
-        peers = [r["msgs_per_s"] for r in rows if r["scenario"] == sc and "msgs_per_s" in r
-                 and r["server"] not in _servers.IOCP_SERVERS and r["server"] != _servers.CEILING]
-        best = max(peers) if peers else 0.0
-        for r in rows:
-            if r["scenario"] == sc and "msgs_per_s" in r:
-                r["vs_best_peer"] = r["msgs_per_s"] / best if best else None
+    # Ratios within the same method and scenario: msgs/s to the best
+    # non-iocp Python peer, CPU per message to the C ceiling's, p99 to
+    # uvloop's.
+    for method, sc in {(r["method"], r["scenario"]) for r in rows}:
+        same = [r for r in rows if r["method"] == method and r["scenario"] == sc
+                and "msgs_per_s" in r]
+        peers = [r for r in same if r["server"] not in _servers.IOCP_SERVERS
+                 and r["server"] != _servers.CEILING]
+        best = max(peers, key=lambda r: r["msgs_per_s"]) if peers else None
+        ceiling = next((r for r in same if r["server"] == _servers.CEILING), None)
+        uv = next((r for r in same if r["server"] == "uvloop-protocol"), None)
+        for r in same:
+            r["best_peer"] = best["server"] if best else None
+            r["vs_best_peer"] = (r["msgs_per_s"] / best["msgs_per_s"]
+                                 if best and best["msgs_per_s"] else None)
+            r["cpu_vs_ceiling"] = (r["cpu_us_per_msg"] / ceiling["cpu_us_per_msg"]
+                                   if ceiling and ceiling.get("cpu_us_per_msg") else None)
+            r["p99_vs_uvloop"] = (r["p99_us"] / uv["p99_us"]
+                                  if uv and uv.get("p99_us") else None)
     return rows
 
 
@@ -501,10 +563,21 @@ def machine_info(backend: str | None) -> Dict[str, Any]:
                     break
     except OSError:
         info["cpu"] = platform.processor()
-    srv, load, threads = cpu_plan(0)
-    info["pinning"] = {"server_cpus": sorted(srv) if srv else None,
-                       "loadgen_cpus": sorted(load) if load else None,
-                       "loadgen_threads": threads}
+    info["pinning"] = {}
+    for method in METHODS:
+        srv, load, threads = cpu_plan(0, method)
+        info["pinning"][method] = {"server_cpus": sorted(srv) if srv else None,
+                                   "loadgen_cpus": sorted(load) if load else None,
+                                   "loadgen_threads": threads}
+    try:
+        import subprocess as _sp
+
+        rev = _sp.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse",
+                       "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        if rev.returncode == 0:
+            info["git_commit"] = rev.stdout.strip()
+    except (OSError, _sp.SubprocessError):
+        pass
     try:
         import iocp
 
@@ -519,7 +592,7 @@ def machine_info(backend: str | None) -> Dict[str, Any]:
     except Exception as exc:
         info["iocp_error"] = str(exc)
     peers: Dict[str, str] = {"asyncio": info["python"]}
-    for mod in ("uvloop", "matplotlib"):
+    for mod in ("uvloop", "rloop", "matplotlib"):
         try:
             peers[mod] = __import__(mod).__version__
         except Exception:
@@ -528,17 +601,18 @@ def machine_info(backend: str | None) -> Dict[str, Any]:
     return info
 
 
-def to_json(cfg: Config, results: List[Measurement], rows: List[Dict[str, Any]],
+def to_json(cfgs: List[Config], results: List[Measurement], rows: List[Dict[str, Any]],
             skipped_servers: Dict[str, str], skipped_scenarios: Dict[str, str],
             machine: Dict[str, Any], command: str) -> Dict[str, Any]:
     return {
         "command": command,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine,
-        "config": {"rounds": cfg.rounds, "warmup_s": cfg.warmup, "duration_s": cfg.duration,
-                   "max_interference_pct": cfg.max_interference, "retries": cfg.retries,
-                   "servers": cfg.servers, "backend": cfg.backend,
-                   "scenarios": [asdict(s) for s in cfg.scenarios]},
+        "config": [{"method": cfg.method, "rounds": cfg.rounds, "warmup_s": cfg.warmup,
+                    "duration_s": cfg.duration, "max_interference_pct": cfg.max_interference,
+                    "retries": cfg.retries, "servers": cfg.servers, "backend": cfg.backend,
+                    "loadgen_work_us": cfg.loadgen_work_us,
+                    "scenarios": [asdict(s) for s in cfg.scenarios]} for cfg in cfgs],
         "skipped_servers": skipped_servers,
         "skipped_scenarios": skipped_scenarios,
         "interference": interference(results),

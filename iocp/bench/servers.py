@@ -71,7 +71,88 @@ def _raise_stop(signum: int, frame: object) -> None:
 
 
 def serve_iocp_port(lsock: socket.socket, backend: str | None) -> None:
-    """Echo written directly on iocp.CompletionPort: recv -> send -> recv."""
+    """Echo on the port's fast-path primitives: a single-issuer port, one
+    multishot recv per connection, silent sends (a completion only on
+    failure), a multishot accept, and one ``run_once()`` per loop turn."""
+    import iocp
+
+    port = iocp.CompletionPort(backend=backend, single_issuer=True)
+    port.register(lsock)
+    stopping = False
+    send, recv = port.send, port.recv
+
+    def serve(conn: socket.socket) -> None:
+        closed = False
+
+        def close(c: object = None) -> None:
+            # Also the callback of a send that failed or was cancelled.
+            nonlocal closed
+            if closed:
+                return
+            closed = True
+            try:
+                port.unregister(conn)
+            except Exception:
+                pass
+            conn.close()
+
+        def on_data(c: iocp.Completion) -> None:
+            data = c.data
+            if data:
+                try:
+                    send(conn, data, close, silent=True)
+                except OSError:
+                    close()
+                    return
+                if c.more:
+                    return
+            if c.error is not None or not data or closed:
+                close()       # EOF, reset, cancel
+            else:
+                # The backend ended the multishot with data (e.g. its
+                # buffer ring ran dry): arm a new one.
+                recv(conn, RECV_SIZE, on_data, multishot=True)
+
+        recv(conn, RECV_SIZE, on_data, multishot=True)
+
+    def on_accept(c: iocp.Completion) -> None:
+        if c.error is None:
+            conn = c.data[0]
+            if stopping:
+                conn.close()
+            else:
+                _nodelay(conn)
+                port.register(conn)
+                serve(conn)
+        if not c.more and not stopping:
+            port.accept(lsock, on_accept, multishot=True)
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    port.accept(lsock, on_accept, multishot=True)
+    turns = dispatched = 0
+    run_once = port.run_once
+    try:
+        # A signal ends the wait (EINTR) and its handler sets `stopping`;
+        # the timeout only bounds the exit if it did not.
+        while not stopping:
+            dispatched += run_once(1.0)
+            turns += 1
+    finally:
+        stopping = True
+        if turns:
+            print(f"iocp-port: {dispatched} completions in {turns} run_once() turns, "
+                  f"{dispatched / turns:.1f} per turn", file=sys.stderr)
+        port.close()
+
+
+def serve_iocp_port_oneshot(lsock: socket.socket, backend: str | None) -> None:
+    """The port loop before the fast path (issue 10): one-shot recv -> send
+    (with a completion) -> next recv, 16 accepts outstanding, port.run()."""
     import iocp
 
     port = iocp.CompletionPort(backend=backend)
@@ -231,6 +312,12 @@ def serve_uvloop_protocol(lsock: socket.socket, backend: str | None) -> None:
     _serve_protocol(lsock, uvloop.new_event_loop())
 
 
+def serve_rloop_protocol(lsock: socket.socket, backend: str | None) -> None:
+    import rloop  # type: ignore[import-not-found]
+
+    _serve_protocol(lsock, rloop.new_event_loop())
+
+
 def serve_asyncio_streams(lsock: socket.socket, backend: str | None) -> None:
     import asyncio
 
@@ -314,6 +401,47 @@ def _iocp_ok() -> str | None:
     return None
 
 
+def _need_fastpath(backend: str | None = None) -> str | None:
+    """None when the port has the fast-path primitives iocp-port uses
+    (single_issuer, run_once, multishot recv, silent send) on `backend`
+    (None: the default one); else why not.  A real round trip on a socket pair, not a
+    hasattr: a backend may still refuse a feature (OSError ENOSYS)."""
+    err = _iocp_ok()
+    if err:
+        return err
+    import iocp
+
+    if not hasattr(iocp.CompletionPort, "run_once"):
+        return "this iocp build has no CompletionPort.run_once (the fast-path API)"
+    a, b = socket.socketpair()
+    got: List[bytes] = []
+    try:
+        with iocp.CompletionPort(backend=backend, single_issuer=True) as port:
+            port.register(a)
+            op = port.recv(a, 1024, lambda c: got.append(c.data or b""), multishot=True)
+            port.send(a, b"ping", silent=True)
+            b.sendall(b"x")
+            for _ in range(20):
+                if got:
+                    break
+                port.run_once(0.1)
+            if b.recv(16) != b"ping":
+                return "a silent send did not arrive"
+            if got != [b"x"]:
+                return f"multishot recv delivered {got!r}"
+            op.cancel()
+            for _ in range(20):
+                if op.done:
+                    break
+                port.run_once(0.1)
+    except (TypeError, OSError, ValueError, RuntimeError) as exc:
+        return f"the fast-path primitives are not usable here: {exc}"
+    finally:
+        a.close()
+        b.close()
+    return None
+
+
 def _need_iocp_server() -> str | None:
     err = _iocp_ok()
     if err:
@@ -348,7 +476,11 @@ def _need_benchtools() -> str | None:
 # name -> (function, availability check returning None or a reason, description)
 SERVERS: Dict[str, Tuple[Callable[[socket.socket, str | None], None],
                          Callable[[], str | None], str]] = {
-    "iocp-port": (serve_iocp_port, _iocp_ok, "iocp.CompletionPort callback loop"),
+    "iocp-port": (serve_iocp_port, _need_fastpath,
+                  "port loop on the fast path: single-issuer, multishot recv, silent send, "
+                  "run_once"),
+    "iocp-port-oneshot": (serve_iocp_port_oneshot, _iocp_ok,
+                          "port loop before the fast path: recv -> send -> recv, run()"),
     "iocp-server": (serve_iocp_server, _need_iocp_server,
                     "iocp.Server callback server"),
     "iocp-aio": (serve_iocp_aio, _need_aio, "asyncio Protocol on the iocp event loop"),
@@ -358,20 +490,31 @@ SERVERS: Dict[str, Tuple[Callable[[socket.socket, str | None], None],
     "uvloop-protocol": (serve_uvloop_protocol,
                         _need_module("uvloop", "pip install 'pyiocp[bench]'"),
                         "asyncio Protocol on uvloop"),
+    "rloop-protocol": (serve_rloop_protocol,
+                       _need_module("rloop", "pip install 'pyiocp[bench]' (Python 3.10+, "
+                                    "Linux/macOS wheels)"),
+                       "asyncio Protocol on rloop (Rust event loop)"),
     "threads": (serve_threads, lambda: None, "thread per connection, blocking sockets"),
     "c-epoll": (serve_c, _need_benchtools, "plain C epoll echo (ceiling)"),
 }
 
-IOCP_SERVERS = ("iocp-port", "iocp-server", "iocp-aio")
+IOCP_SERVERS = ("iocp-port", "iocp-port-oneshot", "iocp-server", "iocp-aio")
 CEILING = "c-epoll"
 
 
-def available() -> Tuple[List[str], Dict[str, str]]:
+def check_server(name: str, backend: str | None = None) -> str | None:
+    """None when server `name` can run here (on iocp `backend`), else why not."""
+    if name == "iocp-port":
+        return _need_fastpath(backend)
+    return SERVERS[name][1]()
+
+
+def available(backend: str | None = None) -> Tuple[List[str], Dict[str, str]]:
     """(servers that can run here, {server: reason} for the others)."""
     ok: List[str] = []
     skipped: Dict[str, str] = {}
-    for name, (_, check, _) in SERVERS.items():
-        reason = check()
+    for name in SERVERS:
+        reason = check_server(name, backend)
         if reason:
             skipped[name] = reason
         else:
@@ -388,8 +531,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--backend", default=None, choices=["io_uring", "epoll", "iocp"],
                         help="iocp backend for iocp servers")
     args = parser.parse_args(argv)
-    func, check, _ = SERVERS[args.name]
-    reason = check()
+    func = SERVERS[args.name][0]
+    reason = check_server(args.name, args.backend)
     if reason:
         print(f"server {args.name} unavailable: {reason}", file=sys.stderr)
         return 2

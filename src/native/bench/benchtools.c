@@ -3,7 +3,7 @@
  *
  *   run_load(host, port, connections, size, inflight=1, warmup=1.0,
  *            duration=5.0, *, threads=1, active=-1, connect_timeout=10.0,
- *            drain_timeout=2.0, seed=0) -> dict
+ *            drain_timeout=2.0, seed=0, server_pid=0, work_us=0.0) -> dict
  *       A closed-loop echo load generator.  Every connection keeps
  *       `inflight` messages of `size` bytes outstanding; each byte echoed
  *       back is checked against a per-connection pseudo-random stream, so a
@@ -13,6 +13,13 @@
  *       a log-linear histogram.  Then no new messages are queued and the
  *       generator waits up to `drain_timeout` for every outstanding echo;
  *       what never comes back is a "short" echo.
+ *       With server_pid > 0 the first worker samples that process's CPU
+ *       time (the sum over its threads of /proc/PID/task/TID/schedstat, in
+ *       ns; /proc/PID/stat ticks where schedstat is missing) when the
+ *       measured window opens and when it closes, and counts the messages
+ *       between the two samples, so CPU per message covers exactly the
+ *       measured window -- no connection setup, warm-up or drain.  It also
+ *       counts its own syscalls and epoll batches in the window.
  *
  *   echo_server(host="127.0.0.1", port=0, *, fd=-1, backlog=4096,
  *               max_seconds=0.0) -> dict
@@ -28,6 +35,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netdb.h>
@@ -38,6 +46,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -220,6 +229,98 @@ hist_quantile(const hist_t *h, double q)
 }
 
 /* ------------------------------------------------------------------ */
+/* another process's CPU time                                          */
+
+/* Reads a small /proc file into buf (NUL-terminated); length or -1. */
+static ssize_t
+read_small(const char *path, char *buf, size_t cap)
+{
+    ssize_t n, got = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    while ((size_t)got < cap - 1) {
+        n = read(fd, buf + got, cap - 1 - (size_t)got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += n;
+    }
+    close(fd);
+    buf[got] = '\0';
+    return got;
+}
+
+/*
+ * CPU ns used so far by every live thread of pid, and how many times they
+ * were scheduled in (schedstat's third field: ~ wake-ups + preemptions).
+ * schedstat is nanosecond-exact; where the kernel lacks it, utime + stime
+ * of /proc/PID/stat (clock ticks) stand in and *runs is 0.
+ * Returns 1 (schedstat), 2 (stat) or 0 (pid gone).
+ */
+static int
+proc_cpu_ns(int pid, uint64_t *ns, uint64_t *runs)
+{
+    char path[64], buf[512];
+    DIR *d;
+    struct dirent *e;
+    int found = 0;
+    *ns = 0;
+    *runs = 0;
+    snprintf(path, sizeof(path), "/proc/%d/task", pid);
+    d = opendir(path);
+    if (d != NULL) {
+        while ((e = readdir(d)) != NULL) {
+            unsigned long long run = 0, wait = 0, slices = 0;
+            if (e->d_name[0] < '0' || e->d_name[0] > '9')
+                continue;
+            snprintf(path, sizeof(path), "/proc/%d/task/%.16s/schedstat", pid, e->d_name);
+            if (read_small(path, buf, sizeof(buf)) <= 0 ||
+                sscanf(buf, "%llu %llu %llu", &run, &wait, &slices) != 3)
+                continue;
+            *ns += run;
+            *runs += slices;
+            found = 1;
+        }
+        closedir(d);
+    }
+    if (found && *ns > 0)
+        return 1;
+    snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+    if (read_small(path, buf, sizeof(buf)) > 0) {
+        /* Fields after the ")" of the command name: utime is the 12th. */
+        char *p = strrchr(buf, ')');
+        unsigned long long ut = 0, st = 0;
+        long tck = sysconf(_SC_CLK_TCK);
+        int i;
+        if (p == NULL || tck <= 0)
+            return 0;
+        p += 2;
+        for (i = 0; i < 11 && p; i++) {
+            p = strchr(p, ' ');
+            if (p)
+                p++;
+        }
+        if (p == NULL || sscanf(p, "%llu %llu", &ut, &st) != 2)
+            return 0;
+        *ns = (ut + st) * (1000000000ull / (unsigned long long)tck);
+        *runs = 0;
+        return 2;
+    }
+    return 0;
+}
+
+static uint64_t
+thread_cpu_ns(void)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) != 0)
+        return 0;
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* ------------------------------------------------------------------ */
 /* load generator                                                      */
 
 enum { C_IDLE = 0, C_CONNECTING, C_OPEN, C_DEAD };
@@ -251,6 +352,7 @@ typedef struct {
     size_t size;
     unsigned inflight;
     uint64_t warmup_ns, duration_ns, drain_ns, connect_ns;
+    uint64_t work_ns;        /* busy work per echoed message (a heavier client) */
     lconn_t *conns;
     int nconns;
     lshared_t *sh;
@@ -267,6 +369,18 @@ typedef struct {
     uint64_t err_connect, err_reset, err_short, err_mismatch, err_closed, err_other;
     double connect_s;
     int setup_errno;
+    /* measured-window accounting (see server_pid above) */
+    int server_pid;          /* 0: do not sample */
+    int cpu_state;           /* 0 before the window, 1 in it, 2 after */
+    int cpu_source;          /* 1 schedstat, 2 /proc/PID/stat ticks */
+    uint64_t cpu_a, cpu_b;   /* server CPU ns at the two samples */
+    uint64_t runs_a, runs_b; /* times the server's threads were scheduled in */
+    uint64_t ts_a, ts_b;     /* when the samples were taken */
+    uint64_t msgs_a, msgs_b; /* msgs_total at the samples */
+    uint64_t self_a, self_b; /* this thread's CPU ns at the samples */
+    uint64_t n_wait, n_events, n_recv, n_send;  /* syscalls, counted always */
+    uint64_t wait_a, events_a, recv_a, send_a;  /* their values at sample a */
+    uint64_t wait_b, events_b, recv_b, send_b;
 } lworker_t;
 
 static void
@@ -314,6 +428,7 @@ lconn_flush(lworker_t *w, lconn_t *c)
             n = w->bufsize;
         fill_pattern(c->seed, c->sent, w->wbuf, n);
         r = send(c->fd, w->wbuf, n, MSG_NOSIGNAL);
+        w->n_send++;
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -349,6 +464,7 @@ lconn_readable(lworker_t *w, lconn_t *c)
     for (rounds = 0; rounds < 8; rounds++) {
         ssize_t r = recv(c->fd, w->rbuf, w->bufsize, 0);
         uint64_t t, target;
+        w->n_recv++;
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -383,6 +499,13 @@ lconn_readable(lworker_t *w, lconn_t *c)
             if (t >= w->t_measure && t < w->t_end) {
                 w->msgs_window++;
                 hist_add(w->hist, t - q);
+            }
+            if (w->work_ns) {
+                /* Emulates a load generator that spends more per message
+                 * (parsing, bookkeeping): spin, then stamp the next send. */
+                uint64_t until = t + w->work_ns;
+                while ((t = now_ns()) < until) {
+                }
             }
             if (w->running && c->queued < c->budget)
                 lconn_queue(w, c, t);
@@ -528,6 +651,38 @@ lworker_prime(lworker_t *w)
     w->msgs_primed = w->msgs_total;
 }
 
+/* Opens (state 0 -> 1) or closes (1 -> 2) the measured window's CPU
+ * accounting once the clock has passed its edge; cheap otherwise. */
+static inline void
+lworker_sample(lworker_t *w, uint64_t t)
+{
+    if (w->server_pid <= 0 || w->cpu_state >= 2)
+        return;
+    if (w->cpu_state == 0 && t >= w->t_measure) {
+        w->cpu_source = proc_cpu_ns(w->server_pid, &w->cpu_a, &w->runs_a);
+        w->ts_a = now_ns();
+        w->self_a = thread_cpu_ns();
+        w->msgs_a = w->msgs_total;
+        w->wait_a = w->n_wait;
+        w->events_a = w->n_events;
+        w->recv_a = w->n_recv;
+        w->send_a = w->n_send;
+        w->cpu_state = 1;
+    } else if (w->cpu_state == 1 && t >= w->t_end) {
+        int src = proc_cpu_ns(w->server_pid, &w->cpu_b, &w->runs_b);
+        w->ts_b = now_ns();
+        w->self_b = thread_cpu_ns();
+        w->msgs_b = w->msgs_total;
+        w->wait_b = w->n_wait;
+        w->events_b = w->n_events;
+        w->recv_b = w->n_recv;
+        w->send_b = w->n_send;
+        if (src != w->cpu_source)
+            w->cpu_source = 0;   /* the server died in between */
+        w->cpu_state = 2;
+    }
+}
+
 static void *
 lworker_main(void *arg)
 {
@@ -564,6 +719,9 @@ lworker_main(void *arg)
         int n;
         uint64_t t;
         n = epoll_wait(w->ep, evs, 512, 5);
+        w->n_wait++;
+        if (n > 0)
+            w->n_events += (uint64_t)n;
         for (i = 0; i < n; i++) {
             lconn_t *c = &w->conns[evs[i].data.u64];
             if (c->state != C_OPEN)
@@ -576,6 +734,7 @@ lworker_main(void *arg)
         if (w->sh->stop)
             break;
         t = now_ns();
+        lworker_sample(w, t);
         if (w->running && t >= w->t_end)
             w->running = 0;
         if (!w->running) {
@@ -642,24 +801,30 @@ resolve(const char *host, int port, struct sockaddr_storage *out, socklen_t *out
 
 PyDoc_STRVAR(run_load_doc,
 "run_load(host, port, connections, size, inflight=1, warmup=1.0, duration=5.0, *,\n"
-"         threads=1, active=-1, connect_timeout=10.0, drain_timeout=2.0, seed=0) -> dict\n"
+"         threads=1, active=-1, connect_timeout=10.0, drain_timeout=2.0, seed=0,\n"
+"         server_pid=0, work_us=0.0) -> dict\n"
 "\n"
 "Closed-loop echo load: each connection keeps `inflight` messages of `size`\n"
 "bytes outstanding and verifies every echoed byte.  `active` >= 0 makes only\n"
 "that many connections busy; the others echo one message and then stay idle.\n"
-"Returns throughput, latency percentiles (microseconds) and error counts.");
+"Returns throughput, latency percentiles (microseconds) and error counts.\n"
+"With server_pid > 0 also 'window': that process's CPU time over exactly\n"
+"the measured window and the messages echoed in it (first thread's view).\n"
+"work_us > 0 spins that long per echoed message: a heavier load generator.");
 
 static PyObject *
 run_load(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"host", "port", "connections", "size", "inflight",
                              "warmup", "duration", "threads", "active",
-                             "connect_timeout", "drain_timeout", "seed", NULL};
+                             "connect_timeout", "drain_timeout", "seed", "server_pid",
+                             "work_us", NULL};
     const char *host;
-    int port, connections, threads = 1, active = -1;
+    int port, connections, threads = 1, active = -1, server_pid = 0;
     Py_ssize_t size;
     unsigned int inflight = 1;
     double warmup = 1.0, duration = 5.0, connect_timeout = 10.0, drain_timeout = 2.0;
+    double work_us = 0.0;
     unsigned long long seed = 0;
     struct sockaddr_storage addr;
     socklen_t addrlen = 0;
@@ -677,14 +842,15 @@ run_load(PyObject *self, PyObject *args, PyObject *kwds)
     int setup_errno = 0;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "siin|Iddiiddk", kwlist, &host, &port,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "siin|Iddiiddkid", kwlist, &host, &port,
                                      &connections, &size, &inflight, &warmup, &duration,
                                      &threads, &active, &connect_timeout, &drain_timeout,
-                                     &seed))
+                                     &seed, &server_pid, &work_us))
         return NULL;
     if (connections <= 0 || size <= 0 || inflight == 0 || inflight > 65536 ||
         threads <= 0 || threads > 256 || warmup < 0 || duration <= 0 ||
-        port <= 0 || port > 65535 || connect_timeout <= 0 || drain_timeout < 0) {
+        port <= 0 || port > 65535 || connect_timeout <= 0 || drain_timeout < 0 ||
+        server_pid < 0 || !(work_us >= 0.0 && work_us <= 1e6)) {
         PyErr_SetString(PyExc_ValueError, "run_load: argument out of range");
         return NULL;
     }
@@ -734,12 +900,14 @@ run_load(PyObject *self, PyObject *args, PyObject *kwds)
             w->duration_ns = (uint64_t)(duration * 1e9);
             w->drain_ns = (uint64_t)(drain_timeout * 1e9);
             w->connect_ns = (uint64_t)(connect_timeout * 1e9);
+            w->work_ns = (uint64_t)(work_us * 1e3);
             w->conns = conns + first;
             w->nconns = n;
             w->sh = &sh;
             w->hist = &hist[i];
             w->bufsize = bufsize;
             w->ep = -1;
+            w->server_pid = i == 0 ? server_pid : 0;
             first += n;
             w->rbuf = PyMem_Malloc(bufsize);
             w->wbuf = PyMem_Malloc(bufsize);
@@ -866,6 +1034,45 @@ run_load(PyObject *self, PyObject *args, PyObject *kwds)
                                          e_closed + e_other));
     if (setup_errno)
         SET_ITEM(result, "setup_error", PyUnicode_FromString(strerror(setup_errno)));
+    if (server_pid > 0) {
+        /* Only the first worker sampled: with one thread its counts are
+         * exact, with more the window's message count stands in. */
+        const lworker_t *w = &workers[0];
+        PyObject *win = PyDict_New();
+        uint64_t msgs;
+        double span;
+        if (win == NULL)
+            goto fail;
+        SET_ITEM(result, "window", win);
+        if (w->cpu_state == 2 && w->cpu_source != 0) {
+            msgs = threads == 1 ? w->msgs_b - w->msgs_a : msgs_window;
+            span = (double)(w->ts_b - w->ts_a) / 1e9;
+            SET_ITEM(win, "source",
+                     PyUnicode_FromString(w->cpu_source == 1 ? "schedstat" : "stat"));
+            SET_ITEM(win, "seconds", PyFloat_FromDouble(span));
+            SET_ITEM(win, "messages", PyLong_FromUnsignedLongLong(msgs));
+            SET_ITEM(win, "server_cpu_s", PyFloat_FromDouble((double)(w->cpu_b - w->cpu_a) / 1e9));
+            SET_ITEM(win, "server_cpu_us_per_msg",
+                     PyFloat_FromDouble(msgs ? (double)(w->cpu_b - w->cpu_a) / 1e3 / (double)msgs
+                                             : 0.0));
+            SET_ITEM(win, "server_runs", PyLong_FromUnsignedLongLong(w->runs_b - w->runs_a));
+            if (threads == 1) {
+                uint64_t waits = w->wait_b - w->wait_a;
+                SET_ITEM(win, "loadgen_cpu_s",
+                         PyFloat_FromDouble((double)(w->self_b - w->self_a) / 1e9));
+                SET_ITEM(win, "loadgen_epoll_waits", PyLong_FromUnsignedLongLong(waits));
+                SET_ITEM(win, "loadgen_events_per_wait",
+                         PyFloat_FromDouble(waits ? (double)(w->events_b - w->events_a) /
+                                                    (double)waits : 0.0));
+                SET_ITEM(win, "loadgen_syscalls_per_msg",
+                         PyFloat_FromDouble(msgs ? (double)(waits + (w->recv_b - w->recv_a) +
+                                                            (w->send_b - w->send_a)) /
+                                                   (double)msgs : 0.0));
+            }
+        } else {
+            SET_ITEM(win, "source", PyUnicode_FromString("none"));
+        }
+    }
     goto done;
 
 fail:
