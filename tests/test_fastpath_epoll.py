@@ -35,7 +35,7 @@ WAIT = 30.0  # seconds: a bound, never expected to be reached
 def _counters() -> tuple[int, int]:
     """(recv attempts that got EAGAIN, of them inline at submit), process-wide."""
     lib = ctypes.CDLL(iocp._core.__file__)
-    out = (ctypes.c_uint64 * 2)()
+    out = (ctypes.c_uint64 * 3)()
     lib.iocp__epoll_test_counters(out)
     return int(out[0]), int(out[1])
 

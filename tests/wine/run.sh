@@ -157,7 +157,7 @@ wrun() {
 # ---- 3. the C driver -------------------------------------------------------
 
 nsrc="$root/src/native"
-native_srcs=("$nsrc"/*.c "$nsrc/win/iocp.c")
+native_srcs=("$nsrc"/*.c "$nsrc/win/thread.c" "$nsrc/win/iocp.c")
 wflags=(-std=c99 -O2 -g -Wall -Wextra -DWIN32_LEAN_AND_MEAN -D_WIN32_WINNT=0x0600 -I"$nsrc")
 step "driver: build"
 "$CC" "${wflags[@]}" -Werror -static-libgcc -o "$work/driver.exe" \

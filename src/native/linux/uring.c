@@ -1242,6 +1242,9 @@ static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
         return r;
     }
     p->be = u;
+    /* Single-issuer: wake() only writes the eventfd, so the port may drop
+     * its mutex. */
+    p->wake_lockfree = u->efd >= 0;
     p->dispatch_done = iocp__uring_dispatch_done;
     p->forget = iocp__uring_forget;
     return 0;
@@ -1556,6 +1559,25 @@ static int iocp__uring_cancel(iocp_port *p, iocp_op *op)
     return 0;
 }
 
+/*
+ * poll() found completions and made SQEs while reaping them (re-arms,
+ * remainders).  Those may wait for the next kernel entry when this thread
+ * is sure to make one soon: it takes the batch it delivered (the core's
+ * wait takes a batch when a dispatch slot is free), and its dispatch_done
+ * or its next wait submits them -- the event loop's next turn then costs
+ * one io_uring_enter, not two.  SQEs that were pending when poll() began
+ * (held back by a dispatching thread) go now, as does everything when
+ * nothing was delivered.  Lock held.
+ */
+static void iocp__flush_after_reap(iocp_port *p, struct iocp__uring *u, int n, int held)
+{
+    if (!iocp__sq_pending(u))
+        return;
+    if (n > 0 && !held && (p->active < p->concurrency || p->closing))
+        return;
+    (void)iocp__flush(u);
+}
+
 static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
 {
     struct iocp__uring *u = p->be;
@@ -1564,7 +1586,7 @@ static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
     unsigned flags = IOCP__ENTER_GETEVENTS, pending;
     void *argp = NULL;
     size_t argsz = 0;
-    int n, r;
+    int n, r, held;
 
     if ((r = iocp__ring_own(u)) < 0)
         return r;
@@ -1574,6 +1596,7 @@ static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
     if (u->efd >= 0 && !u->efd_armed)
         iocp__efd_arm(u);           /* the SQ was full when it ended */
     u->woken = 0;
+    held = iocp__sq_pending(u) > 0;
     n = iocp__reap(p, u, max);
     /* A wake-up already in the CQ is this call's reason to return: going
      * to sleep after eating it would lose it. */
@@ -1583,14 +1606,14 @@ static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
         } else if (n == 0) {
             /* Non-blocking: submit, run pending task work, look again. */
             r = iocp__enter(u, iocp__sq_pending(u), 0, IOCP__ENTER_GETEVENTS, NULL, 0);
+            held = 0;
             n = iocp__reap(p, u, max);
             if (n == 0 && r == -EINTR) {
                 iocp__unlock(p);
                 return IOCP_EINTR;
             }
-        } else if (iocp__sq_pending(u)) {
-            (void)iocp__flush(u);
         }
+        iocp__flush_after_reap(p, u, n, held);
         iocp__unlock(p);
         return n;
     }
@@ -1640,9 +1663,8 @@ static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
         u->timeout_armed = 0;
     }
     /* Re-issues made while reaping (short sends, re-armed accepts, recvs
-     * moved to the pool) start now, not whenever someone polls again. */
-    if (iocp__sq_pending(u))
-        (void)iocp__flush(u);
+     * moved to the pool) start with this thread's next kernel entry. */
+    iocp__flush_after_reap(p, u, n, 0);
     iocp__unlock(p);
     if (n > 0)
         return n;
