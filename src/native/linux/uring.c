@@ -110,8 +110,10 @@
  * off to exercise the fallback paths on a new kernel (also single-issuer,
  * defer-taskrun, coop-taskrun, registered-ring, poll-multishot).
  * IOCP_URING_TEST_STARVE=N makes every Nth op or cancel find the SQ full,
- * to exercise the backlogs.  IOCP_URING_STATS=1 prints the buffer-group
- * counters (-ENOBUFS seen, growths, waits) to stderr when a port closes.
+ * to exercise the backlogs.  IOCP_URING_STATS=1 prints counters (-ENOBUFS
+ * seen, buffer-group growths and waits, send chains) to stderr when a port
+ * closes; IOCP_URING_POOL_MAX=bytes bounds the buffer groups where the
+ * port options leave recv_pool_max at 0.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -490,6 +492,8 @@ static int iocp__try_chain(struct iocp__uring *u, struct iocp__ufd *st, iocp_op 
     }
     iocp__sqe_commit_n(u, pad + n);
     st->chain_n = n;
+    u->n_chains++;
+    u->n_chained += n;
     return 1;
 }
 
@@ -1220,6 +1224,10 @@ static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
     u->enabled = 1;
     u->caps = caps;
     u->pool_max = opts && opts->recv_pool_max ? opts->recv_pool_max : IOCP__POOL_MAX_DEFAULT;
+    if (!(opts && opts->recv_pool_max) && getenv("IOCP_URING_POOL_MAX"))
+        u->pool_max = (size_t)strtoull(getenv("IOCP_URING_POOL_MAX"), NULL, 10);
+    if (u->pool_max == 0)
+        u->pool_max = IOCP__POOL_MAX_DEFAULT;
     u->print_stats = getenv("IOCP_URING_STATS") != NULL;
     if (getenv("IOCP_URING_TEST_STARVE"))
         u->starve = (unsigned)atoi(getenv("IOCP_URING_TEST_STARVE"));
@@ -1273,10 +1281,11 @@ static void iocp__uring_destroy(iocp_port *p)
     if (u->print_stats) {
         /* Tests and measurements read this (IOCP_URING_STATS=1). */
         fprintf(stderr, "iocp-uring-stats enobufs=%llu grows=%llu parks=%llu "
-                "pool_bytes=%zu small_bufs=%u large_bufs=%u\n",
+                "pool_bytes=%zu small_bufs=%u large_bufs=%u chains=%llu chained=%llu\n",
                 (unsigned long long)u->n_enobufs, (unsigned long long)u->n_grows,
                 (unsigned long long)u->n_parks, u->pool_bytes, u->bg[IOCP__BG_SMALL].nbufs,
-                u->bg[IOCP__BG_LARGE].nbufs);
+                u->bg[IOCP__BG_LARGE].nbufs, (unsigned long long)u->n_chains,
+                (unsigned long long)u->n_chained);
     }
     iocp__ring_unregister_fd(u);
     iocp__bg_unregister(u);

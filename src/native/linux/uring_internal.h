@@ -179,7 +179,7 @@ struct iocp__uring {
     struct iocp__bgroup bg[IOCP__BG_COUNT];
     size_t pool_max, pool_bytes;
     /* Counters for IOCP_URING_STATS (tests and measurements). */
-    uint64_t n_enobufs, n_grows, n_parks;
+    uint64_t n_enobufs, n_grows, n_parks, n_chains, n_chained;
     int print_stats;
 
     /* Descriptors. */
