@@ -468,7 +468,9 @@ cdef class CompletionPort:
 
     ``single_issuer=True`` makes a port for one thread -- an event loop:
     the first thread that registers, submits or waits owns it, the native
-    layer takes no mutex on its behalf, and any other thread calling a
+    layer skips its mutex and thread election where the backend allows it
+    (epoll, IOCP; io_uring keeps the mutex until its wake-up is lock-free),
+    and any other thread calling a
     method other than ``post``, ``stop``, ``stats``, ``closed``,
     ``pending`` and ``repr`` gets RuntimeError.  ``post`` and ``stop`` from
     another thread still work: they wake the owner, which runs the post.

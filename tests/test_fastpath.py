@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -569,3 +571,16 @@ def test_ordinary_port_native_entry_points_work_from_any_thread(make_port):
     out = run_in_thread(port._test_native_entry_points)
     assert out["value"]["op_alloc"] == 0 and out["value"]["wait"] == 0
     assert port.stats()["live_ops"] == 0
+
+
+def test_free_threaded_cpython_runs_the_module_with_the_gil():
+    """Not free-threading compatible by decision (docs/architecture.md): the
+    module must not declare Py_MOD_GIL_NOT_USED, so a 3.13t/3.14t
+    interpreter turns the GIL back on when it imports iocp."""
+    is_gil_enabled = getattr(sys, "_is_gil_enabled", None)
+    if is_gil_enabled is not None:
+        assert is_gil_enabled()          # iocp is imported by now
+    pyx = Path(__file__).resolve().parent.parent / "src" / "iocp_core.pyx"
+    if pyx.exists():                     # a source tree (not the wheel tests)
+        first = pyx.read_text().splitlines()[0]
+        assert "freethreading_compatible=False" in first

@@ -11,7 +11,10 @@ void iocp__mutex_init(iocp__mutex *m) { InitializeSRWLock(m); }
 void iocp__mutex_destroy(iocp__mutex *m) { (void)m; }
 void iocp__mutex_lock(iocp__mutex *m) { AcquireSRWLockExclusive(m); }
 void iocp__mutex_unlock(iocp__mutex *m) { ReleaseSRWLockExclusive(m); }
-int iocp__mutex_trylock(iocp__mutex *m) { return TryAcquireSRWLockExclusive(m) != 0; }
+/* Only a fork() child tries the lock (iocp__port_forget), and Windows has
+ * no fork(); "not taken" would leak rather than free, the safe answer.
+ * (TryAcquireSRWLockExclusive is not declared for _WIN32_WINNT 0x0600.) */
+int iocp__mutex_trylock(iocp__mutex *m) { (void)m; return 0; }
 
 void iocp__cond_init(iocp__cond *c) { InitializeConditionVariable(c); }
 void iocp__cond_destroy(iocp__cond *c) { (void)c; }
