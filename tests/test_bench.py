@@ -331,6 +331,15 @@ def test_window_with_a_corrupting_server_still_counts_the_mismatch(serve) -> Non
     assert r["errors"]["mismatch"] == 4, r["errors"]
 
 
+def test_heavier_load_generator_still_verifies(serve) -> None:
+    srv = serve(lambda data, total: data)
+    r = bt.run_load("127.0.0.1", srv.port, 2, 64, 1, **FAST, work_us=20.0)
+    assert r["error_total"] == 0 and r["messages"] > 0, r
+    for bad in (-1.0, float("nan"), 2e6):
+        with pytest.raises(ValueError):
+            bt.run_load("127.0.0.1", srv.port, 1, 64, 1, **FAST, work_us=bad)
+
+
 def test_kit_cpu_plan(monkeypatch) -> None:
     import os
 
