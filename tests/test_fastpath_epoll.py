@@ -563,3 +563,39 @@ def test_silent_and_plain_sends_keep_their_order(make_port):
         assert all(op.done for op in plain)
     finally:
         close_all(port, client, server)
+
+
+def test_multishot_recv_waits_at_the_pool_bound_and_resumes(backend, make_port, monkeypatch):
+    # IOCP_EPOLL_POOL_MAX (the test knob behind recv_pool_max): at most 256
+    # bytes handed out and not given back, so a poll() hands out four
+    # 64-byte reads, the op waits armed, and it resumes when the batch's
+    # buffers come back -- every byte, in order.
+    if backend != "epoll":
+        pytest.skip("epoll backend behaviour")
+    monkeypatch.setenv("IOCP_EPOLL_POOL_MAX", "256")
+    port = make_port()
+    client, server = tcp_pair()
+    port.register(server)
+    msgs = 40
+    data = b"".join(b"%063d\n" % i for i in range(msgs))
+    try:
+        client.sendall(data)
+        _wait_acked(client)
+        op = port.recv(server, 64, multishot=True)
+        got = bytearray()
+        deadline = time.monotonic() + WAIT
+        batches = []
+        while len(got) < len(data):
+            assert time.monotonic() < deadline, len(got)
+            batch = port.get_many(max=1024, timeout=WAIT)
+            batches.append(len(batch))
+            for c in batch:
+                assert c.operation is op and c.more and len(c.data) == 64
+                got += c.data
+        assert bytes(got) == data
+        assert max(batches) <= 4, batches
+        assert port.stats()["live_buffers"] == 0
+        op.cancel()
+        assert _get(port).cancelled
+    finally:
+        close_all(port, server, client)

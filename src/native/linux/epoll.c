@@ -28,7 +28,10 @@
  * in a pool buffer of the size that came (IOCP_CF_MORE | IOCP_CF_BUFFER),
  * so an idle socket pins nothing; EOF, an error or a cancel is its final
  * completion.  While one is armed, other recvs on the socket are
- * IOCP_EBUSY.
+ * IOCP_EBUSY.  The bytes handed out and not yet released are bounded by
+ * recv_pool_max (buf_id carries each buffer's size back through
+ * release_buffer): at the bound the op waits, armed, on a starved list
+ * that release_buffer moves to the ready list.
  *
  * Poll ops (IOCP_OP_POLL) sit on a third, unordered list per socket and
  * never hold up the FIFOs.  The set is edge-triggered, so a one-shot
@@ -89,6 +92,10 @@
 /* Most bytes one multishot recv completion carries (also its default). */
 #define IOCP__MS_RECV_MAX 65536
 
+/* Default bound of the bytes multishot recvs have handed out and not got
+ * back (iocp_port_options.recv_pool_max). */
+#define IOCP__POOL_MAX_DEFAULT ((size_t)64 << 20)
+
 /* What iocp__attempt says about an op. */
 enum {
     IOCP__AT_WAIT = 0,      /* nothing to do until the next edge (EAGAIN) */
@@ -103,6 +110,7 @@ struct iocp__fdstate {
     unsigned char tcp;                 /* a short read drains (see iocp__read_done) */
     unsigned char rd_sticky;           /* an edge said HUP/ERR/RDHUP/PRI: only
                                           EAGAIN proves the socket drained */
+    unsigned char starved;             /* on the starved list (pool bound) */
     iocp_op *rq_head, *rq_tail;        /* accept / recv / recv_into */
     iocp_op *wq_head, *wq_tail;        /* connect / send */
     iocp_op *ms_recv;                  /* the armed multishot recv (in rq) */
@@ -110,6 +118,7 @@ struct iocp__fdstate {
                                           keeps the events seen and not yet
                                           delivered in its `done` */
     int ready_next;                    /* ready list link (fd), -1 ends */
+    int starved_next;                  /* starved list link (fd), -1 ends */
 };
 
 struct iocp__epoll {
@@ -122,6 +131,12 @@ struct iocp__epoll {
      * buffer of the size that arrived (poll() only, lock held: one
      * poller at a time).  Allocated with the first multishot recv. */
     char *scratch;
+    /* Bytes multishot recvs have handed out and not yet got back through
+     * release_buffer (each buffer's buf_id is its byte count), the bound
+     * on them, and the sockets whose multishot recv waits for bytes to
+     * come back under it. */
+    size_t pool_used, pool_max;
+    int starved_head;
 };
 
 /*
@@ -243,7 +258,9 @@ static inline void iocp__read_done(struct iocp__fdstate *st, ssize_t n, size_t a
  * scratch buffer and is copied into a pool buffer of the size that came
  * (a 64-byte message pins a 128-byte buffer, not 64 KiB; the copy of a
  * small message costs less than the memory of a large buffer per queued
- * completion), so nothing is pinned while the socket is idle.  Lock held.
+ * completion), so nothing is pinned while the socket is idle.  The bytes
+ * handed out and not yet given back are bounded by recv_pool_max: past it
+ * the op waits, armed, for release_buffer.  Lock held.
  */
 static int iocp__recv_multishot(iocp_port *p, struct iocp__fdstate *st, iocp_op *op,
                                 int *budget)
@@ -257,6 +274,16 @@ static int iocp__recv_multishot(iocp_port *p, struct iocp__fdstate *st, iocp_op 
 
         if (*budget <= 0)
             return IOCP__AT_MORE;
+        if (e->pool_used >= e->pool_max) {
+            /* Over the bound: wait, armed, until release_buffer gives
+             * bytes back (it resumes the socket); nothing is read. */
+            if (!st->starved) {
+                st->starved = 1;
+                st->starved_next = e->starved_head;
+                e->starved_head = op->sock;
+            }
+            return IOCP__AT_WAIT;
+        }
         do
             n = recv(op->sock, e->scratch, cap, 0);
         while (n < 0 && errno == EINTR);
@@ -277,7 +304,8 @@ static int iocp__recv_multishot(iocp_port *p, struct iocp__fdstate *st, iocp_op 
             return IOCP__AT_DONE;
         }
         memcpy(buf, e->scratch, (size_t)n);
-        iocp__deliver(p, op, n, 0, IOCP_CF_MORE | IOCP_CF_BUFFER, buf, 0);
+        e->pool_used += (size_t)n;
+        iocp__deliver(p, op, n, 0, IOCP_CF_MORE | IOCP_CF_BUFFER, buf, (uint32_t)n);
         (*budget)--;
         iocp__read_done(st, n, cap, 0);
         if (!st->readable)
@@ -689,11 +717,17 @@ static int iocp__epoll_init(iocp_port *p, const iocp_port_options *opts)
     struct epoll_event ev;
     int r;
 
-    (void)opts;
     e = calloc(1, sizeof(*e));
     if (!e)
         return IOCP_ENOMEM;
     e->ready_head = -1;
+    e->starved_head = -1;
+    e->pool_max = opts && opts->recv_pool_max ? opts->recv_pool_max : IOCP__POOL_MAX_DEFAULT;
+    /* A knob for tests, as io_uring's IOCP_URING_POOL_MAX. */
+    if (!(opts && opts->recv_pool_max) && getenv("IOCP_EPOLL_POOL_MAX"))
+        e->pool_max = (size_t)strtoull(getenv("IOCP_EPOLL_POOL_MAX"), NULL, 10);
+    if (e->pool_max == 0)
+        e->pool_max = IOCP__POOL_MAX_DEFAULT;
     e->epfd = epoll_create1(EPOLL_CLOEXEC);
     if (e->epfd < 0) {
         r = -errno;
@@ -940,6 +974,39 @@ static int iocp__epoll_poll(iocp_port *p, int max, int timeout_ms)
     return start - budget;
 }
 
+static int iocp__epoll_wake(iocp_port *p);
+
+/*
+ * A multishot recv's buffer comes back (lock held; the core has already
+ * taken it off live_buffers, which iocp__buffer_put counts down too).
+ * Sockets starved by the bound resume once bytes are back under it: they
+ * go on the ready list, "maybe readable" again (their last read was
+ * skipped, not drained), and a poller asleep in epoll_wait is woken, since
+ * no edge will come for bytes already queued.
+ */
+static void iocp__epoll_release_buffer(iocp_port *p, char *data, uint32_t buf_id)
+{
+    struct iocp__epoll *e = p->be;
+
+    e->pool_used -= buf_id <= e->pool_used ? buf_id : e->pool_used;
+    p->live_buffers++;
+    iocp__buffer_put(p, data);
+    if (e->starved_head < 0 || e->pool_used >= e->pool_max)
+        return;
+    while (e->starved_head >= 0) {
+        int fd = e->starved_head;
+        struct iocp__fdstate *st = &e->fds[fd];
+        e->starved_head = st->starved_next;
+        st->starved = 0;
+        if (st->registered && st->ms_recv) {
+            st->readable = 1;
+            iocp__ready_list_add(p, e, fd);
+        }
+    }
+    if (p->poll_blocking)
+        (void)iocp__epoll_wake(p);
+}
+
 static int iocp__epoll_wake(iocp_port *p)
 {
     struct iocp__epoll *e = p->be;
@@ -963,5 +1030,5 @@ const iocp_backend iocp__backend_epoll = {
     .cancel = iocp__epoll_cancel,
     .poll = iocp__epoll_poll,
     .wake = iocp__epoll_wake,
-    .release_buffer = NULL,     /* RECV buffers come from the port pool */
+    .release_buffer = iocp__epoll_release_buffer,  /* multishot recv buffers */
 };
