@@ -290,8 +290,14 @@ def test_window_samples_the_given_process_not_the_load_generator(serve) -> None:
     import subprocess
 
     srv = serve(lambda data, total: data)
-    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # The child says when its start-up (tens of ms of CPU, more on a loaded
+    # machine) is over, so none of it falls inside the measured window.
+    idle = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; print('idle', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )
     try:
+        assert idle.stdout is not None and idle.stdout.readline() == b"idle\n"
         r = bt.run_load("127.0.0.1", srv.port, 4, 64, 1, **FAST, server_pid=idle.pid)
     finally:
         idle.kill()

@@ -192,12 +192,12 @@ def test_silent_send_to_a_reset_peer_reports_the_error(port):
     port.register(server)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     client.close()  # RST
-    # The RST must have arrived before the sends: wait for the reset to be
-    # seen by a (non-silent) recv first.
+    # The RST must have arrived before the sends: wait for a (non-silent)
+    # recv to see it (an error; Wine reports end of stream instead).
     seen: list[iocp.Completion] = []
     port.recv(server, 10, seen.append)
     pump(port, lambda: seen)
-    assert isinstance(seen[0].error, OSError)
+    assert isinstance(seen[0].error, OSError) or seen[0].eof
     got: list[iocp.Completion] = []
     port.send(server, b"x" * 1000, got.append, silent=True)
     pump(port, lambda: got)
