@@ -167,15 +167,17 @@ def serve_iocp_port_oneshot(lsock: socket.socket, backend: str | None) -> None:
                 pass
             conn.close()
 
+        # close() on SIGTERM drains: a recv or send that completes then
+        # must not start another op on the closing port.
         def on_recv(c: iocp.Completion) -> None:
             data = c.data
-            if c.error is not None or not data:
+            if c.error is not None or not data or closing:
                 close()
                 return
             port.send(conn, data, on_sent)
 
         def on_sent(c: iocp.Completion) -> None:
-            if c.error is not None:
+            if c.error is not None or closing:
                 close()
                 return
             port.recv(conn, RECV_SIZE, on_recv)
