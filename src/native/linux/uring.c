@@ -1250,6 +1250,9 @@ static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
         return r;
     }
     p->be = u;
+    /* Single-issuer: wake() only writes the eventfd, so the port may drop
+     * its mutex. */
+    p->wake_lockfree = u->efd >= 0;
     p->dispatch_done = iocp__uring_dispatch_done;
     p->forget = iocp__uring_forget;
     return 0;
