@@ -290,7 +290,7 @@ static void iocp__after_sync_delivery(iocp_port *p)
 }
 
 /* The checks every entry point that acts on the port makes first. */
-static inline int iocp__enter(iocp_port *p)
+static inline int iocp__entry_check(iocp_port *p)
 {
     if (iocp__forked(p))
         return IOCP_EFORKED;
@@ -299,7 +299,7 @@ static inline int iocp__enter(iocp_port *p)
 
 int iocp_register(iocp_port *p, iocp_socket_t sock)
 {
-    int r = iocp__enter(p);
+    int r = iocp__entry_check(p);
 
     if (r < 0)
         return r;
@@ -313,7 +313,7 @@ int iocp_register(iocp_port *p, iocp_socket_t sock)
 
 int iocp_unregister(iocp_port *p, iocp_socket_t sock)
 {
-    int r = iocp__enter(p);
+    int r = iocp__entry_check(p);
 
     if (r < 0)
         return r;
@@ -344,7 +344,7 @@ static int iocp__op_valid(const iocp_op *op)
 
 int iocp_submit(iocp_port *p, iocp_op *op)
 {
-    int r = iocp__enter(p);
+    int r = iocp__entry_check(p);
 
     if (r < 0)
         return r;
@@ -375,7 +375,7 @@ int iocp_submit(iocp_port *p, iocp_op *op)
 
 int iocp_cancel(iocp_port *p, iocp_op *op)
 {
-    int r = iocp__enter(p);
+    int r = iocp__entry_check(p);
 
     if (r < 0)
         return r;
@@ -388,7 +388,7 @@ int iocp_cancel(iocp_port *p, iocp_op *op)
 int iocp_cancel_all(iocp_port *p)
 {
     iocp_op *op, *next;
-    int n = 0, r = iocp__enter(p);
+    int n = 0, r = iocp__entry_check(p);
 
     if (r < 0)
         return r;
@@ -559,7 +559,7 @@ static int iocp__wait(iocp_port *p, iocp_completion *out, int max,
 int iocp_port_wait_since(iocp_port *p, iocp_completion *out, int max,
                          int timeout_ms, unsigned gen)
 {
-    int n = iocp__enter(p);
+    int n = iocp__entry_check(p);
 
     if (n < 0)
         return n;
@@ -576,7 +576,7 @@ int iocp_port_wait_since(iocp_port *p, iocp_completion *out, int max,
 int iocp_port_run_once(iocp_port *p, iocp_completion *out, int max,
                        int timeout_ms, unsigned gen)
 {
-    int n = iocp__enter(p), owed;
+    int n = iocp__entry_check(p), owed;
 
     if (n < 0)
         return n;
@@ -594,7 +594,7 @@ int iocp_port_run_once(iocp_port *p, iocp_completion *out, int max,
 
 void iocp_port_dispatch_done(iocp_port *p)
 {
-    if (iocp__enter(p) < 0)
+    if (iocp__entry_check(p) < 0)
         return;
     iocp__lock(p);
     if (p->active > 0)
@@ -612,7 +612,7 @@ void iocp_port_release_batch(iocp_port *p, iocp_completion *batch, int n)
 {
     int i;
 
-    if (iocp__enter(p) < 0 || n <= 0)
+    if (iocp__entry_check(p) < 0 || n <= 0)
         return;
     iocp__lock(p);
     for (i = 0; i < n; i++) {
