@@ -353,7 +353,7 @@ def reader():
         if not chunk:
             break
         got.extend(chunk)
-t = threading.Thread(target=reader)
+t = threading.Thread(target=reader, daemon=True)
 t.start()
 t0 = time.perf_counter()
 for i in range(n):
