@@ -2,13 +2,15 @@
 
 The native C code (src/native) is built first as a static library with its
 own strict warning flags (build_clib), then linked into the extension, so
-the generated Cython C is not held to -Wextra.  Backend sources are chosen
-per platform here (libuv's pattern): Windows gets the IOCP backend, Linux
-the io_uring backend and the epoll emulation, picked at run time.
+the generated Cython C is not held to -Wextra.  Platform sources are chosen
+here (libuv's pattern): Windows gets win/thread.c and the IOCP backend,
+Linux posix/thread.c, the io_uring backend and the epoll emulation, picked
+at run time.
 
 Environment knobs for developers (see the Makefile):
   IOCP_DEBUG=1   -O0 -g, assertions, Cython line tracing
   IOCP_ASAN=1    AddressSanitizer + UndefinedBehaviorSanitizer
+  IOCP_LOCK_STATS=1  count port-mutex acquisitions (printed when a port is freed)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from setuptools.command.build_ext import build_ext as _build_ext
 WINDOWS = sys.platform == "win32"
 DEBUG = os.environ.get("IOCP_DEBUG") == "1"
 ASAN = os.environ.get("IOCP_ASAN") == "1"
+LOCK_STATS = os.environ.get("IOCP_LOCK_STATS") == "1"
 
 COMMON_SOURCES = [
     "src/native/core.c",
@@ -33,10 +36,12 @@ COMMON_SOURCES = [
     "src/native/addr.c",
 ]
 if WINDOWS:
+    COMMON_SOURCES.append("src/native/win/thread.c")
     BACKEND_SOURCES = ["src/native/win/iocp.c"]
     MACROS: list[tuple[str, str]] = [("WIN32_LEAN_AND_MEAN", "1"), ("_WIN32_WINNT", "0x0600")]
     SYSTEM_LIBS = ["ws2_32"]
 else:
+    COMMON_SOURCES.append("src/native/posix/thread.c")
     BACKEND_SOURCES = ["src/native/linux/sock.c", "src/native/linux/epoll.c"]
     MACROS = [("_GNU_SOURCE", "1")]
     if os.path.exists("src/native/linux/uring.c"):
@@ -48,6 +53,8 @@ else:
         ]
         MACROS.append(("IOCP_WITH_URING", "1"))
     SYSTEM_LIBS = ["pthread"]
+if LOCK_STATS:
+    MACROS.append(("IOCP_LOCK_STATS", "1"))
 
 if WINDOWS and "GCC" not in sys.version:
     NATIVE_CFLAGS = ["/W3"]

@@ -1,4 +1,4 @@
-# cython: language_level=3, embedsignature=True
+# cython: language_level=3, embedsignature=True, freethreading_compatible=False
 """I/O completion ports: the Cython core (built as ``iocp._core``).
 
 Everything here runs with the GIL held except the waits, which call
@@ -13,6 +13,11 @@ reference owned by its native record (``op.user``), taken before
 ``iocp_submit`` and dropped when the final completion is turned into a
 ``Completion``.  So an op in flight can never be freed, whoever else lets go
 of it, and its callback, socket and buffer stay alive with it.
+
+The GIL is this module's lock (port tables, backlog, pin counts, the
+foreign-post queue), so it is not free-threading compatible: the directive
+above keeps Py_mod_gil at Py_MOD_GIL_USED, and a free-threaded CPython
+turns the GIL back on when it imports the module.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
@@ -463,7 +468,9 @@ cdef class CompletionPort:
 
     ``single_issuer=True`` makes a port for one thread -- an event loop:
     the first thread that registers, submits or waits owns it, the native
-    layer takes no mutex on its behalf, and any other thread calling a
+    layer skips its mutex and thread election where the backend allows it
+    (epoll, IOCP; io_uring keeps the mutex until its wake-up is lock-free),
+    and any other thread calling a
     method other than ``post``, ``stop``, ``stats``, ``closed``,
     ``pending`` and ``repr`` gets RuntimeError.  ``post`` and ``stop`` from
     another thread still work: they wake the owner, which runs the post.
@@ -490,6 +497,7 @@ cdef class CompletionPort:
     cdef object _foreign            # single-issuer: posts made by other threads
     cdef Py_ssize_t _nforeign       # len(_foreign), tested on every wait
     cdef dict _ms_recv              # fd -> its armed multishot recv Operation
+    cdef bint _open_dispatch        # single-issuer run_once left its batch open
 
     def __cinit__(self, unsigned concurrency=0, *, backend=None,
                   unsigned queue_capacity=1024, unsigned ring_entries=0,
@@ -529,6 +537,7 @@ cdef class CompletionPort:
         self._foreign = _deque()
         self._nforeign = 0
         self._ms_recv = {}
+        self._open_dispatch = False
         r = iocp_port_create(&opts, &self._port)
         if r < 0:
             err = _oserror(r)
@@ -978,7 +987,11 @@ cdef class CompletionPort:
         if not even the Completion could be allocated.
 
         A silent send's success (IOCP_CF_SILENT) makes no Completion: its
-        record, pin and reference are released and None comes back."""
+        pin and reference are released and None comes back.
+
+        The native record and port buffer stay in `c` for _convert() to
+        hand back with the whole batch (iocp_port_release_batch: one lock
+        for all); `op._op` is cleared here so nothing else touches it."""
         cdef Operation op = <Operation>c.op.user
         cdef Completion comp = None
         cdef int kind = op._kind
@@ -988,7 +1001,6 @@ cdef class CompletionPort:
         if c.flags & IOCP_CF_SILENT:
             op._unpin()
             op._obj = None
-            iocp_op_free(self._port, op._op)
             op._op = NULL
             op._done = True
             Py_DECREF(op)          # the native record's reference
@@ -1030,9 +1042,8 @@ cdef class CompletionPort:
                 comp.nbytes = 0
                 comp.error = _lost_result(kind, exc)
         finally:
-            # Cannot be skipped, and calls nothing that can raise.
-            if buffer:
-                iocp_buffer_release(self._port, c.data, c.buf_id)
+            # Cannot be skipped, and calls nothing that can raise.  The
+            # buffer and the record go back with the batch (_convert).
             if kind == IOCP_OP_ACCEPT and c.result >= 0 and not fd_owned:
                 iocp_socket_close(<iocp_socket_t>c.result)
             if final:
@@ -1041,7 +1052,6 @@ cdef class CompletionPort:
                         del self._ms_recv[op._op.sock]
                 op._unpin()
                 op._obj = None
-                iocp_op_free(self._port, op._op)
                 op._op = NULL
                 op._done = True
                 Py_DECREF(op)      # the native record's reference
@@ -1097,14 +1107,21 @@ cdef class CompletionPort:
         return 0
 
     cdef int _wait(self, iocp_completion *batch, int max, int timeout_ms,
-                   unsigned wake_gen) except? -1:
+                   unsigned wake_gen, bint once=False) except? -1:
         """One native wait, counted so close() knows when nobody waits.
-        Returns 0 at once if stop() woke the port since `wake_gen`."""
+        Returns 0 at once if stop() woke the port since `wake_gen`.
+        `once`: iocp_port_run_once, which first ends this thread's previous
+        dispatch (its held-back submissions go out with this wait)."""
         cdef int n = 0
         self._waiters += 1
         try:
-            with nogil:
-                n = iocp_port_wait_since(self._port, batch, max, timeout_ms, wake_gen)
+            if once:
+                with nogil:
+                    n = iocp_port_run_once(self._port, batch, max, timeout_ms, wake_gen)
+                self._open_dispatch = False
+            else:
+                with nogil:
+                    n = iocp_port_wait_since(self._port, batch, max, timeout_ms, wake_gen)
             if n > 0:
                 # Until _convert() has turned them into Completions, these
                 # records must outlive any close() on another thread.
@@ -1126,7 +1143,8 @@ cdef class CompletionPort:
         Every record is converted and released even if converting one of
         them raises (KeyboardInterrupt, MemoryError): the first such
         exception is returned, for the caller to raise once the batch's
-        Completions are safe (delivered or in the backlog)."""
+        Completions are safe (delivered or in the backlog).  The batch's
+        native records and port buffers go back in one locked call."""
         cdef int i
         cdef Completion comp
         first = None
@@ -1147,6 +1165,7 @@ cdef class CompletionPort:
                     if first is None:
                         first = exc
         finally:
+            iocp_port_release_batch(self._port, batch, n)
             self._holders -= 1
             if self._destroy_deferred and self._holders == 0:
                 self._finish_close()
@@ -1185,44 +1204,59 @@ cdef class CompletionPort:
 
     cdef object _run_loop(self, unsigned long gen, unsigned wake_gen, bint main,
                           double timeout, object handler):
-        """run() after its checks; `timeout` in seconds, < 0: forever."""
+        """run() after its checks; `timeout` in seconds, < 0: forever.
+
+        Each batch's dispatch is ended by the next wait itself
+        (iocp_port_run_once), so what the callbacks submitted goes to the
+        kernel with that wait; the last one is ended on the way out."""
         cdef iocp_completion batch[BATCH]
         cdef int n, slice_ms
         cdef Py_ssize_t dispatched = 0
         cdef double deadline = 0.0, left
+        cdef bint holding = False      # this thread's last batch is not ended
         if timeout >= 0:
             deadline = _monotonic() + timeout
-        while not self._closing and gen == self._stop_gen:
-            if self._backlog:
-                comp = self._backlog.popleft()
-                self._deliver(comp, handler)
-                dispatched += 1
-                continue
-            if self._nforeign:
-                # Their wake changed the generation: wait on the new one
-                # (a stop() since then bumped _stop_gen first, seen above).
-                wake_gen = iocp_port_wake_gen(self._port)
-                self._drain_foreign()
-            slice_ms = -1
-            if timeout >= 0:
-                left = deadline - _monotonic()
-                if left <= 0:
-                    break
-                slice_ms = _slice_ms(left)
-            if main and (slice_ms < 0 or slice_ms > SIGNAL_SLICE_MS):
-                slice_ms = SIGNAL_SLICE_MS
-            n = self._wait(batch, BATCH, slice_ms, wake_gen)
-            if n == 0:
-                if main:
-                    PyErr_CheckSignals()
-                continue
-            dispatched += self._dispatch(batch, n, handler)
+        try:
+            while not self._closing and gen == self._stop_gen:
+                if self._backlog:
+                    comp = self._backlog.popleft()
+                    self._deliver(comp, handler)
+                    dispatched += 1
+                    continue
+                if self._nforeign:
+                    # Their wake changed the generation: wait on the new
+                    # one (a stop() since then bumped _stop_gen first,
+                    # seen above).
+                    wake_gen = iocp_port_wake_gen(self._port)
+                    self._drain_foreign()
+                slice_ms = -1
+                if timeout >= 0:
+                    left = deadline - _monotonic()
+                    if left <= 0:
+                        break
+                    slice_ms = _slice_ms(left)
+                if main and (slice_ms < 0 or slice_ms > SIGNAL_SLICE_MS):
+                    slice_ms = SIGNAL_SLICE_MS
+                holding = False        # the wait ends it, whatever it returns
+                n = self._wait(batch, BATCH, slice_ms, wake_gen, True)
+                if n == 0:
+                    if main:
+                        PyErr_CheckSignals()
+                    continue
+                holding = True
+                dispatched += self._dispatch(batch, n, handler, False)
+        finally:
+            # close() from a callback may have freed the port already.
+            if holding and self._port != NULL:
+                iocp_port_dispatch_done(self._port)
         return dispatched
 
     cdef Py_ssize_t _dispatch(self, iocp_completion *batch, int n,
-                              object handler) except -1:
-        """Converts a dequeued batch, runs its callbacks in order and ends
-        the dispatch.  Returns how many completions were dispatched."""
+                              object handler, bint end) except -1:
+        """Converts a dequeued batch and runs its callbacks in order;
+        `end`: then ends the dispatch (else the caller's next run_once
+        wait, or its own dispatch_done, does).  Returns how many
+        completions were dispatched."""
         cdef Py_ssize_t dispatched = 0
         cdef object pending_exc = None
         comps = []
@@ -1242,11 +1276,20 @@ cdef class CompletionPort:
                     pending_exc = exc
         finally:
             # close() from a callback may have freed the port already.
-            if self._port != NULL:
+            if end and self._port != NULL:
                 iocp_port_dispatch_done(self._port)
         if pending_exc is not None:
             raise pending_exc
         return dispatched
+
+    cdef int _end_open_dispatch(self) except -1:
+        """Ends the batch a single-issuer run_once() left open (see there)
+        before a wait that will not end it itself."""
+        if self._open_dispatch:
+            self._open_dispatch = False
+            if self._port != NULL:
+                iocp_port_dispatch_done(self._port)
+        return 0
 
     def run_once(self, timeout=None, handler=None) -> int:
         """One turn of an event loop: submits what is queued, waits once
@@ -1256,10 +1299,19 @@ cdef class CompletionPort:
 
         Returns 0 when ``timeout`` seconds pass with nothing to do (None or
         ``inf``: wait as long as it takes; 0: only take what is ready), or
-        when ``stop()`` or ``close()`` is called meanwhile.  No posted
+        when ``stop()`` or ``close()`` is called meanwhile.  A batch of
+        silent sends' successes only (nothing to dispatch) does not end it.  No posted
         packet or ``stop()`` is needed to make it return.  Completions left
         over from a batch whose callback raised are dispatched first, with
         no wait.
+
+        On a single-issuer port the batch stays open until the next wait:
+        operations submitted by the callbacks, and by the caller until it
+        calls ``run_once()`` (or ``run``, ``get``, ``close``) again, may be
+        handed to the kernel only with that next wait (io_uring: one
+        ``io_uring_enter`` per turn instead of two).  An event loop calls
+        it again anyway; code that then blocks on something else should
+        not rely on them having started.
         """
         cdef unsigned long gen = self._stop_gen
         cdef unsigned wake_gen
@@ -1300,9 +1352,20 @@ cdef class CompletionPort:
                 slice_ms = _slice_ms(deadline - _monotonic()) if timeout > 0 else 0
             if main and (slice_ms < 0 or slice_ms > SIGNAL_SLICE_MS):
                 slice_ms = SIGNAL_SLICE_MS
-            n = self._wait(batch, BATCH, slice_ms, wake_gen)
+            n = self._wait(batch, BATCH, slice_ms, wake_gen, True)
             if n > 0:
-                return self._dispatch(batch, n, handler)
+                if self.single_issuer:
+                    self._open_dispatch = True
+                    dispatched = self._dispatch(batch, n, handler, False)
+                else:
+                    dispatched = self._dispatch(batch, n, handler, True)
+                if dispatched > 0 or self._backlog:
+                    return dispatched
+                # Only silent successes: nothing happened for the caller;
+                # keep waiting (within the timeout).
+                if timeout == 0 or (timeout > 0 and _monotonic() >= deadline):
+                    break
+                continue
             if main:
                 PyErr_CheckSignals()
             if self._nforeign:
@@ -1343,6 +1406,7 @@ cdef class CompletionPort:
         if max > BATCH:
             max = BATCH
         timeout_s = _timeout_seconds(timeout)
+        self._end_open_dispatch()
         out = []
         while self._backlog and len(out) < max:
             out.append(self._backlog.popleft())
@@ -1404,6 +1468,7 @@ cdef class CompletionPort:
             iocp_port_destroy(self._port)
             self._port = NULL
             return
+        self._end_open_dispatch()
         iocp_port_begin_close(self._port)
         # Posts other threads queued before _closing was set: they are
         # delivered (callbacks run) like every other pending completion.
@@ -1478,6 +1543,33 @@ cdef class CompletionPort:
         iocp_port_destroy(self._port)
         self._port = NULL
         return 0
+
+    def _test_native_entry_points(self) -> dict:
+        """For tests only: what the native entry points return when called
+        from this thread, bypassing this layer's own checks (single-issuer
+        ports: IOCP_EWRONGTHREAD from a thread that does not own it).
+        Every call is one that changes nothing on the owner's thread."""
+        cdef iocp_completion batch[1]
+        cdef iocp_op *rec
+        if self._port == NULL:
+            raise ValueError("closed")
+        rec = iocp_op_alloc(self._port)
+        out = {"op_alloc": 0 if rec != NULL else IOCP_EWRONGTHREAD}
+        if rec != NULL:
+            rec.kind = IOCP_OP_NONE        # refused by iocp_submit's checks
+            out["submit"] = iocp_submit(self._port, rec)
+            iocp_op_free(self._port, rec)
+        else:
+            out["submit"] = IOCP_EWRONGTHREAD
+        out["register"] = iocp_register(self._port, <iocp_socket_t>-1)
+        out["unregister"] = iocp_unregister(self._port, <iocp_socket_t>-1)
+        out["cancel_all"] = iocp_cancel_all(self._port)
+        out["wait"] = iocp_port_wait_since(self._port, batch, 1, 0,
+                                           iocp_port_wake_gen(self._port) + 1)
+        out["run_once"] = iocp_port_run_once(self._port, batch, 1, 0,
+                                             iocp_port_wake_gen(self._port) + 1)
+        out["wake"] = iocp_port_wake(self._port)
+        return out
 
     def __enter__(self):
         return self

@@ -290,8 +290,14 @@ def test_window_samples_the_given_process_not_the_load_generator(serve) -> None:
     import subprocess
 
     srv = serve(lambda data, total: data)
-    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # The child says when its start-up (tens of ms of CPU, more on a loaded
+    # machine) is over, so none of it falls inside the measured window.
+    idle = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; print('idle', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )
     try:
+        assert idle.stdout is not None and idle.stdout.readline() == b"idle\n"
         r = bt.run_load("127.0.0.1", srv.port, 4, 64, 1, **FAST, server_pid=idle.pid)
     finally:
         idle.kill()
@@ -329,6 +335,15 @@ def test_window_with_a_corrupting_server_still_counts_the_mismatch(serve) -> Non
     srv = serve(corrupt)
     r = bt.run_load("127.0.0.1", srv.port, 4, 64, 1, **FAST, server_pid=os.getpid())
     assert r["errors"]["mismatch"] == 4, r["errors"]
+
+
+def test_heavier_load_generator_still_verifies(serve) -> None:
+    srv = serve(lambda data, total: data)
+    r = bt.run_load("127.0.0.1", srv.port, 2, 64, 1, **FAST, work_us=20.0)
+    assert r["error_total"] == 0 and r["messages"] > 0, r
+    for bad in (-1.0, float("nan"), 2e6):
+        with pytest.raises(ValueError):
+            bt.run_load("127.0.0.1", srv.port, 1, 64, 1, **FAST, work_us=bad)
 
 
 def test_kit_cpu_plan(monkeypatch) -> None:
@@ -478,3 +493,36 @@ def test_server_echoes_every_byte_and_stops_on_sigterm(name: str, backend: str |
         tail = err.read()[-2000:].decode(errors="replace")
         err.close()
     assert "Traceback" not in tail, tail
+
+
+def test_method_and_server_selection(monkeypatch, capsys) -> None:
+    # Which configurations --quick, --kit and --full hand to the runner
+    # (the runner itself is replaced: nothing is measured here).
+    import argparse
+
+    from iocp.bench import cli, runner, servers
+
+    seen: list = []
+    monkeypatch.setattr(runner, "run_all", lambda cfg, progress: (seen.append(cfg) or ([], {})))
+
+    def configs(*argv: str) -> list:
+        seen.clear()
+        parser = argparse.ArgumentParser()
+        cli.configure_parser(parser)
+        assert cli.run(parser.parse_args(list(argv))) == 0
+        return list(seen)
+
+    [quick] = configs("--quick")
+    assert quick.method == "suite" and quick.rounds == 1
+    assert [s.name for s in quick.scenarios] == runner.QUICK_SCENARIOS
+    assert "iocp-port-oneshot" not in quick.servers          # before/after only in --full
+    [kit] = configs("--kit")
+    assert kit.method == "kit" and [s.name for s in kit.scenarios] == runner.KIT_SCENARIOS
+    suite, kit = configs("--full")
+    assert (suite.method, kit.method) == ("suite", "kit")
+    assert (suite.rounds, kit.rounds, kit.warmup, kit.duration) == (3, 5, 1.0, 3.0)
+    ok, _ = servers.available()
+    assert suite.servers == ok == kit.servers
+    [named] = configs("--kit", "--servers", "iocp-port-oneshot,c-epoll", "--full")
+    assert named.servers == ["iocp-port-oneshot", "c-epoll"] and named.rounds == 5
+    capsys.readouterr()

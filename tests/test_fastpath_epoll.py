@@ -7,8 +7,9 @@
   with descriptors in flight).
 
 The counters come from a test-only C hook in epoll.c
-(iocp__epoll_test_counters: process-wide recv attempts that found nothing),
-read with ctypes, so the tests take deltas around their own traffic.
+(iocp__epoll_test_counters: recv attempts that found nothing and eventfd
+wakes, counted per thread), read with ctypes; the tests take deltas around
+their own traffic, all of which runs on the thread that reads them.
 
 Every wait is bounded; nothing here depends on timing.
 """
@@ -17,9 +18,9 @@ from __future__ import annotations
 
 import array
 import ctypes
-import fcntl
+import os
 import socket
-import termios
+import threading
 import time
 
 import pytest
@@ -29,15 +30,27 @@ import iocp._core
 
 from .helpers import close_all, tcp_pair
 
+# POSIX modules: on Windows (the Wine run) this epoll-only file skips.
+fcntl = pytest.importorskip("fcntl")
+termios = pytest.importorskip("termios")
+
 WAIT = 30.0  # seconds: a bound, never expected to be reached
 
 
-def _counters() -> tuple[int, int]:
-    """(recv attempts that got EAGAIN, of them inline at submit), process-wide."""
+def _counters3() -> tuple[int, int, int]:
+    """(recv attempts that got EAGAIN, of them inline at submit, eventfd
+    wakes) made by the calling thread."""
     lib = ctypes.CDLL(iocp._core.__file__)
-    out = (ctypes.c_uint64 * 2)()
-    lib.iocp__epoll_test_counters(out)
-    return int(out[0]), int(out[1])
+    out = (ctypes.c_uint64 * 3)()
+    assert lib.iocp__epoll_test_counters(out, len(out)) == len(out)
+    return int(out[0]), int(out[1]), int(out[2])
+
+
+def _counters() -> tuple[int, int]:
+    """(recv attempts that got EAGAIN, of them inline at submit) made by the
+    calling thread."""
+    total, inline, _ = _counters3()
+    return total, inline
 
 
 @pytest.fixture
@@ -225,3 +238,328 @@ def test_udp_datagrams_are_each_read_after_a_short_read(eport):
         assert seen == [b"d0", b"d1", b"d2"]
     finally:
         close_all(eport, rx, tx)
+
+
+# ---- multishot recv ------------------------------------------------------
+
+
+class _Sender(threading.Thread):
+    """Writes `data` to a blocking socket in 64-byte pieces."""
+
+    def __init__(self, sock: socket.socket, data: bytes) -> None:
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.data = data
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        self.sock.settimeout(WAIT)
+        try:
+            for i in range(0, len(self.data), 64):
+                self.sock.sendall(self.data[i:i + 64])
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+
+def test_multishot_recv_through_a_full_bounded_queue_loses_nothing(backend, make_port):
+    if backend != "epoll":
+        pytest.skip("epoll backend behaviour")
+    port = make_port(queue_capacity=4)
+    client, server = tcp_pair()
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    port.register(server)
+    msgs = 3000
+    data = b"".join(b"%063d\n" % i for i in range(msgs))
+    try:
+        op = port.recv(server, 64, multishot=True)
+        # Armed on an idle socket: no buffer is taken.
+        assert port.stats()["live_buffers"] == 0
+        sender = _Sender(client, data)
+        sender.start()
+        got = bytearray()
+        deadline = time.monotonic() + WAIT
+        while len(got) < len(data):
+            assert time.monotonic() < deadline, len(got)
+            # Take few at a time: the queue (4) stays full while the
+            # socket still has bytes, and poll() must stop and resume.
+            for c in port.get_many(max=3, timeout=WAIT):
+                assert c.operation is op and c.more and c.ok
+                assert 0 < len(c.data) <= 64
+                got += c.data
+        sender.join(WAIT)
+        assert sender.error is None
+        assert bytes(got) == data
+        stats = port.stats()
+        assert stats["queue_peak"] <= 4
+        assert stats["live_buffers"] == 0
+        # The budget stopped poll() with bytes left many times over, and
+        # it resumed every time: one completion per 64-byte read.
+        assert stats["completions"] >= msgs
+        client.shutdown(socket.SHUT_WR)
+        c = _get(port)
+        assert c.operation is op and not c.more and c.ok and c.data == b""
+        assert op.done
+    finally:
+        close_all(port, server, client)
+
+
+def test_multishot_recv_ping_pong_never_reads_an_empty_socket(eport):
+    client, server = tcp_pair()
+    eport.register(server)
+    client.settimeout(WAIT)
+    try:
+        op = eport.recv(server, 0, multishot=True)
+        _harvest(eport)   # a new socket may be readable: that first try finds nothing
+        total0, _ = _counters()
+        for i in range(100):
+            msg = b"%06d" % i * 8
+            client.sendall(msg)
+            got = b""
+            while len(got) < len(msg):
+                c = _get(eport)
+                assert c.operation is op and c.more
+                got += c.data
+            assert got == msg
+        total1, _ = _counters()
+        # Each arrival was read once, short: never a recv that found nothing.
+        assert total1 - total0 == 0
+        assert eport.stats()["live_buffers"] == 0
+        op.cancel()
+        c = _get(eport)
+        assert c.operation is op and c.cancelled and not c.more
+    finally:
+        close_all(eport, server, client)
+
+
+def test_multishot_recv_per_completion_size_fits_the_arrival(eport):
+    # One read of 64 KiB at most (the default cap), each handed out in a
+    # buffer of the size that came.
+    client, server = tcp_pair()
+    eport.register(server)
+    try:
+        big = bytes(range(256)) * 1024          # 256 KiB
+        sender = _Sender(client, big)
+        op = eport.recv(server, 0, multishot=True)
+        sender.start()
+        got = bytearray()
+        while len(got) < len(big):
+            c = _get(eport)
+            assert c.operation is op and c.more
+            assert 0 < len(c.data) <= 65536
+            got += c.data
+        sender.join(WAIT)
+        assert bytes(got) == big
+        client.close()
+        c = _get(eport)
+        assert c.operation is op and not c.more and c.data == b""
+    finally:
+        close_all(eport, server)
+        client.close()
+
+
+# ---- poll ------------------------------------------------------------------
+
+
+def test_poll_one_shot_is_level_triggered(eport):
+    client, server = tcp_pair()
+    eport.register(server)
+    try:
+        client.sendall(b"x")
+        _wait_acked(client)
+        _harvest(eport)                 # the edge is gone
+        op = eport.poll(server, iocp.POLLIN)
+        c = _get(eport)
+        assert c.operation is op and c.data == iocp.POLLIN and not c.more
+        # Still unread: ready again at once.
+        op = eport.poll(server, iocp.POLLIN)
+        c = _get(eport)
+        assert c.operation is op and c.data == iocp.POLLIN
+        assert server.recv(10) == b"x"
+        # Now nothing to read: it waits for the next arrival.
+        op = eport.poll(server, iocp.POLLIN)
+        _harvest(eport)
+        assert not op.done
+        client.sendall(b"y")
+        c = _get(eport)
+        assert c.operation is op and c.data == iocp.POLLIN
+        # Writable: at once, with only what was asked.
+        op = eport.poll(server, iocp.POLLOUT)
+        c = _get(eport)
+        assert c.operation is op and c.data == iocp.POLLOUT
+    finally:
+        close_all(eport, server, client)
+
+
+def test_poll_multishot_is_edge_triggered(eport):
+    client, server = tcp_pair()
+    eport.register(server)
+    try:
+        client.sendall(b"a")
+        _wait_acked(client)
+        # (Taken now: an edge still pending when the poll is armed would
+        # also be reported, after the "ready when armed" completion.)
+        _harvest(eport)
+        op = eport.poll(server, iocp.POLLIN, multishot=True)
+        c = _get(eport)                 # ready when armed
+        assert c.operation is op and c.more and c.data == iocp.POLLIN
+        _harvest(eport)                 # undrained, but no new edge: silence
+        assert eport.stats()["queued"] == 0
+        for _ in range(3):
+            client.sendall(b"b")
+            c = _get(eport)
+            assert c.operation is op and c.more and c.data & iocp.POLLIN
+        assert server.recv(10) == b"abbb"
+        client.shutdown(socket.SHUT_WR)
+        c = _get(eport)                 # EOF is readable
+        assert c.operation is op and c.more and c.data & iocp.POLLIN
+        op.cancel()
+        c = _get(eport)
+        assert c.operation is op and c.cancelled and not c.more
+    finally:
+        close_all(eport, server, client)
+
+
+def test_poll_coexists_with_a_pending_recv(eport):
+    client, server = tcp_pair()
+    eport.register(server)
+    try:
+        recv_op = eport.recv(server, 100)
+        _harvest(eport)
+        poll_op = eport.poll(server, iocp.POLLIN)
+        send_op = eport.send(server, b"out")
+        seen = {}
+        c = _get(eport)
+        seen[c.operation] = c
+        client.sendall(b"hello")
+        while len(seen) < 3:
+            c = _get(eport)
+            seen[c.operation] = c
+        assert seen[recv_op].data == b"hello"
+        assert seen[poll_op].data == iocp.POLLIN
+        assert seen[send_op].nbytes == 3
+        assert client.recv(10) == b"out"
+    finally:
+        close_all(eport, server, client)
+
+
+@pytest.mark.parametrize("how", ["cancel", "unregister"])
+def test_pending_polls_complete_cancelled(eport, how):
+    client, server = tcp_pair()
+    eport.register(server)
+    try:
+        _harvest(eport)
+        a = eport.poll(server, iocp.POLLIN)
+        b = eport.poll(server, iocp.POLLIN, multishot=True)
+        if how == "cancel":
+            a.cancel()
+            b.cancel()
+        else:
+            eport.unregister(server)
+        got = {_get(eport).operation: True for _ in range(2)}
+        assert set(got) == {a, b}
+        assert a.done and b.done
+    finally:
+        close_all(eport, server, client)
+
+
+# ---- silent sends ------------------------------------------------------------
+
+
+def _wchan_waiting_threads() -> int:
+    """Threads of this process asleep in epoll_wait (from /proc), or -1."""
+    try:
+        n = 0
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/wchan") as f:
+                if "epoll_wait" in f.read():
+                    n += 1
+        return n
+    except OSError:
+        return -1
+
+
+def test_silent_inline_sends_on_the_dispatching_thread_wake_no_poller(backend, make_port):
+    if backend != "epoll":
+        pytest.skip("epoll backend behaviour")
+    port = make_port(concurrency=2)
+    client, server = tcp_pair()
+    port.register(server)
+    client.settimeout(WAIT)
+    result: dict[str, object] = {}
+
+    def cb(_c: iocp.Completion) -> None:
+        # Let the other loop thread fall asleep in epoll_wait first (where
+        # /proc tells), so a wake would have someone to wake.
+        deadline = time.monotonic() + 5
+        while _wchan_waiting_threads() == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        w0 = _counters3()[2]
+        for i in range(50):
+            port.send(server, b"%04d" % i, silent=True)
+        result["wakes"] = _counters3()[2] - w0
+        port.stop()
+
+    threads = [threading.Thread(target=port.run, kwargs={"timeout": WAIT}) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        port.post(callback=cb)
+        for t in threads:
+            t.join(WAIT)
+        assert not any(t.is_alive() for t in threads)
+        assert result["wakes"] == 0
+        want = b"".join(b"%04d" % i for i in range(50))
+        got = b""
+        while len(got) < len(want):
+            got += client.recv(4096)
+        assert got == want
+    finally:
+        port.stop()
+        for t in threads:
+            t.join(WAIT)
+        close_all(port, server, client)
+
+
+def test_silent_and_plain_sends_keep_their_order(make_port):
+    # Every backend: silent sends (plain and gathered), some inline and
+    # some queued behind a full send buffer, interleave with plain ones;
+    # the bytes arrive in submission order and only the plain ones report.
+    port = make_port()
+    client, server = tcp_pair()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    port.register(client)
+    reported: list[int] = []
+    pieces: list[bytes] = []
+    plain: list[iocp.Operation] = []
+    try:
+        for i in range(60):
+            b = bytes([i % 250 + 1])
+            if i % 3 == 0:
+                data = b * 20_000
+                plain.append(port.send(client, data, lambda c, i=i: reported.append(i)))
+                pieces.append(data)
+            elif i % 3 == 1:
+                data = b * 30_000
+                port.send(client, data, lambda c, i=i: reported.append(-i), silent=True)
+                pieces.append(data)
+            else:
+                parts = [b * 10_000, bytearray(b * 5_000)]
+                port.sendmsg(client, parts, lambda c, i=i: reported.append(-i), silent=True)
+                pieces.extend(bytes(p) for p in parts)
+        want = b"".join(pieces)
+        got = bytearray()
+        server.setblocking(False)
+        deadline = time.monotonic() + WAIT
+        while len(got) < len(want) or len(reported) < len(plain):
+            assert time.monotonic() < deadline, (len(got), reported)
+            port.run(timeout=0.01)
+            try:
+                while len(got) < len(want):
+                    got += server.recv(1 << 16)
+            except BlockingIOError:
+                pass
+        assert bytes(got) == want
+        assert reported == [i for i in range(60) if i % 3 == 0]
+        assert all(op.done for op in plain)
+    finally:
+        close_all(port, client, server)

@@ -138,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
         chosen = [s for s in wanted if s in ok]
         skipped = {s: r for s, r in skipped.items() if s in wanted}
     else:
-        chosen = ok
+        # The "before" servers only serve before/after figures: --full (or
+        # --servers) runs them, the short runs leave them out.
+        chosen = ok if args.full else [s for s in ok if s not in servers.FULL_ONLY]
     names = None
     if args.scenarios:
         names = _split(args.scenarios)

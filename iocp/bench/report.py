@@ -167,10 +167,12 @@ def plot(rows: List[Dict[str, Any]], path: str, title: str | None = None) -> Non
         raise RuntimeError(
             "--plot needs matplotlib: pip install matplotlib  (or the extra: "
             "pip install 'pyiocp[bench]')") from exc
-    scenarios: List[str] = []
+    scenarios: List[tuple] = []
     for r in rows:
-        if r["scenario"] not in scenarios and "msgs_per_s" in r:
-            scenarios.append(r["scenario"])
+        key = (r.get("method", "suite"), r["scenario"])
+        if key not in scenarios and "msgs_per_s" in r:
+            scenarios.append(key)
+    methods = {m for m, _ in scenarios}
     if not scenarios:
         raise RuntimeError("nothing to plot: no successful measurement")
     fig, axes = plt.subplots(len(scenarios), 3, figsize=(16, 2.2 + 1.9 * len(scenarios)),
@@ -183,14 +185,17 @@ def plot(rows: List[Dict[str, Any]], path: str, title: str | None = None) -> Non
             return "#7f7f7f"
         return "#ff7f0e"
 
-    for i, sc in enumerate(scenarios):
-        rs = [r for r in rows if r["scenario"] == sc and "msgs_per_s" in r]
+    for i, (method, sc) in enumerate(scenarios):
+        rs = [r for r in rows if r["scenario"] == sc and r.get("method", "suite") == method
+              and "msgs_per_s" in r]
         names = [r["server"] for r in rs]
         ys = list(range(len(rs)))
+        cpu = (("cpu_us_per_msg", "server CPU us per message, measured window (lower is better)")
+               if method == "kit" else
+               ("cpu_s_per_100k", "server CPU s per 100k messages (lower is better)"))
         for j, (key, label) in enumerate((
                 ("msgs_per_s", "messages/s (higher is better)"),
-                ("p99_us", "p99 latency, us (lower is better)"),
-                ("cpu_s_per_100k", "server CPU s per 100k messages (lower is better)"))):
+                ("p99_us", "p99 latency, us (lower is better)"), cpu)):
             ax = axes[i][j]
             vals = [r[key] for r in rs]
             ax.barh(ys, vals, color=[color(n) for n in names])
@@ -205,7 +210,8 @@ def plot(rows: List[Dict[str, Any]], path: str, title: str | None = None) -> Non
             ax.ticklabel_format(axis="x", style="plain", useOffset=False)
             ax.set_xlim(0, top * 1.18)
             spec = SCENARIOS.get(sc)
-            ax.set_title(f"{sc} ({spec.description})" if spec and j == 0 else
+            tag = f" [{method}]" if len(methods) > 1 or method == "kit" else ""
+            ax.set_title(f"{sc} ({spec.description}){tag}" if spec and j == 0 else
                          (label if i == 0 else ""), fontsize=9)
             if j == 0 and i == 0:
                 ax.set_xlabel(label, fontsize=8)

@@ -119,6 +119,7 @@ class Measurement:
     loadgen_syscalls_per_msg: float = 0.0
     loadgen_events_per_wait: float = 0.0
     pinned: bool = False
+    server_report: str = ""       # the server's own summary line on exit, if any
 
     @property
     def interference_pct(self) -> float:
@@ -413,6 +414,15 @@ def _measure_once(cfg: Config, server: str, sc: Scenario, rnd: int) -> Measureme
         return m
     finally:
         _stop(proc)
+        # A server may print one summary line of its own when it stops
+        # (iocp-port: completions per run_once() turn).
+        try:
+            errfile.seek(0)
+            for line in errfile.read()[-4000:].decode(errors="replace").splitlines():
+                if line.startswith(server + ":"):
+                    m.server_report = line[len(server) + 1:].strip()
+        except OSError:
+            pass
         errfile.close()
 
 

@@ -1,103 +1,32 @@
 /*
  * core.c -- the platform-neutral half of a port: life cycle, backend
- * choice, the lock, the wrappers that keep the in-flight list, and
- * iocp_port_wait(), which elects one thread at a time to poll the backend
- * while the others wait on a condition variable for queued completions
- * (a leader/followers scheme: one kernel wait, many dispatchers).
+ * choice, the wrappers that keep the in-flight list, the single-issuer
+ * owner checks, and iocp_port_wait(), which elects one thread at a time to
+ * poll the backend while the others wait on a condition variable for
+ * queued completions (a leader/followers scheme: one kernel wait, many
+ * dispatchers).  A single-issuer port skips all of that: its one thread
+ * polls whenever the queue is empty.  The mutex, condition variable,
+ * clock and CPU count live in posix/thread.c and win/thread.c.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "iocp_internal.h"
 
-#ifdef _WIN32
-#else
-#include <time.h>
-#include <unistd.h>
-#endif
-
 int iocp__queue_pop(iocp_port *p, iocp_completion *out, int max);
 void iocp__pool_destroy(iocp_port *p);
-
-/* ------------------------------------------------------------------ */
-/* Platform primitives                                                 */
-
-#ifdef _WIN32
-static void iocp__mutex_init(iocp__mutex *m) { InitializeSRWLock(m); }
-static void iocp__mutex_destroy(iocp__mutex *m) { (void)m; }
-void iocp__lock(iocp_port *p) { AcquireSRWLockExclusive(&p->lock); }
-void iocp__unlock(iocp_port *p) { ReleaseSRWLockExclusive(&p->lock); }
-static void iocp__cond_init(iocp__cond *c) { InitializeConditionVariable(c); }
-static void iocp__cond_destroy(iocp__cond *c) { (void)c; }
-static void iocp__cond_broadcast(iocp__cond *c) { WakeAllConditionVariable(c); }
-static void iocp__cond_wait(iocp_port *p, int timeout_ms)
-{
-    SleepConditionVariableSRW(&p->cond, &p->lock,
-                              timeout_ms < 0 ? INFINITE : (DWORD)timeout_ms, 0);
-}
-int64_t iocp__now_ms(void) { return (int64_t)GetTickCount64(); }
-static unsigned iocp__cpu_count(void)
-{
-    SYSTEM_INFO si;
-    GetSystemInfo(&si);
-    return si.dwNumberOfProcessors ? si.dwNumberOfProcessors : 1;
-}
-#else
-static void iocp__mutex_init(iocp__mutex *m) { pthread_mutex_init(m, NULL); }
-static void iocp__mutex_destroy(iocp__mutex *m) { pthread_mutex_destroy(m); }
-void iocp__lock(iocp_port *p) { pthread_mutex_lock(&p->lock); }
-void iocp__unlock(iocp_port *p) { pthread_mutex_unlock(&p->lock); }
-static void iocp__cond_init(iocp__cond *c)
-{
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(c, &a);
-    pthread_condattr_destroy(&a);
-}
-static void iocp__cond_destroy(iocp__cond *c) { pthread_cond_destroy(c); }
-static void iocp__cond_broadcast(iocp__cond *c) { pthread_cond_broadcast(c); }
-static void iocp__cond_wait(iocp_port *p, int timeout_ms)
-{
-    struct timespec ts;
-
-    if (timeout_ms < 0) {
-        pthread_cond_wait(&p->cond, &p->lock);
-        return;
-    }
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    ts.tv_sec += timeout_ms / 1000;
-    ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (ts.tv_nsec >= 1000000000L) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000L;
-    }
-    pthread_cond_timedwait(&p->cond, &p->lock, &ts);
-}
-int64_t iocp__now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-static unsigned iocp__cpu_count(void)
-{
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n > 0 ? (unsigned)n : 1;
-}
-#endif
 
 /* The port whose batch this thread dispatches: set when a wait hands it
  * completions, cleared by iocp_port_dispatch_done (see
  * iocp__is_dispatching).  One per thread is enough: a thread that
  * dispatches two ports at once only loses some batching. */
-#ifdef _MSC_VER
-static __declspec(thread) iocp_port *iocp__tls_dispatching;
-#else
-static __thread iocp_port *iocp__tls_dispatching;
-#endif
+static IOCP__TLS iocp_port *iocp__tls_dispatching;
 
 int iocp__is_dispatching(iocp_port *p) { return iocp__tls_dispatching == p; }
+
+/* Its address names the calling thread (iocp__owner_check). */
+IOCP__TLS char iocp__tls_self;
 
 /* ------------------------------------------------------------------ */
 /* fork()                                                              */
@@ -117,18 +46,6 @@ int iocp__is_dispatching(iocp_port *p) { return iocp__tls_dispatching == p; }
  * clone) is not seen; Python's os.fork() and multiprocessing use fork().
  */
 unsigned iocp__fork_gen;
-
-#ifndef _WIN32
-static pthread_once_t iocp__atfork_once = PTHREAD_ONCE_INIT;
-static int iocp__atfork_err;
-
-static void iocp__atfork_child(void) { iocp__fork_gen++; }
-
-static void iocp__atfork_register(void)
-{
-    iocp__atfork_err = pthread_atfork(NULL, NULL, iocp__atfork_child);
-}
-#endif
 
 int iocp_port_forked(const iocp_port *p)
 {
@@ -171,6 +88,22 @@ int iocp_backend_probe(int i, char *features, size_t features_len)
     return iocp__backends[i]->probe(features, features_len);
 }
 
+/*
+ * Backends known to have a wake() that takes no port lock (an eventfd
+ * write, a posted packet), so a single-issuer port on them can drop the
+ * mutex.  Any other backend opts in by setting port->wake_lockfree in its
+ * init; until then its single-issuer ports keep the mutex (the owner
+ * checks still apply), so a foreign thread's wake cannot race the owner.
+ */
+static int iocp__wake_needs_no_lock(const iocp_backend *be)
+{
+#ifdef _WIN32
+    return be == &iocp__backend_iocp;
+#else
+    return be == &iocp__backend_epoll;
+#endif
+}
+
 /* ------------------------------------------------------------------ */
 /* Port life cycle                                                     */
 
@@ -199,20 +132,15 @@ int iocp_port_create(const iocp_port_options *opts, iocp_port **out)
     }
     if (opts->queue_capacity > IOCP_QUEUE_CAPACITY_MAX)
         return IOCP_EINVAL;
-#ifndef _WIN32
-    /* Without the handler a child could not tell it is one. */
-    pthread_once(&iocp__atfork_once, iocp__atfork_register);
-    if (iocp__atfork_err)
-        return -iocp__atfork_err;
-#endif
+    /* Without the fork watch a child could not tell it is one. */
+    r = iocp__fork_watch();
+    if (r < 0)
+        return r;
+    r = IOCP_ENOSYS;
     p = calloc(1, sizeof(*p));
     if (!p)
         return IOCP_ENOMEM;
-#ifdef _WIN32
-    p->owner_pid = (int64_t)GetCurrentProcessId();
-#else
-    p->owner_pid = (int64_t)getpid();
-#endif
+    p->owner_pid = iocp__process_id();
     p->fork_gen = iocp__fork_gen;
     p->qcap = opts->queue_capacity ? opts->queue_capacity : 1024;
     p->q = malloc(p->qcap * sizeof(*p->q));
@@ -240,6 +168,11 @@ int iocp_port_create(const iocp_port_options *opts, iocp_port **out)
             if (r >= 0)
                 break;
         }
+    }
+    if (r >= 0) {
+        p->owner_only = opts->single_issuer != 0;
+        p->single_issuer = p->owner_only &&
+                           (p->wake_lockfree || iocp__wake_needs_no_lock(p->backend));
     }
     if (r < 0) {
         iocp__cond_destroy(&p->cond);
@@ -269,10 +202,10 @@ int iocp_port_create(const iocp_port_options *opts, iocp_port **out)
  */
 static void iocp__port_forget(iocp_port *p)
 {
-#ifndef _WIN32
-    if (pthread_mutex_trylock(&p->lock) != 0)
-        return;                        /* held at fork time: leak it all */
-#endif
+    /* Held at fork time (single-issuer: the owner was inside poll(),
+     * whose state may be half-updated): leak it all. */
+    if (p->single_issuer ? p->polling != 0 : !iocp__mutex_trylock(&p->lock))
+        return;
     if (p->forget)
         p->forget(p);
     iocp__pool_destroy(p);
@@ -307,6 +240,9 @@ void iocp_port_destroy(iocp_port *p)
     }
     iocp__unlock(p);
     p->backend->destroy(p);
+#ifdef IOCP_LOCK_STATS
+    fprintf(stderr, "iocp: port lock taken %lld times\n", (long long)p->lock_count);
+#endif
     iocp__pool_destroy(p);
     iocp__cond_destroy(&p->cond);
     iocp__mutex_destroy(&p->lock);
@@ -327,11 +263,17 @@ const char *iocp_port_backend(const iocp_port *p)
  * After a synchronous path delivered completions: wake followers waiting
  * on the condition variable, and the leader too if it sleeps in the kernel
  * (it would not otherwise notice a completion that did not come from it).
+ * A single-issuer port has neither: its only thread is this one.
  */
 static void iocp__after_sync_delivery(iocp_port *p)
 {
     int wake_kernel = 0;
 
+    if (p->single_issuer) {
+        p->delivered = 0;
+        p->kick = 0;                   /* this thread polls next */
+        return;
+    }
     if (p->delivered) {
         p->delivered = 0;
         iocp__cond_broadcast(&p->cond);
@@ -347,12 +289,20 @@ static void iocp__after_sync_delivery(iocp_port *p)
         p->backend->wake(p);
 }
 
-int iocp_register(iocp_port *p, iocp_socket_t sock)
+/* The checks every entry point that acts on the port makes first. */
+static inline int iocp__enter(iocp_port *p)
 {
-    int r;
-
     if (iocp__forked(p))
         return IOCP_EFORKED;
+    return iocp__owner_check(p);
+}
+
+int iocp_register(iocp_port *p, iocp_socket_t sock)
+{
+    int r = iocp__enter(p);
+
+    if (r < 0)
+        return r;
     if (sock == IOCP_INVALID_SOCKET)
         return IOCP_EBADF;
     iocp__lock(p);
@@ -363,10 +313,10 @@ int iocp_register(iocp_port *p, iocp_socket_t sock)
 
 int iocp_unregister(iocp_port *p, iocp_socket_t sock)
 {
-    int r;
+    int r = iocp__enter(p);
 
-    if (iocp__forked(p))
-        return IOCP_EFORKED;
+    if (r < 0)
+        return r;
     iocp__lock(p);
     r = p->backend->unregister_socket(p, sock);
     iocp__after_sync_delivery(p);
@@ -394,10 +344,10 @@ static int iocp__op_valid(const iocp_op *op)
 
 int iocp_submit(iocp_port *p, iocp_op *op)
 {
-    int r;
+    int r = iocp__enter(p);
 
-    if (iocp__forked(p))
-        return IOCP_EFORKED;
+    if (r < 0)
+        return r;
     if (op->inflight)
         return IOCP_EINVAL;
     if (!iocp__op_valid(op))
@@ -425,10 +375,10 @@ int iocp_submit(iocp_port *p, iocp_op *op)
 
 int iocp_cancel(iocp_port *p, iocp_op *op)
 {
-    int r;
+    int r = iocp__enter(p);
 
-    if (iocp__forked(p))
-        return IOCP_EFORKED;
+    if (r < 0)
+        return r;
     iocp__lock(p);
     r = op->inflight ? p->backend->cancel(p, op) : IOCP_ENOENT;
     iocp__after_sync_delivery(p);
@@ -438,10 +388,10 @@ int iocp_cancel(iocp_port *p, iocp_op *op)
 int iocp_cancel_all(iocp_port *p)
 {
     iocp_op *op, *next;
-    int n = 0;
+    int n = 0, r = iocp__enter(p);
 
-    if (iocp__forked(p))
-        return IOCP_EFORKED;
+    if (r < 0)
+        return r;
     iocp__lock(p);
     for (op = p->inflight_head.next; op != &p->inflight_head; op = next) {
         next = op->next;
@@ -460,14 +410,8 @@ int iocp_cancel_all(iocp_port *p)
 
 unsigned iocp_port_wake_gen(iocp_port *p)
 {
-    unsigned gen;
-
-    if (iocp__forked(p))
-        return p->wake_gen;            /* the wait that follows refuses */
-    iocp__lock(p);
-    gen = p->wake_gen;
-    iocp__unlock(p);
-    return gen;
+    /* An atomic: any thread, no lock (a wake is a bump of it). */
+    return iocp__atomic_load_u(&p->wake_gen);
 }
 
 int iocp_port_wait(iocp_port *p, iocp_completion *out, int max, int timeout_ms)
@@ -475,27 +419,100 @@ int iocp_port_wait(iocp_port *p, iocp_completion *out, int max, int timeout_ms)
     return iocp_port_wait_since(p, out, max, timeout_ms, iocp_port_wake_gen(p));
 }
 
-int iocp_port_wait_since(iocp_port *p, iocp_completion *out, int max,
-                         int timeout_ms, unsigned gen)
+/*
+ * Ends the calling thread's dispatch of `p`, if it has one (lock held).
+ * Returns 1 if it did and the backend's dispatch_done hook is still owed:
+ * the caller runs it unless it goes into poll() first (see run_once).
+ */
+static int iocp__end_dispatch(iocp_port *p)
+{
+    if (iocp__tls_dispatching != p)
+        return 0;
+    iocp__tls_dispatching = NULL;
+    if (p->active > 0)
+        p->active--;
+    if (!p->single_issuer && p->qlen > 0)
+        iocp__cond_broadcast(&p->cond);  /* a dispatch slot is free */
+    return p->dispatch_done != NULL;
+}
+
+/* Takes a batch off the queue for the calling thread (lock held). */
+static int iocp__take(iocp_port *p, iocp_completion *out, int max)
+{
+    int n = iocp__queue_pop(p, out, max);
+
+    p->active++;
+    iocp__tls_dispatching = p;
+    /* Others may take what is left, or a freed poll slot. */
+    if (!p->single_issuer && p->qlen > 0)
+        iocp__cond_broadcast(&p->cond);
+    return n;
+}
+
+/*
+ * The single-issuer wait: one thread, so no election and no condition
+ * variable -- take what is queued, else poll.  `owed_hook`: the backend's
+ * dispatch_done hook is owed (run_once ended a batch); going into poll()
+ * pays it, any other way out runs it.
+ */
+static int iocp__wait_single(iocp_port *p, iocp_completion *out, int max,
+                             int timeout_ms, unsigned gen, int owed_hook)
 {
     int64_t deadline = timeout_ms > 0 ? iocp__now_ms() + timeout_ms : 0;
     int n = 0, remaining = timeout_ms, r;
 
-    if (iocp__forked(p))
-        return IOCP_EFORKED;
-    if (max <= 0)
-        return IOCP_EINVAL;
-    iocp__lock(p);
+    for (;;) {
+        if (iocp__atomic_load_u(&p->wake_gen) != gen)
+            break;
+        if (p->qlen > 0) {
+            n = iocp__take(p, out, max);
+            break;
+        }
+        if (timeout_ms > 0) {
+            int64_t left = deadline - iocp__now_ms();
+            remaining = left > 0 ? (int)left : 0;
+        }
+        /* Announce the poll, then look at wake_gen again: a foreign
+         * iocp_port_wake bumps it, then reads polling, so either it sees
+         * us polling (and wakes the kernel) or we see its bump here. */
+        iocp__atomic_store_i(&p->polling, 1);
+        if (iocp__atomic_load_u(&p->wake_gen) != gen) {
+            iocp__atomic_store_i(&p->polling, 0);
+            break;
+        }
+        p->poll_blocking = remaining != 0;
+        owed_hook = 0;                 /* poll() submits what was held back */
+        r = p->backend->poll(p, (int)p->qcap, remaining);
+        iocp__atomic_store_i(&p->polling, 0);
+        p->poll_blocking = 0;
+        p->delivered = 0;
+        p->kick = 0;
+        if (r < 0 && r != IOCP_ETIMEDOUT && p->qlen == 0) {
+            n = r;
+            break;
+        }
+        if (p->qlen > 0)
+            continue;
+        if (remaining == 0)
+            break;
+    }
+    if (owed_hook)
+        p->dispatch_done(p);
+    return n;
+}
+
+/* The shared wait (leader/followers); see iocp__wait_single for owed_hook. */
+static int iocp__wait(iocp_port *p, iocp_completion *out, int max,
+                      int timeout_ms, unsigned gen, int owed_hook)
+{
+    int64_t deadline = timeout_ms > 0 ? iocp__now_ms() + timeout_ms : 0;
+    int n = 0, remaining = timeout_ms, r;
+
     for (;;) {
         if (p->wake_gen != gen)
             break;
         if (p->qlen > 0 && (p->active < p->concurrency || p->closing)) {
-            n = iocp__queue_pop(p, out, max);
-            p->active++;
-            iocp__tls_dispatching = p;
-            /* Others may take what is left, or a freed poll slot. */
-            if (p->qlen > 0)
-                iocp__cond_broadcast(&p->cond);
+            n = iocp__take(p, out, max);
             break;
         }
         if (timeout_ms > 0) {
@@ -503,12 +520,13 @@ int iocp_port_wait_since(iocp_port *p, iocp_completion *out, int max,
             remaining = left > 0 ? (int)left : 0;
         }
         if (!p->polling && p->qlen == 0) {
-            p->polling = 1;
+            iocp__atomic_store_i(&p->polling, 1);
             p->poll_blocking = remaining != 0;
+            owed_hook = 0;             /* poll() submits what was held back */
             iocp__unlock(p);
             r = p->backend->poll(p, (int)p->qcap, remaining);
             iocp__lock(p);
-            p->polling = 0;
+            iocp__atomic_store_i(&p->polling, 0);
             p->poll_blocking = 0;
             p->delivered = 0;
             p->kick = 0;               /* the poller did (or will redo) it */
@@ -525,15 +543,58 @@ int iocp_port_wait_since(iocp_port *p, iocp_completion *out, int max,
         }
         if (remaining == 0)
             break;
-        iocp__cond_wait(p, remaining);
+        if (owed_hook) {
+            /* Another thread polls, in a kernel entry that began before
+             * these submissions: hand them over now. */
+            owed_hook = 0;
+            p->dispatch_done(p);
+        }
+        iocp__cond_wait(&p->cond, &p->lock, remaining);
     }
+    if (owed_hook)
+        p->dispatch_done(p);
+    return n;
+}
+
+int iocp_port_wait_since(iocp_port *p, iocp_completion *out, int max,
+                         int timeout_ms, unsigned gen)
+{
+    int n = iocp__enter(p);
+
+    if (n < 0)
+        return n;
+    if (max <= 0)
+        return IOCP_EINVAL;
+    if (p->single_issuer)
+        return iocp__wait_single(p, out, max, timeout_ms, gen, 0);
+    iocp__lock(p);
+    n = iocp__wait(p, out, max, timeout_ms, gen, 0);
+    iocp__unlock(p);
+    return n;
+}
+
+int iocp_port_run_once(iocp_port *p, iocp_completion *out, int max,
+                       int timeout_ms, unsigned gen)
+{
+    int n = iocp__enter(p), owed;
+
+    if (n < 0)
+        return n;
+    if (max <= 0)
+        return IOCP_EINVAL;
+    iocp__lock(p);
+    owed = iocp__end_dispatch(p);
+    if (p->single_issuer)
+        n = iocp__wait_single(p, out, max, timeout_ms, gen, owed);
+    else
+        n = iocp__wait(p, out, max, timeout_ms, gen, owed);
     iocp__unlock(p);
     return n;
 }
 
 void iocp_port_dispatch_done(iocp_port *p)
 {
-    if (iocp__forked(p))
+    if (iocp__enter(p) < 0)
         return;
     iocp__lock(p);
     if (p->active > 0)
@@ -542,23 +603,51 @@ void iocp_port_dispatch_done(iocp_port *p)
         iocp__tls_dispatching = NULL;
     if (p->dispatch_done)
         p->dispatch_done(p);
-    if (p->qlen > 0)
+    if (!p->single_issuer && p->qlen > 0)
         iocp__cond_broadcast(&p->cond);
+    iocp__unlock(p);
+}
+
+void iocp_port_release_batch(iocp_port *p, iocp_completion *batch, int n)
+{
+    int i;
+
+    if (iocp__enter(p) < 0 || n <= 0)
+        return;
+    iocp__lock(p);
+    for (i = 0; i < n; i++) {
+        iocp_completion *c = &batch[i];
+        if (!c->op)
+            continue;
+        if (c->flags & IOCP_CF_BUFFER)
+            iocp__buffer_release_locked(p, c->data, c->buf_id);
+        if (!(c->flags & IOCP_CF_MORE))
+            iocp__op_free_locked(p, c->op);
+        c->op = NULL;
+    }
     iocp__unlock(p);
 }
 
 int iocp_port_wake(iocp_port *p)
 {
-    int kernel;
-
     if (iocp__forked(p))
         return IOCP_EFORKED;           /* the eventfd / ring is the parent's */
-    iocp__lock(p);
-    p->wake_gen++;
-    kernel = p->polling;
-    iocp__cond_broadcast(&p->cond);
-    iocp__unlock(p);
-    return kernel ? p->backend->wake(p) : 0;
+    if (p->single_issuer) {
+        /* No lock: the owner may be anywhere.  See iocp__wait_single for
+         * why bump-then-read cannot lose the wake-up. */
+        iocp__atomic_inc_u(&p->wake_gen);
+        return iocp__atomic_load_i(&p->polling) ? p->backend->wake(p) : 0;
+    }
+    {
+        int kernel;
+
+        iocp__lock(p);
+        iocp__atomic_inc_u(&p->wake_gen);
+        kernel = p->polling;
+        iocp__cond_broadcast(&p->cond);
+        iocp__unlock(p);
+        return kernel ? p->backend->wake(p) : 0;
+    }
 }
 
 void iocp_port_begin_close(iocp_port *p)
@@ -567,6 +656,8 @@ void iocp_port_begin_close(iocp_port *p)
         p->closing = 1;                /* nobody else here to tell */
         return;
     }
+    if (iocp__owner_check(p) < 0)
+        return;
     iocp__lock(p);
     p->closing = 1;
     iocp__unlock(p);
@@ -576,7 +667,8 @@ void iocp_port_begin_close(iocp_port *p)
 void iocp_port_get_stats(iocp_port *p, iocp_port_stats *st)
 {
     /* In a fork() child no lock (a parent thread may have held it at fork
-     * time): the counters as the fork left them. */
+     * time): the counters as the fork left them.  On a single-issuer port
+     * iocp__lock is a no-op, so another thread reads a snapshot. */
     int forked = iocp__forked(p);
 
     if (!forked)

@@ -7,7 +7,10 @@
  * buffers (IOCP_OP_RECV, where the backend picks the memory only when data
  * arrives) come in power-of-two size classes from 128 B to 64 KiB with a
  * small free list per class; larger ones go straight to malloc.  Both pools
- * are protected by the port lock.
+ * are protected by the port lock (none on a single-issuer port, whose
+ * owner thread alone gets in: iocp__owner_check).  A batch's records and
+ * buffers go back in one locked pass (iocp_port_release_batch in core.c
+ * calls the _locked halves below).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +27,8 @@ iocp_op *iocp_op_alloc(iocp_port *p)
 {
     iocp_op *op;
 
+    if (iocp__forked(p) || iocp__owner_check(p) < 0)
+        return NULL;
     iocp__lock(p);
     op = p->free_ops;
     if (op) {
@@ -46,14 +51,19 @@ iocp_op *iocp_op_alloc(iocp_port *p)
     return op;
 }
 
-void iocp_op_free(iocp_port *p, iocp_op *op)
+void iocp__op_free_locked(iocp_port *p, iocp_op *op)
 {
-    if (!op)
-        return;
-    iocp__lock(p);
     op->next = p->free_ops;
     p->free_ops = op;
     p->live_ops--;
+}
+
+void iocp_op_free(iocp_port *p, iocp_op *op)
+{
+    if (!op || iocp__owner_check(p) < 0)
+        return;
+    iocp__lock(p);
+    iocp__op_free_locked(p, op);
     iocp__unlock(p);
 }
 
@@ -125,14 +135,21 @@ void iocp__buffer_put(iocp_port *p, char *data)
     }
 }
 
-void iocp_buffer_release(iocp_port *p, char *data, uint32_t buf_id)
+void iocp__buffer_release_locked(iocp_port *p, char *data, uint32_t buf_id)
 {
-    iocp__lock(p);
     if (buf_id != 0 && p->backend->release_buffer) {
         p->live_buffers--;
         p->backend->release_buffer(p, data, buf_id);
     }
     else
         iocp__buffer_put(p, data);
+}
+
+void iocp_buffer_release(iocp_port *p, char *data, uint32_t buf_id)
+{
+    if (iocp__owner_check(p) < 0)
+        return;
+    iocp__lock(p);
+    iocp__buffer_release_locked(p, data, buf_id);
     iocp__unlock(p);
 }

@@ -10,7 +10,7 @@ src="$root/src/native"
 out="${IOCP_NATIVE_OUT:-$(mktemp -d)}"
 trap '[ -z "${IOCP_NATIVE_OUT:-}" ] && rm -rf "$out"' EXIT
 
-srcs=("$src"/*.c "$src/linux/sock.c" "$src/linux/epoll.c")
+srcs=("$src"/*.c "$src/posix/thread.c" "$src/linux/sock.c" "$src/linux/epoll.c")
 defs=(-D_GNU_SOURCE)
 if [ -f "$src/linux/uring.c" ]; then
     srcs+=("$src"/linux/uring*.c)

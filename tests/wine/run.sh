@@ -157,7 +157,7 @@ wrun() {
 # ---- 3. the C driver -------------------------------------------------------
 
 nsrc="$root/src/native"
-native_srcs=("$nsrc"/*.c "$nsrc/win/iocp.c")
+native_srcs=("$nsrc"/*.c "$nsrc/win/thread.c" "$nsrc/win/iocp.c")
 wflags=(-std=c99 -O2 -g -Wall -Wextra -DWIN32_LEAN_AND_MEAN -D_WIN32_WINNT=0x0600 -I"$nsrc")
 step "driver: build"
 "$CC" "${wflags[@]}" -Werror -static-libgcc -o "$work/driver.exe" \
@@ -166,6 +166,14 @@ step "driver: run under Wine"
 driver_rc=0
 wrun 600 "$work/driver.exe" || driver_rc=$?
 echo "driver exit status: $driver_rc"
+# The Windows backend's fast-path ops (multishot recv, silent sends, poll),
+# plain and with every socket treated as non-IFS (inline successes wait
+# for their packet).
+"$CC" "${wflags[@]}" -Werror -static-libgcc -o "$work/win_fastpath.exe" \
+    "$root/tests/native/win_fastpath.c" "${native_srcs[@]}" -lws2_32
+wrun 300 "$work/win_fastpath.exe" || driver_rc=$?
+IOCP_WIN_TEST_NON_IFS=1 wrun 300 "$work/win_fastpath.exe" || driver_rc=$?
+echo "win_fastpath exit status: $driver_rc"
 
 if [ "${IOCP_WINE_SKIP_PY:-0}" = 1 ]; then
     exit "$driver_rc"
@@ -231,7 +239,8 @@ print('iocp', getattr(iocp, '__version__', '?'), 'backends', iocp.backends() if 
 # Each is deselected by name, printed, and never hidden silently.
 #  - a recv issued after the peer's RST arrived: Windows fails it with
 #    WSAECONNRESET, Wine 8 reports end of stream (b"" / 0 bytes) -- plain
-#    socket.recv under Wine does the same, so it is not the backend;
+#    socket.recv under Wine does the same, so it is not the backend (the
+#    silent-send test waits for that recv's error before it sends);
 #  - test_echo_1000_connections drives 1000 client sockets with
 #    selectors.DefaultSelector, which on Windows is select() with a 512
 #    socket limit (FD_SETSIZE): a test-side limit on Windows, not Wine's.
@@ -239,6 +248,7 @@ WINE_KNOWN=(
     "tests/test_port.py::test_reset_is_connection_reset_error[iocp]"
     "tests/test_port.py::test_errors_carry_errno[iocp]"
     "tests/test_server.py::test_abort_resets[iocp]"
+    "tests/test_fastpath.py::test_silent_send_to_a_reset_peer_reports_the_error[iocp]"
     "tests/test_server.py::test_echo_1000_connections[iocp]"
 )
 # Tests that are not yet Windows-portable: they would fail on real Windows

@@ -49,15 +49,17 @@
  *
  * Waking the poller: whatever a submitter leaves for poll() to run without
  * a new edge (a multishot accept goes on the ready list, since the
- * listener's edge may have come and gone already) kicks the core, which
+ * listener's edge may have come and gone already; so does a multishot recv
+ * armed on a socket that may be readable) kicks the core, which
  * writes the eventfd if the poller sleeps in epoll_wait.  An op that waits
  * in its FIFO for EAGAIN to clear needs no kick: the edge wakes the poller.
  *
  * Threads: all backend state is touched under the port lock (by submit,
  * cancel, register and poll(), with one poller at a time), so on a
  * single-issuer port, where the core makes that lock a no-op, only the
- * owner thread touches it.  The backend takes no lock of its own and
- * keeps no thread-local state; wake() is an eventfd write, safe from any
+ * owner thread touches it.  The backend takes no lock and keeps no
+ * thread-local state of its own (test counters aside); wake() is an
+ * eventfd write, safe from any
  * thread in either mode.  A silent send that succeeds inline on the
  * dispatching thread wakes nobody (that thread takes its record on its
  * next wait).
@@ -123,20 +125,25 @@ struct iocp__epoll {
 };
 
 /*
- * Test-only counters (process-wide, relaxed atomics: they are bumped on
- * paths that already cost a syscall): recv attempts that found nothing to
- * read, all of them and those made inline at submit, and eventfd writes
- * (wake).  Read through iocp__epoll_test_counters, which the test suite
- * finds with ctypes.
+ * Test-only counters, per thread (so a test counts only the syscalls its
+ * own thread made, whatever other ports and threads do meanwhile; bumped
+ * only on paths that already cost a syscall): recv attempts that found
+ * nothing to read, all of them and those made inline at submit, and
+ * eventfd writes (wake).  iocp__epoll_test_counters copies the calling
+ * thread's first `n` of them; the test suite finds it with ctypes.
  */
-static uint64_t iocp__cnt_recv_eagain, iocp__cnt_inline_recv_eagain, iocp__cnt_wakes;
+#define IOCP__NCOUNTERS 3
+static __thread uint64_t iocp__cnt[IOCP__NCOUNTERS];
+enum { IOCP__CNT_RECV_EAGAIN, IOCP__CNT_INLINE_RECV_EAGAIN, IOCP__CNT_WAKES };
 
-__attribute__((visibility("default"))) void iocp__epoll_test_counters(uint64_t out[3]);
-void iocp__epoll_test_counters(uint64_t out[3])
+__attribute__((visibility("default"))) int iocp__epoll_test_counters(uint64_t *out, int n);
+int iocp__epoll_test_counters(uint64_t *out, int n)
 {
-    out[0] = __atomic_load_n(&iocp__cnt_recv_eagain, __ATOMIC_RELAXED);
-    out[1] = __atomic_load_n(&iocp__cnt_inline_recv_eagain, __ATOMIC_RELAXED);
-    out[2] = __atomic_load_n(&iocp__cnt_wakes, __ATOMIC_RELAXED);
+    int i;
+
+    for (i = 0; i < n && i < IOCP__NCOUNTERS; i++)
+        out[i] = iocp__cnt[i];
+    return i;
 }
 
 enum {
@@ -221,9 +228,9 @@ static inline void iocp__read_done(struct iocp__fdstate *st, ssize_t n, size_t a
 {
     if (n < 0) {
         st->rd_sticky = 0;             /* EAGAIN: drained, an edge will come */
-        __atomic_fetch_add(&iocp__cnt_recv_eagain, 1, __ATOMIC_RELAXED);
+        iocp__cnt[IOCP__CNT_RECV_EAGAIN]++;
         if (inline_try)
-            __atomic_fetch_add(&iocp__cnt_inline_recv_eagain, 1, __ATOMIC_RELAXED);
+            iocp__cnt[IOCP__CNT_INLINE_RECV_EAGAIN]++;
     } else if (n > 0 && (size_t)n < asked && st->tcp && !st->rd_sticky) {
         st->readable = 0;
     }
@@ -938,7 +945,7 @@ static int iocp__epoll_wake(iocp_port *p)
     struct iocp__epoll *e = p->be;
     uint64_t one = 1;
 
-    __atomic_fetch_add(&iocp__cnt_wakes, 1, __ATOMIC_RELAXED);
+    iocp__cnt[IOCP__CNT_WAKES]++;
     /* An eventfd write is safe from any thread, in every mode. */
     if (write(e->evfd, &one, sizeof(one)) < 0 && errno != EAGAIN)
         return -errno;

@@ -87,12 +87,28 @@
  * descriptor table doubles up to IOCP__UFD_MAX; a larger descriptor is
  * refused with -EBADF.
  *
+ * Single-issuer ports (iocp_port_options.single_issuer: one thread, an
+ * event loop, and no port lock): the ring is set up SINGLE_ISSUER |
+ * DEFER_TASKRUN where the kernel has them (then SINGLE_ISSUER |
+ * COOP_TASKRUN, SINGLE_ISSUER, COOP_TASKRUN, plain), R_DISABLED so that
+ * its owner -- the first thread that uses the port, not its creator -- is
+ * the one that enables it and so the one the kernel lets submit; that
+ * first call also registers the ring fd for the owner (every enter then
+ * names a registered index).  A foreign thread may neither enter such a
+ * ring nor lock, so wake() writes an eventfd the ring keeps a multishot
+ * POLL_ADD on (tag IOCP__IN_EVENTFD, internal like the wake NOP of the
+ * multi-thread mode); see uring_ring.c.  POLL -> IORING_OP_POLL_ADD with
+ * the IOCP_POLL_* mask (POSIX bits), IORING_POLL_ADD_MULTI for a multishot
+ * poll (re-armed one-shot, still delivered with MORE, where the kernel
+ * ends it or lacks it); poll ops skip the FIFOs and cancel like any op.
+ *
  * Environment, for tests: IOCP_URING_FAIL_SETUP=1 makes probe() and init()
  * fail with -EPERM as if io_uring were disabled (the default port then falls
  * back to epoll).  IOCP_URING_DISABLE="ext-arg,provided-buffers,
  * multishot-accept,recv-multishot,cancel-fd,submit-all,send-chain" (the
  * feature words of uring_probe.c) turns the named kernel features
- * off to exercise the fallback paths on a new kernel.
+ * off to exercise the fallback paths on a new kernel (also single-issuer,
+ * defer-taskrun, coop-taskrun, registered-ring, poll-multishot).
  * IOCP_URING_TEST_STARVE=N makes every Nth op or cancel find the SQ full,
  * to exercise the backlogs.  IOCP_URING_STATS=1 prints counters (-ENOBUFS
  * seen, buffer-group growths and waits, send chains) to stderr when a port
@@ -361,6 +377,14 @@ static int iocp__arm_now(struct iocp__uring *u, iocp_op *op)
         break;
     case IOCP_OP_SEND:
         iocp__prep_send_op(sqe, op, MSG_NOSIGNAL, ud);
+        break;
+    case IOCP_OP_POLL:
+        /* `len` holds the IOCP_POLL_* events: POSIX poll bits, which is
+         * what POLL_ADD takes. */
+        if (op->state & IOCP__ST_MULTI)
+            iocp__prep_poll_multishot(sqe, op->sock, (unsigned)op->len, ud);
+        else
+            iocp__prep_poll_add(sqe, op->sock, (unsigned)op->len, ud);
         break;
     default: /* IOCP_OP_POST */
         iocp__prep_nop(sqe, ud);
@@ -1001,6 +1025,38 @@ static void iocp__complete_poll(iocp_port *p, struct iocp__uring *u, iocp_op *op
     }
 }
 
+/*
+ * The poll op (IOCP_OP_POLL, not the readiness wait of another op).  A
+ * multishot poll the kernel ended (or that it cannot keep armed: before
+ * 5.13 every poll is one-shot) is re-armed here and its event still
+ * delivered with MORE, so the caller sees one armed op either way.
+ */
+static void iocp__complete_pollop(iocp_port *p, struct iocp__uring *u, iocp_op *op,
+                                  int res, unsigned cflags)
+{
+    if (res >= 0) {
+        int64_t ev = res & (IOCP_POLL_IN | IOCP_POLL_OUT | IOCP_POLL_ERR | IOCP_POLL_HUP);
+        if (res & POLLNVAL)
+            ev |= IOCP_POLL_ERR;
+        if (!(op->flags & IOCP_OPF_MULTISHOT)) {
+            iocp__finish(p, u, op, ev, 0, 0, NULL, 0);
+            return;
+        }
+        iocp__finish(p, u, op, ev, 0, IOCP_CF_MORE, NULL, 0);
+        if (!(cflags & IOCP__CQE_F_MORE))
+            iocp__again(p, u, op);      /* completes it if being cancelled */
+        return;
+    }
+    if (cflags & IOCP__CQE_F_MORE)
+        return;
+    if (iocp__is_cancel_res(res) && !iocp__cancelling(u, op))
+        iocp__again(p, u, op);          /* the kernel's own (thread exit) */
+    else if (iocp__is_cancel_res(res))
+        iocp__finish_cancelled(p, u, op);
+    else
+        iocp__finish(p, u, op, res, 0, 0, NULL, 0);
+}
+
 /* ---- provided buffers ------------------------------------------------- */
 
 /* A buffer the caller got from a CQE comes back (lock held): into its
@@ -1040,6 +1096,9 @@ static void iocp__complete(iocp_port *p, struct iocp__uring *u, const iocp__urin
         if (kind == IOCP__IN_WAKE) {
             u->wake_pending = 0;
             u->woken = 1;
+        } else if (kind == IOCP__IN_EVENTFD) {
+            u->woken = 1;
+            iocp__efd_reaped(u, c->flags);
         }
         else if (kind == IOCP__IN_TIMEOUT && (unsigned)(ud >> 8) == u->timeout_seq)
             u->timeout_armed = 0;
@@ -1080,6 +1139,9 @@ static void iocp__complete(iocp_port *p, struct iocp__uring *u, const iocp__urin
         break;
     case IOCP_OP_SEND:
         iocp__complete_send(p, u, op, c->res);
+        break;
+    case IOCP_OP_POLL:
+        iocp__complete_pollop(p, u, op, c->res, c->flags);
         break;
     default:
         iocp__finish(p, u, op, (int64_t)op->len, 0, 0, NULL, 0);
@@ -1149,7 +1211,7 @@ static void iocp__uring_forget(iocp_port *p);
 static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
 {
     struct iocp__uring *u;
-    unsigned caps, entries;
+    unsigned caps, entries, flags;
     int r;
 
     r = iocp__uring_caps(&caps);
@@ -1158,7 +1220,8 @@ static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
     u = calloc(1, sizeof(*u));
     if (!u)
         return IOCP_ENOMEM;
-    u->fd = -1;
+    u->fd = u->enter_fd = u->efd = -1;
+    u->enabled = 1;
     u->caps = caps;
     u->pool_max = opts && opts->recv_pool_max ? opts->recv_pool_max : IOCP__POOL_MAX_DEFAULT;
     if (!(opts && opts->recv_pool_max) && getenv("IOCP_URING_POOL_MAX"))
@@ -1174,12 +1237,22 @@ static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
     if (entries > 32768)
         entries = 32768;
     /* SUBMIT_ALL: one bad SQE must not hold back the ones behind it. */
-    r = iocp__ring_open(u, entries, (caps & IOCP__CAP_SUBMIT_ALL) ? IOCP__SETUP_SUBMIT_ALL : 0);
+    flags = (caps & IOCP__CAP_SUBMIT_ALL) ? IOCP__SETUP_SUBMIT_ALL : 0;
+    if (opts && opts->single_issuer) {
+        /* Enabled, registered and armed by the owner's first call. */
+        u->enabled = 0;
+        r = iocp__ring_open_single(u, entries, flags);
+    } else {
+        r = iocp__ring_open(u, entries, flags);
+    }
     if (r < 0) {
         free(u);
         return r;
     }
     p->be = u;
+    /* Single-issuer: wake() only writes the eventfd, so the port may drop
+     * its mutex. */
+    p->wake_lockfree = u->efd >= 0;
     p->dispatch_done = iocp__uring_dispatch_done;
     p->forget = iocp__uring_forget;
     return 0;
@@ -1192,6 +1265,8 @@ static void iocp__uring_release(iocp_port *p)
     struct iocp__uring *u = p->be;
 
     iocp__ring_close(u);
+    if (u->efd >= 0)
+        close(u->efd);              /* after the ring: its poll holds it */
     iocp__bg_free(u);
     free(u->owed);
     free(u->fds);
@@ -1212,6 +1287,7 @@ static void iocp__uring_destroy(iocp_port *p)
                 u->bg[IOCP__BG_LARGE].nbufs, (unsigned long long)u->n_chains,
                 (unsigned long long)u->n_chained);
     }
+    iocp__ring_unregister_fd(u);
     iocp__bg_unregister(u);
     iocp__uring_release(p);
 }
@@ -1257,7 +1333,7 @@ static void iocp__uring_dispatch_done(iocp_port *p)
 {
     struct iocp__uring *u = p->be;
 
-    if (iocp__sq_pending(u))
+    if (iocp__ring_own(u) == 0 && iocp__sq_pending(u))
         (void)iocp__flush(u);
 }
 
@@ -1320,15 +1396,14 @@ static int iocp__uring_register(iocp_port *p, iocp_socket_t sock)
     struct iocp__uring *u = p->be;
     struct iocp__ufd *st;
     struct stat sb;
-    int fl;
+    int fl, r;
 
+    if ((r = iocp__ring_own(u)) < 0)
+        return r;
     if (fstat(sock, &sb) < 0)
         return -errno;
-    if (sock >= u->nfds) {
-        int r = iocp__ufd_grow(u, sock);
-        if (r < 0)
-            return r;
-    }
+    if (sock >= u->nfds && (r = iocp__ufd_grow(u, sock)) < 0)
+        return r;
     st = iocp__ufd(u, sock);
     if (st->registered && st->dev == sb.st_dev && st->ino == sb.st_ino)
         return IOCP_EEXIST;
@@ -1360,7 +1435,10 @@ static int iocp__uring_unregister(iocp_port *p, iocp_socket_t sock)
     struct iocp__uring *u = p->be;
     struct iocp__ufd *st = iocp__ufd(u, sock);
     unsigned gen;
+    int r;
 
+    if ((r = iocp__ring_own(u)) < 0)
+        return r;
     if (!st || !st->registered)
         return IOCP_ENOENT;
     gen = st->gen;
@@ -1381,14 +1459,21 @@ static int iocp__uring_submit(iocp_port *p, iocp_op *op)
 {
     struct iocp__uring *u = p->be;
     struct iocp__ufd *st = NULL;
+    int r;
 
+    if ((r = iocp__ring_own(u)) < 0)
+        return r;
     op->state = 0;
     op->backend_data = NULL;
     op->fd_next = NULL;
-    if (op->kind == IOCP_OP_POLL)
-        return IOCP_ENOSYS;         /* not on io_uring yet */
-    if (op->kind < IOCP_OP_ACCEPT || op->kind > IOCP_OP_POST)
+    if (op->kind < IOCP_OP_ACCEPT || op->kind > IOCP_OP_POLL)
         return IOCP_EINVAL;
+    if (op->kind == IOCP_OP_POLL) {
+        if (op->len & ~(size_t)(IOCP_POLL_IN | IOCP_POLL_OUT | IOCP_POLL_ERR | IOCP_POLL_HUP))
+            return IOCP_EINVAL;
+        if ((op->flags & IOCP_OPF_MULTISHOT) && (u->caps & IOCP__CAP_POLL_MULTI))
+            op->state |= IOCP__ST_MULTI;
+    }
     if (op->kind != IOCP_OP_POST) {
         st = iocp__ufd(u, op->sock);
         if (!st || !st->registered)
@@ -1452,7 +1537,10 @@ static int iocp__uring_submit(iocp_port *p, iocp_op *op)
 static int iocp__uring_cancel(iocp_port *p, iocp_op *op)
 {
     struct iocp__uring *u = p->be;
+    int r;
 
+    if ((r = iocp__ring_own(u)) < 0)
+        return r;
     if (op->state & IOCP__ST_QUEUED) {
         /* Queued behind its FIFO head: nothing of it is in the kernel. */
         iocp__finish_cancelled(p, u, op);
@@ -1509,18 +1597,24 @@ static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
     size_t argsz = 0;
     int n, r, held;
 
+    if ((r = iocp__ring_own(u)) < 0)
+        return r;
     iocp__lock(p);
     if (u->backlog || u->cbacklog)
         iocp__drain_backlogs(u);
+    if (u->efd >= 0 && !u->efd_armed)
+        iocp__efd_arm(u);           /* the SQ was full when it ended */
     u->woken = 0;
     held = iocp__sq_pending(u) > 0;
     n = iocp__reap(p, u, max);
     /* A wake-up already in the CQ is this call's reason to return: going
      * to sleep after eating it would lose it. */
     if (n > 0 || timeout_ms == 0 || u->woken) {
-        if (n == 0) {
+        if (n == 0 && !u->woken && iocp__ring_quiet(u)) {
+            /* The kernel says an enter would find nothing: save it. */
+        } else if (n == 0) {
             /* Non-blocking: submit, run pending task work, look again. */
-            r = iocp__sys_enter(u->fd, iocp__sq_pending(u), 0, IOCP__ENTER_GETEVENTS, NULL, 0);
+            r = iocp__enter(u, iocp__sq_pending(u), 0, IOCP__ENTER_GETEVENTS, NULL, 0);
             held = 0;
             n = iocp__reap(p, u, max);
             if (n == 0 && r == -EINTR) {
@@ -1559,7 +1653,7 @@ static int iocp__uring_poll(iocp_port *p, int max, int timeout_ms)
     u->poller_pending = pending;
     iocp__unlock(p);
 
-    r = iocp__sys_enter(u->fd, pending, 1, flags, argp, argsz);
+    r = iocp__enter(u, pending, 1, flags, argp, argsz);
 
     iocp__lock(p);
     u->poller_pending = 0;
@@ -1596,6 +1690,9 @@ static int iocp__uring_wake(iocp_port *p)
     iocp__uring_sqe *sqe;
     int r = 0;
 
+    /* Single-issuer: this thread may not enter the ring (nor lock). */
+    if (u->efd >= 0)
+        return iocp__efd_wake(u);
     iocp__lock(p);
     if (!u->wake_pending) {
         /* A NOP's completion is all it takes to end a wait in the kernel;

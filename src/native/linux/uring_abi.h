@@ -123,6 +123,11 @@ enum {
 #define IOCP__SETUP_CQSIZE      (1u << 3)
 #define IOCP__SETUP_CLAMP       (1u << 4)
 #define IOCP__SETUP_SUBMIT_ALL  (1u << 7)
+#define IOCP__SETUP_R_DISABLED  (1u << 6)   /* until REGISTER_ENABLE_RINGS */
+#define IOCP__SETUP_COOP_TASKRUN (1u << 8)  /* task work without an IPI */
+#define IOCP__SETUP_TASKRUN_FLAG (1u << 9)  /* ... flagged in sq flags */
+#define IOCP__SETUP_SINGLE_ISSUER (1u << 12)
+#define IOCP__SETUP_DEFER_TASKRUN (1u << 13) /* task work only in GETEVENTS */
 
 /* io_uring_params.features. */
 #define IOCP__FEAT_SINGLE_MMAP  (1u << 0)
@@ -134,9 +139,11 @@ enum {
 /* io_uring_enter flags. */
 #define IOCP__ENTER_GETEVENTS   (1u << 0)
 #define IOCP__ENTER_EXT_ARG     (1u << 3)
+#define IOCP__ENTER_REGISTERED_RING (1u << 4) /* fd is a registered index */
 
 /* sq_ring flags. */
 #define IOCP__SQ_CQ_OVERFLOW    (1u << 1)
+#define IOCP__SQ_TASKRUN        (1u << 2)   /* task work waits for an enter */
 
 /* sqe->flags (IOSQE_*). */
 #define IOCP__SQE_IO_LINK       (1u << 2)
@@ -153,6 +160,7 @@ enum {
 #define IOCP__RECV_MULTISHOT    (1u << 1)
 #define IOCP__CANCEL_ALL        (1u << 0)
 #define IOCP__CANCEL_FD         (1u << 1)
+#define IOCP__POLL_ADD_MULTI    (1u << 0)   /* sqe->len of POLL_ADD */
 
 /* mmap offsets of the rings. */
 #define IOCP__OFF_SQ_RING       0ULL
@@ -164,5 +172,15 @@ enum {
 #define IOCP__REGISTER_PBUF_RING      22
 #define IOCP__UNREGISTER_PBUF_RING    23
 #define IOCP__PROBE_OP_SUPPORTED      (1u << 0)
+#define IOCP__REGISTER_ENABLE_RINGS   12
+#define IOCP__REGISTER_RING_FDS       20
+#define IOCP__UNREGISTER_RING_FDS     21
+
+/* IORING_(UN)REGISTER_RING_FDS argument (struct io_uring_rsrc_update). */
+struct iocp__uring_rsrc_update {
+    uint32_t offset;              /* registered index; ~0 = any free one */
+    uint32_t resv;
+    uint64_t data;                /* the ring fd */
+};
 
 #endif /* IOCP_URING_ABI_H */

@@ -16,6 +16,7 @@
 #ifndef IOCP_URING_INTERNAL_H
 #define IOCP_URING_INTERNAL_H
 
+#include <pthread.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/types.h>
@@ -31,7 +32,8 @@
 #define IOCP__UD_CHAIN     3u     /* the op as a member of a linked chain */
 #define IOCP__UD_MASK      7u
 enum { IOCP__IN_WAKE = 1, IOCP__IN_CANCEL = 2, IOCP__IN_TIMEOUT = 3,
-       IOCP__IN_TIMEOUT_REMOVE = 4, IOCP__IN_PROBE = 5, IOCP__IN_PAD = 6 };
+       IOCP__IN_TIMEOUT_REMOVE = 4, IOCP__IN_PROBE = 5, IOCP__IN_PAD = 6,
+       IOCP__IN_EVENTFD = 16 /* the wake eventfd's POLL_ADD */ };
 #define IOCP__UD_IN(kind, payload) \
     (IOCP__UD_INTERNAL | ((uint64_t)(kind) << 3) | ((uint64_t)(payload) << 8))
 
@@ -44,6 +46,12 @@ enum { IOCP__IN_WAKE = 1, IOCP__IN_CANCEL = 2, IOCP__IN_TIMEOUT = 3,
 #define IOCP__CAP_MS_RECV    (1u << 4)
 #define IOCP__CAP_CANCEL_FD  (1u << 5)
 #define IOCP__CAP_CHAIN      (1u << 6)   /* linked sends, CQE_SKIP_SUCCESS */
+/* Single-issuer setups and the poll op (uring_ring.c, IOCP_OP_POLL). */
+#define IOCP__CAP_SINGLE_ISSUER (1u << 16)  /* SINGLE_ISSUER | R_DISABLED */
+#define IOCP__CAP_DEFER_TASKRUN (1u << 17)  /* ... | DEFER_TASKRUN | TASKRUN_FLAG */
+#define IOCP__CAP_COOP_TASKRUN  (1u << 18)  /* COOP_TASKRUN | TASKRUN_FLAG */
+#define IOCP__CAP_RING_FDS      (1u << 19)  /* IORING_REGISTER_RING_FDS */
+#define IOCP__CAP_POLL_MULTI    (1u << 20)  /* IORING_POLL_ADD_MULTI */
 
 /* ---- op->state bits (backend private) -------------------------------- */
 
@@ -137,6 +145,19 @@ struct iocp__uring {
     unsigned caps;
     unsigned features;
 
+    /* How the ring was set up and is entered (uring_ring.c).  A
+     * single-issuer port's ring starts disabled and is enabled by the
+     * first call from its owner (iocp__ring_own); every io_uring_enter
+     * goes through iocp__enter with enter_fd/enter_flags (a registered
+     * ring index once the owner registered it). */
+    unsigned setup_flags;
+    int enter_fd;
+    unsigned enter_flags;
+    int enabled;                   /* 0 until the owner's first call */
+    int efd;                       /* single-issuer wake eventfd, else -1 */
+    int efd_armed;                 /* its POLL_ADD is out */
+    int wake_sent;                 /* atomic: a write not yet reaped */
+
     /* SQ */
     void *sq_map;
     size_t sq_map_len;
@@ -197,6 +218,39 @@ int iocp__sys_register(int fd, unsigned opcode, void *arg, unsigned nr);
 int iocp__ring_open(struct iocp__uring *u, unsigned entries, unsigned setup_flags);
 /* Unmaps this process's view and closes the ring fd. */
 void iocp__ring_close(struct iocp__uring *u);
+/* io_uring_enter on this ring, through its registered index if it has one. */
+static inline int iocp__enter(struct iocp__uring *u, unsigned to_submit, unsigned min_complete,
+                              unsigned flags, void *arg, size_t argsz)
+{
+    return iocp__sys_enter(u->enter_fd, to_submit, min_complete, flags | u->enter_flags,
+                           arg, argsz);
+}
+/*
+ * Single-issuer mode.  iocp__ring_open_single sets the ring up with the
+ * best of SINGLE_ISSUER|DEFER_TASKRUN, SINGLE_ISSUER|COOP_TASKRUN,
+ * SINGLE_ISSUER, COOP_TASKRUN, nothing (as u->caps allows; -EINVAL moves
+ * to the next), disabled where SINGLE_ISSUER is set, and opens the wake
+ * eventfd.  iocp__ring_enable runs on the owner's first call: enables the
+ * ring (the kernel then takes the calling thread as its only submitter),
+ * registers the ring fd for that thread and arms the eventfd's poll.
+ */
+int iocp__ring_open_single(struct iocp__uring *u, unsigned entries, unsigned base_flags);
+int iocp__ring_enable(struct iocp__uring *u);
+static inline int iocp__ring_own(struct iocp__uring *u)
+{
+    return u->enabled ? 0 : iocp__ring_enable(u);
+}
+/* Drops the owner's registration of the ring fd, if this thread holds it
+ * (a registration lives in the thread that made it; another thread's
+ * index would name some other ring). */
+void iocp__ring_unregister_fd(struct iocp__uring *u);
+/* Ends a wait in the kernel from any thread without touching the ring:
+ * writes the eventfd, at most once until the owner reaps its CQE. */
+int iocp__efd_wake(struct iocp__uring *u);
+/* (Re)arms the eventfd's POLL_ADD; the owner, ring enabled. */
+void iocp__efd_arm(struct iocp__uring *u);
+/* The eventfd's CQE was reaped (owner): clears wake_sent, re-arms. */
+void iocp__efd_reaped(struct iocp__uring *u, unsigned cqe_flags);
 /* Hands pending SQEs to the kernel without waiting; see uring_ring.c. */
 int iocp__flush(struct iocp__uring *u);
 /* The SQ is full: submit to make room.  Returns a zeroed SQE or NULL. */
@@ -277,6 +331,16 @@ static inline int iocp__cqe_next(struct iocp__uring *u, iocp__uring_cqe *out)
     return 1;
 }
 
+/* True when a non-blocking look needs no io_uring_enter: nothing to
+ * submit, and the kernel flags no task work and no CQ overflow (rings
+ * set up with TASKRUN_FLAG only; others always say 0). */
+static inline int iocp__ring_quiet(struct iocp__uring *u)
+{
+    return (u->setup_flags & IOCP__SETUP_TASKRUN_FLAG) && iocp__sq_pending(u) == 0 &&
+           !(__atomic_load_n(u->sq_kflags, __ATOMIC_ACQUIRE) &
+             (IOCP__SQ_TASKRUN | IOCP__SQ_CQ_OVERFLOW));
+}
+
 /* ---- uring_ring.c: prep helpers, one per SQE kind --------------------
  * Each fills a zeroed SQE from iocp__sqe_get; none commits it. */
 
@@ -288,6 +352,8 @@ void iocp__prep_cancel(iocp__uring_sqe *sqe, uint64_t target, uint64_t ud);
 /* ASYNC_CANCEL of every request on descriptor `fd` (CANCEL_FD|ALL). */
 void iocp__prep_cancel_fd(iocp__uring_sqe *sqe, int fd, uint64_t ud);
 void iocp__prep_poll_add(iocp__uring_sqe *sqe, int fd, unsigned events, uint64_t ud);
+/* The same, multishot: a CQE (F_MORE) per readiness event until cancelled. */
+void iocp__prep_poll_multishot(iocp__uring_sqe *sqe, int fd, unsigned events, uint64_t ud);
 void iocp__prep_timeout(iocp__uring_sqe *sqe, struct iocp__uring_ts *ts, uint64_t ud);
 void iocp__prep_timeout_remove(iocp__uring_sqe *sqe, uint64_t target, uint64_t ud);
 /* addr/alen NULL: no peer address (multishot: one buffer for all). */

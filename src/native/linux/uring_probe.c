@@ -22,6 +22,7 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -57,6 +58,20 @@ static int iocp__probe_result(struct iocp__uring *u, uint64_t ud, int absent)
             res = c.res;
     }
     return res;
+}
+
+/* 1 if io_uring_setup takes `flags` (an old kernel answers -EINVAL). */
+static int iocp__probe_setup(unsigned flags)
+{
+    struct iocp__uring t;
+    int r;
+
+    memset(&t, 0, sizeof(t));
+    t.fd = -1;
+    r = iocp__ring_open(&t, 2, flags);
+    if (r == 0)
+        iocp__ring_close(&t);
+    return r == 0;
 }
 
 /* Submits one prepared SQE on a private ring and reports its result. */
@@ -139,6 +154,28 @@ static void iocp__detect(void)
         goto out;
     }
 
+    /* Single-issuer setups (6.0, 6.1, 5.19), each tried as the port will. */
+    if (iocp__probe_setup(IOCP__SETUP_SINGLE_ISSUER | IOCP__SETUP_R_DISABLED)) {
+        caps |= IOCP__CAP_SINGLE_ISSUER;
+        if (iocp__probe_setup(IOCP__SETUP_SINGLE_ISSUER | IOCP__SETUP_R_DISABLED |
+                              IOCP__SETUP_DEFER_TASKRUN | IOCP__SETUP_TASKRUN_FLAG))
+            caps |= IOCP__CAP_DEFER_TASKRUN;
+    }
+    if (iocp__probe_setup(IOCP__SETUP_COOP_TASKRUN | IOCP__SETUP_TASKRUN_FLAG))
+        caps |= IOCP__CAP_COOP_TASKRUN;
+    {
+        /* A registered ring fd (5.18); dropped again at once, since the
+         * registration would keep this throw-away ring alive. */
+        struct iocp__uring_rsrc_update up;
+        memset(&up, 0, sizeof(up));
+        up.offset = UINT32_MAX;
+        up.data = (uint64_t)u.fd;
+        if (iocp__sys_register(u.fd, IOCP__REGISTER_RING_FDS, &up, 1) == 1) {
+            caps |= IOCP__CAP_RING_FDS;
+            (void)iocp__sys_register(u.fd, IOCP__UNREGISTER_RING_FDS, &up, 1);
+        }
+    }
+
     /* Provided-buffer ring: one slot is enough to see it register. */
     ring_mem = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (ring_mem != MAP_FAILED) {
@@ -162,6 +199,14 @@ static void iocp__detect(void)
             iocp__prep_cancel_fd(sqe, sv[0], ud);
             if (iocp__probe_one(&u, -EINVAL) >= 0)
                 caps |= IOCP__CAP_CANCEL_FD;
+        }
+        /* Multishot poll (5.13): nothing was written to sv[1], so a new
+         * kernel leaves it pending (after the cancel above, which would
+         * otherwise answer for it too). */
+        if ((sqe = iocp__sqe_get(&u)) != NULL) {
+            iocp__prep_poll_multishot(sqe, sv[1], POLLIN, ud);
+            if (iocp__probe_one(&u, 1) != -EINVAL)
+                caps |= IOCP__CAP_POLL_MULTI;
         }
     }
     /* A Unix listener with an autobound abstract name: no file system. */
@@ -199,6 +244,11 @@ static const struct { unsigned cap; const char *word; } iocp__cap_words[] = {
     { IOCP__CAP_MS_RECV, "recv-multishot" },
     { IOCP__CAP_CANCEL_FD, "cancel-fd" },
     { IOCP__CAP_CHAIN, "send-chain" },
+    { IOCP__CAP_SINGLE_ISSUER, "single-issuer" },
+    { IOCP__CAP_DEFER_TASKRUN, "defer-taskrun" },
+    { IOCP__CAP_COOP_TASKRUN, "coop-taskrun" },
+    { IOCP__CAP_RING_FDS, "registered-ring" },
+    { IOCP__CAP_POLL_MULTI, "poll-multishot" },
 };
 #define IOCP__NCAPWORDS (sizeof(iocp__cap_words) / sizeof(iocp__cap_words[0]))
 

@@ -11,6 +11,12 @@
  * CQE (iocp__cqe_next, inline in uring_internal.h) and flush the kernel's
  * overflow list back into the ring when the SQ flags say it holds some.
  *
+ * A single-issuer port's ring (see "single-issuer mode" below) is set up
+ * with the best of the kernel's single-task flags, starts disabled, and
+ * is enabled, its fd registered and its wake eventfd's poll armed by the
+ * owner's first call; every enter goes through iocp__enter, which names
+ * the registered index once there is one.
+ *
  * Every SQE the backend makes is filled by one prep helper below, so the
  * layout of each request kind is written down once (the probes use the
  * same helpers).  None of this takes a lock: callers hold the port lock,
@@ -23,6 +29,7 @@
 #include <poll.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -78,6 +85,8 @@ int iocp__ring_open(struct iocp__uring *u, unsigned entries, unsigned setup_flag
     if (fd < 0)
         return fd;
     u->fd = fd;
+    u->enter_fd = fd;
+    u->enter_flags = 0;
     u->features = prm.features;
     u->sq_map_len = prm.sq_off.array + prm.sq_entries * sizeof(unsigned);
     u->cq_map_len = prm.cq_off.cqes + prm.cq_entries * sizeof(iocp__uring_cqe);
@@ -134,7 +143,171 @@ void iocp__ring_close(struct iocp__uring *u)
     iocp__ring_unmap(u);
     if (u->fd >= 0)
         close(u->fd);
-    u->fd = -1;
+    u->fd = u->enter_fd = -1;
+    u->enter_flags = 0;
+}
+
+/* ---- single-issuer mode ------------------------------------------------ */
+
+/*
+ * The kernel ties a SINGLE_ISSUER ring to one task: the creator, or with
+ * R_DISABLED the thread that enables it; any other thread's io_uring_enter
+ * (and io_uring_register) gets -EEXIST.  A port's owner is the first
+ * thread that uses it, which need not be its creator (an event loop is
+ * often made on one thread and run on another), so the ring starts
+ * disabled and the owner's first call enables it.  DEFER_TASKRUN (6.1)
+ * runs completion task work only when the owner asks for events, never
+ * interrupting it; COOP_TASKRUN (5.19) at least spares the IPI.  With
+ * TASKRUN_FLAG the kernel flags pending task work in the SQ flags, so a
+ * non-blocking poll can tell it has nothing to enter for.
+ */
+int iocp__ring_open_single(struct iocp__uring *u, unsigned entries, unsigned base_flags)
+{
+    static const struct { unsigned need, flags; } tries[] = {
+        { IOCP__CAP_SINGLE_ISSUER | IOCP__CAP_DEFER_TASKRUN,
+          IOCP__SETUP_SINGLE_ISSUER | IOCP__SETUP_R_DISABLED | IOCP__SETUP_DEFER_TASKRUN |
+          IOCP__SETUP_TASKRUN_FLAG },
+        { IOCP__CAP_SINGLE_ISSUER | IOCP__CAP_COOP_TASKRUN,
+          IOCP__SETUP_SINGLE_ISSUER | IOCP__SETUP_R_DISABLED | IOCP__SETUP_COOP_TASKRUN |
+          IOCP__SETUP_TASKRUN_FLAG },
+        { IOCP__CAP_SINGLE_ISSUER, IOCP__SETUP_SINGLE_ISSUER | IOCP__SETUP_R_DISABLED },
+        { IOCP__CAP_COOP_TASKRUN, IOCP__SETUP_COOP_TASKRUN | IOCP__SETUP_TASKRUN_FLAG },
+        { 0, 0 },
+    };
+    unsigned i;
+    int r = -EINVAL;
+
+    u->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (u->efd < 0)
+        return -errno;
+    for (i = 0; i < sizeof(tries) / sizeof(tries[0]); i++) {
+        if ((u->caps & tries[i].need) != tries[i].need)
+            continue;
+        r = iocp__ring_open(u, entries, base_flags | tries[i].flags);
+        if (r == 0) {
+            u->setup_flags = tries[i].flags;
+            return 0;
+        }
+        if (r != -EINVAL)
+            break;
+    }
+    close(u->efd);
+    u->efd = -1;
+    return r;
+}
+
+/* Which ring each registered index of this thread holds: a registration
+ * belongs to the thread that made it (the kernel keeps it in the task),
+ * so only a thread that finds its port here may drop it. */
+#define IOCP__RING_FDS_MAX 16        /* the kernel's per-task table */
+static __thread struct iocp__uring *iocp__tls_ring_fds[IOCP__RING_FDS_MAX];
+
+int iocp__ring_enable(struct iocp__uring *u)
+{
+    struct iocp__uring_rsrc_update up;
+    int r;
+
+    if (u->setup_flags & IOCP__SETUP_R_DISABLED) {
+        r = iocp__sys_register(u->fd, IOCP__REGISTER_ENABLE_RINGS, NULL, 0);
+        if (r < 0)
+            return r;
+    }
+    u->enabled = 1;
+    if (u->caps & IOCP__CAP_RING_FDS) {
+        /* Each enter then skips the fd table lookup and its reference. */
+        memset(&up, 0, sizeof(up));
+        up.offset = UINT32_MAX;
+        up.data = (uint64_t)u->fd;
+        if (iocp__sys_register(u->fd, IOCP__REGISTER_RING_FDS, &up, 1) == 1) {
+            if (up.offset < IOCP__RING_FDS_MAX) {
+                iocp__tls_ring_fds[up.offset] = u;
+                u->enter_fd = (int)up.offset;
+                u->enter_flags = IOCP__ENTER_REGISTERED_RING;
+            } else {
+                (void)iocp__sys_register(u->fd, IOCP__UNREGISTER_RING_FDS, &up, 1);
+            }
+        }
+    }
+    if (u->efd >= 0)
+        iocp__efd_arm(u);
+    return 0;
+}
+
+void iocp__ring_unregister_fd(struct iocp__uring *u)
+{
+    struct iocp__uring_rsrc_update up;
+
+    if (!(u->enter_flags & IOCP__ENTER_REGISTERED_RING))
+        return;
+    /* Another thread (a port freed by the garbage collector elsewhere)
+     * cannot: the registration then lasts until the owner thread exits,
+     * which keeps the kernel's ring object, not a descriptor, alive. */
+    if (iocp__tls_ring_fds[u->enter_fd] == u) {
+        memset(&up, 0, sizeof(up));
+        up.offset = (uint32_t)u->enter_fd;
+        (void)iocp__sys_register(u->fd, IOCP__UNREGISTER_RING_FDS, &up, 1);
+        iocp__tls_ring_fds[u->enter_fd] = NULL;
+    }
+    u->enter_fd = u->fd;
+    u->enter_flags = 0;
+}
+
+/*
+ * Wake-up from any thread.  A foreign thread may neither enter a
+ * single-issuer ring nor take the port lock (there is none on that path),
+ * so it writes an eventfd on which the ring keeps a POLL_ADD; the CQE ends
+ * the owner's wait (with DEFER_TASKRUN the poll's task work wakes the
+ * waiter) and is consumed internally.  wake_sent keeps it to one write
+ * until the owner reaps that CQE: a waker that finds it set is covered,
+ * since its generation bump (made before the call) is seen by the owner
+ * when its poll() returns for the pending CQE.
+ */
+int iocp__efd_wake(struct iocp__uring *u)
+{
+    uint64_t one = 1;
+
+    if (__atomic_exchange_n(&u->wake_sent, 1, __ATOMIC_SEQ_CST))
+        return 0;
+    for (;;) {
+        if (write(u->efd, &one, sizeof(one)) >= 0 || errno == EAGAIN)
+            return 0;           /* EAGAIN: the counter is full, so readable */
+        if (errno != EINTR) {
+            int r = -errno;
+            __atomic_store_n(&u->wake_sent, 0, __ATOMIC_SEQ_CST);
+            return r;
+        }
+    }
+}
+
+void iocp__efd_arm(struct iocp__uring *u)
+{
+    iocp__uring_sqe *sqe = iocp__sqe_get(u);
+    uint64_t ud = IOCP__UD_IN(IOCP__IN_EVENTFD, 0);
+
+    if (!sqe)
+        return;                 /* SQ full: poll() tries again */
+    if (u->caps & IOCP__CAP_POLL_MULTI)
+        iocp__prep_poll_multishot(sqe, u->efd, POLLIN, ud);
+    else
+        iocp__prep_poll_add(sqe, u->efd, POLLIN, ud);
+    iocp__sqe_commit(u);
+    u->efd_armed = 1;
+}
+
+void iocp__efd_reaped(struct iocp__uring *u, unsigned cqe_flags)
+{
+    if (!(cqe_flags & IOCP__CQE_F_MORE)) {
+        /* One-shot (or a multishot the kernel ended): empty the counter,
+         * or the new poll would fire at once for old wake-ups. */
+        uint64_t v;
+        u->efd_armed = 0;
+        if (read(u->efd, &v, sizeof(v)) < 0) {
+            /* EAGAIN: already empty. */
+        }
+    }
+    __atomic_store_n(&u->wake_sent, 0, __ATOMIC_SEQ_CST);
+    if (!u->efd_armed)
+        iocp__efd_arm(u);
 }
 
 /* ---- submission -------------------------------------------------------- */
@@ -146,12 +319,17 @@ void iocp__ring_close(struct iocp__uring *u)
  */
 int iocp__flush(struct iocp__uring *u)
 {
+    /* DEFER_TASKRUN posts completions only when asked for events: ask in
+     * the same entry (never waiting), so the next reap sees them without
+     * an io_uring_enter of its own. */
+    unsigned flags = (u->setup_flags & IOCP__SETUP_DEFER_TASKRUN) ? IOCP__ENTER_GETEVENTS : 0;
+
     for (;;) {
         unsigned pending = iocp__sq_pending(u);
         int r;
         if (pending == 0)
             return 0;
-        r = iocp__sys_enter(u->fd, pending, 0, 0, NULL, 0);
+        r = iocp__enter(u, pending, 0, flags, NULL, 0);
         if (r == -EINTR)
             continue;
         if (r <= 0)
@@ -189,7 +367,7 @@ int iocp__cq_flush_overflow(struct iocp__uring *u)
 {
     if (!(__atomic_load_n(u->sq_kflags, __ATOMIC_ACQUIRE) & IOCP__SQ_CQ_OVERFLOW))
         return 0;
-    (void)iocp__sys_enter(u->fd, 0, 0, IOCP__ENTER_GETEVENTS, NULL, 0);
+    (void)iocp__enter(u, 0, 0, IOCP__ENTER_GETEVENTS, NULL, 0);
     return 1;
 }
 
@@ -232,6 +410,12 @@ void iocp__prep_poll_add(iocp__uring_sqe *sqe, int fd, unsigned events, uint64_t
 #endif
     sqe->op_flags = events;
     sqe->user_data = ud;
+}
+
+void iocp__prep_poll_multishot(iocp__uring_sqe *sqe, int fd, unsigned events, uint64_t ud)
+{
+    iocp__prep_poll_add(sqe, fd, events, ud);
+    sqe->len = IOCP__POLL_ADD_MULTI;
 }
 
 void iocp__prep_timeout(iocp__uring_sqe *sqe, struct iocp__uring_ts *ts, uint64_t ud)

@@ -17,17 +17,51 @@
  *   CONNECT   ConnectEx, which insists on a bound socket: an unbound one is
  *             bound to the family's wildcard address first; then
  *             SO_UPDATE_CONNECT_CONTEXT so shutdown()/getpeername() work.
- *   RECV      WSARecv into a port buffer taken at submit (iocp__buffer_get).
- *             The simple choice: an idle connection pins op->len bytes.
- *             The alternative (a zero-byte WSARecv, then a non-blocking
- *             recv into a buffer taken only when data is there) needs the
- *             socket in non-blocking mode, which would change the caller's
- *             socket behind its back; left for when it is measured to
- *             matter.
+ *   RECV      WSARecv into a port buffer taken at submit (iocp__buffer_get):
+ *             a one-shot recv pins op->len bytes while it waits.
+ *   RECV + MULTISHOT (emulated; IOCP has no multishot): a zero-byte
+ *             WSARecv waits for the socket to become readable and pins
+ *             nothing.  When it completes, the socket is read with
+ *             overlapped WSARecvs into port buffers (first 4 KiB, after a
+ *             full read sized by FIONREAD) that complete at once because
+ *             the bytes are there -- so the caller's socket stays in
+ *             blocking mode, untouched -- each delivered with MORE|BUFFER,
+ *             until a short read says it is drained; then the zero-byte
+ *             WSARecv goes out again.  End of stream (a 0-byte read), an
+ *             error or a cancel is the final completion.  Buffers carry
+ *             their size as buf_id and come back through release_buffer,
+ *             so the bytes out are bounded (recv_pool_max): a read that
+ *             would pass the bound waits on a starved list until a release.
+ *             While armed, other recvs on the socket get IOCP_EBUSY.
  *   RECV_INTO WSARecv into the caller's pinned buffer.
  *   SEND      WSASend, issued again for the rest after a partial completion
  *             (rare on Windows, but allowed), so one completion reports the
  *             whole send or the bytes sent plus the error that stopped it.
+ *             A silent send's full success is delivered IOCP_CF_SILENT;
+ *             inline (skip mode) that is no packet at all.
+ *   POLL      The AFD poll, as the Winsock select() is built: IOCTL_AFD_POLL
+ *             through NtDeviceIoControlFile (looked up in ntdll at run time)
+ *             on the socket itself, which must be its own base handle
+ *             (SIO_BASE_HANDLE; not so behind a layered provider), with the
+ *             op's OVERLAPPED as APC context and its Internal pair as the
+ *             IO_STATUS_BLOCK, so the packet is the op and CancelIoEx on the
+ *             socket cancels it.  AFD events map to IOCP_POLL_*: RECEIVE,
+ *             ACCEPT, DISCONNECT -> IN; SEND -> OUT; ABORT -> ERR|HUP;
+ *             CONNECT_FAIL -> ERR; LOCAL_CLOSE (socket closed) -> cancelled.
+ *             One-shot is level triggered (the AFD poll completes at once
+ *             when ready).  Multishot delivers with MORE and is armed again
+ *             by the next poll(), before it waits (armed at once it would
+ *             re-report a socket the caller is about to drain): a socket
+ *             left ready is reported once per poll(); ERR or HUP ends it.
+ *             Fallback where the AFD poll is out of reach (no ntdll entry
+ *             point, a layered provider, the driver refusing the IOCTL):
+ *             a zero-byte WSASend
+ *             when OUT is wanted (completes when the socket takes data, in
+ *             practice at once), else a zero-byte WSARecv (completes on
+ *             data or end of stream); a broken connection is ERR|HUP, a
+ *             socket it cannot poll (a listener, one not connected) an
+ *             error (WSAENOTCONN).
+ *             (Test knob: IOCP_WIN_TEST_POLL_FALLBACK=1 forces it.)
  *   POST      PostQueuedCompletionStatus with the op's OVERLAPPED; result is
  *             op->len (not the DWORD the packet can carry).
  *
@@ -73,6 +107,25 @@
  * ERROR_HANDLES_CLOSED, 676, which we treat the same).  A failed or
  * cancelled AcceptEx closes the socket it made.
  *
+ * The ready list and the bounded queue: poll() is told how many
+ * completions it may deliver (`max`), but one packet of a multishot recv
+ * can mean many reads.  Every packet of a GQCSEx batch may deliver one
+ * completion, so a multishot recv reads on only while room is left for
+ * the rest of the batch (iocp__room); past that, or when work is found
+ * outside poll() (a submit whose zero-byte recv completed inline, a
+ * cancel of a parked op), or a multishot poll was delivered, the op is
+ * parked on the ready list, port->kick is set, and the next poll() runs
+ * the list before it waits (and waits with a zero timeout if that
+ * delivered something) -- nothing in the kernel while parked, so cancel
+ * just marks it.
+ *
+ * Threads: the only lock is the core's (iocp__lock around delivery in
+ * poll(), held by the core around submit/cancel/register); on a
+ * single-issuer port the core makes it a no-op and nothing here assumes
+ * more: all backend state is touched from the owner thread, except wake()
+ * and release_buffer's wake packet, which are PostQueuedCompletionStatus
+ * and safe from any thread.
+ *
  * Wake-ups are packets with an internal key and no OVERLAPPED; they never
  * surface.  One GetQueuedCompletionStatusEx batch may hold wake packets that
  * were meant for other waiting threads; only one thread polls at a time
@@ -109,12 +162,66 @@
 
 /* op->state bits. */
 #define IOCP__WST_CANCEL 0x1   /* cancel requested: do not issue again */
+#define IOCP__WST_ZERO   0x2   /* multishot recv: zero-byte WSARecv in the kernel */
+#define IOCP__WST_DATA   0x4   /* multishot recv: WSARecv into a port buffer in the kernel */
+#define IOCP__WST_PARKED 0x8   /* on the ready list: nothing in the kernel */
+#define IOCP__WST_FRESH  0x10  /* multishot recv: readable, nothing read since */
+#define IOCP__WST_AFD    0x20  /* poll: the step in the kernel is an AFD poll */
+#define IOCP__WST_STARVED 0x80 /* multishot recv: on the starved list, waiting
+                                  for buffers to come back (recv_pool_max) */
+
+/* Default bound of the bytes multishot recvs may hold in handed-out
+ * buffers (iocp_port_options.recv_pool_max). */
+#define IOCP__MS_POOL_MAX ((size_t)64 << 20)
+
+/* Multishot recv: bytes per completion when op->len is 0, and the size of
+ * the first read after the socket became readable (no FIONREAD for it: a
+ * small message fits whole, end of stream reads 0, and only a longer
+ * arrival pays for FIONREAD to size the rest). */
+#define IOCP__MS_DEFAULT_LEN (64 * 1024)
+#define IOCP__MS_FIRST_LEN 4096
+
+/*
+ * The AFD poll (see the note at the top).  Our own names for the layout
+ * the AFD driver reads: the same on every Windows since NT, and what Wine
+ * implements.
+ */
+#define IOCP__IOCTL_AFD_POLL 0x00012024u
+#define IOCP__AFD_RECEIVE      0x0001u
+#define IOCP__AFD_SEND         0x0004u
+#define IOCP__AFD_DISCONNECT   0x0008u
+#define IOCP__AFD_ABORT        0x0010u
+#define IOCP__AFD_LOCAL_CLOSE  0x0020u
+#define IOCP__AFD_ACCEPT       0x0080u
+#define IOCP__AFD_CONNECT_FAIL 0x0100u
+#define IOCP__STATUS_PENDING   0x00000103L
+
+struct iocp__afd_poll_info {
+    LARGE_INTEGER timeout;
+    ULONG nhandles;
+    ULONG exclusive;
+    struct {
+        HANDLE handle;
+        ULONG events;
+        LONG status;
+    } h[1];
+};
+
+/* NTSTATUS NtDeviceIoControlFile(...) and RtlNtStatusToDosError, looked
+ * up in ntdll at run time so no build links ntdll's import library.  The
+ * IO_STATUS_BLOCK we pass is the OVERLAPPED's Internal/InternalHigh pair,
+ * laid out the same, so GetOverlappedResult reads the outcome as usual. */
+typedef LONG (WINAPI *iocp__nt_ioctl_fn)(HANDLE, HANDLE, void *, void *, void *, ULONG,
+                                          void *, ULONG, void *, ULONG);
+typedef ULONG (WINAPI *iocp__nt_to_dos_fn)(LONG);
 
 /* One registered socket.  Chained hash table keyed by SOCKET. */
 struct iocp__sockent {
     SOCKET s;
     unsigned char registered;  /* between register and unregister */
     unsigned char skip;        /* FILE_SKIP_COMPLETION_PORT_ON_SUCCESS set */
+    unsigned char afd;         /* poll: 0 not known yet, 1 AFD poll, 2 fallback */
+    iocp_op *ms_recv;          /* the armed multishot recv, or NULL */
     struct iocp__sockent *next;
 };
 
@@ -135,6 +242,25 @@ struct iocp__win {
     int next_ext;
     unsigned test_non_ifs;     /* IOCP_WIN_TEST_NON_IFS: every Nth socket */
     unsigned nregistered;      /* sockets registered so far (for the knob) */
+    int test_poll_fallback;    /* IOCP_WIN_TEST_POLL_FALLBACK=1: never AFD */
+    /* Multishot recv and poll ops with nothing in the kernel, waiting for
+     * poll() to run them (linked by fd_next): out of room in the last
+     * batch, or re-armed at the next poll.  Lock held to change; poll()
+     * reads `nready` unlocked only to choose a zero timeout (a park made
+     * by another thread also sets port->kick, whose wake packet ends the
+     * wait, so a stale read loses nothing). */
+    iocp_op *ready_head, *ready_tail;
+    volatile LONG nready;
+    iocp__nt_ioctl_fn nt_ioctl;       /* NULL: no AFD poll, fallback only */
+    iocp__nt_to_dos_fn nt_to_dos;
+    int afd_broken;                   /* the AFD poll was refused once */
+    int64_t limit;                    /* see iocp__room; 0 outside poll() */
+    /* Bytes of multishot-recv buffers handed out (in the kernel or with
+     * the caller) and their bound; recvs that would pass it wait on the
+     * starved list (linked by fd_next, not counted in nready, so poll()
+     * does not spin) until release_buffer gives bytes back. */
+    size_t ms_bytes, ms_max;
+    iocp_op *starved_head;
 };
 
 /* ---- registered sockets --------------------------------------------- */
@@ -377,10 +503,519 @@ static void iocp__drop_buffer(iocp_port *p, iocp_op *op)
     }
 }
 
+/* ---- multishot recv and poll ------------------------------------------ */
+
+/*
+ * Room left in the batch poll() is reaping: how many more completions it
+ * may deliver before it would hand out more than it was told.  Outside
+ * poll() there is none (limit 0), so work found there waits on the ready
+ * list.  Lock held.
+ */
+static inline int iocp__room(iocp_port *p)
+{
+    struct iocp__win *w = p->be;
+
+    return w->limit > (int64_t)(p->qlen + p->ovflen);
+}
+
+/* Puts `op` (nothing of it in the kernel) on the ready list for the next
+ * poll(), and has a poller asleep in the kernel woken for it. */
+static void iocp__park(iocp_port *p, iocp_op *op)
+{
+    struct iocp__win *w = p->be;
+
+    if (op->state & IOCP__WST_PARKED)
+        return;
+    op->state |= IOCP__WST_PARKED;
+    op->fd_next = NULL;
+    if (w->ready_tail)
+        w->ready_tail->fd_next = op;
+    else
+        w->ready_head = op;
+    w->ready_tail = op;
+    w->nready++;
+    p->kick = 1;
+}
+
+/* A port buffer of `size` bytes for a multishot recv's next read, counted
+ * against the bound; NULL with *err 0 when over it (wait for releases),
+ * with *err IOCP_ENOMEM when memory is out. */
+static char *iocp__ms_buf_take(iocp_port *p, iocp_op *op, size_t size, int *err)
+{
+    struct iocp__win *w = p->be;
+    char *buf;
+
+    *err = 0;
+    /* Over the bound, wait -- unless nothing is out at all, so a bound
+     * smaller than one read still makes progress. */
+    if (w->ms_bytes > 0 && w->ms_bytes + size > w->ms_max)
+        return NULL;
+    buf = iocp__buffer_get(p, size);
+    if (!buf) {
+        *err = IOCP_ENOMEM;
+        return NULL;
+    }
+    w->ms_bytes += size;
+    op->backend_data = buf;
+    op->wsabuf.buf = buf;
+    op->wsabuf.len = (ULONG)size;
+    return buf;
+}
+
+/* Gives back the op's unused read buffer (end of stream, error, cancel). */
+static void iocp__ms_buf_drop(iocp_port *p, iocp_op *op)
+{
+    struct iocp__win *w = p->be;
+
+    if (op->backend_data) {
+        iocp__buffer_put(p, op->backend_data);
+        op->backend_data = NULL;
+        w->ms_bytes -= op->wsabuf.len;
+    }
+}
+
+/* Hands the filled read buffer to the caller: buf_id carries its size so
+ * release_buffer can return it to the bound. */
+static void iocp__ms_buf_deliver(iocp_port *p, iocp_op *op, DWORD bytes)
+{
+    char *buf = op->backend_data;
+
+    op->backend_data = NULL;
+    iocp__deliver(p, op, (int64_t)bytes, 0, IOCP_CF_MORE | IOCP_CF_BUFFER, buf,
+                  (uint32_t)op->wsabuf.len);
+}
+
+static void iocp__starve(iocp_port *p, iocp_op *op)
+{
+    struct iocp__win *w = p->be;
+
+    op->state |= IOCP__WST_STARVED;
+    op->fd_next = w->starved_head;
+    w->starved_head = op;
+}
+
+/* Takes `op` off the starved list and onto the ready list. */
+static void iocp__unstarve(iocp_port *p, iocp_op *op)
+{
+    struct iocp__win *w = p->be;
+    iocp_op **pp;
+
+    for (pp = &w->starved_head; *pp; pp = &(*pp)->fd_next) {
+        if (*pp == op) {
+            *pp = op->fd_next;
+            break;
+        }
+    }
+    op->state &= ~IOCP__WST_STARVED;
+    iocp__park(p, op);
+}
+
+/*
+ * backend->release_buffer: a multishot recv's buffer (buf_id = its size)
+ * comes back.  Lock held (the core's).  When starved recvs can go on,
+ * they move to the ready list and the poller is woken -- with a packet,
+ * since this path does not pass the core's kick handling.
+ */
+static void iocp__win_release_buffer(iocp_port *p, char *data, uint32_t buf_id)
+{
+    struct iocp__win *w = p->be;
+
+    p->live_buffers++;            /* the core counted it back already */
+    iocp__buffer_put(p, data);
+    w->ms_bytes -= buf_id;
+    if (w->starved_head && w->ms_bytes < w->ms_max) {
+        while (w->starved_head)
+            iocp__unstarve(p, w->starved_head);
+        PostQueuedCompletionStatus(w->port, 0, IOCP__KEY_WAKE, NULL);
+    }
+}
+
+/* The final completion of a multishot recv or a poll: frees what the op
+ * holds (port buffer, AFD poll block) and lets the socket take another
+ * recv.  Lock held. */
+static void iocp__ms_end(iocp_port *p, iocp_op *op, int64_t result, unsigned flags)
+{
+    struct iocp__sockent *se = iocp__sock_find(p->be, op->sock, 0);
+
+    if (se && se->ms_recv == op)
+        se->ms_recv = NULL;
+    if (op->kind == IOCP_OP_POLL) {
+        free(op->backend_data);
+        op->backend_data = NULL;
+    } else {
+        iocp__ms_buf_drop(p, op);
+    }
+    op->state &= IOCP__WST_CANCEL;
+    iocp__deliver(p, op, result, 0, flags, NULL, 0);
+}
+
+/* Ends a multishot recv or a poll with (WSA or Win32) error `err`: as
+ * cancelled if it was asked to stop or its socket was closed under it. */
+static void iocp__ms_fail(iocp_port *p, iocp_op *op, int err)
+{
+    if (err == ERROR_OPERATION_ABORTED || err == ERROR_HANDLES_CLOSED || err == WSAENOTSOCK ||
+        (op->state & IOCP__WST_CANCEL))
+        iocp__ms_end(p, op, IOCP_ECANCELED, IOCP_CF_CANCELLED);
+    else
+        iocp__ms_end(p, op, -(int64_t)err, 0);
+}
+
+/* A zero-byte WSARecv: completes when data, end of stream or an error is
+ * there, and pins no buffer meanwhile.  `buf` points at op memory only
+ * because a WSABUF wants an address; nothing is written there. */
+static int iocp__issue_zero_recv(iocp_op *op, const struct iocp__sockent *se)
+{
+    DWORD bytes = 0, flags = 0;
+    int err;
+
+    memset(&op->ov, 0, sizeof(op->ov));
+    op->wsabuf.buf = op->accept_addrs;
+    op->wsabuf.len = 0;
+    if (WSARecv(op->sock, &op->wsabuf, 1, &bytes, &flags, &op->ov, NULL) == 0)
+        return se->skip ? IOCP__INLINE : IOCP__PENDING;
+    err = WSAGetLastError();
+    return err == WSA_IO_PENDING ? IOCP__PENDING : -err;
+}
+
+/*
+ * Runs a multishot recv whose socket is readable (IOCP__WST_FRESH) or was
+ * being read: takes what is there in port buffers sized by FIONREAD, one
+ * completion (MORE | BUFFER) per read, until the socket is drained (then
+ * a zero-byte WSARecv is posted again, so the idle socket pins nothing),
+ * a read goes pending (its packet continues), the op ends, or the batch
+ * has no room (parked for the next poll).  A readable socket that holds 0
+ * bytes is at end of stream, has an error, or lost a race with another
+ * reader: a small read tells which.  The socket stays in blocking mode
+ * (the caller's); every read is an overlapped WSARecv for bytes FIONREAD
+ * said are there, which completes at once.  Lock held.
+ */
+static void iocp__ms_recv_pump(iocp_port *p, iocp_op *op)
+{
+    struct iocp__win *w = p->be;
+    size_t cap = op->len ? op->len : IOCP__MS_DEFAULT_LEN;
+    int drained = 0;
+
+    if (cap > 0x40000000u)
+        cap = 0x40000000u;
+    for (;;) {
+        struct iocp__sockent *se = iocp__sock_find(w, op->sock, 0);
+        u_long avail = 0;
+        size_t size;
+        DWORD bytes = 0, flags = 0;
+        char *buf;
+        int r, err;
+
+        if (!iocp__room(p)) {
+            iocp__park(p, op);
+            return;
+        }
+        if ((op->state & IOCP__WST_CANCEL) || !se || !se->registered) {
+            iocp__ms_end(p, op, IOCP_ECANCELED, IOCP_CF_CANCELLED);
+            return;
+        }
+        if (!drained && !(op->state & IOCP__WST_FRESH) &&
+            ioctlsocket(op->sock, FIONREAD, &avail) != 0) {
+            iocp__ms_fail(p, op, WSAGetLastError());
+            return;
+        }
+        if (avail == 0 && !(op->state & IOCP__WST_FRESH)) {
+            r = iocp__issue_zero_recv(op, se);
+            if (r == IOCP__PENDING) {
+                op->state |= IOCP__WST_ZERO;
+                return;
+            }
+            if (r != IOCP__INLINE) {
+                iocp__ms_fail(p, op, -r);
+                return;
+            }
+            op->state |= IOCP__WST_FRESH;   /* more came meanwhile */
+            drained = 0;
+            continue;
+        }
+        size = avail == 0 ? IOCP__MS_FIRST_LEN : (size_t)avail;
+        if (size > cap)
+            size = cap;
+        buf = iocp__ms_buf_take(p, op, size, &err);
+        if (!buf) {
+            if (err)
+                iocp__ms_end(p, op, err, 0);
+            else
+                iocp__starve(p, op);     /* release_buffer resumes it */
+            return;
+        }
+        op->state &= ~IOCP__WST_FRESH;
+        memset(&op->ov, 0, sizeof(op->ov));
+        if (WSARecv(op->sock, &op->wsabuf, 1, &bytes, &flags, &op->ov, NULL) == 0) {
+            if (!se->skip) {
+                op->state |= IOCP__WST_DATA;   /* its packet will come */
+                return;
+            }
+        } else {
+            err = WSAGetLastError();
+            if (err == WSA_IO_PENDING) {
+                op->state |= IOCP__WST_DATA;
+                return;
+            }
+            iocp__ms_fail(p, op, err);
+            return;
+        }
+        if (bytes == 0) {
+            iocp__ms_end(p, op, 0, 0);          /* end of stream (drops buf) */
+            return;
+        }
+        iocp__ms_buf_deliver(p, op, bytes);
+        /* Less than asked for: the socket was drained, go straight to the
+         * zero-byte wait (it completes at once if more came). */
+        drained = bytes < size;
+    }
+}
+
+/* A multishot recv's step finished in the kernel.  Returns 2 when the
+ * pump must go on, 0 when the op ended.  Lock held. */
+static int iocp__ms_recv_done(iocp_port *p, iocp_op *op, DWORD bytes, int err)
+{
+    if (op->state & IOCP__WST_ZERO) {
+        op->state &= ~IOCP__WST_ZERO;
+        if (err) {
+            iocp__ms_fail(p, op, err);
+            return 0;
+        }
+        op->state |= IOCP__WST_FRESH;
+        return 2;
+    }
+    op->state &= ~IOCP__WST_DATA;
+    if (err) {
+        iocp__ms_fail(p, op, err);
+        return 0;
+    }
+    if (bytes == 0) {
+        iocp__ms_end(p, op, 0, 0);
+        return 0;
+    }
+    iocp__ms_buf_deliver(p, op, bytes);
+    return 2;
+}
+
+/* AFD events to ask for, for IOCP_POLL_* `want` (errors always). */
+static ULONG iocp__afd_events(unsigned want)
+{
+    ULONG ev = IOCP__AFD_ABORT | IOCP__AFD_CONNECT_FAIL | IOCP__AFD_LOCAL_CLOSE;
+
+    if (want & IOCP_POLL_IN)
+        ev |= IOCP__AFD_RECEIVE | IOCP__AFD_ACCEPT | IOCP__AFD_DISCONNECT;
+    if (want & IOCP_POLL_OUT)
+        ev |= IOCP__AFD_SEND;
+    return ev;
+}
+
+/* AFD events seen -> IOCP_POLL_* (what poll(2) reports for the same
+ * state: a peer's FIN makes the socket readable, a reset is an error and
+ * a hang-up; ERR and HUP count whatever was asked). */
+static unsigned iocp__afd_mask(ULONG ev, unsigned want)
+{
+    unsigned m = 0;
+
+    if (ev & (IOCP__AFD_RECEIVE | IOCP__AFD_ACCEPT | IOCP__AFD_DISCONNECT))
+        m |= IOCP_POLL_IN;
+    if (ev & IOCP__AFD_SEND)
+        m |= IOCP_POLL_OUT;
+    if (ev & IOCP__AFD_ABORT)
+        m |= IOCP_POLL_ERR | IOCP_POLL_HUP;
+    if (ev & IOCP__AFD_CONNECT_FAIL)
+        m |= IOCP_POLL_ERR;
+    return m & (want | IOCP_POLL_ERR | IOCP_POLL_HUP);
+}
+
+/* Can `s` be polled through AFD?  Only if it is its own base handle (no
+ * layered provider in between): the IOCTL goes to the socket itself, so
+ * its packet comes to our port through the socket's association. */
+static int iocp__afd_usable(const struct iocp__win *w, SOCKET s)
+{
+    SOCKET base = INVALID_SOCKET;
+    DWORD n = 0;
+
+    if (!w->nt_ioctl || w->afd_broken)
+        return 0;
+    if (WSAIoctl(s, SIO_BASE_HANDLE, NULL, 0, &base, sizeof(base), &n, NULL, NULL) != 0)
+        return 0;
+    return base == s;
+}
+
+/*
+ * Starts a poll op's wait: an AFD poll (IOCTL_AFD_POLL on the socket,
+ * with the op's OVERLAPPED as the APC context and its Internal fields as
+ * the IO_STATUS_BLOCK, so the packet is the op like any other), or the
+ * fallback: a zero-byte WSASend when OUT is wanted (it completes when the
+ * socket takes data, which is at once unless the connection is not up),
+ * else a zero-byte WSARecv (completes when data or end of stream is
+ * there).  Returns like iocp__issue.  Lock held.
+ */
+static int iocp__issue_poll(iocp_port *p, iocp_op *op, struct iocp__sockent *se)
+{
+    struct iocp__win *w = p->be;
+    unsigned want = (unsigned)op->len;
+    DWORD bytes = 0, flags = 0;
+    int r, err;
+
+    memset(&op->ov, 0, sizeof(op->ov));
+    op->state &= ~IOCP__WST_AFD;
+    if (se->afd == 0)
+        se->afd = iocp__afd_usable(w, op->sock) ? 1 : 2;
+    if (se->afd == 1 && !w->afd_broken) {
+        struct iocp__afd_poll_info *info = op->backend_data;
+        LONG st;
+
+        info->timeout.QuadPart = INT64_MAX;
+        info->nhandles = 1;
+        info->exclusive = 0;
+        info->h[0].handle = (HANDLE)op->sock;
+        info->h[0].events = iocp__afd_events(want);
+        info->h[0].status = 0;
+        st = w->nt_ioctl((HANDLE)op->sock, NULL, NULL, &op->ov, &op->ov,
+                         IOCP__IOCTL_AFD_POLL, info, sizeof(*info), info, sizeof(*info));
+        if (st == IOCP__STATUS_PENDING) {
+            op->state |= IOCP__WST_AFD;
+            return IOCP__PENDING;
+        }
+        if (st >= 0) {
+            op->state |= IOCP__WST_AFD;
+            return se->skip ? IOCP__INLINE : IOCP__PENDING;
+        }
+        err = (int)w->nt_to_dos(st);
+        if (err != ERROR_INVALID_FUNCTION && err != ERROR_NOT_SUPPORTED &&
+            err != ERROR_INVALID_PARAMETER && err != ERROR_CALL_NOT_IMPLEMENTED)
+            return -iocp__wsa_error((DWORD)err);
+        /* This Windows (or Wine) has no AFD poll: the fallback from now on. */
+        w->afd_broken = 1;
+        memset(&op->ov, 0, sizeof(op->ov));
+    }
+    {
+        /* A zero-byte call cannot wait on a listener (Windows refuses it
+         * with WSAENOTCONN; Wine leaves it pending forever): say so. */
+        BOOL listening = FALSE;
+        int llen = sizeof(listening);
+        if (getsockopt(op->sock, SOL_SOCKET, SO_ACCEPTCONN, (char *)&listening, &llen) == 0 &&
+            listening)
+            return -WSAENOTCONN;
+    }
+    op->wsabuf.buf = op->accept_addrs;
+    op->wsabuf.len = 0;
+    if (want & IOCP_POLL_OUT)
+        r = WSASend(op->sock, &op->wsabuf, 1, &bytes, 0, &op->ov, NULL);
+    else
+        r = WSARecv(op->sock, &op->wsabuf, 1, &bytes, &flags, &op->ov, NULL);
+    if (r == 0)
+        return se->skip ? IOCP__INLINE : IOCP__PENDING;
+    err = WSAGetLastError();
+    return err == WSA_IO_PENDING ? IOCP__PENDING : -err;
+}
+
+/*
+ * A poll op's wait finished (err 0: its result is in the op).  One-shot:
+ * deliver the events and end.  Multishot: deliver with MORE and park; the
+ * next poll() arms it again before it waits.  Not at once: the AFD poll
+ * is level triggered, and armed before the caller has seen this
+ * completion it would find the socket still ready and report it again,
+ * spuriously, after the caller drained it.  Armed at the next poll() --
+ * after the batch was dispatched -- a drained socket waits quietly and
+ * one still ready is reported once per poll().  ERR or HUP ends a
+ * multishot poll (the connection is gone, nothing new can be reported).
+ * Lock held; returns 0.
+ */
+static int iocp__poll_done(iocp_port *p, iocp_op *op, int err)
+{
+    unsigned want = (unsigned)op->len, mask;
+
+    if (err) {
+        if ((op->state & IOCP__WST_AFD) || err == ERROR_OPERATION_ABORTED ||
+            err == ERROR_HANDLES_CLOSED || err == WSAENOTSOCK || err == WSAENOTCONN ||
+            err == WSAEINVAL || err == WSAEOPNOTSUPP || (op->state & IOCP__WST_CANCEL)) {
+            /* Cancelled or closed, or a socket the fallback cannot poll (a
+             * listener, one not connected yet): an error, not events. */
+            iocp__ms_fail(p, op, err);
+        } else {
+            /* The fallback's zero-byte call failed: the connection broke. */
+            iocp__ms_end(p, op, IOCP_POLL_ERR | IOCP_POLL_HUP, 0);
+        }
+        return 0;
+    }
+    if (op->state & IOCP__WST_AFD) {
+        const struct iocp__afd_poll_info *info = op->backend_data;
+        ULONG ev = info->nhandles > 0 ? info->h[0].events : 0;
+
+        if (ev & IOCP__AFD_LOCAL_CLOSE) {
+            iocp__ms_end(p, op, IOCP_ECANCELED, IOCP_CF_CANCELLED);
+            return 0;
+        }
+        mask = iocp__afd_mask(ev, want);
+    } else {
+        mask = (want & IOCP_POLL_OUT) ? IOCP_POLL_OUT : IOCP_POLL_IN;
+    }
+    if (mask == 0) {
+        /* Nothing asked for happened (cannot normally be): wait again,
+         * from the next poll() so this never spins here. */
+        iocp__park(p, op);
+        return 0;
+    }
+    if (!(op->flags & IOCP_OPF_MULTISHOT) || (mask & (IOCP_POLL_ERR | IOCP_POLL_HUP))) {
+        iocp__ms_end(p, op, (int64_t)mask, 0);
+        return 0;
+    }
+    iocp__deliver(p, op, (int64_t)mask, 0, IOCP_CF_MORE, NULL, 0);
+    iocp__park(p, op);
+    return 0;
+}
+
+/* Runs a parked poll op: arms its wait again.  Lock held. */
+static void iocp__poll_pump(iocp_port *p, iocp_op *op)
+{
+    struct iocp__sockent *se = iocp__sock_find(p->be, op->sock, 0);
+    int r;
+
+    if (!iocp__room(p)) {
+        iocp__park(p, op);
+        return;
+    }
+    if ((op->state & IOCP__WST_CANCEL) || !se || !se->registered) {
+        iocp__ms_end(p, op, IOCP_ECANCELED, IOCP_CF_CANCELLED);
+        return;
+    }
+    r = iocp__issue_poll(p, op, se);
+    if (r == IOCP__PENDING)
+        return;
+    iocp__poll_done(p, op, r == IOCP__INLINE ? 0 : -r);
+}
+
+static void iocp__pump(iocp_port *p, iocp_op *op)
+{
+    if (op->kind == IOCP_OP_POLL)
+        iocp__poll_pump(p, op);
+    else
+        iocp__ms_recv_pump(p, op);
+}
+
+/* Runs the ops parked on the ready list (in order; those the batch has no
+ * room for are parked again, still in order).  Lock held, inside poll(). */
+static void iocp__run_ready(iocp_port *p)
+{
+    struct iocp__win *w = p->be;
+    iocp_op *op = w->ready_head, *next;
+
+    w->ready_head = w->ready_tail = NULL;
+    w->nready = 0;
+    for (; op; op = next) {
+        next = op->fd_next;
+        op->fd_next = NULL;
+        op->state &= ~IOCP__WST_PARKED;
+        iocp__pump(p, op);
+    }
+}
+
 /*
  * A step of `op` ended with (bytes, err): deliver, or return 1 if the op
  * must be issued again (rest of a partial send, next multishot accept, an
- * accept whose connection died in the backlog).  Lock held.
+ * accept whose connection died in the backlog), 2 if a multishot recv
+ * must read on (iocp__pump).  Lock held.
  */
 static int iocp__finish(iocp_port *p, iocp_op *op, DWORD bytes, int err)
 {
@@ -390,6 +1025,10 @@ static int iocp__finish(iocp_port *p, iocp_op *op, DWORD bytes, int err)
     if (err == ERROR_HANDLES_CLOSED)
         err = ERROR_OPERATION_ABORTED;     /* Wine's word for "closed" */
     cancelled = err == ERROR_OPERATION_ABORTED || (err != 0 && cancel_req);
+    if (op->kind == IOCP_OP_POLL)
+        return iocp__poll_done(p, op, err);
+    if (op->kind == IOCP_OP_RECV && (op->flags & IOCP_OPF_MULTISHOT))
+        return iocp__ms_recv_done(p, op, bytes, err);
 
     switch (op->kind) {
     case IOCP_OP_ACCEPT:
@@ -490,6 +1129,11 @@ static int iocp__finish(iocp_port *p, iocp_op *op, DWORD bytes, int err)
             if (op->done < op->len && cancel_req)
                 iocp__deliver(p, op, (int64_t)op->done, IOCP_ECANCELED, IOCP_CF_CANCELLED,
                               NULL, 0);
+            else if (op->done == op->len && (op->flags & IOCP_OPF_SILENT))
+                /* All of it went: the caller releases the record and tells
+                 * nobody.  Inline on a skip-mode socket this is no packet
+                 * at all, just this queue entry. */
+                iocp__deliver(p, op, (int64_t)op->done, 0, IOCP_CF_SILENT, NULL, 0);
             else
                 iocp__deliver(p, op, (int64_t)op->done, 0, 0, NULL, 0);
         } else if (cancelled) {
@@ -526,7 +1170,11 @@ static void iocp__advance(iocp_port *p, iocp_op *op, DWORD bytes, int err)
     struct iocp__sockent *se;
     int r;
 
-    while (iocp__finish(p, op, bytes, err)) {
+    while ((r = iocp__finish(p, op, bytes, err)) != 0) {
+        if (r == 2) {
+            iocp__pump(p, op);
+            return;
+        }
         se = iocp__sock_find(w, op->sock, 0);
         if (!se || !se->registered) {
             /* Unregistered between steps: stop as cancelled. */
@@ -535,7 +1183,8 @@ static void iocp__advance(iocp_port *p, iocp_op *op, DWORD bytes, int err)
             err = ERROR_OPERATION_ABORTED;
             continue;
         }
-        r = iocp__issue(p, op, se, &bytes);
+        r = op->kind == IOCP_OP_POLL ? iocp__issue_poll(p, op, se)
+                                     : iocp__issue(p, op, se, &bytes);
         if (r == IOCP__PENDING)
             return;
         err = r == IOCP__INLINE ? 0 : -r;
@@ -553,7 +1202,8 @@ static int iocp__win_probe(char *features, size_t len)
     CloseHandle(h);
     if (features && len)
         snprintf(features, len, "skip-completion-on-success acceptex connectex "
-                                "batched-dequeue");
+                                "batched-dequeue multishot-recv-emulated afd-poll "
+                                "silent-send");
     return 0;
 }
 
@@ -563,7 +1213,6 @@ static int iocp__win_init(iocp_port *p, const iocp_port_options *opts)
     WSADATA wd;
     int r;
 
-    (void)opts;
     /* Reference-counted; Python's socket module has called it already,
      * a C program may not have. */
     r = WSAStartup(MAKEWORD(2, 2), &wd);
@@ -591,7 +1240,25 @@ static int iocp__win_init(iocp_port *p, const iocp_port_options *opts)
         DWORD n = GetEnvironmentVariableA("IOCP_WIN_TEST_NON_IFS", v, sizeof(v));
         if (n > 0 && n < sizeof(v))
             w->test_non_ifs = (unsigned)strtoul(v, NULL, 10);
+        n = GetEnvironmentVariableA("IOCP_WIN_TEST_POLL_FALLBACK", v, sizeof(v));
+        if (n > 0 && n < sizeof(v))
+            w->test_poll_fallback = strtoul(v, NULL, 10) != 0;
     }
+    {
+        /* The AFD poll's entry points (see the note at the top).  The
+         * cast through a plain function type is how a FARPROC becomes a
+         * typed pointer without -Wcast-function-type. */
+        HMODULE nt = GetModuleHandleW(L"ntdll.dll");
+        if (nt) {
+            w->nt_ioctl = (iocp__nt_ioctl_fn)(void (*)(void))GetProcAddress(
+                nt, "NtDeviceIoControlFile");
+            w->nt_to_dos = (iocp__nt_to_dos_fn)(void (*)(void))GetProcAddress(
+                nt, "RtlNtStatusToDosError");
+        }
+        if (!w->nt_to_dos)
+            w->nt_ioctl = NULL;
+    }
+    w->ms_max = opts && opts->recv_pool_max ? opts->recv_pool_max : IOCP__MS_POOL_MAX;
     p->be = w;
     return 0;
 }
@@ -657,10 +1324,18 @@ static int iocp__win_register(iocp_port *p, iocp_socket_t sock)
         /* Associated just now, yet the value is marked registered: the
          * socket we knew under it was closed without unregister and this
          * is a new one.  The old one's ops were aborted by the close (their
-         * packets are on the way); make sure none is issued again. */
-        for (op = p->inflight_head.next; op != &p->inflight_head; op = op->next)
-            if (op->kind != IOCP_OP_POST && op->sock == sock)
+         * packets are on the way); make sure none is issued again.  One
+         * with nothing in the kernel (parked, starved) would wait for no
+         * packet: the ready list ends it. */
+        for (op = p->inflight_head.next; op != &p->inflight_head; op = op->next) {
+            if (op->kind != IOCP_OP_POST && op->sock == sock) {
                 op->state |= IOCP__WST_CANCEL;
+                if (op->state & IOCP__WST_STARVED)
+                    iocp__unstarve(p, op);
+                if (op->state & IOCP__WST_PARKED)
+                    p->kick = 1;
+            }
+        }
     }
     if (!se) {
         se = iocp__sock_find(w, sock, 1);
@@ -668,6 +1343,8 @@ static int iocp__win_register(iocp_port *p, iocp_socket_t sock)
             return IOCP_ENOMEM;   /* associated anyway; harmless */
     }
     se->registered = 1;
+    se->ms_recv = NULL;        /* a closed predecessor's op is not ours */
+    se->afd = w->test_poll_fallback ? 2 : 0;
     se->skip = iocp__skip_allowed(w, sock) &&
                SetFileCompletionNotificationModes(
                    (HANDLE)sock,
@@ -692,6 +1369,26 @@ int iocp__win_test_skips(iocp_port *p, iocp_socket_t sock)
     return r;
 }
 
+/*
+ * Tests only (tests/native/win_fastpath.c): how `sock`'s poll ops run --
+ * 1 the AFD poll, 2 the zero-byte fallback, 0 not decided yet (no poll op
+ * so far), IOCP_ENOENT if unregistered.
+ */
+int iocp__win_test_afd(iocp_port *p, iocp_socket_t sock);
+int iocp__win_test_afd(iocp_port *p, iocp_socket_t sock)
+{
+    struct iocp__sockent *se;
+    int r;
+
+    iocp__lock(p);
+    se = iocp__sock_find(p->be, sock, 0);
+    r = se && se->registered ? (se->afd == 1 && ((struct iocp__win *)p->be)->afd_broken ? 2
+                                                                                : se->afd)
+                             : IOCP_ENOENT;
+    iocp__unlock(p);
+    return r;
+}
+
 static int iocp__win_cancel(iocp_port *p, iocp_op *op);
 
 static int iocp__win_unregister(iocp_port *p, iocp_socket_t sock)
@@ -708,6 +1405,7 @@ static int iocp__win_unregister(iocp_port *p, iocp_socket_t sock)
     for (op = p->inflight_head.next; op != &p->inflight_head; op = op->next)
         if (op->kind != IOCP_OP_POST && op->sock == sock)
             iocp__win_cancel(p, op);
+    se->ms_recv = NULL;   /* its op ends cancelled; the socket is not ours now */
     return 0;
 }
 
@@ -730,6 +1428,41 @@ static int iocp__win_submit(iocp_port *p, iocp_op *op)
     se = iocp__sock_find(w, op->sock, 0);
     if (!se || !se->registered)
         return IOCP_EBADF;
+    if ((op->flags & IOCP_OPF_MULTISHOT) && op->kind != IOCP_OP_ACCEPT &&
+        op->kind != IOCP_OP_RECV && op->kind != IOCP_OP_POLL)
+        return IOCP_EINVAL;
+    if (op->kind == IOCP_OP_RECV || op->kind == IOCP_OP_RECV_INTO) {
+        /* A multishot recv owns the socket's incoming bytes. */
+        if (se->ms_recv)
+            return IOCP_EBUSY;
+        if (op->flags & IOCP_OPF_MULTISHOT) {
+            se->ms_recv = op;
+            r = iocp__issue_zero_recv(op, se);
+            if (r == IOCP__PENDING) {
+                op->state |= IOCP__WST_ZERO;
+            } else if (r == IOCP__INLINE) {
+                /* Data is there; it is read (and delivered) by poll(),
+                 * which knows how much room its batch has. */
+                op->state |= IOCP__WST_FRESH;
+                iocp__park(p, op);
+            } else {
+                iocp__ms_fail(p, op, -r);
+            }
+            return 0;
+        }
+    }
+    if (op->kind == IOCP_OP_POLL) {
+        if (op->len & ~(size_t)(IOCP_POLL_IN | IOCP_POLL_OUT | IOCP_POLL_ERR | IOCP_POLL_HUP))
+            return IOCP_EINVAL;
+        op->backend_data = calloc(1, sizeof(struct iocp__afd_poll_info));
+        if (!op->backend_data)
+            return IOCP_ENOMEM;
+        r = iocp__issue_poll(p, op, se);
+        if (r == IOCP__PENDING)
+            return 0;
+        iocp__advance(p, op, 0, r == IOCP__INLINE ? 0 : -r);
+        return 0;
+    }
     r = iocp__issue(p, op, se, &bytes);
     if (r == IOCP__PENDING)
         return 0;
@@ -743,6 +1476,13 @@ static int iocp__win_cancel(iocp_port *p, iocp_op *op)
     if (op->kind == IOCP_OP_POST)
         return IOCP_ENOENT;   /* already queued; it arrives shortly */
     op->state |= IOCP__WST_CANCEL;
+    if (op->state & IOCP__WST_STARVED)
+        iocp__unstarve(p, op);   /* to the ready list: poll() ends it */
+    if (op->state & IOCP__WST_PARKED) {
+        /* Nothing in the kernel: the next poll() ends it (cancelled). */
+        p->kick = 1;
+        return 0;
+    }
     if (!CancelIoEx((HANDLE)op->sock, &op->ov)) {
         DWORD err = GetLastError();
         /* ERROR_NOT_FOUND: the op finished and its packet is on the way;
@@ -759,21 +1499,41 @@ static int iocp__win_poll(iocp_port *p, int max, int timeout_ms)
 {
     struct iocp__win *w = p->be;
     OVERLAPPED_ENTRY ents[IOCP__WIN_BATCH];
-    ULONG n = 0, i;
+    ULONG n = 0, i, batch;
+    unsigned base;
     int delivered = 0;
 
-    if (max > IOCP__WIN_BATCH)
-        max = IOCP__WIN_BATCH;
     if (max < 1)
         max = 1;
-    if (!GetQueuedCompletionStatusEx(w->port, ents, (ULONG)max, &n,
+    if (w->nready) {
+        /* Parked work first: re-arming multishot polls and reading on
+         * before the wait lets the wait sleep if all of it went back to
+         * the kernel.  Only what was parked when this pass began runs
+         * (iocp__run_ready detaches the list), so a socket that stays
+         * ready is served once per poll(). */
+        iocp__lock(p);
+        base = p->qlen + p->ovflen;
+        w->limit = (int64_t)base + max;
+        iocp__run_ready(p);
+        w->limit = 0;
+        delivered = (int)(p->qlen + p->ovflen - base);
+        iocp__unlock(p);
+        if (delivered > 0 || w->nready)
+            timeout_ms = 0;
+        if (delivered >= max)
+            return delivered;
+    }
+    batch = (ULONG)(max - delivered) > IOCP__WIN_BATCH ? IOCP__WIN_BATCH
+                                                      : (ULONG)(max - delivered);
+    if (!GetQueuedCompletionStatusEx(w->port, ents, batch, &n,
                                      timeout_ms < 0 ? INFINITE : (DWORD)timeout_ms, FALSE)) {
         DWORD err = GetLastError();
-        if (err == WAIT_TIMEOUT)
-            return 0;
-        return -(int)err;
+        if (err != WAIT_TIMEOUT)
+            return delivered > 0 ? delivered : -(int)err;
+        return delivered;
     }
     iocp__lock(p);
+    base = p->qlen + p->ovflen;
     for (i = 0; i < n; i++) {
         iocp_op *op;
         DWORD bytes;
@@ -784,16 +1544,16 @@ static int iocp__win_poll(iocp_port *p, int max, int timeout_ms)
         op = (iocp_op *)ents[i].lpOverlapped;
         if (op->kind == IOCP_OP_POST) {
             iocp__deliver(p, op, (int64_t)op->len, 0, 0, NULL, 0);
-            delivered++;
             continue;
         }
+        /* Every packet left in the batch may deliver one completion: a
+         * multishot recv reading on from this one keeps room for them. */
+        w->limit = (int64_t)base + (max - delivered) - (int64_t)(n - i - 1);
         err = iocp__ov_error(op, &bytes);
-        {
-            unsigned before = p->qlen + p->ovflen;
-            iocp__advance(p, op, bytes, err);
-            delivered += (int)(p->qlen + p->ovflen - before);
-        }
+        iocp__advance(p, op, bytes, err);
     }
+    w->limit = 0;
+    delivered += (int)(p->qlen + p->ovflen - base);
     iocp__unlock(p);
     return delivered;
 }
@@ -808,15 +1568,15 @@ static int iocp__win_wake(iocp_port *p)
 }
 
 const iocp_backend iocp__backend_iocp = {
-    "iocp",
-    iocp__win_probe,
-    iocp__win_init,
-    iocp__win_destroy,
-    iocp__win_register,
-    iocp__win_unregister,
-    iocp__win_submit,
-    iocp__win_cancel,
-    iocp__win_poll,
-    iocp__win_wake,
-    NULL,
+    .name = "iocp",
+    .probe = iocp__win_probe,
+    .init = iocp__win_init,
+    .destroy = iocp__win_destroy,
+    .register_socket = iocp__win_register,
+    .unregister_socket = iocp__win_unregister,
+    .submit = iocp__win_submit,
+    .cancel = iocp__win_cancel,
+    .poll = iocp__win_poll,
+    .wake = iocp__win_wake,
+    .release_buffer = iocp__win_release_buffer,  /* multishot recv buffers */
 };
