@@ -1582,7 +1582,7 @@ static void iocp__flush_after_reap(iocp_port *p, struct iocp__uring *u, int n, i
 {
     if (!iocp__sq_pending(u))
         return;
-    if (n > 0 && !held && (p->active < p->concurrency || p->closing))
+    if (n > 0 && !held && (p->single_issuer || p->active < p->concurrency || p->closing))
         return;
     (void)iocp__flush(u);
 }
