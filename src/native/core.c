@@ -460,17 +460,29 @@ static int iocp__wait_single(iocp_port *p, iocp_completion *out, int max,
 {
     int64_t deadline = timeout_ms > 0 ? iocp__now_ms() + timeout_ms : 0;
     int n = 0, remaining = timeout_ms, r;
+    unsigned held;
 
     for (;;) {
         if (iocp__atomic_load_u(&p->wake_gen) != gen)
             break;
-        if (p->qlen > 0) {
-            n = iocp__take(p, out, max);
-            break;
-        }
         if (timeout_ms > 0) {
             int64_t left = deadline - iocp__now_ms();
             remaining = left > 0 ? (int)left : 0;
+        }
+        /*
+         * Silent successes only (a loop's echo: its send completed inline,
+         * the next arrival has not come yet) tell the caller nothing: keep
+         * them queued and wait on, so a loop turn costs one return to the
+         * caller per event it can act on, not one more per silent send.
+         * They go out with the next batch, or when the wait ends.  Not
+         * while closing (close() drains until the queue is empty), and
+         * only while the queue has room to spare, so a burst of silent
+         * successes never fills it.
+         */
+        if (p->qlen > 0 && !(p->qlen == p->qsilent && p->ovflen == 0 && remaining != 0 &&
+                             !p->closing && p->qlen < p->qcap / 2)) {
+            n = iocp__take(p, out, max);
+            break;
         }
         /* Announce the poll, then look at wake_gen again: a foreign
          * iocp_port_wake bumps it, then reads polling, so either it sees
@@ -482,19 +494,26 @@ static int iocp__wait_single(iocp_port *p, iocp_completion *out, int max,
         }
         p->poll_blocking = remaining != 0;
         owed_hook = 0;                 /* poll() submits what was held back */
-        r = p->backend->poll(p, (int)p->qcap, remaining);
+        held = p->qlen;                /* silent successes kept (above) */
+        r = p->backend->poll(p, (int)(p->qcap - held), remaining);
         iocp__atomic_store_i(&p->polling, 0);
         p->poll_blocking = 0;
         p->delivered = 0;
         p->kick = 0;
-        if (r < 0 && r != IOCP_ETIMEDOUT && p->qlen == 0) {
-            n = r;
+        if (r < 0 && r != IOCP_ETIMEDOUT && p->qlen == held) {
+            if (held == 0) {
+                n = r;
+                break;
+            }
+            remaining = 0;             /* hand out what is held, then the error */
+        }
+        if (p->qlen > held)
+            continue;
+        if (remaining == 0) {
+            if (held > 0)
+                n = iocp__take(p, out, max);
             break;
         }
-        if (p->qlen > 0)
-            continue;
-        if (remaining == 0)
-            break;
     }
     if (owed_hook)
         p->dispatch_done(p);
