@@ -130,37 +130,33 @@
 #include <unistd.h>
 
 #include "uring_internal.h"
+#include "sock.h"
 
 /* ---- per-descriptor state ------------------------------------------- */
 
-/* Makes the table cover `fd`.  0, IOCP_EBADF for a descriptor no table
- * can hold, or IOCP_ENOMEM. */
-static int iocp__ufd_grow(struct iocp__uring *u, int fd)
+/* Makes the table cover `fd` (the growth and zeroing are sock.h's, shared
+ * with epoll.c) and returns its entry in *entry.  0, IOCP_EBADF for a
+ * descriptor no table can hold (past IOCP__UFD_MAX: refused here as a bad
+ * descriptor, where the shared helper would say ENOMEM), or IOCP_ENOMEM. */
+static int iocp__ufd_reserve(struct iocp__uring *u, int fd, struct iocp__ufd **entry)
 {
-    struct iocp__ufd *nf;
-    int n = u->nfds ? u->nfds : 64;
+    void *t = u->fds, *slot;
+    int r;
 
     if (fd < 0 || fd >= IOCP__UFD_MAX)
         return IOCP_EBADF;
-    while (n <= fd)
-        n *= 2;                     /* n <= IOCP__UFD_MAX: no overflow */
-    if ((size_t)n > SIZE_MAX / sizeof(*nf))
-        return IOCP_ENOMEM;         /* 32-bit size_t */
-    nf = realloc(u->fds, (size_t)n * sizeof(*nf));
-    if (!nf)
-        return IOCP_ENOMEM;
-    memset(nf + u->nfds, 0, (size_t)(n - u->nfds) * sizeof(*nf));
-    u->fds = nf;
-    u->nfds = n;
+    r = iocp__sock_table_reserve(&t, &u->nfds, fd, sizeof(*u->fds), &slot);
+    if (r < 0)
+        return r;
+    u->fds = t;
+    *entry = slot;
     return 0;
 }
 
 /* The descriptor's state; NULL if it has none (never registered). */
 static struct iocp__ufd *iocp__ufd(struct iocp__uring *u, int fd)
 {
-    if (fd < 0 || fd >= u->nfds)
-        return NULL;
-    return &u->fds[fd];
+    return iocp__sock_table_at(u->fds, u->nfds, fd, sizeof(*u->fds));
 }
 
 /* The op's generation is kept in aux_sock (unused on Linux). */
@@ -1402,9 +1398,8 @@ static int iocp__uring_register(iocp_port *p, iocp_socket_t sock)
         return r;
     if (fstat(sock, &sb) < 0)
         return -errno;
-    if (sock >= u->nfds && (r = iocp__ufd_grow(u, sock)) < 0)
+    if ((r = iocp__ufd_reserve(u, sock, &st)) < 0)
         return r;
-    st = iocp__ufd(u, sock);
     if (st->registered && st->dev == sb.st_dev && st->ino == sb.st_ino)
         return IOCP_EEXIST;
     /* io_uring does not need O_NONBLOCK, but the epoll emulation sets it
