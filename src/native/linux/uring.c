@@ -956,27 +956,16 @@ static void iocp__complete_chain(iocp_port *p, struct iocp__uring *u, iocp_op *o
     iocp__complete_send(p, u, op, res);
 }
 
-/* After a connect in progress became writable: how did it end? */
+/* After a connect in progress became writable: how did it end?  Still
+ * going (an early edge): wait for writability again. */
 static void iocp__connect_check(iocp_port *p, struct iocp__uring *u, iocp_op *op)
 {
-    int err = 0;
-    socklen_t len = sizeof(err);
+    int r = iocp__sock_connect_status(op->sock);
 
-    if (getsockopt(op->sock, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-        err = errno;
-    if (err == EINPROGRESS || err == EALREADY) {
+    if (r > 0)
         iocp__again_poll(p, u, op, POLLOUT);
-        return;
-    }
-    if (err == 0) {
-        struct sockaddr_storage ss;
-        socklen_t sl = sizeof(ss);
-        if (getpeername(op->sock, (struct sockaddr *)&ss, &sl) < 0 && errno == ENOTCONN) {
-            iocp__again_poll(p, u, op, POLLOUT);
-            return;
-        }
-    }
-    iocp__finish(p, u, op, -err, 0, 0, NULL, 0);
+    else
+        iocp__finish(p, u, op, r, 0, 0, NULL, 0);
 }
 
 static void iocp__complete_connect(iocp_port *p, struct iocp__uring *u, iocp_op *op, int res)
