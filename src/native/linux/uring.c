@@ -119,7 +119,6 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
-#include <fcntl.h>
 #include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -1381,7 +1380,7 @@ static int iocp__uring_register(iocp_port *p, iocp_socket_t sock)
     struct iocp__uring *u = p->be;
     struct iocp__ufd *st;
     struct stat sb;
-    int fl, r;
+    int r;
 
     if ((r = iocp__ring_own(u)) < 0)
         return r;
@@ -1394,11 +1393,8 @@ static int iocp__uring_register(iocp_port *p, iocp_socket_t sock)
     /* io_uring does not need O_NONBLOCK, but the epoll emulation sets it
      * and callers may rely on that; old kernels also treat a blocking
      * socket's accept as a worker-thread job. */
-    fl = fcntl(sock, F_GETFL);
-    if (fl < 0)
-        return -errno;
-    if (!(fl & O_NONBLOCK) && fcntl(sock, F_SETFL, fl | O_NONBLOCK) < 0)
-        return -errno;
+    if ((r = iocp__sock_prepare(sock)) < 0)
+        return r;
     if (st->nops > 0) {
         /* The descriptor was closed without unregister and reused: the old
          * socket's ops still run (they hold its file) -- stop them.  The
