@@ -13,7 +13,10 @@
  * headers.  This file is the op state machine; the ring (setup, SQE
  * get/commit, flush, CQ primitives, one prep helper per SQE kind) is in
  * uring_ring.c, the feature probes in uring_probe.c, the provided-buffer
- * groups in uring_buf.c, and what they share in uring_internal.h.
+ * groups in uring_buf.c, and what they share in uring_internal.h; what it
+ * does with a socket exactly as epoll.c does (descriptor table, O_NONBLOCK
+ * at register, how a connect ended, the result of an op stopped early
+ * after a partial send) is sock.c's.
  *
  * How ops map: user_data is the iocp_op pointer (records are at least
  * 8-byte aligned, so the low three bits are free for tags).  ACCEPT ->
@@ -612,12 +615,24 @@ static void iocp__owed_drain(iocp_port *p, struct iocp__uring *u)
     }
 }
 
+/*
+ * Ends an op stopped early by `err` with the result sock.h gives it (a send
+ * that moved bytes reports them, the error beside them).  Through
+ * iocp__finish, not iocp__sock_deliver_cancelled: a completion must respect
+ * the reap's budget and the owed queue, which plain iocp__deliver does not.
+ */
+static void iocp__finish_stopped(iocp_port *p, struct iocp__uring *u, iocp_op *op, int err,
+                                 unsigned flags)
+{
+    int64_t result, error;
+
+    iocp__sock_stop_result(op, err, &result, &error);
+    iocp__finish(p, u, op, result, error, flags, NULL, 0);
+}
+
 static void iocp__finish_cancelled(iocp_port *p, struct iocp__uring *u, iocp_op *op)
 {
-    if (op->kind == IOCP_OP_SEND && op->done > 0)
-        iocp__finish(p, u, op, (int64_t)op->done, IOCP_ECANCELED, IOCP_CF_CANCELLED, NULL, 0);
-    else
-        iocp__finish(p, u, op, IOCP_ECANCELED, 0, IOCP_CF_CANCELLED, NULL, 0);
+    iocp__finish_stopped(p, u, op, IOCP_ECANCELED, IOCP_CF_CANCELLED);
 }
 
 /*
@@ -914,10 +929,8 @@ static void iocp__complete_send(iocp_port *p, struct iocp__uring *u, iocp_op *op
         iocp__again_poll(p, u, op, POLLOUT);
     } else if (iocp__is_cancel_res(res)) {
         iocp__again(p, u, op);
-    } else if (op->done > 0) {
-        iocp__finish(p, u, op, (int64_t)op->done, res, 0, NULL, 0);
     } else {
-        iocp__finish(p, u, op, res, 0, 0, NULL, 0);
+        iocp__finish_stopped(p, u, op, res, 0);
     }
 }
 
@@ -987,10 +1000,7 @@ static void iocp__complete_poll(iocp_port *p, struct iocp__uring *u, iocp_op *op
     if (iocp__cancelling(u, op)) {
         iocp__finish_cancelled(p, u, op);
     } else if (res < 0 && !iocp__is_cancel_res(res)) {
-        if (op->kind == IOCP_OP_SEND && op->done > 0)
-            iocp__finish(p, u, op, (int64_t)op->done, res, 0, NULL, 0);
-        else
-            iocp__finish(p, u, op, res, 0, 0, NULL, 0);
+        iocp__finish_stopped(p, u, op, res, 0);
     } else if (op->state & IOCP__ST_CONNWAIT) {
         if (res < 0)
             iocp__arm_poll(u, op, POLLOUT);
