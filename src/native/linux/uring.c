@@ -13,7 +13,10 @@
  * headers.  This file is the op state machine; the ring (setup, SQE
  * get/commit, flush, CQ primitives, one prep helper per SQE kind) is in
  * uring_ring.c, the feature probes in uring_probe.c, the provided-buffer
- * groups in uring_buf.c, and what they share in uring_internal.h.
+ * groups in uring_buf.c, and what they share in uring_internal.h; what it
+ * does with a socket exactly as epoll.c does (descriptor table, O_NONBLOCK
+ * at register, how a connect ended, the result of an op stopped early
+ * after a partial send) is sock.c's.
  *
  * How ops map: user_data is the iocp_op pointer (records are at least
  * 8-byte aligned, so the low three bits are free for tags).  ACCEPT ->
@@ -119,7 +122,6 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
-#include <fcntl.h>
 #include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -130,37 +132,33 @@
 #include <unistd.h>
 
 #include "uring_internal.h"
+#include "sock.h"
 
 /* ---- per-descriptor state ------------------------------------------- */
 
-/* Makes the table cover `fd`.  0, IOCP_EBADF for a descriptor no table
- * can hold, or IOCP_ENOMEM. */
-static int iocp__ufd_grow(struct iocp__uring *u, int fd)
+/* Makes the table cover `fd` (the growth and zeroing are sock.h's, shared
+ * with epoll.c) and returns its entry in *entry.  0, IOCP_EBADF for a
+ * descriptor no table can hold (past IOCP__UFD_MAX: refused here as a bad
+ * descriptor, where the shared helper would say ENOMEM), or IOCP_ENOMEM. */
+static int iocp__ufd_reserve(struct iocp__uring *u, int fd, struct iocp__ufd **entry)
 {
-    struct iocp__ufd *nf;
-    int n = u->nfds ? u->nfds : 64;
+    void *t = u->fds, *slot;
+    int r;
 
     if (fd < 0 || fd >= IOCP__UFD_MAX)
         return IOCP_EBADF;
-    while (n <= fd)
-        n *= 2;                     /* n <= IOCP__UFD_MAX: no overflow */
-    if ((size_t)n > SIZE_MAX / sizeof(*nf))
-        return IOCP_ENOMEM;         /* 32-bit size_t */
-    nf = realloc(u->fds, (size_t)n * sizeof(*nf));
-    if (!nf)
-        return IOCP_ENOMEM;
-    memset(nf + u->nfds, 0, (size_t)(n - u->nfds) * sizeof(*nf));
-    u->fds = nf;
-    u->nfds = n;
+    r = iocp__sock_table_reserve(&t, &u->nfds, fd, sizeof(*u->fds), &slot);
+    if (r < 0)
+        return r;
+    u->fds = t;
+    *entry = slot;
     return 0;
 }
 
 /* The descriptor's state; NULL if it has none (never registered). */
 static struct iocp__ufd *iocp__ufd(struct iocp__uring *u, int fd)
 {
-    if (fd < 0 || fd >= u->nfds)
-        return NULL;
-    return &u->fds[fd];
+    return iocp__sock_table_at(u->fds, u->nfds, fd, sizeof(*u->fds));
 }
 
 /* The op's generation is kept in aux_sock (unused on Linux). */
@@ -617,12 +615,24 @@ static void iocp__owed_drain(iocp_port *p, struct iocp__uring *u)
     }
 }
 
+/*
+ * Ends an op stopped early by `err` with the result sock.h gives it (a send
+ * that moved bytes reports them, the error beside them).  Through
+ * iocp__finish, not iocp__sock_deliver_cancelled: a completion must respect
+ * the reap's budget and the owed queue, which plain iocp__deliver does not.
+ */
+static void iocp__finish_stopped(iocp_port *p, struct iocp__uring *u, iocp_op *op, int err,
+                                 unsigned flags)
+{
+    int64_t result, error;
+
+    iocp__sock_stop_result(op, err, &result, &error);
+    iocp__finish(p, u, op, result, error, flags, NULL, 0);
+}
+
 static void iocp__finish_cancelled(iocp_port *p, struct iocp__uring *u, iocp_op *op)
 {
-    if (op->kind == IOCP_OP_SEND && op->done > 0)
-        iocp__finish(p, u, op, (int64_t)op->done, IOCP_ECANCELED, IOCP_CF_CANCELLED, NULL, 0);
-    else
-        iocp__finish(p, u, op, IOCP_ECANCELED, 0, IOCP_CF_CANCELLED, NULL, 0);
+    iocp__finish_stopped(p, u, op, IOCP_ECANCELED, IOCP_CF_CANCELLED);
 }
 
 /*
@@ -919,10 +929,8 @@ static void iocp__complete_send(iocp_port *p, struct iocp__uring *u, iocp_op *op
         iocp__again_poll(p, u, op, POLLOUT);
     } else if (iocp__is_cancel_res(res)) {
         iocp__again(p, u, op);
-    } else if (op->done > 0) {
-        iocp__finish(p, u, op, (int64_t)op->done, res, 0, NULL, 0);
     } else {
-        iocp__finish(p, u, op, res, 0, 0, NULL, 0);
+        iocp__finish_stopped(p, u, op, res, 0);
     }
 }
 
@@ -960,27 +968,16 @@ static void iocp__complete_chain(iocp_port *p, struct iocp__uring *u, iocp_op *o
     iocp__complete_send(p, u, op, res);
 }
 
-/* After a connect in progress became writable: how did it end? */
+/* After a connect in progress became writable: how did it end?  Still
+ * going (an early edge): wait for writability again. */
 static void iocp__connect_check(iocp_port *p, struct iocp__uring *u, iocp_op *op)
 {
-    int err = 0;
-    socklen_t len = sizeof(err);
+    int r = iocp__sock_connect_status(op->sock);
 
-    if (getsockopt(op->sock, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-        err = errno;
-    if (err == EINPROGRESS || err == EALREADY) {
+    if (r > 0)
         iocp__again_poll(p, u, op, POLLOUT);
-        return;
-    }
-    if (err == 0) {
-        struct sockaddr_storage ss;
-        socklen_t sl = sizeof(ss);
-        if (getpeername(op->sock, (struct sockaddr *)&ss, &sl) < 0 && errno == ENOTCONN) {
-            iocp__again_poll(p, u, op, POLLOUT);
-            return;
-        }
-    }
-    iocp__finish(p, u, op, -err, 0, 0, NULL, 0);
+    else
+        iocp__finish(p, u, op, r, 0, 0, NULL, 0);
 }
 
 static void iocp__complete_connect(iocp_port *p, struct iocp__uring *u, iocp_op *op, int res)
@@ -1003,10 +1000,7 @@ static void iocp__complete_poll(iocp_port *p, struct iocp__uring *u, iocp_op *op
     if (iocp__cancelling(u, op)) {
         iocp__finish_cancelled(p, u, op);
     } else if (res < 0 && !iocp__is_cancel_res(res)) {
-        if (op->kind == IOCP_OP_SEND && op->done > 0)
-            iocp__finish(p, u, op, (int64_t)op->done, res, 0, NULL, 0);
-        else
-            iocp__finish(p, u, op, res, 0, 0, NULL, 0);
+        iocp__finish_stopped(p, u, op, res, 0);
     } else if (op->state & IOCP__ST_CONNWAIT) {
         if (res < 0)
             iocp__arm_poll(u, op, POLLOUT);
@@ -1396,25 +1390,21 @@ static int iocp__uring_register(iocp_port *p, iocp_socket_t sock)
     struct iocp__uring *u = p->be;
     struct iocp__ufd *st;
     struct stat sb;
-    int fl, r;
+    int r;
 
     if ((r = iocp__ring_own(u)) < 0)
         return r;
     if (fstat(sock, &sb) < 0)
         return -errno;
-    if (sock >= u->nfds && (r = iocp__ufd_grow(u, sock)) < 0)
+    if ((r = iocp__ufd_reserve(u, sock, &st)) < 0)
         return r;
-    st = iocp__ufd(u, sock);
     if (st->registered && st->dev == sb.st_dev && st->ino == sb.st_ino)
         return IOCP_EEXIST;
     /* io_uring does not need O_NONBLOCK, but the epoll emulation sets it
      * and callers may rely on that; old kernels also treat a blocking
      * socket's accept as a worker-thread job. */
-    fl = fcntl(sock, F_GETFL);
-    if (fl < 0)
-        return -errno;
-    if (!(fl & O_NONBLOCK) && fcntl(sock, F_SETFL, fl | O_NONBLOCK) < 0)
-        return -errno;
+    if ((r = iocp__sock_prepare(sock)) < 0)
+        return r;
     if (st->nops > 0) {
         /* The descriptor was closed without unregister and reused: the old
          * socket's ops still run (they hold its file) -- stop them.  The

@@ -8,6 +8,10 @@
  *   uring_buf.c    the provided-buffer ring receives pick from
  *   uring.c        the op state machine, per-socket FIFOs, the vtable
  *
+ * uring.c also uses sock.h, shared with epoll.c: the descriptor table's
+ * growth and lookup, O_NONBLOCK at register, how a connect ended, and the
+ * result of an op stopped early after a partial send.
+ *
  * All of it runs under the port lock (or on a ring private to the caller,
  * as the probes do): nothing here takes a lock of its own.  The tiny hot
  * ring accessors are static inline here; their slow paths live in
