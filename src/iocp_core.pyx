@@ -43,6 +43,89 @@ from collections import deque as _deque
 
 _log = _logging.getLogger("iocp")
 
+# ---- reading a socket's descriptor without a method call ------------------
+#
+# Every op looks its socket's registration up by descriptor, and
+# ``sock.fileno()`` through attribute lookup costs ~400 instructions: more
+# than the rest of _new_op.  The fd is still read fresh from the socket
+# for every op (a closed socket reads -1, so a cached fd can never point an
+# op at a descriptor reused by someone else); only *how* it is read is
+# cached: for an exact ``socket.socket`` whose type is unchanged since the
+# lookup (same ``tp_version_tag``: any assignment to the class or a base
+# gives it a new one), the C function behind ``_socket.socket.fileno`` is
+# called directly.  ``socket.socket`` has ``__slots__``, so no instance can
+# shadow the method.  Anything else takes the ordinary ``sock.fileno()``.
+cdef extern from *:
+    """
+    static PyTypeObject *iocp__py_sock_type;   /* socket.socket */
+    static unsigned int iocp__py_sock_tag;     /* its tp_version_tag; 0: none */
+    static PyCFunction iocp__py_sock_fileno;   /* _socket.socket.fileno's C code */
+
+    /* (Re)learns how socket.socket's fileno() resolves.  0, or -1 with an
+       exception set. */
+    static int iocp__fast_fd_learn(PyObject *type, PyObject *base)
+    {
+        PyObject *name, *found, *want;
+        PyTypeObject *t = (PyTypeObject *)type;
+        iocp__py_sock_tag = 0;
+        name = PyUnicode_InternFromString("fileno");
+        if (name == NULL)
+            return -1;
+        found = _PyType_Lookup(t, name);          /* borrowed; assigns a tag */
+        want = PyDict_GetItemWithError(((PyTypeObject *)base)->tp_dict, name);
+        Py_DECREF(name);
+        if (want == NULL && PyErr_Occurred())
+            return -1;
+        if (found == NULL || found != want || !Py_IS_TYPE(found, &PyMethodDescr_Type))
+            return 0;                             /* not the C method: no fast path */
+        if (!(((PyMethodDescrObject *)found)->d_method->ml_flags & METH_NOARGS))
+            return 0;
+        iocp__py_sock_type = t;
+        iocp__py_sock_fileno = ((PyMethodDescrObject *)found)->d_method->ml_meth;
+        iocp__py_sock_tag = t->tp_version_tag;
+        return 0;
+    }
+
+    /* 1 and *fd set if `sock` took the fast path; 0 if the caller must
+       call sock.fileno(); -1 with an exception set. */
+    static int iocp__fast_fd(PyObject *sock, long long *fd)
+    {
+        PyObject *r;
+        if (Py_TYPE(sock) != iocp__py_sock_type || iocp__py_sock_tag == 0 ||
+                iocp__py_sock_type->tp_version_tag != iocp__py_sock_tag)
+            return 0;
+        r = iocp__py_sock_fileno(sock, NULL);
+        if (r == NULL)
+            return -1;
+        *fd = PyLong_AsLongLong(r);
+        Py_DECREF(r);
+        if (*fd == -1 && PyErr_Occurred())
+            return -1;
+        return 1;
+    }
+    """
+    int iocp__fast_fd_learn(object type, object base) except -1
+    int iocp__fast_fd(object sock, long long *fd) except -1
+
+
+cdef object _SocketType = _socket.socket
+iocp__fast_fd_learn(_SocketType, _SocketType.__mro__[1])
+
+
+cdef long long _sock_fd(object sock) except? -2:
+    """The descriptor of a socket.socket (-1 once closed); TypeError for
+    anything else.  See above for the fast path."""
+    cdef long long fd
+    if iocp__fast_fd(sock, &fd):
+        return fd
+    if not isinstance(sock, _SocketType):
+        raise TypeError(f"expected a socket.socket, got {type(sock).__name__}")
+    fd = sock.fileno()
+    if type(sock) is _SocketType:
+        # The class changed (or had no tag yet): relearn for next time.
+        iocp__fast_fd_learn(_SocketType, _SocketType.__mro__[1])
+    return fd
+
 cdef enum:
     # Completions taken per wait (GetQueuedCompletionStatusEx-style).
     BATCH = 128
@@ -688,6 +771,7 @@ cdef class CompletionPort:
 
     cdef Operation _new_op(self, int kind, object sock, object callback):
         cdef Operation op
+        cdef long long fd = -1
         self._check_open()
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable or None")
@@ -696,9 +780,7 @@ cdef class CompletionPort:
         op._kind = kind
         op.callback = callback
         if kind != IOCP_OP_POST:
-            if not isinstance(sock, _socket.socket):
-                raise TypeError(f"expected a socket.socket, got {type(sock).__name__}")
-            fd = sock.fileno()
+            fd = _sock_fd(sock)
             entry = self._registered.get(fd)
             if entry is None or fd < 0:
                 raise ValueError("socket is not registered with this port")
