@@ -21,7 +21,8 @@ turns the GIL back on when it imports the module.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
+                           PyBytes_GET_SIZE)
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.pythread cimport PyThread_get_thread_ident
@@ -388,6 +389,7 @@ cdef class Operation:
     cdef object _obj
     cdef Py_buffer _view
     cdef bint _pinned
+    cdef bint _refpin               # _pinned by the reference in _obj alone (bytes)
     cdef bint _done
     cdef bint _multishot
     cdef Py_ssize_t _post_nbytes    # a post made off the owner thread (see post())
@@ -401,6 +403,7 @@ cdef class Operation:
                             "methods (accept, recv, send, ...), not directly")
         self._op = NULL
         self._pinned = False
+        self._refpin = False
         self._done = False
         self._views = NULL
         self._nviews = 0
@@ -441,8 +444,10 @@ cdef class Operation:
     cdef void _unpin(self):
         cdef Py_ssize_t i
         if self._pinned:
-            PyBuffer_Release(&self._view)
+            if not self._refpin:
+                PyBuffer_Release(&self._view)
             self._pinned = False
+            self._refpin = False
             self._port._pinned -= 1
         if self._views != NULL:
             for i in range(self._nviews):
@@ -459,7 +464,7 @@ cdef class Operation:
         # Only reachable once the native record let go of its reference,
         # i.e. after the final completion; _unpin() already released all.
         cdef Py_ssize_t i
-        if self._pinned:
+        if self._pinned and not self._refpin:
             PyBuffer_Release(&self._view)
         if self._views != NULL:
             for i in range(self._nviews):
@@ -809,6 +814,16 @@ cdef class CompletionPort:
         return op
 
     cdef int _pin(self, Operation op, object data, int flags) except -1:
+        if flags == PyBUF_SIMPLE and PyBytes_CheckExact(data):
+            # bytes cannot change or move: the strong reference in _obj
+            # pins it, with no buffer export to take and release.
+            op._refpin = True
+            op._pinned = True
+            self._pinned += 1
+            op._obj = data
+            op._op.buf = PyBytes_AS_STRING(data)
+            op._op.len = <size_t>PyBytes_GET_SIZE(data)
+            return 0
         try:
             PyObject_GetBuffer(data, &op._view, flags)
         except BufferError:
