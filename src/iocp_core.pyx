@@ -25,6 +25,7 @@ from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromS
                            PyBytes_GET_SIZE)
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.object cimport Py_TYPE, PyObject, PyTypeObject
 from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport int64_t, uint32_t
@@ -61,7 +62,6 @@ cdef extern from *:
     static PyTypeObject *iocp__py_sock_type;   /* socket.socket */
     static unsigned int iocp__py_sock_tag;     /* its tp_version_tag; 0: none */
     static PyCFunction iocp__py_sock_fileno;   /* _socket.socket.fileno's C code */
-
     /* (Re)learns how socket.socket's fileno() resolves.  0, or -1 with an
        exception set. */
     static int iocp__fast_fd_learn(PyObject *type, PyObject *base)
@@ -111,6 +111,7 @@ cdef extern from *:
 
 cdef object _SocketType = _socket.socket
 iocp__fast_fd_learn(_SocketType, _SocketType.__mro__[1])
+
 
 
 cdef long long _sock_fd(object sock) except? -2:
@@ -502,7 +503,7 @@ cdef class Completion:
     """Kind-dependent payload; see the class docstring."""
     cdef readonly bint cancelled
     """True if the operation was cancelled before it could complete."""
-    cdef readonly bint more
+    cdef readonly object more
     """True when a multishot operation (accept, recv, poll) stays armed
     after this completion; its final one has ``more`` false."""
     cdef object _failure        # exception that interrupted its conversion
@@ -535,6 +536,112 @@ cdef class Completion:
     def __repr__(self) -> str:
         extra = f" error={self.error!r}" if self.error is not None else ""
         return f"<iocp.Completion {self.kind} key={self.key!r} nbytes={self.nbytes}{extra}>"
+
+
+# --------------------------------------------------------------------------
+# Attribute reads the interpreter can specialise
+#
+# Cython exposes a ``cdef readonly object`` attribute as a getset property,
+# which CPython's attribute cache cannot specialise: reading ``c.data`` in
+# a callback costs ~120 instructions of generic lookup.  A member
+# descriptor (T_OBJECT_EX, read-only) is read by the specialised
+# LOAD_ATTR_SLOT at the cost of a load.  So the object attributes of
+# Completion and Operation are re-exposed as members, at the same slots,
+# with the same docstrings; writing them still raises AttributeError.  The
+# slot offsets are found from an instance (a unique marker stored through
+# the Cython attribute), not from Cython's private struct names.
+
+cdef extern from "structmember.h":
+    ctypedef struct PyMemberDef:
+        const char *name
+        int type
+        Py_ssize_t offset
+        int flags
+        const char *doc
+    int T_OBJECT_EX
+    int READONLY
+
+cdef extern from "Python.h":
+    object PyDescr_NewMember(PyTypeObject *type, PyMemberDef *meth)
+    void PyType_Modified(PyTypeObject *type)
+    int PyDict_SetItemString(object d, const char *key, object val) except -1
+
+cdef enum:
+    _N_MEMBERS = 8
+
+cdef PyMemberDef _members[_N_MEMBERS]
+cdef list _member_keep = []      # names and docs the PyMemberDefs point into
+
+
+cdef Py_ssize_t _slot_of(object obj, object marker) except -1:
+    """Byte offset of the one object slot of `obj` that holds `marker`."""
+    cdef PyObject **slots = <PyObject **><PyObject *>obj
+    cdef Py_ssize_t i, found = -1
+    cdef Py_ssize_t n = Py_TYPE(obj).tp_basicsize // <Py_ssize_t>sizeof(PyObject *)
+    for i in range(n):
+        if slots[i] == <PyObject *>marker:
+            if found >= 0:
+                raise RuntimeError("iocp: ambiguous attribute slot")
+            found = i
+    if found < 0:
+        raise RuntimeError("iocp: attribute slot not found")
+    return found * <Py_ssize_t>sizeof(PyObject *)
+
+
+cdef int _expose_member(int k, type cls, str name, Py_ssize_t offset) except -1:
+    old = cls.__dict__[name]
+    name_b = name.encode()
+    doc = old.__doc__
+    doc_b = doc.encode() if doc else None
+    _member_keep.append(name_b)
+    _member_keep.append(doc_b)
+    _members[k].name = name_b
+    _members[k].type = T_OBJECT_EX
+    _members[k].offset = offset
+    _members[k].flags = READONLY
+    _members[k].doc = <const char *>doc_b if doc_b is not None else NULL
+    descr = PyDescr_NewMember(<PyTypeObject *>cls, &_members[k])
+    PyDict_SetItemString(<object>(<PyTypeObject *>cls).tp_dict, _members[k].name, descr)
+    PyType_Modified(<PyTypeObject *>cls)
+    return 0
+
+
+cdef int _expose_members() except -1:
+    cdef Completion c = _new_completion()
+    cdef Operation o = _new_operation()
+    cdef int k = 0
+    marker = object()
+    for name in ("key", "operation", "error", "data", "more"):
+        if name == "key":
+            c.key = marker
+        elif name == "operation":
+            c.operation = o
+        elif name == "error":
+            c.error = marker
+        elif name == "data":
+            c.data = marker
+        else:
+            c.more = marker
+        off = _slot_of(c, o if name == "operation" else marker)
+        c.key = c.error = c.data = c.more = None
+        c.operation = None
+        _expose_member(k, Completion, name, off)
+        k += 1
+    for name in ("socket", "key", "callback"):
+        if name == "socket":
+            o.socket = marker
+        elif name == "key":
+            o.key = marker
+        else:
+            o.callback = marker
+        off = _slot_of(o, marker)
+        o.socket = o.key = o.callback = None
+        _expose_member(k, Operation, name, off)
+        k += 1
+    return 0
+
+
+_expose_members()
 
 
 # --------------------------------------------------------------------------
@@ -1107,7 +1214,7 @@ cdef class CompletionPort:
             comp.operation = op
             comp.key = op.key
             comp.cancelled = (c.flags & IOCP_CF_CANCELLED) != 0
-            comp.more = not final
+            comp.more = True if not final else False
             try:
                 if c.result < 0:
                     comp.nbytes = 0

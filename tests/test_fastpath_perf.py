@@ -220,3 +220,31 @@ def test_bytes_send_leaks_nothing_over_many_messages(port):
     pump(port, lambda: len(got) == 250 and settled(port))
     assert all(c.ok and c.nbytes == 5 for c in got)
     close_all(port, client, server)
+
+
+# ------------------------------------------------------- attribute members
+
+
+def test_completion_and_operation_attributes_are_read_only_members(port):
+    client, server = tcp_pair()
+    port.register(server, key="k")
+    got: list[iocp.Completion] = []
+    op = port.recv(server, 0, got.append, multishot=True)
+    client.sendall(b"hello")
+    pump(port, lambda: got)
+    c = got[0]
+    assert c.data == b"hello" and c.more is True and c.error is None
+    assert c.key == "k" and c.operation is op and not c.cancelled
+    assert op.socket is server and op.key == "k" and op.callback == got.append
+    for obj, names in ((c, ("data", "more", "error", "key", "operation")),
+                       (op, ("socket", "key", "callback"))):
+        for name in names:
+            assert type(obj).__dict__[name].__doc__, name
+            with pytest.raises(AttributeError):
+                setattr(obj, name, None)
+    assert c.data == b"hello" and op.socket is server
+    client.close()
+    pump(port, lambda: op.done)
+    last = got[-1]
+    assert last.more is False and last.operation is op
+    close_all(port, server)
