@@ -62,6 +62,25 @@ cdef extern from *:
     static PyTypeObject *iocp__py_sock_type;   /* socket.socket */
     static unsigned int iocp__py_sock_tag;     /* its tp_version_tag; 0: none */
     static PyCFunction iocp__py_sock_fileno;   /* _socket.socket.fileno's C code */
+    /* 1: the descriptor is read straight from the object (see
+       iocp__fast_fd_probe); 0: through iocp__py_sock_fileno. */
+    static int iocp__py_sock_direct;
+
+    /* CPython's socket object keeps its descriptor (a SOCKET_T, which is
+       what iocp_socket_t is on each platform) first after the object
+       header.  That layout is not a public API, so it is only used once
+       checked against fileno() on live sockets: an open one and a closed
+       one (-1).  0 or 1 (layout confirmed); never raises. */
+    static int iocp__fast_fd_probe(PyObject *sock, long long fd)
+    {
+        iocp_socket_t raw;
+        if (Py_TYPE(sock) != iocp__py_sock_type ||
+                Py_TYPE(sock)->tp_basicsize < (Py_ssize_t)(sizeof(PyObject) + sizeof(raw)))
+            return 0;
+        memcpy(&raw, (char *)sock + sizeof(PyObject), sizeof(raw));
+        return (long long)raw == fd;
+    }
+
     /* (Re)learns how socket.socket's fileno() resolves.  0, or -1 with an
        exception set. */
     static int iocp__fast_fd_learn(PyObject *type, PyObject *base)
@@ -95,6 +114,12 @@ cdef extern from *:
         if (Py_TYPE(sock) != iocp__py_sock_type || iocp__py_sock_tag == 0 ||
                 iocp__py_sock_type->tp_version_tag != iocp__py_sock_tag)
             return 0;
+        if (iocp__py_sock_direct) {
+            iocp_socket_t raw;
+            memcpy(&raw, (char *)sock + sizeof(PyObject), sizeof(raw));
+            *fd = (long long)raw;
+            return 1;
+        }
         r = iocp__py_sock_fileno(sock, NULL);
         if (r == NULL)
             return -1;
@@ -107,11 +132,37 @@ cdef extern from *:
     """
     int iocp__fast_fd_learn(object type, object base) except -1
     int iocp__fast_fd(object sock, long long *fd) except -1
+    int iocp__fast_fd_probe(object sock, long long fd) noexcept
+    int iocp__py_sock_direct
 
 
 cdef object _SocketType = _socket.socket
 iocp__fast_fd_learn(_SocketType, _SocketType.__mro__[1])
 
+
+cdef int _probe_sock_layout() except -1:
+    """Turns on the direct descriptor read if CPython's socket layout is
+    the one expected (see iocp__fast_fd_probe), checked on sockets of
+    three descriptors, one of them closed."""
+    global iocp__py_sock_direct
+    cdef bint ok = True
+    socks = []
+    try:
+        for _ in range(3):
+            socks.append(_SocketType(_socket.AF_INET, _socket.SOCK_STREAM))
+        socks[1].close()
+        for s in socks:
+            ok = ok and iocp__fast_fd_probe(s, s.fileno())
+    except OSError:
+        ok = False
+    finally:
+        for s in socks:
+            s.close()
+    iocp__py_sock_direct = ok
+    return 0
+
+
+_probe_sock_layout()
 
 
 cdef long long _sock_fd(object sock) except? -2:
@@ -442,7 +493,7 @@ cdef class Operation:
         state = "done" if self._done else "pending"
         return f"<iocp.Operation {self.kind} {state}>"
 
-    cdef void _unpin(self):
+    cdef void _unpin(self) noexcept:
         cdef Py_ssize_t i
         if self._pinned:
             if not self._refpin:
