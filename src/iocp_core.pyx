@@ -563,6 +563,7 @@ cdef class Completion:
         if _making == 0:
             raise TypeError("iocp.Completion objects are made by the port "
                             "(run, get, get_many), not directly")
+        self.more = False          # an object (see _expose_members), never None
 
     @property
     def kind(self) -> str:
