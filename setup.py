@@ -15,6 +15,7 @@ Environment knobs for developers (see the Makefile):
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import sys
@@ -86,9 +87,17 @@ native_lib = (
     },
 )
 
+# build_ext knows nothing of the static library it links: without these it
+# keeps a stale iocp/_core*.so when only native C changed (a test then runs
+# the old backend).  Every native source and header relinks the module.
+NATIVE_DEPENDS = sorted(
+    glob.glob("src/native/**/*.[ch]", recursive=True) + glob.glob("src/includes/*.pxd")
+)
+
 core = Extension(
     "iocp._core",
     sources=["src/iocp_core.pyx"],
+    depends=NATIVE_DEPENDS,
     include_dirs=["src/native", "src/includes"],
     define_macros=MACROS + ([("CYTHON_TRACE_NOGIL", "1")] if DEBUG else []),
     libraries=["iocp_native", *SYSTEM_LIBS],

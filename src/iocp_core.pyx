@@ -744,7 +744,6 @@ cdef class CompletionPort:
     cdef object _foreign            # single-issuer: posts made by other threads
     cdef Py_ssize_t _nforeign       # len(_foreign), tested on every wait
     cdef dict _ms_recv              # fd -> its armed multishot recv Operation
-    cdef bint _open_dispatch        # single-issuer run_once left its batch open
 
     def __cinit__(self, unsigned concurrency=0, *, backend=None,
                   unsigned queue_capacity=1024, unsigned ring_entries=0,
@@ -784,7 +783,6 @@ cdef class CompletionPort:
         self._foreign = _deque()
         self._nforeign = 0
         self._ms_recv = {}
-        self._open_dispatch = False
         r = iocp_port_create(&opts, &self._port)
         if r < 0:
             err = _oserror(r)
@@ -1374,7 +1372,6 @@ cdef class CompletionPort:
             if once:
                 with nogil:
                     n = iocp_port_run_once(self._port, batch, max, timeout_ms, wake_gen)
-                self._open_dispatch = False
             else:
                 with nogil:
                     n = iocp_port_wait_since(self._port, batch, max, timeout_ms, wake_gen)
@@ -1538,15 +1535,6 @@ cdef class CompletionPort:
             raise pending_exc
         return dispatched
 
-    cdef int _end_open_dispatch(self) except -1:
-        """Ends the batch a single-issuer run_once() left open (see there)
-        before a wait that will not end it itself."""
-        if self._open_dispatch:
-            self._open_dispatch = False
-            if self._port != NULL:
-                iocp_port_dispatch_done(self._port)
-        return 0
-
     def run_once(self, timeout=None, handler=None) -> int:
         """One turn of an event loop: submits what is queued, waits once
         (GIL released) for completions, dispatches that one batch (as
@@ -1561,13 +1549,9 @@ cdef class CompletionPort:
         over from a batch whose callback raised are dispatched first, with
         no wait.
 
-        On a single-issuer port the batch stays open until the next wait:
-        operations submitted by the callbacks, and by the caller until it
-        calls ``run_once()`` (or ``run``, ``get``, ``close``) again, may be
-        handed to the kernel only with that next wait (io_uring: one
-        ``io_uring_enter`` per turn instead of two).  An event loop calls
-        it again anyway; code that then blocks on something else should
-        not rely on them having started.
+        Operations the callbacks submitted have been handed to the kernel
+        when it returns.  (``run()`` saves that step: it hands them over
+        with its next wait.)
         """
         cdef unsigned long gen = self._stop_gen
         cdef unsigned wake_gen
@@ -1610,11 +1594,11 @@ cdef class CompletionPort:
                 slice_ms = SIGNAL_SLICE_MS
             n = self._wait(batch, BATCH, slice_ms, wake_gen, True)
             if n > 0:
-                if self.single_issuer:
-                    self._open_dispatch = True
-                    dispatched = self._dispatch(batch, n, handler, False)
-                else:
-                    dispatched = self._dispatch(batch, n, handler, True)
+                # Ended before returning: what the callbacks submitted
+                # has started by then (io_uring: held-back SQEs go out),
+                # whatever the caller does next.  run() folds this into
+                # its next wait instead.
+                dispatched = self._dispatch(batch, n, handler, True)
                 if dispatched > 0 or self._backlog:
                     return dispatched
                 # Only silent successes: nothing happened for the caller;
@@ -1662,7 +1646,6 @@ cdef class CompletionPort:
         if max > BATCH:
             max = BATCH
         timeout_s = _timeout_seconds(timeout)
-        self._end_open_dispatch()
         out = []
         while self._backlog and len(out) < max:
             out.append(self._backlog.popleft())
@@ -1724,7 +1707,6 @@ cdef class CompletionPort:
             iocp_port_destroy(self._port)
             self._port = NULL
             return
-        self._end_open_dispatch()
         iocp_port_begin_close(self._port)
         # Posts other threads queued before _closing was set: they are
         # delivered (callbacks run) like every other pending completion.

@@ -369,11 +369,14 @@ def test_stop_from_another_thread_ends_run_once(port):
         t.join(10)
 
 
+@pytest.mark.parametrize("single_issuer", [False, True])
 @pytest.mark.parametrize("how", ["run", "run_once"])
-def test_submissions_of_the_last_batch_start_before_run_returns(port, how):
-    """run() (and run_once() on an ordinary port) end their last batch on
-    the way out: what its callbacks submitted is in the kernel's hands
-    without another call on the port."""
+def test_submissions_of_the_last_batch_start_before_run_returns(make_port, how,
+                                                                 single_issuer):
+    """run() and run_once() end their last batch on the way out: what its
+    callbacks submitted is in the kernel's hands without another call on
+    the port."""
+    port = make_port(single_issuer=single_issuer)
     client, server = tcp_pair()
     port.register(server)
 
@@ -430,8 +433,6 @@ def test_single_issuer_echo_from_the_owner_thread(make_port):
     for i in range(20):
         msg = b"echo %d" % i
         client.sendall(msg)
-        # Event-loop style: the echo a callback submitted may start only
-        # with the next run_once (single-issuer ports keep the batch open).
         echoed = bytearray()
         want = len(msg)
         pump(port, lambda echoed=echoed, want=want: read_ready(client, echoed) >= want)

@@ -98,10 +98,14 @@ def serve_iocp_port(lsock: socket.socket, backend: str | None) -> None:
 
         def on_data(c: iocp.Completion) -> None:
             data = c.data
+            if stopping:
+                # close() on SIGTERM drains: an arrival then starts nothing.
+                close()
+                return
             if data:
                 try:
                     send(conn, data, close, silent=True)
-                except OSError:
+                except (OSError, ValueError):
                     close()
                     return
                 if c.more:

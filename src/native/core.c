@@ -290,7 +290,7 @@ static void iocp__after_sync_delivery(iocp_port *p)
 }
 
 /* The checks every entry point that acts on the port makes first. */
-static inline int iocp__enter(iocp_port *p)
+static inline int iocp__entry_check(iocp_port *p)
 {
     if (iocp__forked(p))
         return IOCP_EFORKED;
@@ -299,7 +299,7 @@ static inline int iocp__enter(iocp_port *p)
 
 int iocp_register(iocp_port *p, iocp_socket_t sock)
 {
-    int r = iocp__enter(p);
+    int r = iocp__entry_check(p);
 
     if (r < 0)
         return r;
@@ -313,7 +313,7 @@ int iocp_register(iocp_port *p, iocp_socket_t sock)
 
 int iocp_unregister(iocp_port *p, iocp_socket_t sock)
 {
-    int r = iocp__enter(p);
+    int r = iocp__entry_check(p);
 
     if (r < 0)
         return r;
@@ -344,7 +344,7 @@ static int iocp__op_valid(const iocp_op *op)
 
 int iocp_submit(iocp_port *p, iocp_op *op)
 {
-    int r = iocp__enter(p);
+    int r = iocp__entry_check(p);
 
     if (r < 0)
         return r;
@@ -375,7 +375,7 @@ int iocp_submit(iocp_port *p, iocp_op *op)
 
 int iocp_cancel(iocp_port *p, iocp_op *op)
 {
-    int r = iocp__enter(p);
+    int r = iocp__entry_check(p);
 
     if (r < 0)
         return r;
@@ -388,7 +388,7 @@ int iocp_cancel(iocp_port *p, iocp_op *op)
 int iocp_cancel_all(iocp_port *p)
 {
     iocp_op *op, *next;
-    int n = 0, r = iocp__enter(p);
+    int n = 0, r = iocp__entry_check(p);
 
     if (r < 0)
         return r;
@@ -460,17 +460,29 @@ static int iocp__wait_single(iocp_port *p, iocp_completion *out, int max,
 {
     int64_t deadline = timeout_ms > 0 ? iocp__now_ms() + timeout_ms : 0;
     int n = 0, remaining = timeout_ms, r;
+    unsigned held;
 
     for (;;) {
         if (iocp__atomic_load_u(&p->wake_gen) != gen)
             break;
-        if (p->qlen > 0) {
-            n = iocp__take(p, out, max);
-            break;
-        }
         if (timeout_ms > 0) {
             int64_t left = deadline - iocp__now_ms();
             remaining = left > 0 ? (int)left : 0;
+        }
+        /*
+         * Silent successes only (a loop's echo: its send completed inline,
+         * the next arrival has not come yet) tell the caller nothing: keep
+         * them queued and wait on, so a loop turn costs one return to the
+         * caller per event it can act on, not one more per silent send.
+         * They go out with the next batch, or when the wait ends.  Not
+         * while closing (close() drains until the queue is empty), and
+         * only while the queue has room to spare, so a burst of silent
+         * successes never fills it.
+         */
+        if (p->qlen > 0 && !(p->qlen == p->qsilent && p->ovflen == 0 && remaining != 0 &&
+                             !p->closing && p->qlen < p->qcap / 2)) {
+            n = iocp__take(p, out, max);
+            break;
         }
         /* Announce the poll, then look at wake_gen again: a foreign
          * iocp_port_wake bumps it, then reads polling, so either it sees
@@ -482,19 +494,26 @@ static int iocp__wait_single(iocp_port *p, iocp_completion *out, int max,
         }
         p->poll_blocking = remaining != 0;
         owed_hook = 0;                 /* poll() submits what was held back */
-        r = p->backend->poll(p, (int)p->qcap, remaining);
+        held = p->qlen;                /* silent successes kept (above) */
+        r = p->backend->poll(p, (int)(p->qcap - held), remaining);
         iocp__atomic_store_i(&p->polling, 0);
         p->poll_blocking = 0;
         p->delivered = 0;
         p->kick = 0;
-        if (r < 0 && r != IOCP_ETIMEDOUT && p->qlen == 0) {
-            n = r;
+        if (r < 0 && r != IOCP_ETIMEDOUT && p->qlen == held) {
+            if (held == 0) {
+                n = r;
+                break;
+            }
+            remaining = 0;             /* hand out what is held, then the error */
+        }
+        if (p->qlen > held)
+            continue;
+        if (remaining == 0) {
+            if (held > 0)
+                n = iocp__take(p, out, max);
             break;
         }
-        if (p->qlen > 0)
-            continue;
-        if (remaining == 0)
-            break;
     }
     if (owed_hook)
         p->dispatch_done(p);
@@ -559,7 +578,7 @@ static int iocp__wait(iocp_port *p, iocp_completion *out, int max,
 int iocp_port_wait_since(iocp_port *p, iocp_completion *out, int max,
                          int timeout_ms, unsigned gen)
 {
-    int n = iocp__enter(p);
+    int n = iocp__entry_check(p);
 
     if (n < 0)
         return n;
@@ -576,7 +595,7 @@ int iocp_port_wait_since(iocp_port *p, iocp_completion *out, int max,
 int iocp_port_run_once(iocp_port *p, iocp_completion *out, int max,
                        int timeout_ms, unsigned gen)
 {
-    int n = iocp__enter(p), owed;
+    int n = iocp__entry_check(p), owed;
 
     if (n < 0)
         return n;
@@ -594,7 +613,7 @@ int iocp_port_run_once(iocp_port *p, iocp_completion *out, int max,
 
 void iocp_port_dispatch_done(iocp_port *p)
 {
-    if (iocp__enter(p) < 0)
+    if (iocp__entry_check(p) < 0)
         return;
     iocp__lock(p);
     if (p->active > 0)
@@ -612,7 +631,7 @@ void iocp_port_release_batch(iocp_port *p, iocp_completion *batch, int n)
 {
     int i;
 
-    if (iocp__enter(p) < 0 || n <= 0)
+    if (iocp__entry_check(p) < 0 || n <= 0)
         return;
     iocp__lock(p);
     for (i = 0; i < n; i++) {

@@ -190,6 +190,8 @@ struct iocp_port {
      * produced synchronously (inline success, cancel) while it is full. */
     iocp_completion *q;
     unsigned qcap, qhead, qlen;
+    unsigned qsilent;                  /* IOCP_CF_SILENT entries in the queue
+                                          and the overflow (see iocp__wait_single) */
     iocp_completion *ovf;
     unsigned ovfcap, ovfhead, ovflen;
 

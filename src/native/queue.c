@@ -60,6 +60,8 @@ void iocp__deliver(iocp_port *p, iocp_op *op, int64_t result, int64_t error,
         !(flags & (IOCP_CF_MORE | IOCP_CF_CANCELLED)) && error == 0 &&
         result >= 0 && (uint64_t)result == (uint64_t)op->len)
         flags |= IOCP_CF_SILENT;
+    if (flags & IOCP_CF_SILENT)
+        p->qsilent++;
     c.op = op;
     c.result = result;
     c.error = error;
@@ -96,6 +98,8 @@ int iocp__queue_pop(iocp_port *p, iocp_completion *out, int max)
     int n = 0;
 
     while (n < max && p->qlen > 0) {
+        if (p->q[p->qhead].flags & IOCP_CF_SILENT)
+            p->qsilent--;
         out[n++] = p->q[p->qhead];
         p->qhead = (p->qhead + 1) % p->qcap;
         p->qlen--;

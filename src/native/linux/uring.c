@@ -27,8 +27,8 @@
  * -ENOBUFS, at most once per reap, and when most of a group is out with
  * callers) up to recv_pool_max; a single-shot recv that still finds none
  * moves to a pool buffer.  A multishot RECV is one armed
- * IORING_RECV_MULTISHOT request from the 4 KiB group (64 KiB if its cap
- * asks for that), one completion with MORE per CQE; where the kernel lacks
+ * IORING_RECV_MULTISHOT request from the 4 KiB group, one completion with
+ * MORE per CQE (a larger arrival takes several); where the kernel lacks
  * it, or the cap is under a buffer, a single-shot recv from the group is
  * re-armed after each completion, and with no buffer ring at all a
  * POLL_ADD then a pool-buffer recv is.  -ENOBUFS ends a kernel multishot:
@@ -1493,14 +1493,15 @@ static int iocp__uring_submit(iocp_port *p, iocp_op *op)
     if (st && st->msrecv && (op->kind == IOCP_OP_RECV || op->kind == IOCP_OP_RECV_INTO))
         return IOCP_EBUSY;
     if (iocp__is_msrecv(op)) {
-        /* Kernel multishot delivers up to a buffer per arrival, so its
-         * group's buffers must not exceed the cap (`len`, 0: none); a
-         * cap below 4 KiB re-arms a single-shot recv from the ring. */
-        size_t want = op->len == 0 ? 0 : op->len >= 65536 ? 65536 : op->len > 4096 ? 4096
-                                                                                    : op->len;
-        int g = iocp__bg_pick(u, want);
+        /* The 4 KiB group whatever the cap (`len` bounds a completion,
+         * it asks for nothing): small messages cost a small buffer, and a
+         * larger arrival just takes several completions.  Kernel
+         * multishot delivers up to a buffer per CQE, within any cap of
+         * 4 KiB or more (or none); a smaller cap re-arms a single-shot
+         * recv of that size from the ring. */
+        int g = iocp__bg_pick(u, 0);
         if (g >= 0) {
-            op->state |= IOCP__ST_RINGBUF | (g == IOCP__BG_LARGE ? IOCP__ST_BG_LARGE : 0);
+            op->state |= IOCP__ST_RINGBUF;
             if ((u->caps & IOCP__CAP_MS_RECV) &&
                 (op->len == 0 || op->len >= iocp__bg_size(&u->bg[g])))
                 op->state |= IOCP__ST_MULTI;
@@ -1582,7 +1583,7 @@ static void iocp__flush_after_reap(iocp_port *p, struct iocp__uring *u, int n, i
 {
     if (!iocp__sq_pending(u))
         return;
-    if (n > 0 && !held && (p->active < p->concurrency || p->closing))
+    if (n > 0 && !held && (p->single_issuer || p->active < p->concurrency || p->closing))
         return;
     (void)iocp__flush(u);
 }
