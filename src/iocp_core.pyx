@@ -21,9 +21,11 @@ turns the GIL back on when it imports the module.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
+                           PyBytes_GET_SIZE)
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.object cimport Py_TYPE, PyObject, PyTypeObject
 from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport int64_t, uint32_t
@@ -42,6 +44,140 @@ import threading as _threading
 from collections import deque as _deque
 
 _log = _logging.getLogger("iocp")
+
+# ---- reading a socket's descriptor without a method call ------------------
+#
+# Every op looks its socket's registration up by descriptor, and
+# ``sock.fileno()`` through attribute lookup costs ~400 instructions: more
+# than the rest of _new_op.  The fd is still read fresh from the socket
+# for every op (a closed socket reads -1, so a cached fd can never point an
+# op at a descriptor reused by someone else); only *how* it is read is
+# cached: for an exact ``socket.socket`` whose type is unchanged since the
+# lookup (same ``tp_version_tag``: any assignment to the class or a base
+# gives it a new one), the C function behind ``_socket.socket.fileno`` is
+# called directly.  ``socket.socket`` has ``__slots__``, so no instance can
+# shadow the method.  Anything else takes the ordinary ``sock.fileno()``.
+cdef extern from *:
+    """
+    static PyTypeObject *iocp__py_sock_type;   /* socket.socket */
+    static unsigned int iocp__py_sock_tag;     /* its tp_version_tag; 0: none */
+    static PyCFunction iocp__py_sock_fileno;   /* _socket.socket.fileno's C code */
+    /* 1: the descriptor is read straight from the object (see
+       iocp__fast_fd_probe); 0: through iocp__py_sock_fileno. */
+    static int iocp__py_sock_direct;
+
+    /* CPython's socket object keeps its descriptor (a SOCKET_T, which is
+       what iocp_socket_t is on each platform) first after the object
+       header.  That layout is not a public API, so it is only used once
+       checked against fileno() on live sockets: an open one and a closed
+       one (-1).  0 or 1 (layout confirmed); never raises. */
+    static int iocp__fast_fd_probe(PyObject *sock, long long fd)
+    {
+        iocp_socket_t raw;
+        if (Py_TYPE(sock) != iocp__py_sock_type ||
+                Py_TYPE(sock)->tp_basicsize < (Py_ssize_t)(sizeof(PyObject) + sizeof(raw)))
+            return 0;
+        memcpy(&raw, (char *)sock + sizeof(PyObject), sizeof(raw));
+        return (long long)raw == fd;
+    }
+
+    /* (Re)learns how socket.socket's fileno() resolves.  0, or -1 with an
+       exception set. */
+    static int iocp__fast_fd_learn(PyObject *type, PyObject *base)
+    {
+        PyObject *name, *found, *want;
+        PyTypeObject *t = (PyTypeObject *)type;
+        iocp__py_sock_tag = 0;
+        name = PyUnicode_InternFromString("fileno");
+        if (name == NULL)
+            return -1;
+        found = _PyType_Lookup(t, name);          /* borrowed; assigns a tag */
+        want = PyDict_GetItemWithError(((PyTypeObject *)base)->tp_dict, name);
+        Py_DECREF(name);
+        if (want == NULL && PyErr_Occurred())
+            return -1;
+        if (found == NULL || found != want || !Py_IS_TYPE(found, &PyMethodDescr_Type))
+            return 0;                             /* not the C method: no fast path */
+        if (!(((PyMethodDescrObject *)found)->d_method->ml_flags & METH_NOARGS))
+            return 0;
+        iocp__py_sock_type = t;
+        iocp__py_sock_fileno = ((PyMethodDescrObject *)found)->d_method->ml_meth;
+        iocp__py_sock_tag = t->tp_version_tag;
+        return 0;
+    }
+
+    /* 1 and *fd set if `sock` took the fast path; 0 if the caller must
+       call sock.fileno(); -1 with an exception set. */
+    static int iocp__fast_fd(PyObject *sock, long long *fd)
+    {
+        PyObject *r;
+        if (Py_TYPE(sock) != iocp__py_sock_type || iocp__py_sock_tag == 0 ||
+                iocp__py_sock_type->tp_version_tag != iocp__py_sock_tag)
+            return 0;
+        if (iocp__py_sock_direct) {
+            iocp_socket_t raw;
+            memcpy(&raw, (char *)sock + sizeof(PyObject), sizeof(raw));
+            *fd = (long long)raw;
+            return 1;
+        }
+        r = iocp__py_sock_fileno(sock, NULL);
+        if (r == NULL)
+            return -1;
+        *fd = PyLong_AsLongLong(r);
+        Py_DECREF(r);
+        if (*fd == -1 && PyErr_Occurred())
+            return -1;
+        return 1;
+    }
+    """
+    int iocp__fast_fd_learn(object type, object base) except -1
+    int iocp__fast_fd(object sock, long long *fd) except -1
+    int iocp__fast_fd_probe(object sock, long long fd) noexcept
+    int iocp__py_sock_direct
+
+
+cdef object _SocketType = _socket.socket
+iocp__fast_fd_learn(_SocketType, _SocketType.__mro__[1])
+
+
+cdef int _probe_sock_layout() except -1:
+    """Turns on the direct descriptor read if CPython's socket layout is
+    the one expected (see iocp__fast_fd_probe), checked on sockets of
+    three descriptors, one of them closed."""
+    global iocp__py_sock_direct
+    cdef bint ok = True
+    socks = []
+    try:
+        for _ in range(3):
+            socks.append(_SocketType(_socket.AF_INET, _socket.SOCK_STREAM))
+        socks[1].close()
+        for s in socks:
+            ok = ok and iocp__fast_fd_probe(s, s.fileno())
+    except OSError:
+        ok = False
+    finally:
+        for s in socks:
+            s.close()
+    iocp__py_sock_direct = ok
+    return 0
+
+
+_probe_sock_layout()
+
+
+cdef long long _sock_fd(object sock) except? -2:
+    """The descriptor of a socket.socket (-1 once closed); TypeError for
+    anything else.  See above for the fast path."""
+    cdef long long fd
+    if iocp__fast_fd(sock, &fd):
+        return fd
+    if not isinstance(sock, _SocketType):
+        raise TypeError(f"expected a socket.socket, got {type(sock).__name__}")
+    fd = sock.fileno()
+    if type(sock) is _SocketType:
+        # The class changed (or had no tag yet): relearn for next time.
+        iocp__fast_fd_learn(_SocketType, _SocketType.__mro__[1])
+    return fd
 
 cdef enum:
     # Completions taken per wait (GetQueuedCompletionStatusEx-style).
@@ -305,6 +441,7 @@ cdef class Operation:
     cdef object _obj
     cdef Py_buffer _view
     cdef bint _pinned
+    cdef bint _refpin               # _pinned by the reference in _obj alone (bytes)
     cdef bint _done
     cdef bint _multishot
     cdef Py_ssize_t _post_nbytes    # a post made off the owner thread (see post())
@@ -318,6 +455,7 @@ cdef class Operation:
                             "methods (accept, recv, send, ...), not directly")
         self._op = NULL
         self._pinned = False
+        self._refpin = False
         self._done = False
         self._views = NULL
         self._nviews = 0
@@ -355,11 +493,13 @@ cdef class Operation:
         state = "done" if self._done else "pending"
         return f"<iocp.Operation {self.kind} {state}>"
 
-    cdef void _unpin(self):
+    cdef void _unpin(self) noexcept:
         cdef Py_ssize_t i
         if self._pinned:
-            PyBuffer_Release(&self._view)
+            if not self._refpin:
+                PyBuffer_Release(&self._view)
             self._pinned = False
+            self._refpin = False
             self._port._pinned -= 1
         if self._views != NULL:
             for i in range(self._nviews):
@@ -376,7 +516,7 @@ cdef class Operation:
         # Only reachable once the native record let go of its reference,
         # i.e. after the final completion; _unpin() already released all.
         cdef Py_ssize_t i
-        if self._pinned:
+        if self._pinned and not self._refpin:
             PyBuffer_Release(&self._view)
         if self._views != NULL:
             for i in range(self._nviews):
@@ -414,7 +554,7 @@ cdef class Completion:
     """Kind-dependent payload; see the class docstring."""
     cdef readonly bint cancelled
     """True if the operation was cancelled before it could complete."""
-    cdef readonly bint more
+    cdef readonly object more
     """True when a multishot operation (accept, recv, poll) stays armed
     after this completion; its final one has ``more`` false."""
     cdef object _failure        # exception that interrupted its conversion
@@ -423,6 +563,7 @@ cdef class Completion:
         if _making == 0:
             raise TypeError("iocp.Completion objects are made by the port "
                             "(run, get, get_many), not directly")
+        self.more = False          # an object (see _expose_members), never None
 
     @property
     def kind(self) -> str:
@@ -447,6 +588,112 @@ cdef class Completion:
     def __repr__(self) -> str:
         extra = f" error={self.error!r}" if self.error is not None else ""
         return f"<iocp.Completion {self.kind} key={self.key!r} nbytes={self.nbytes}{extra}>"
+
+
+# --------------------------------------------------------------------------
+# Attribute reads the interpreter can specialise
+#
+# Cython exposes a ``cdef readonly object`` attribute as a getset property,
+# which CPython's attribute cache cannot specialise: reading ``c.data`` in
+# a callback costs ~120 instructions of generic lookup.  A member
+# descriptor (T_OBJECT_EX, read-only) is read by the specialised
+# LOAD_ATTR_SLOT at the cost of a load.  So the object attributes of
+# Completion and Operation are re-exposed as members, at the same slots,
+# with the same docstrings; writing them still raises AttributeError.  The
+# slot offsets are found from an instance (a unique marker stored through
+# the Cython attribute), not from Cython's private struct names.
+
+cdef extern from "structmember.h":
+    ctypedef struct PyMemberDef:
+        const char *name
+        int type
+        Py_ssize_t offset
+        int flags
+        const char *doc
+    int T_OBJECT_EX
+    int READONLY
+
+cdef extern from "Python.h":
+    object PyDescr_NewMember(PyTypeObject *type, PyMemberDef *meth)
+    void PyType_Modified(PyTypeObject *type)
+    int PyDict_SetItemString(object d, const char *key, object val) except -1
+
+cdef enum:
+    _N_MEMBERS = 8
+
+cdef PyMemberDef _members[_N_MEMBERS]
+cdef list _member_keep = []      # names and docs the PyMemberDefs point into
+
+
+cdef Py_ssize_t _slot_of(object obj, object marker) except -1:
+    """Byte offset of the one object slot of `obj` that holds `marker`."""
+    cdef PyObject **slots = <PyObject **><PyObject *>obj
+    cdef Py_ssize_t i, found = -1
+    cdef Py_ssize_t n = Py_TYPE(obj).tp_basicsize // <Py_ssize_t>sizeof(PyObject *)
+    for i in range(n):
+        if slots[i] == <PyObject *>marker:
+            if found >= 0:
+                raise RuntimeError("iocp: ambiguous attribute slot")
+            found = i
+    if found < 0:
+        raise RuntimeError("iocp: attribute slot not found")
+    return found * <Py_ssize_t>sizeof(PyObject *)
+
+
+cdef int _expose_member(int k, type cls, str name, Py_ssize_t offset) except -1:
+    old = cls.__dict__[name]
+    name_b = name.encode()
+    doc = old.__doc__
+    doc_b = doc.encode() if doc else None
+    _member_keep.append(name_b)
+    _member_keep.append(doc_b)
+    _members[k].name = name_b
+    _members[k].type = T_OBJECT_EX
+    _members[k].offset = offset
+    _members[k].flags = READONLY
+    _members[k].doc = <const char *>doc_b if doc_b is not None else NULL
+    descr = PyDescr_NewMember(<PyTypeObject *>cls, &_members[k])
+    PyDict_SetItemString(<object>(<PyTypeObject *>cls).tp_dict, _members[k].name, descr)
+    PyType_Modified(<PyTypeObject *>cls)
+    return 0
+
+
+cdef int _expose_members() except -1:
+    cdef Completion c = _new_completion()
+    cdef Operation o = _new_operation()
+    cdef int k = 0
+    marker = object()
+    for name in ("key", "operation", "error", "data", "more"):
+        if name == "key":
+            c.key = marker
+        elif name == "operation":
+            c.operation = o
+        elif name == "error":
+            c.error = marker
+        elif name == "data":
+            c.data = marker
+        else:
+            c.more = marker
+        off = _slot_of(c, o if name == "operation" else marker)
+        c.key = c.error = c.data = c.more = None
+        c.operation = None
+        _expose_member(k, Completion, name, off)
+        k += 1
+    for name in ("socket", "key", "callback"):
+        if name == "socket":
+            o.socket = marker
+        elif name == "key":
+            o.key = marker
+        else:
+            o.callback = marker
+        off = _slot_of(o, marker)
+        o.socket = o.key = o.callback = None
+        _expose_member(k, Operation, name, off)
+        k += 1
+    return 0
+
+
+_expose_members()
 
 
 # --------------------------------------------------------------------------
@@ -686,6 +933,7 @@ cdef class CompletionPort:
 
     cdef Operation _new_op(self, int kind, object sock, object callback):
         cdef Operation op
+        cdef long long fd = -1
         self._check_open()
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable or None")
@@ -694,9 +942,7 @@ cdef class CompletionPort:
         op._kind = kind
         op.callback = callback
         if kind != IOCP_OP_POST:
-            if not isinstance(sock, _socket.socket):
-                raise TypeError(f"expected a socket.socket, got {type(sock).__name__}")
-            fd = sock.fileno()
+            fd = _sock_fd(sock)
             entry = self._registered.get(fd)
             if entry is None or fd < 0:
                 raise ValueError("socket is not registered with this port")
@@ -725,6 +971,16 @@ cdef class CompletionPort:
         return op
 
     cdef int _pin(self, Operation op, object data, int flags) except -1:
+        if flags == PyBUF_SIMPLE and PyBytes_CheckExact(data):
+            # bytes cannot change or move: the strong reference in _obj
+            # pins it, with no buffer export to take and release.
+            op._refpin = True
+            op._pinned = True
+            self._pinned += 1
+            op._obj = data
+            op._op.buf = PyBytes_AS_STRING(data)
+            op._op.len = <size_t>PyBytes_GET_SIZE(data)
+            return 0
         try:
             PyObject_GetBuffer(data, &op._view, flags)
         except BufferError:
@@ -1008,7 +1264,7 @@ cdef class CompletionPort:
             comp.operation = op
             comp.key = op.key
             comp.cancelled = (c.flags & IOCP_CF_CANCELLED) != 0
-            comp.more = not final
+            comp.more = True if not final else False
             try:
                 if c.result < 0:
                     comp.nbytes = 0
