@@ -7,11 +7,13 @@ the core, so those tests hold on every backend whatever it implements."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -349,24 +351,31 @@ def test_run_once_refuses_bad_timeouts_and_nesting(port):
     assert len(errors) == 1
 
 
-def test_stop_from_another_thread_ends_run_once(port):
+@contextlib.contextmanager
+def stopping(port: iocp.CompletionPort) -> Iterator[None]:
+    """While the block runs, another thread calls port.stop() every 10 ms
+    (again and again until the block ends: a stop() that lands before the
+    block's run starts waiting is, by design, not remembered by it)."""
     done = threading.Event()
 
     def stopper() -> None:
-        # Until run_once returns: a stop() that lands before it starts
-        # waiting is (by design) not remembered by the next call.
         while not done.wait(0.01):
             port.stop()
 
     t = threading.Thread(target=stopper)
     t.start()
     try:
-        t0 = time.monotonic()
-        assert port.run_once(30) == 0
-        assert time.monotonic() - t0 < 20
+        yield
     finally:
         done.set()
         t.join(10)
+
+
+def test_stop_from_another_thread_ends_run_once(port):
+    with stopping(port):
+        t0 = time.monotonic()
+        assert port.run_once(30) == 0
+        assert time.monotonic() - t0 < 20
 
 
 @pytest.mark.parametrize("single_issuer", [False, True])
@@ -522,19 +531,8 @@ def test_single_issuer_stop_from_another_thread(make_port):
     port = make_port(single_issuer=True)
     port.post()
     assert port.run_once(5) == 1
-    done = threading.Event()
-
-    def stopper() -> None:
-        while not done.wait(0.01):
-            port.stop()
-
-    t = threading.Thread(target=stopper)
-    t.start()
-    try:
+    with stopping(port):
         assert port.run(30) == 0
-    finally:
-        done.set()
-        t.join(10)
 
 
 def test_single_issuer_close_delivers_foreign_posts(make_port):

@@ -17,11 +17,13 @@ Every wait is bounded; nothing here depends on timing.
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -61,6 +63,27 @@ def eport(backend: str, make_port) -> iocp.CompletionPort:
     return make_port()
 
 
+@contextlib.contextmanager
+def _registered_pair(
+    port: iocp.CompletionPort,
+) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A loopback (client, server) TCP pair with the server end registered
+    on `port`; both unregistered and closed at the end."""
+    client, server = tcp_pair()
+    port.register(server)
+    try:
+        yield client, server
+    finally:
+        close_all(port, server, client)
+
+
+@pytest.fixture
+def pair(eport: iocp.CompletionPort) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(client, server) on `eport`, the server end registered."""
+    with _registered_pair(eport) as p:
+        yield p
+
+
 def _get(port: iocp.CompletionPort) -> iocp.Completion:
     """The next completion, or a failure after WAIT seconds."""
     c = port.get(timeout=WAIT)
@@ -95,60 +118,59 @@ def _wait_acked(sock: socket.socket) -> None:
         time.sleep(0.001)
 
 
+def _cancel(port: iocp.CompletionPort, op: iocp.Operation) -> None:
+    """Cancels `op` and takes its last completion: cancelled, no MORE."""
+    op.cancel()
+    c = _get(port)
+    assert c.operation is op and c.cancelled and not c.more
+
+
 def _harvest(port: iocp.CompletionPort) -> None:
     """One non-blocking poll with nothing armed: the backend takes the
     pending edges (and remembers them as readiness), delivering nothing."""
     assert port.get(timeout=0) is None
 
 
-def test_ping_pong_makes_no_inline_recv_that_finds_nothing(eport):
-    client, server = tcp_pair()
-    eport.register(server)
+def test_ping_pong_makes_no_inline_recv_that_finds_nothing(eport, pair):
+    client, server = pair
     client.settimeout(WAIT)
-    try:
-        rounds = 200
+    rounds = 200
+    op = eport.recv(server, 65536)
+    # (This first one was tried inline: a new socket may be readable.)
+    total0, inline0 = _counters()
+    for i in range(rounds):
+        msg = b"%06d" % i + b"x" * 58
+        client.sendall(msg)
+        c = _get(eport)
+        assert c.operation is op and c.data == msg
+        eport.send(server, c.data)
+        # Re-posted before the peer has anything to send: the socket is
+        # drained (the read was short), so this must not try recv now.
         op = eport.recv(server, 65536)
-        # (This first one was tried inline: a new socket may be readable.)
-        total0, inline0 = _counters()
-        for i in range(rounds):
-            msg = b"%06d" % i + b"x" * 58
-            client.sendall(msg)
-            c = _get(eport)
-            assert c.operation is op and c.data == msg
-            eport.send(server, c.data)
-            # Re-posted before the peer has anything to send: the socket is
-            # drained (the read was short), so this must not try recv now.
-            op = eport.recv(server, 65536)
-            s = _get(eport)
-            assert s.kind == "send" and s.nbytes == 64
-            got = b""
-            while len(got) < 64:
-                got += client.recv(64 - len(got))
-            assert got == msg
-        total1, inline1 = _counters()
-        assert inline1 - inline0 == 0
-        # The poller never found an edge with nothing behind it either.
-        assert total1 - total0 == 0
-        op.cancel()
-        assert _get(eport).cancelled
-    finally:
-        close_all(eport, server, client)
+        s = _get(eport)
+        assert s.kind == "send" and s.nbytes == 64
+        got = b""
+        while len(got) < 64:
+            got += client.recv(64 - len(got))
+        assert got == msg
+    total1, inline1 = _counters()
+    assert inline1 - inline0 == 0
+    # The poller never found an edge with nothing behind it either.
+    assert total1 - total0 == 0
+    op.cancel()
+    assert _get(eport).cancelled
 
 
-def test_a_full_read_is_followed_by_another_try(eport):
+def test_a_full_read_is_followed_by_another_try(eport, pair):
     # A read that filled the buffer proves nothing: the rest is read at once.
-    client, server = tcp_pair()
-    eport.register(server)
-    try:
-        client.sendall(b"a" * 100)
-        _wait_acked(client)
-        _harvest(eport)
-        c = _get_after(eport, eport.recv(server, 60))
-        assert c.data == b"a" * 60
-        c = _get_after(eport, eport.recv(server, 60))
-        assert c.data == b"a" * 40
-    finally:
-        close_all(eport, server, client)
+    client, server = pair
+    client.sendall(b"a" * 100)
+    _wait_acked(client)
+    _harvest(eport)
+    c = _get_after(eport, eport.recv(server, 60))
+    assert c.data == b"a" * 60
+    c = _get_after(eport, eport.recv(server, 60))
+    assert c.data == b"a" * 40
 
 
 def _get_after(port: iocp.CompletionPort, op: iocp.Operation) -> iocp.Completion:
@@ -157,48 +179,46 @@ def _get_after(port: iocp.CompletionPort, op: iocp.Operation) -> iocp.Completion
     return c
 
 
+def _recv_until(port: iocp.CompletionPort, sock: socket.socket, want: bytes) -> None:
+    """One recv after another on `sock` until `want` has come, each a
+    successful read of something, never more than `want`."""
+    got = b""
+    while got != want:
+        c = _get_after(port, port.recv(sock, 65536))
+        assert c.ok and c.data, (got, c)
+        got += c.data
+        assert len(got) <= len(want), got
+
+
 @pytest.mark.parametrize("harvest_first", [True, False])
-def test_data_then_fin_short_read_still_reports_eof(eport, harvest_first):
+def test_data_then_fin_short_read_still_reports_eof(eport, pair, harvest_first):
     # The FIN came with the data's edge: after the short read no edge is
     # left, so the next recv must still run and return EOF.
-    client, server = tcp_pair()
-    eport.register(server)
-    try:
-        client.sendall(b"hello")
-        client.shutdown(socket.SHUT_WR)
-        _wait_acked(client)
-        if harvest_first:
-            _harvest(eport)
-        c = _get_after(eport, eport.recv(server, 65536))
-        assert c.data == b"hello"
-        c = _get_after(eport, eport.recv(server, 65536))
-        assert c.ok and c.data == b""
-    finally:
-        close_all(eport, server, client)
+    client, server = pair
+    client.sendall(b"hello")
+    client.shutdown(socket.SHUT_WR)
+    _wait_acked(client)
+    if harvest_first:
+        _harvest(eport)
+    c = _get_after(eport, eport.recv(server, 65536))
+    assert c.data == b"hello"
+    c = _get_after(eport, eport.recv(server, 65536))
+    assert c.ok and c.data == b""
 
 
 @pytest.mark.parametrize("harvest_first", [True, False])
-def test_urgent_mark_does_not_strand_the_data_after_it(eport, harvest_first):
+def test_urgent_mark_does_not_strand_the_data_after_it(eport, pair, harvest_first):
     # tcp_recvmsg stops at the urgent mark with data still queued behind
     # it and no new edge to come: the short-read rule must not apply.
-    client, server = tcp_pair()
-    eport.register(server)
-    try:
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client.sendall(b"abc")
-        client.send(b"!", socket.MSG_OOB)
-        client.sendall(b"def")
-        _wait_acked(client)
-        if harvest_first:
-            _harvest(eport)
-        got = b""
-        while got != b"abcdef":
-            c = _get_after(eport, eport.recv(server, 65536))
-            assert c.ok and c.data, (got, c)
-            got += c.data
-            assert len(got) <= 6, got
-    finally:
-        close_all(eport, server, client)
+    client, server = pair
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client.sendall(b"abc")
+    client.send(b"!", socket.MSG_OOB)
+    client.sendall(b"def")
+    _wait_acked(client)
+    if harvest_first:
+        _harvest(eport)
+    _recv_until(eport, server, b"abcdef")
 
 
 def test_unix_stream_stopped_short_by_passed_fds_keeps_reading(eport):
@@ -211,12 +231,7 @@ def test_unix_stream_stopped_short_by_passed_fds_keeps_reading(eport):
         socket.send_fds(a, [b"x"], [r.fileno()])
         a.sendall(b"yz")
         _harvest(eport)
-        got = b""
-        while got != b"xyz":
-            c = _get_after(eport, eport.recv(b, 65536))
-            assert c.ok and c.data, (got, c)
-            got += c.data
-            assert len(got) <= 3, got
+        _recv_until(eport, b, b"xyz")
     finally:
         close_all(eport, b, a, r, w)
 
@@ -265,12 +280,10 @@ def test_multishot_recv_through_a_full_bounded_queue_loses_nothing(backend, make
     if backend != "epoll":
         pytest.skip("epoll backend behaviour")
     port = make_port(queue_capacity=4)
-    client, server = tcp_pair()
-    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    port.register(server)
     msgs = 3000
     data = b"".join(b"%063d\n" % i for i in range(msgs))
-    try:
+    with _registered_pair(port) as (client, server):
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         op = port.recv(server, 64, multishot=True)
         # Armed on an idle socket: no buffer is taken.
         assert port.stats()["live_buffers"] == 0
@@ -299,167 +312,136 @@ def test_multishot_recv_through_a_full_bounded_queue_loses_nothing(backend, make
         c = _get(port)
         assert c.operation is op and not c.more and c.ok and c.data == b""
         assert op.done
-    finally:
-        close_all(port, server, client)
 
 
-def test_multishot_recv_ping_pong_never_reads_an_empty_socket(eport):
-    client, server = tcp_pair()
-    eport.register(server)
+def test_multishot_recv_ping_pong_never_reads_an_empty_socket(eport, pair):
+    client, server = pair
     client.settimeout(WAIT)
-    try:
-        op = eport.recv(server, 0, multishot=True)
-        _harvest(eport)   # a new socket may be readable: that first try finds nothing
-        total0, _ = _counters()
-        for i in range(100):
-            msg = b"%06d" % i * 8
-            client.sendall(msg)
-            got = b""
-            while len(got) < len(msg):
-                c = _get(eport)
-                assert c.operation is op and c.more
-                got += c.data
-            assert got == msg
-        total1, _ = _counters()
-        # Each arrival was read once, short: never a recv that found nothing.
-        assert total1 - total0 == 0
-        assert eport.stats()["live_buffers"] == 0
-        op.cancel()
-        c = _get(eport)
-        assert c.operation is op and c.cancelled and not c.more
-    finally:
-        close_all(eport, server, client)
-
-
-def test_multishot_recv_per_completion_size_fits_the_arrival(eport):
-    # One read of 64 KiB at most (the default cap), each handed out in a
-    # buffer of the size that came.
-    client, server = tcp_pair()
-    eport.register(server)
-    try:
-        big = bytes(range(256)) * 1024          # 256 KiB
-        sender = _Sender(client, big)
-        op = eport.recv(server, 0, multishot=True)
-        sender.start()
-        got = bytearray()
-        while len(got) < len(big):
+    op = eport.recv(server, 0, multishot=True)
+    _harvest(eport)   # a new socket may be readable: that first try finds nothing
+    total0, _ = _counters()
+    for i in range(100):
+        msg = b"%06d" % i * 8
+        client.sendall(msg)
+        got = b""
+        while len(got) < len(msg):
             c = _get(eport)
             assert c.operation is op and c.more
-            assert 0 < len(c.data) <= 65536
             got += c.data
-        sender.join(WAIT)
-        assert bytes(got) == big
-        client.close()
+        assert got == msg
+    total1, _ = _counters()
+    # Each arrival was read once, short: never a recv that found nothing.
+    assert total1 - total0 == 0
+    assert eport.stats()["live_buffers"] == 0
+    _cancel(eport, op)
+
+
+def test_multishot_recv_per_completion_size_fits_the_arrival(eport, pair):
+    # One read of 64 KiB at most (the default cap), each handed out in a
+    # buffer of the size that came.
+    client, server = pair
+    big = bytes(range(256)) * 1024          # 256 KiB
+    sender = _Sender(client, big)
+    op = eport.recv(server, 0, multishot=True)
+    sender.start()
+    got = bytearray()
+    while len(got) < len(big):
         c = _get(eport)
-        assert c.operation is op and not c.more and c.data == b""
-    finally:
-        close_all(eport, server)
-        client.close()
+        assert c.operation is op and c.more
+        assert 0 < len(c.data) <= 65536
+        got += c.data
+    sender.join(WAIT)
+    assert bytes(got) == big
+    client.close()
+    c = _get(eport)
+    assert c.operation is op and not c.more and c.data == b""
 
 
 # ---- poll ------------------------------------------------------------------
 
 
-def test_poll_one_shot_is_level_triggered(eport):
-    client, server = tcp_pair()
-    eport.register(server)
-    try:
-        client.sendall(b"x")
-        _wait_acked(client)
-        _harvest(eport)                 # the edge is gone
-        op = eport.poll(server, iocp.POLLIN)
-        c = _get(eport)
-        assert c.operation is op and c.data == iocp.POLLIN and not c.more
-        # Still unread: ready again at once.
-        op = eport.poll(server, iocp.POLLIN)
-        c = _get(eport)
-        assert c.operation is op and c.data == iocp.POLLIN
-        assert server.recv(10) == b"x"
-        # Now nothing to read: it waits for the next arrival.
-        op = eport.poll(server, iocp.POLLIN)
-        _harvest(eport)
-        assert not op.done
-        client.sendall(b"y")
-        c = _get(eport)
-        assert c.operation is op and c.data == iocp.POLLIN
-        # Writable: at once, with only what was asked.
-        op = eport.poll(server, iocp.POLLOUT)
-        c = _get(eport)
-        assert c.operation is op and c.data == iocp.POLLOUT
-    finally:
-        close_all(eport, server, client)
+def test_poll_one_shot_is_level_triggered(eport, pair):
+    client, server = pair
+    client.sendall(b"x")
+    _wait_acked(client)
+    _harvest(eport)                 # the edge is gone
+    op = eport.poll(server, iocp.POLLIN)
+    c = _get(eport)
+    assert c.operation is op and c.data == iocp.POLLIN and not c.more
+    # Still unread: ready again at once.
+    op = eport.poll(server, iocp.POLLIN)
+    c = _get(eport)
+    assert c.operation is op and c.data == iocp.POLLIN
+    assert server.recv(10) == b"x"
+    # Now nothing to read: it waits for the next arrival.
+    op = eport.poll(server, iocp.POLLIN)
+    _harvest(eport)
+    assert not op.done
+    client.sendall(b"y")
+    c = _get(eport)
+    assert c.operation is op and c.data == iocp.POLLIN
+    # Writable: at once, with only what was asked.
+    op = eport.poll(server, iocp.POLLOUT)
+    c = _get(eport)
+    assert c.operation is op and c.data == iocp.POLLOUT
 
 
-def test_poll_multishot_is_edge_triggered(eport):
-    client, server = tcp_pair()
-    eport.register(server)
-    try:
-        client.sendall(b"a")
-        _wait_acked(client)
-        # (Taken now: an edge still pending when the poll is armed would
-        # also be reported, after the "ready when armed" completion.)
-        _harvest(eport)
-        op = eport.poll(server, iocp.POLLIN, multishot=True)
-        c = _get(eport)                 # ready when armed
-        assert c.operation is op and c.more and c.data == iocp.POLLIN
-        _harvest(eport)                 # undrained, but no new edge: silence
-        assert eport.stats()["queued"] == 0
-        for _ in range(3):
-            client.sendall(b"b")
-            c = _get(eport)
-            assert c.operation is op and c.more and c.data & iocp.POLLIN
-        assert server.recv(10) == b"abbb"
-        client.shutdown(socket.SHUT_WR)
-        c = _get(eport)                 # EOF is readable
+def test_poll_multishot_is_edge_triggered(eport, pair):
+    client, server = pair
+    client.sendall(b"a")
+    _wait_acked(client)
+    # (Taken now: an edge still pending when the poll is armed would
+    # also be reported, after the "ready when armed" completion.)
+    _harvest(eport)
+    op = eport.poll(server, iocp.POLLIN, multishot=True)
+    c = _get(eport)                 # ready when armed
+    assert c.operation is op and c.more and c.data == iocp.POLLIN
+    _harvest(eport)                 # undrained, but no new edge: silence
+    assert eport.stats()["queued"] == 0
+    for _ in range(3):
+        client.sendall(b"b")
+        c = _get(eport)
         assert c.operation is op and c.more and c.data & iocp.POLLIN
-        op.cancel()
-        c = _get(eport)
-        assert c.operation is op and c.cancelled and not c.more
-    finally:
-        close_all(eport, server, client)
+    assert server.recv(10) == b"abbb"
+    client.shutdown(socket.SHUT_WR)
+    c = _get(eport)                 # EOF is readable
+    assert c.operation is op and c.more and c.data & iocp.POLLIN
+    _cancel(eport, op)
 
 
-def test_poll_coexists_with_a_pending_recv(eport):
-    client, server = tcp_pair()
-    eport.register(server)
-    try:
-        recv_op = eport.recv(server, 100)
-        _harvest(eport)
-        poll_op = eport.poll(server, iocp.POLLIN)
-        send_op = eport.send(server, b"out")
-        seen = {}
+def test_poll_coexists_with_a_pending_recv(eport, pair):
+    client, server = pair
+    recv_op = eport.recv(server, 100)
+    _harvest(eport)
+    poll_op = eport.poll(server, iocp.POLLIN)
+    send_op = eport.send(server, b"out")
+    seen = {}
+    c = _get(eport)
+    seen[c.operation] = c
+    client.sendall(b"hello")
+    while len(seen) < 3:
         c = _get(eport)
         seen[c.operation] = c
-        client.sendall(b"hello")
-        while len(seen) < 3:
-            c = _get(eport)
-            seen[c.operation] = c
-        assert seen[recv_op].data == b"hello"
-        assert seen[poll_op].data == iocp.POLLIN
-        assert seen[send_op].nbytes == 3
-        assert client.recv(10) == b"out"
-    finally:
-        close_all(eport, server, client)
+    assert seen[recv_op].data == b"hello"
+    assert seen[poll_op].data == iocp.POLLIN
+    assert seen[send_op].nbytes == 3
+    assert client.recv(10) == b"out"
 
 
 @pytest.mark.parametrize("how", ["cancel", "unregister"])
-def test_pending_polls_complete_cancelled(eport, how):
-    client, server = tcp_pair()
-    eport.register(server)
-    try:
-        _harvest(eport)
-        a = eport.poll(server, iocp.POLLIN)
-        b = eport.poll(server, iocp.POLLIN, multishot=True)
-        if how == "cancel":
-            a.cancel()
-            b.cancel()
-        else:
-            eport.unregister(server)
-        got = {_get(eport).operation: True for _ in range(2)}
-        assert set(got) == {a, b}
-        assert a.done and b.done
-    finally:
-        close_all(eport, server, client)
+def test_pending_polls_complete_cancelled(eport, pair, how):
+    client, server = pair
+    _harvest(eport)
+    a = eport.poll(server, iocp.POLLIN)
+    b = eport.poll(server, iocp.POLLIN, multishot=True)
+    if how == "cancel":
+        a.cancel()
+        b.cancel()
+    else:
+        eport.unregister(server)
+    got = {_get(eport).operation: True for _ in range(2)}
+    assert set(got) == {a, b}
+    assert a.done and b.done
 
 
 # ---- silent sends ------------------------------------------------------------
@@ -574,11 +556,9 @@ def test_multishot_recv_waits_at_the_pool_bound_and_resumes(backend, make_port, 
         pytest.skip("epoll backend behaviour")
     monkeypatch.setenv("IOCP_EPOLL_POOL_MAX", "256")
     port = make_port()
-    client, server = tcp_pair()
-    port.register(server)
     msgs = 40
     data = b"".join(b"%063d\n" % i for i in range(msgs))
-    try:
+    with _registered_pair(port) as (client, server):
         client.sendall(data)
         _wait_acked(client)
         op = port.recv(server, 64, multishot=True)
@@ -597,5 +577,3 @@ def test_multishot_recv_waits_at_the_pool_bound_and_resumes(backend, make_port, 
         assert port.stats()["live_buffers"] == 0
         op.cancel()
         assert _get(port).cancelled
-    finally:
-        close_all(port, server, client)

@@ -10,16 +10,11 @@
  * Output: one line per test and backend, then "native: N passed, N failed"
  * (pytest-independent).  Exit status 0 only if nothing failed.
  * Usage: driver [backend] [test]   (both optional filters)
+ * The shared harness (CHECK, collect, listeners, leak check) is harness.h.
  */
-#include <stdarg.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-
-#include "iocp_native.h"
+#include "harness.h"
 
 #ifdef _WIN32
-#  define CLOSESOCK(s) closesocket(s)
 #  define SHUT_WR_ SD_SEND
 #  define ERR_REFUSED (-WSAECONNREFUSED)
 typedef HANDLE thread_t;
@@ -36,17 +31,11 @@ static void thread_join(thread_t t)
     CloseHandle(t);
 }
 static void sleep_ms(int ms) { Sleep((DWORD)ms); }
-static long long now_ms(void) { return (long long)GetTickCount64(); }
 static volatile LONG g_stop;
 static void stop_set(int v) { InterlockedExchange(&g_stop, v); }
 static int stop_get(void) { return (int)InterlockedCompareExchange(&g_stop, 0, 0); }
 #else
-#  include <arpa/inet.h>
-#  include <netinet/in.h>
 #  include <pthread.h>
-#  include <time.h>
-#  include <unistd.h>
-#  define CLOSESOCK(s) close(s)
 #  define SHUT_WR_ SHUT_WR
 #  define ERR_REFUSED (-ECONNREFUSED)
 typedef pthread_t thread_t;
@@ -58,96 +47,16 @@ static int thread_start(thread_t *t, thread_fn_t fn, void *arg)
 }
 static void thread_join(thread_t t) { pthread_join(t, NULL); }
 static void sleep_ms(int ms) { usleep((useconds_t)ms * 1000); }
-static long long now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 static volatile int g_stop;
 static void stop_set(int v) { __atomic_store_n(&g_stop, v, __ATOMIC_SEQ_CST); }
 static int stop_get(void) { return __atomic_load_n(&g_stop, __ATOMIC_SEQ_CST); }
 #endif
 
-#define WAIT_MS 20000   /* per expected completion; Wine is slow */
 #define N_CONNS 256
 #define N_POSTS_MT 20000
 #define N_THREADS 4
 
-static const char *g_backend;
-static char g_why[512];
-
-static void fail_at(int line, const char *fmt, ...)
-{
-    char tmp[sizeof(g_why)];
-    va_list ap;
-    int n = snprintf(tmp, sizeof(tmp), "line %d: ", line);
-    va_start(ap, fmt);
-    vsnprintf(tmp + n, sizeof(tmp) - (size_t)n, fmt, ap);
-    va_end(ap);
-    memcpy(g_why, tmp, sizeof(tmp));
-}
-
-#define CHECK(cond, ...)                  \
-    do {                                  \
-        if (!(cond)) {                    \
-            fail_at(__LINE__, __VA_ARGS__); \
-            return 1;                     \
-        }                                 \
-    } while (0)
-
 /* ---- helpers ---------------------------------------------------------- */
-
-static int port_open(iocp_port **port, unsigned qcap)
-{
-    iocp_port_options o;
-    memset(&o, 0, sizeof(o));
-    o.backend = g_backend;
-    o.queue_capacity = qcap;
-    return iocp_port_create(&o, port);
-}
-
-/*
- * iocp_port_wait, retried on IOCP_EINTR within the same deadline.  EINTR
- * is a legitimate answer (a signal, or -- seen with io_uring -- task work
- * left by another ring interrupting this thread's next blocking call), and
- * every caller of the API must be ready for it.
- */
-static int wait_(iocp_port *port, iocp_completion *out, int max, int timeout_ms)
-{
-    long long deadline = now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
-    for (;;) {
-        int n = iocp_port_wait(port, out, max, timeout_ms);
-        if (n != IOCP_EINTR)
-            return n;
-        if (timeout_ms > 0) {
-            long long left = deadline - now_ms();
-            timeout_ms = left > 0 ? (int)left : 0;
-        }
-    }
-}
-
-/* Collects up to `want` completions, waiting at most timeout_ms in all. */
-static int collect(iocp_port *port, iocp_completion *out, int want, int timeout_ms)
-{
-    long long deadline = now_ms() + timeout_ms;
-    int got = 0;
-
-    while (got < want) {
-        long long left = deadline - now_ms();
-        int n;
-        if (left <= 0)
-            break;
-        n = wait_(port, out + got, want - got, (int)left);
-        if (n < 0 && n != IOCP_EINTR)
-            return n;
-        if (n > 0) {
-            got += n;
-            iocp_port_dispatch_done(port);
-        }
-    }
-    return got;
-}
 
 static int collect_one(iocp_port *port, iocp_completion *c)
 {
@@ -158,42 +67,6 @@ static void release_if_buffer(iocp_port *port, const iocp_completion *c)
 {
     if (c->flags & IOCP_CF_BUFFER)
         iocp_buffer_release(port, c->data, c->buf_id);
-}
-
-static iocp_socket_t tcp_socket(void)
-{
-    return socket(AF_INET, SOCK_STREAM, IPPROTO_TCP);
-}
-
-/* A listening socket on 127.0.0.1, any port; fills its address. */
-static iocp_socket_t make_listener(struct sockaddr_in *addr)
-{
-    iocp_socket_t s = tcp_socket();
-    iocp_socklen_t len = sizeof(*addr);
-
-    if (s == IOCP_INVALID_SOCKET)
-        return s;
-    memset(addr, 0, sizeof(*addr));
-    addr->sin_family = AF_INET;
-    addr->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(s, (struct sockaddr *)addr, sizeof(*addr)) != 0 || listen(s, 1024) != 0 ||
-        getsockname(s, (struct sockaddr *)addr, &len) != 0) {
-        CLOSESOCK(s);
-        return IOCP_INVALID_SOCKET;
-    }
-    return s;
-}
-
-static iocp_op *op_new(iocp_port *port, int kind, iocp_socket_t s, char *buf, size_t len)
-{
-    iocp_op *op = iocp_op_alloc(port);
-    if (!op)
-        return NULL;
-    op->kind = kind;
-    op->sock = s;
-    op->buf = buf;
-    op->len = len;
-    return op;
 }
 
 static void set_target(iocp_op *op, const struct sockaddr_in *to)
@@ -244,18 +117,6 @@ static void close_sock(iocp_port *port, iocp_socket_t s)
         return;
     iocp_unregister(port, s);
     CLOSESOCK(s);
-}
-
-/* Nothing left behind: no op in flight, no record or buffer alive. */
-static int check_clean(iocp_port *port)
-{
-    iocp_port_stats st;
-    iocp_port_get_stats(port, &st);
-    CHECK(st.inflight == 0, "inflight=%lld", (long long)st.inflight);
-    CHECK(st.live_ops == 0, "live_ops=%lld", (long long)st.live_ops);
-    CHECK(st.live_buffers == 0, "live_buffers=%lld", (long long)st.live_buffers);
-    CHECK(st.queued == 0, "queued=%lld", (long long)st.queued);
-    return 0;
 }
 
 static void fill_pattern(char *buf, size_t len, unsigned seed)
