@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import socket
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import iocp
 
 
 def tcp_pair(family: int = socket.AF_INET) -> tuple[socket.socket, socket.socket]:
@@ -29,3 +34,12 @@ def close_all(port, *socks: socket.socket) -> None:
         except (ValueError, OSError):
             pass
         s.close()
+
+
+def pump(port: iocp.CompletionPort, until, timeout: float = 10.0) -> None:
+    """Runs the port one turn at a time until `until()` is true; fails the
+    test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "timed out pumping the port"
+        port.run_once(0.05)

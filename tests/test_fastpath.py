@@ -19,19 +19,10 @@ from pathlib import Path
 import pytest
 
 import iocp
-from tests.helpers import close_all, tcp_pair
+from tests.helpers import close_all, pump, tcp_pair
 
 # iocp_native.h: a single-issuer port used from a thread that does not own it.
 EWRONGTHREAD = -0x20000002
-
-
-def pump(port: iocp.CompletionPort, until, timeout: float = 10.0) -> None:
-    """Runs the port one turn at a time until `until()` is true; fails the
-    test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not until():
-        assert time.monotonic() < deadline, "timed out pumping the port"
-        port.run_once(0.05)
 
 
 def read_ready(sock: socket.socket, into: bytearray) -> int:

@@ -7,21 +7,11 @@ general paths they short-cut."""
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 
 import iocp
-from tests.helpers import close_all, tcp_pair
-
-
-def pump(port: iocp.CompletionPort, until, timeout: float = 10.0) -> None:
-    """Runs the port one turn at a time until `until()` is true; fails the
-    test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not until():
-        assert time.monotonic() < deadline, "timed out pumping the port"
-        port.run_once(0.05)
+from tests.helpers import close_all, pump, tcp_pair
 
 
 def recv_exactly(port: iocp.CompletionPort, sock: socket.socket, n: int) -> bytes:
