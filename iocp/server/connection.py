@@ -1,0 +1,496 @@
+"""The connection of :mod:`iocp.server`: :class:`Connection`, :class:`Protocol`.
+
+Design note.  A :class:`Connection` is the transport of one stream socket on
+the port.  It keeps one ``recv`` in flight (the next one is submitted before
+``data_received`` runs, so the kernel fills it while the handler works) and
+at most one ``send``, joining writes queued meanwhile into the next send of
+about ``_SEND_CHUNK`` bytes.  It counts its operations in flight and closes
+the socket only once their completions are in (the port owns an op until
+then).  Protocol callbacks of one connection run one at a time and in order
+through a small mailbox (a strand): the thread that finds it idle runs the
+queue, others only enqueue.  A per-connection lock guards the state for a
+few attribute updates and is never held while user code runs.
+
+The connection knows its owner only through :class:`_Owner` (the loop, the
+settings and ``_forget``), which :class:`iocp.server._endpoint._Endpoint`
+implements, so this module does not import the server or client.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, List, Tuple, Union
+
+from iocp.server._util import Address, _fmt_addr, _noop, log
+
+if TYPE_CHECKING:
+    from iocp.server._endpoint import _Settings
+    from iocp.server._loop import _Loop
+
+_SEND_CHUNK = 256 * 1024  # join pending writes into send ops of about this size
+
+
+class WriteBufferFull(ConnectionError):
+    """The write buffer passed ``write_limit``: the peer is not reading."""
+
+
+class Protocol:
+    """Base class for handlers; every method is a no-op, override what you need."""
+
+    def connection_made(self, conn: Connection) -> None:
+        """Called once the connection is established, before any data."""
+
+    def data_received(self, conn: Connection, data: bytes) -> None:
+        """Called with each chunk of bytes received (chunking is arbitrary)."""
+
+    def eof_received(self, conn: Connection) -> bool | None:
+        """The peer closed its sending side; return true to keep the connection open."""
+        return None
+
+    def connection_lost(self, conn: Connection, exc: BaseException | None) -> None:
+        """The connection is closed; ``exc`` is None for a regular close or EOF."""
+
+    def pause_writing(self, conn: Connection) -> None:
+        """More than ``write_high_water`` bytes are buffered: stop producing."""
+
+    def resume_writing(self, conn: Connection) -> None:
+        """The write buffer drained to ``write_low_water``: producing may resume."""
+
+
+class _Owner:
+    """What a :class:`Connection` needs from the server or client that made it."""
+
+    _loop: _Loop
+    _settings: _Settings
+
+    def _forget(self, conn: Connection) -> None:
+        """The connection is gone (its ``connection_lost`` has returned)."""
+        raise NotImplementedError
+
+
+class Connection:
+    """One stream connection on the port (a "transport" in asyncio terms).
+
+    Created by :class:`Server` and :class:`Client`; not instantiated by users.
+    All methods are thread-safe.
+    """
+
+    def __init__(
+        self,
+        owner: Any,
+        sock: socket.socket,
+        protocol: Any,
+        peername: Address,
+        sockname: Address,
+    ) -> None:
+        if not isinstance(owner, _Owner) or not isinstance(sock, socket.socket):
+            raise TypeError("Connection objects are made by Server and Client, not directly")
+        self._owner = owner
+        self._loop: _Loop = owner._loop
+        self._port = owner._loop.port
+        self._cfg: _Settings = owner._settings
+        self._sock = sock
+        self.protocol = protocol
+        #: The peer's address (as ``socket.getpeername()`` gives it).
+        self.peername: Address = peername
+        #: The local address.
+        self.sockname: Address = sockname
+        self._on_data = protocol.data_received
+        self._lock = threading.Lock()
+        self._mail: deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = deque()
+        self._busy = False
+        self._wbuf: List[bytes] = []
+        self._wbuf_size = 0
+        self._buffered = 0  # queued + in flight
+        self._sending = False
+        self._paused = False
+        self._closing = False
+        self._eof_pending = False  # write_eof() requested
+        self._torn = False
+        self._finished = False
+        self._ops = 0  # our ops in flight on this socket
+        self._recv_op: Any = None
+        self._send_op: Any = None
+        self._exc: BaseException | None = None
+        self.last_activity = time.monotonic()
+        #: Bytes received and sent so far.
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    def __repr__(self) -> str:
+        state = "closed" if self._torn else "closing" if self._closing else "open"
+        return f"<Connection {_fmt_addr(self.peername)} {state} buffered={self._buffered}>"
+
+    # public API ---------------------------------------------------------------
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`close` or :meth:`abort` was called or the connection died."""
+        return self._closing or self._torn
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes accepted by :meth:`send` and not yet sent (including the op in flight)."""
+        return self._buffered
+
+    @property
+    def writing_paused(self) -> bool:
+        """True between ``pause_writing`` and ``resume_writing``."""
+        return self._paused
+
+    @property
+    def socket(self) -> socket.socket:
+        """The underlying socket (for ``getsockopt`` and the like; do not read or write it)."""
+        return self._sock
+
+    def send(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        """Queue ``data`` for sending; never blocks.
+
+        Pending writes are joined into few ``send`` operations, one in flight
+        at a time.  Mutable buffers are copied.  Data sent after
+        :meth:`close`/:meth:`abort` is silently discarded.  See the module
+        docstring for pause_writing/resume_writing and ``write_limit``.
+        """
+        if type(data) is not bytes:
+            data = bytes(data)
+        n = len(data)
+        if not n:
+            return
+        with self._lock:
+            if self._closing or self._torn or self._eof_pending:
+                return
+            buffered = self._buffered + n
+            if buffered > self._cfg.limit:
+                over = True
+                pause = False
+                payload = None
+            else:
+                over = False
+                self._buffered = buffered
+                if self._sending:  # join it to the next send op
+                    self._wbuf.append(data)
+                    self._wbuf_size += n
+                    payload = None
+                else:  # nothing in flight: this is the next send op
+                    self._sending = True
+                    self._ops += 1
+                    payload = data
+                pause = not self._paused and buffered > self._cfg.high
+                if pause:
+                    self._paused = True
+        if over:
+            self._teardown(
+                WriteBufferFull(
+                    f"write buffer over {self._cfg.limit} bytes: peer {_fmt_addr(self.peername)} "
+                    "is not reading"
+                )
+            )
+            return
+        if payload is not None:
+            self._submit_send(payload)
+        if pause:
+            self._serial_any(self._call, "pause_writing")
+
+    write = send
+
+    def close(self) -> None:
+        """Stop reading, send what is buffered, then close (``connection_lost(None)``)."""
+        with self._lock:
+            if self._closing or self._torn:
+                return
+            self._closing = True
+            flushing = self._sending
+        if not flushing:
+            self._teardown(None, graceful=True)
+
+    def write_eof(self) -> None:
+        """Shut down the sending side once the buffer is flushed (half-close)."""
+        with self._lock:
+            if self._closing or self._torn or self._eof_pending:
+                return
+            self._eof_pending = True
+            flushing = self._sending
+        if not flushing:
+            self._shutdown_wr()
+
+    def abort(self) -> None:
+        """Close now, discarding buffered data; the peer sees a reset."""
+        if self._torn:
+            return
+        try:
+            linger = struct.pack("HH" if os.name == "nt" else "ii", 1, 0)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        except OSError:
+            pass
+        self._teardown(None)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """asyncio-style access: ``peername``, ``sockname``, ``socket``."""
+        return {"peername": self.peername, "sockname": self.sockname, "socket": self._sock}.get(
+            name, default
+        )
+
+    # the strand: serialized protocol callbacks ------------------------------
+    def _serial(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue a protocol call; run the queue here unless another thread is."""
+        with self._lock:
+            self._mail.append((fn, args))
+            if self._busy:
+                return
+            self._busy = True
+        self._drain()
+
+    def _serial_any(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Like _serial, from any thread: off the loop, the queue runs on a loop thread."""
+        with self._lock:
+            self._mail.append((fn, args))
+            if self._busy:
+                return
+            self._busy = True
+        if self._loop.in_loop():
+            self._drain()
+        else:
+            try:
+                self._loop.call_soon(self._drain)
+            except Exception:  # port closed: run here rather than lose callbacks
+                self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._mail:
+                    self._busy = False
+                    return
+                fn, args = self._mail.popleft()
+            try:
+                fn(*args)
+            except Exception as exc:
+                self._callback_failed(fn, exc)
+
+    def _callback_failed(self, fn: Any, exc: Exception) -> None:
+        log.error(
+            "protocol callback %s failed for %s; aborting the connection",
+            getattr(fn, "__name__", fn),
+            _fmt_addr(self.peername),
+            exc_info=exc,
+        )
+        self._teardown(exc)
+
+    def _call(self, name: str, *args: Any) -> None:
+        getattr(self.protocol, name, _noop)(self, *args)
+
+    # reading ------------------------------------------------------------------
+    def _start(self) -> None:
+        """Runs in the strand: connection_made, then the first recv."""
+        self._call("connection_made")
+        self._submit_recv()
+
+    def _submit_recv(self) -> None:
+        with self._lock:
+            if self._torn or self._closing:
+                return
+            self._ops += 1
+        try:
+            op = self._port.recv(self._sock, self._cfg.read_size, callback=self._on_recv)
+        except (OSError, ValueError) as exc:
+            self._op_done()
+            self._teardown(exc if isinstance(exc, OSError) else ConnectionError(str(exc)))
+            return
+        # No lock needed: _teardown sets _torn before reading _recv_op, we
+        # set _recv_op before reading _torn, so one of us cancels the op.
+        self._recv_op = op
+        if self._torn:
+            op.cancel()
+
+    def _on_recv(self, c: Any) -> None:
+        self._recv_op = None
+        data = c.data
+        if c.cancelled or c.error is not None or not data or self._torn:
+            try:
+                if c.cancelled or self._torn:
+                    return
+                if c.error is not None:
+                    self._teardown(c.error)
+                else:
+                    self._serial(self._eof)
+            finally:
+                self._op_done()
+            return
+        self.bytes_received += len(data)
+        self.last_activity = time.monotonic()
+        with self._lock:  # op accounting and the strand's fast path in one go
+            self._ops -= 1
+            if self._torn:
+                last = self._ops == 0
+                direct = queued = False
+            else:
+                last = False
+                direct = not self._busy
+                queued = not direct
+                if direct:
+                    self._busy = True
+                    if self._mail:  # older calls first
+                        self._mail.append((self._deliver, (data,)))
+                        direct = False
+                else:
+                    self._mail.append((self._deliver, (data,)))
+        if last:
+            self._finish()
+        elif queued:
+            return
+        elif direct:
+            try:
+                self._deliver(data)
+            except Exception as exc:
+                self._callback_failed(self._deliver, exc)
+            self._drain()
+        else:
+            self._drain()
+
+    def _deliver(self, data: bytes) -> None:
+        if self._closing or self._torn:
+            return
+        self._submit_recv()  # keep one recv in flight while the handler works
+        self._on_data(self, data)
+
+    def _eof(self) -> None:
+        if self._torn:
+            return
+        keep = getattr(self.protocol, "eof_received", _noop)(self)
+        if not keep:
+            self.close()
+
+    # writing ------------------------------------------------------------------
+    def _take_locked(self) -> bytes:
+        if len(self._wbuf) == 1 or len(self._wbuf[0]) >= _SEND_CHUNK:
+            data = self._wbuf.pop(0)
+        else:
+            n = 0
+            total = 0
+            for piece in self._wbuf:
+                n += 1
+                total += len(piece)
+                if total >= _SEND_CHUNK:
+                    break
+            data = b"".join(self._wbuf[:n])
+            del self._wbuf[:n]
+        self._wbuf_size -= len(data)
+        return data
+
+    def _submit_send(self, payload: bytes) -> None:
+        """Start a send op; the caller counted it in ``_ops`` and set ``_sending``."""
+        try:
+            op = self._port.send(self._sock, payload, callback=self._on_send)
+        except (OSError, ValueError) as exc:
+            with self._lock:
+                self._sending = False
+            self._op_done()
+            self._teardown(exc if isinstance(exc, OSError) else ConnectionError(str(exc)))
+            return
+        self._send_op = op  # see _submit_recv for why no lock
+        if self._torn:
+            op.cancel()
+
+    def _on_send(self, c: Any) -> None:
+        if c.cancelled or c.error is not None or self._torn:
+            with self._lock:
+                self._sending = False
+            if c.error is not None and not c.cancelled:
+                self._teardown(c.error)
+            self._op_done()
+            return
+        nbytes = c.nbytes
+        self.bytes_sent += nbytes
+        self.last_activity = time.monotonic()
+        with self._lock:
+            self._buffered -= nbytes
+            if self._wbuf and not self._torn:
+                payload: bytes | None = self._take_locked()  # the op count carries over
+                last = False
+            else:
+                payload = None
+                self._sending = False
+                self._ops -= 1
+                last = self._torn and self._ops == 0
+            resume = self._paused and self._buffered <= self._cfg.low
+            if resume:
+                self._paused = False
+            finish = payload is None and self._closing and not self._torn
+            eof = payload is None and self._eof_pending and not self._closing
+        if payload is not None:
+            self._submit_send(payload)
+        if resume:
+            self._serial(self._call, "resume_writing")
+        if eof:
+            self._shutdown_wr()
+        if finish:
+            self._teardown(None, graceful=True)
+        if last:
+            self._finish()
+
+    def _shutdown_wr(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    # teardown -------------------------------------------------------------------
+    def _teardown(self, exc: BaseException | None, graceful: bool = False) -> None:
+        """Unregister (cancelling our ops); close once their completions are in."""
+        with self._lock:
+            if self._torn:
+                return
+            self._torn = True
+            self._closing = True
+            self._exc = exc
+            self._wbuf.clear()
+            self._wbuf_size = 0
+            ops = (self._recv_op, self._send_op)
+            idle = self._ops == 0
+        if graceful:
+            self._shutdown_wr()
+        try:
+            self._port.unregister(self._sock)
+        except (OSError, ValueError):
+            pass
+        for op in ops:
+            if op is not None and not op.done:
+                try:
+                    op.cancel()
+                except Exception:
+                    pass
+        if idle:
+            self._finish()
+
+    def _op_done(self) -> None:
+        with self._lock:
+            self._ops -= 1
+            last = self._torn and self._ops == 0
+        if last:
+            self._finish()
+
+    def _finish(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        self._serial_any(self._lost)
+
+    def _lost(self) -> None:
+        # The owner forgets the connection only after connection_lost has
+        # returned: "no connection left" then means no callback of a
+        # connection is queued or running, which shutdown() relies on.
+        try:
+            self._call("connection_lost", self._exc)
+        finally:
+            self.protocol = None
+            self._on_data = _noop
+            self._owner._forget(self)
