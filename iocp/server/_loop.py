@@ -145,6 +145,25 @@ class _Loop:
             and st.get("backlog", 0) == 0
         )
 
+    def can_run_here(self) -> bool:
+        """True if this thread may run the port now, false inside a callback
+        of the port's ``run()`` on this thread (a protocol callback or a
+        signal handler of a loop the caller drives), where the port refuses
+        a nested run.  The probe takes what is ready (``run_once(0)``): only
+        ask when running the port here is what comes next anyway.
+        """
+        prev = getattr(_tls, "loop", None)
+        _tls.loop = self
+        try:
+            self.port.run_once(timeout=0)
+        except RuntimeError:
+            return False
+        except ValueError:  # the port is closed: nothing left to run
+            return True
+        finally:
+            _tls.loop = prev
+        return True
+
     def run_until(self, done: Callable[[], bool], deadline: float) -> bool:
         """Run the port on this thread (as a loop thread) until ``done()``."""
         prev = getattr(_tls, "loop", None)

@@ -283,6 +283,9 @@ class Server(_Endpoint):
     def request_shutdown(self) -> None:
         """Ask :meth:`serve_forever` to shut down gracefully (thread- and signal-safe).
 
+        After ``start(threads=0)`` on a port the server created, it also
+        stops the port (``completion_port.stop()``): the caller's
+        ``completion_port.run()`` returns and :meth:`shutdown` can follow.
         A second request more than half a second after the first skips the
         drain (so Ctrl-C twice means "now").
         """
@@ -292,6 +295,15 @@ class Server(_Endpoint):
         if self._signal_count == 1:
             self._first_signal = now
         self._stop_event.set()
+        loop = getattr(self, "_loop", None)
+        if loop is not None and loop.owned and not loop.threads and not self._stopped:
+            # start(threads=0): the caller runs our port.  Make its run()
+            # return, so that the code after it can call shutdown(), which
+            # cannot drain from inside that run() (see shutdown).
+            try:
+                loop.port.stop()
+            except Exception:  # already closed
+                pass
 
     def _serve_here(
         self, threads: int, handle_signals: bool, ready: Callable[[], Any] | None = None
@@ -329,11 +341,26 @@ class Server(_Endpoint):
         aborts what is left, waits for every operation to complete, stops the
         loop threads and closes the completion port if the server created it.
         Must not be called from a callback (it waits for the loop).
+
+        With no loop thread (``start(threads=0)``) it runs the port on the
+        calling thread until everything is drained or the deadline passed.
+        Inside a callback of the port's ``run()`` on this thread (a protocol
+        callback, or a signal handler while the caller runs the port) the
+        port cannot run again, so nothing could drain: RuntimeError, before
+        anything is stopped.  Call :meth:`request_shutdown` there and
+        ``shutdown()`` once ``run()`` has returned.
         """
         if not self._started or self._stopped:
             return self.final_stats or {}
         if self._loop.in_loop():
             raise RuntimeError("Server.shutdown() cannot be called from a loop callback")
+        if not self._loop.threads and not self._loop.can_run_here():
+            raise RuntimeError(
+                "Server.shutdown() called inside completion_port.run() on this thread "
+                "(a callback or a signal handler) with no loop thread of the server "
+                "(start(threads=0)): the port cannot be run here to drain it.  Call "
+                "request_shutdown() there and shutdown() once run() has returned"
+            )
         self._stopped = True
         self._stop_event.set()
         timeout = self.drain_timeout if timeout is None else timeout
