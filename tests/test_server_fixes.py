@@ -13,7 +13,7 @@ from typing import Any, List
 
 import pytest
 
-from iocp.server import Connection, Protocol, Server
+from iocp.server import Client, Connection, Protocol, Server
 
 LEAK_KEYS = ("live_ops", "inflight", "pinned_buffers", "live_buffers", "queued")
 
@@ -157,3 +157,172 @@ def test_shutdown_inside_the_callers_run_threads0(backend: str, where: str) -> N
         s.close()
     assert got == [Burst.payload]
     assert_no_leaks(final)
+
+
+# --------------------------------------------------------------------------
+# Connection.pause_reading() / resume_reading()
+
+
+def wait_until(pred: Any, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.005)
+    return bool(pred())
+
+
+class PauseOnFirst(Protocol):
+    """Pauses reading from inside the first data_received."""
+
+    def __init__(self) -> None:
+        self.events: List[Any] = []
+        self.conn: Connection | None = None
+        self.lost = threading.Event()
+
+    def connection_made(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def data_received(self, conn: Connection, data: bytes) -> None:
+        self.events.append(("paused" if conn.reading_paused else "data", data))
+        if len(self.events) == 1:
+            conn.pause_reading()
+
+    def eof_received(self, conn: Connection) -> bool:
+        self.events.append(("eof", conn.reading_paused))
+        return True  # keep the half-open connection
+
+    def connection_lost(self, conn: Connection, exc: BaseException | None) -> None:
+        self.lost.set()
+
+
+def _data(events: List[Any]) -> bytes:
+    return b"".join(e[1] for e in events if e[0] == "data")
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_pause_reading_holds_data_and_eof_until_resume(backend: str, threads: int) -> None:
+    """Paused from data_received: the recv already in flight completes and
+    its bytes (then the EOF) are held, not delivered and not lost; after
+    resume_reading() they arrive in order, then reading goes on."""
+    proto = PauseOnFirst()
+    srv = Server(lambda: proto, port=0, backend=backend).start(threads=threads)
+    try:
+        with socket.create_connection(srv.address, timeout=5) as s:
+            s.sendall(b"A" * 10)
+            assert wait_until(lambda: len(proto.events) == 1)
+            conn = proto.conn
+            assert conn is not None and conn.reading_paused
+            s.sendall(b"B" * 10)
+            # The recv in flight took B (bytes_received counts it) but
+            # data_received was not called.
+            assert wait_until(lambda: conn.bytes_received == 20)
+            assert wait_until(lambda: len(conn._held) == 1)
+            s.sendall(b"C" * 10)
+            s.shutdown(socket.SHUT_WR)
+            assert proto.events == [("data", b"A" * 10)]
+            assert conn.bytes_received == 20  # no new recv was submitted while paused
+            conn.resume_reading()
+            assert wait_until(lambda: any(e[0] == "eof" for e in proto.events))
+            assert _data(proto.events) == b"A" * 10 + b"B" * 10 + b"C" * 10
+            assert proto.events[-1] == ("eof", False)
+            assert all(e[0] != "paused" for e in proto.events)
+            conn.send(b"bye")  # half-open: still writable
+            assert recv_exact(s, 3) == b"bye"
+    finally:
+        assert_no_leaks(srv.shutdown())
+
+
+def test_pause_reading_before_the_first_recv(backend: str) -> None:
+    """Paused in connection_made: nothing is read until resume_reading()."""
+    made = threading.Event()
+    got: List[bytes] = []
+    conns: List[Connection] = []
+
+    class P(Protocol):
+        def connection_made(self, conn: Connection) -> None:
+            conn.pause_reading()
+            conns.append(conn)
+            made.set()
+
+        def data_received(self, conn: Connection, data: bytes) -> None:
+            got.append(data)
+            conn.send(data)
+
+    srv = Server(P, port=0, backend=backend).start()
+    try:
+        with socket.create_connection(srv.address, timeout=5) as s:
+            assert made.wait(5)
+            s.sendall(b"early")
+            assert conns[0].bytes_received == 0 and got == []
+            conns[0].resume_reading()
+            assert recv_exact(s, 5) == b"early"
+            s.sendall(b"late")
+            assert recv_exact(s, 4) == b"late"
+    finally:
+        assert_no_leaks(srv.shutdown())
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_pause_resume_from_another_thread_keeps_every_byte_in_order(
+    backend: str, threads: int
+) -> None:
+    """A consumer thread that pauses on each chunk and resumes once it has
+    taken it: every byte arrives, in order, and never while paused."""
+    import queue
+
+    chunks: queue.Queue[bytes | None] = queue.Queue()
+    violations: List[str] = []
+    conns: List[Connection] = []
+
+    class P(Protocol):
+        def connection_made(self, conn: Connection) -> None:
+            conns.append(conn)
+
+        def data_received(self, conn: Connection, data: bytes) -> None:
+            if conn.reading_paused:
+                violations.append("data while paused")
+            conn.pause_reading()
+            chunks.put(data)
+
+        def eof_received(self, conn: Connection) -> None:
+            chunks.put(None)
+
+    payload = os.urandom(1 << 20)
+    srv = Server(P, port=0, backend=backend, read_size=4096).start(threads=threads)
+    try:
+        with socket.create_connection(srv.address, timeout=5) as s:
+            sender = threading.Thread(target=lambda: (s.sendall(payload),
+                                                      s.shutdown(socket.SHUT_WR)))
+            sender.start()
+            got = bytearray()
+            while True:
+                item = chunks.get(timeout=10)
+                if item is None:
+                    break
+                got += item
+                conns[0].resume_reading()
+            sender.join(10)
+        assert bytes(got) == payload
+        assert violations == []
+    finally:
+        assert_no_leaks(srv.shutdown())
+
+
+def test_pause_reading_on_a_client(backend: str) -> None:
+    """The client's connection has the same reading flow control."""
+    srv = Server(Echo, port=0, backend=backend).start()
+    proto = PauseOnFirst()
+    try:
+        with Client(lambda: proto, "127.0.0.1", srv.address[1], backend=backend) as client:
+            conn = client.connection
+            assert conn is not None
+            conn.send(b"one")
+            assert wait_until(lambda: len(proto.events) == 1)
+            conn.send(b"two")
+            assert wait_until(lambda: conn.bytes_received == 6)
+            assert proto.events == [("data", b"one")]
+            conn.resume_reading()
+            assert wait_until(lambda: _data(proto.events) == b"onetwo")
+    finally:
+        assert_no_leaks(srv.shutdown())

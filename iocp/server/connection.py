@@ -115,6 +115,11 @@ class Connection:
         self._finished = False
         self._ops = 0  # our ops in flight on this socket
         self._recv_op: Any = None
+        # Reading flow control.  All but _rpaused change only in the strand.
+        self._rpaused = False  # pause_reading() called, resume_reading() not yet
+        self._held: deque[bytes | None] = deque()  # arrived while paused; None: EOF
+        self._recv_pending = False  # a recv submitted and its result not yet handled
+        self._eof_seen = False
         self._send_op: Any = None
         self._exc: BaseException | None = None
         self.last_activity = time.monotonic()
@@ -141,6 +146,11 @@ class Connection:
     def writing_paused(self) -> bool:
         """True between ``pause_writing`` and ``resume_writing``."""
         return self._paused
+
+    @property
+    def reading_paused(self) -> bool:
+        """True between :meth:`pause_reading` and :meth:`resume_reading`."""
+        return self._rpaused
 
     @property
     def socket(self) -> socket.socket:
@@ -228,6 +238,27 @@ class Connection:
             pass
         self._teardown(None)
 
+    def pause_reading(self) -> None:
+        """Stop calling ``data_received`` until :meth:`resume_reading`.
+
+        No new ``recv`` is submitted while paused; what the one already in
+        flight brings (data or EOF) is held, not lost, and delivered in
+        order after :meth:`resume_reading`.  Called from a protocol callback
+        it takes effect at once; from another thread, a ``data_received``
+        already under way still runs.  No-op when paused or closing.
+        """
+        if not (self._closing or self._torn):
+            self._rpaused = True
+
+    def resume_reading(self) -> None:
+        """Deliver what was held since :meth:`pause_reading` (in order, in the
+        connection's strand, never inside the caller), then read again."""
+        if not self._rpaused:
+            return
+        self._rpaused = False
+        if not (self._closing or self._torn):
+            self._serial_any(self._resume)
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """asyncio-style access: ``peername``, ``sockname``, ``socket``."""
         return {"peername": self.peername, "sockname": self.sockname, "socket": self._sock}.get(
@@ -287,16 +318,19 @@ class Connection:
     def _start(self) -> None:
         """Runs in the strand: connection_made, then the first recv."""
         self._call("connection_made")
-        self._submit_recv()
+        if not self._rpaused:  # else resume_reading() starts reading
+            self._submit_recv()
 
     def _submit_recv(self) -> None:
         with self._lock:
             if self._torn or self._closing:
                 return
             self._ops += 1
+        self._recv_pending = True
         try:
             op = self._port.recv(self._sock, self._cfg.read_size, callback=self._on_recv)
         except (OSError, ValueError) as exc:
+            self._recv_pending = False
             self._op_done()
             self._teardown(exc if isinstance(exc, OSError) else ConnectionError(str(exc)))
             return
@@ -352,17 +386,44 @@ class Connection:
             self._drain()
 
     def _deliver(self, data: bytes) -> None:
+        self._recv_pending = False  # this recv's result is handled here
         if self._closing or self._torn:
+            return
+        if self._rpaused:
+            self._held.append(data)  # no next recv until resume_reading()
             return
         self._submit_recv()  # keep one recv in flight while the handler works
         self._on_data(self, data)
 
     def _eof(self) -> None:
+        self._recv_pending = False
+        self._eof_seen = True
         if self._torn:
             return
+        if self._rpaused:
+            self._held.append(None)
+            return
+        self._eof_now()
+
+    def _eof_now(self) -> None:
         keep = getattr(self.protocol, "eof_received", _noop)(self)
         if not keep:
             self.close()
+
+    def _resume(self) -> None:
+        """Runs in the strand after resume_reading(): held data first, then read."""
+        held = self._held
+        while held and not self._rpaused:
+            if self._closing or self._torn:
+                held.clear()
+                return
+            data = held.popleft()
+            if data is None:  # EOF, always the last thing held
+                self._eof_now()
+                return
+            self._on_data(self, data)
+        if not (self._rpaused or self._recv_pending or self._eof_seen):
+            self._submit_recv()
 
     # writing ------------------------------------------------------------------
     def _take_locked(self) -> bytes:
