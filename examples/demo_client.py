@@ -44,7 +44,7 @@ def main() -> int:
     sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     replies = Replies()
     try:
-        client = connect(args.host, args.port, lambda: replies, timeout=5.0)
+        client = connect(lambda: replies, args.host, args.port, timeout=5.0)
     except OSError as exc:
         print(f"cannot connect to {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1

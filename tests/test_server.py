@@ -496,7 +496,7 @@ def test_client_roundtrip(server_factory: Any, backend: str) -> None:
         def connection_lost(self, conn: Connection, exc: BaseException | None) -> None:
             lost.set()
 
-    client = connect("127.0.0.1", srv.address[1], Collect, backend=backend)
+    client = connect(Collect, "127.0.0.1", srv.address[1], backend=backend)
     conn = client.connection
     assert conn is not None and conn.peername == srv.address
     for i in range(50):
@@ -514,7 +514,7 @@ def test_client_refused(backend: str) -> None:
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
     with pytest.raises(ConnectionRefusedError):
-        connect("127.0.0.1", free, Echo, backend=backend, timeout=5)
+        connect(Echo, "127.0.0.1", free, backend=backend, timeout=5)
 
 
 def test_shared_completion_port(backend: str) -> None:

@@ -9,11 +9,12 @@ import signal
 import socket
 import threading
 import time
+import warnings
 from typing import Any, List
 
 import pytest
 
-from iocp.server import Client, Connection, Protocol, Server
+from iocp.server import Client, Connection, Protocol, Server, connect
 
 LEAK_KEYS = ("live_ops", "inflight", "pinned_buffers", "live_buffers", "queued")
 
@@ -326,3 +327,78 @@ def test_pause_reading_on_a_client(backend: str) -> None:
             assert wait_until(lambda: _data(proto.events) == b"onetwo")
     finally:
         assert_no_leaks(srv.shutdown())
+
+
+# --------------------------------------------------------------------------
+# One argument order: connect(handler, host, port), as Client and Server
+
+
+class Greeting(Protocol):
+    def __init__(self) -> None:
+        self.got = bytearray()
+
+    def data_received(self, conn: Connection, data: bytes) -> None:
+        self.got += data
+
+
+def _roundtrip(client: Client, proto: Greeting) -> None:
+    try:
+        assert client.connection is not None
+        client.connection.send(b"hi")
+        assert wait_until(lambda: bytes(proto.got) == b"hi")
+    finally:
+        client.close()
+
+
+def test_connect_takes_the_order_of_client_and_server(backend: str) -> None:
+    """connect(handler, host, port) by position and by name, no warning."""
+    import inspect
+
+    assert list(inspect.signature(connect).parameters)[:3] == ["handler", "host", "port"]
+    assert list(inspect.signature(Client).parameters)[:3] == ["handler", "host", "port"]
+    assert list(inspect.signature(Server).parameters)[:3] == ["handler", "host", "port"]
+    srv = Server(Echo, port=0, backend=backend).start()
+    try:
+        port = srv.address[1]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for call in (
+                lambda p: connect(lambda: p, "127.0.0.1", port, backend=backend),
+                lambda p: connect(lambda: p, host="127.0.0.1", port=port, backend=backend),
+                lambda p: connect(handler=lambda: p, host="127.0.0.1", port=port,
+                                  backend=backend),
+                lambda p: connect(host="127.0.0.1", port=port, handler=lambda: p,
+                                  backend=backend),  # the old names still fit
+            ):
+                proto = Greeting()
+                _roundtrip(call(proto), proto)
+    finally:
+        assert_no_leaks(srv.shutdown())
+
+
+def test_connect_old_positional_order_warns_and_works(backend: str) -> None:
+    """connect(host, port, handler), the order before issue 11, still
+    connects, with a DeprecationWarning pointing at the caller."""
+    srv = Server(Echo, port=0, backend=backend).start()
+    try:
+        port = srv.address[1]
+        for call in (
+            lambda p: connect("127.0.0.1", port, lambda: p, backend=backend),
+            lambda p: connect("127.0.0.1", port, handler=lambda: p, backend=backend),
+        ):
+            proto = Greeting()
+            with pytest.warns(DeprecationWarning, match=r"connect\(handler, host, port\)") as w:
+                client = call(proto)
+            assert w[0].filename == __file__
+            _roundtrip(client, proto)
+    finally:
+        assert_no_leaks(srv.shutdown())
+
+
+def test_connect_argument_errors() -> None:
+    with pytest.raises(TypeError, match="handler"):
+        connect(host="127.0.0.1", port=1)
+    with pytest.raises(TypeError, match="multiple values"):
+        connect(Echo, "127.0.0.1", 1, host="127.0.0.1")
+    with pytest.raises(TypeError, match=r"Client\(handler, host, port\)"):
+        Client("127.0.0.1", 9527, Echo)  # type: ignore[arg-type]

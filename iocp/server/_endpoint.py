@@ -29,6 +29,12 @@ def _as_factory(handler: Any) -> ProtocolFactory:
         return lambda: handler  # one shared instance
     if callable(handler):
         return handler  # type: ignore[no-any-return]
+    if isinstance(handler, (str, bytes)):
+        raise TypeError(
+            f"handler must be a protocol factory, not the address {handler!r}: the order "
+            "is Server(handler, host, port), Client(handler, host, port), "
+            "connect(handler, host, port)"
+        )
     raise TypeError(
         "handler must be a protocol factory (e.g. a Protocol subclass) or an object "
         f"with a data_received method, not {type(handler).__name__}"

@@ -11,9 +11,11 @@ port runs the callbacks.
 from __future__ import annotations
 
 import errno
+import inspect
 import socket
 import threading
-from typing import Any, Callable, List, Tuple
+import warnings
+from typing import Any, Callable, Dict, List, Tuple
 
 from iocp.server._endpoint import _Endpoint
 from iocp.server._util import DEFAULT_PORT, _close_quietly, _fmt_addr, _unregister_close, log
@@ -171,20 +173,64 @@ class Client(_Endpoint):
 
 
 
+_MISSING: Any = object()
+
+
 def connect(
-    host: str | None,
-    port: int,
-    handler: Any,
+    _a: Any = _MISSING,
+    _b: Any = _MISSING,
+    _c: Any = _MISSING,
+    /,
     *,
     timeout: float | None = 10.0,
     **kwargs: Any,
 ) -> Client:
-    """Connect to ``host:port`` and return the connected :class:`Client`.
+    """``connect(handler, host="127.0.0.1", port=9527, *, timeout=10.0, **kwargs)``
 
-    ``handler`` is a protocol factory as for :class:`Server`; keyword
-    arguments go to :class:`Client`.  ``client.connection.send(...)`` writes,
-    ``client.close()`` (or ``with``) closes.
+    Connect and return the connected :class:`Client`.  The arguments come
+    in the order of :class:`Client` and :class:`Server` (handler first, as
+    in ``loop.create_connection(protocol_factory, host, port)``), by
+    position or by name.  ``handler`` is a protocol factory as for
+    :class:`Server`; other keyword arguments go to :class:`Client`.
+    ``client.connection.send(...)`` writes, ``client.close()`` (or
+    ``with``) closes.
+
+    The old order ``connect(host, port, handler)`` still works, with a
+    DeprecationWarning: a host is a ``str`` (or None), which no handler is,
+    so a first positional argument of that type means the old order.
     """
-    client = Client(handler, host, port, **kwargs)
+    pos = [a for a in (_a, _b, _c) if a is not _MISSING]
+    legacy = bool(pos) and (pos[0] is None or isinstance(pos[0], (str, bytes)))
+    names = ("host", "port", "handler") if legacy else ("handler", "host", "port")
+    if legacy:
+        warnings.warn(
+            "connect(host, port, handler) is deprecated: use connect(handler, host, port), "
+            "the order of Client and Server",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    args: Dict[str, Any] = {"host": "127.0.0.1", "port": DEFAULT_PORT}
+    for name, value in zip(names, pos):
+        if name in kwargs:
+            raise TypeError(f"connect() got multiple values for argument {name!r}")
+        args[name] = value
+    for name in ("handler", "host", "port"):
+        if name in kwargs:
+            args[name] = kwargs.pop(name)
+    if "handler" not in args:
+        raise TypeError("connect() missing the argument 'handler' (a protocol factory)")
+    client = Client(args["handler"], args["host"], args["port"], **kwargs)
     client.connect(timeout)
     return client
+
+
+connect.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter("handler", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("host", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="127.0.0.1"),
+        inspect.Parameter("port", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=DEFAULT_PORT),
+        inspect.Parameter("timeout", inspect.Parameter.KEYWORD_ONLY, default=10.0),
+        inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+    ],
+    return_annotation=Client,
+)
