@@ -4,6 +4,7 @@ and Client, and asyncio-style handlers refused up front.  Every backend."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -402,3 +403,100 @@ def test_connect_argument_errors() -> None:
         connect(Echo, "127.0.0.1", 1, host="127.0.0.1")
     with pytest.raises(TypeError, match=r"Client\(handler, host, port\)"):
         Client("127.0.0.1", 9527, Echo)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------
+# Handlers written for asyncio are refused up front, never on the first data
+
+
+class AioEcho(asyncio.Protocol):
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+class DuckAio:
+    """asyncio-shaped, without the base class."""
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+
+class BadEof(Protocol):
+    def eof_received(self) -> None:  # type: ignore[override]
+        pass
+
+
+class Fine:
+    """Every accepted form of an iocp.server protocol method."""
+
+    def connection_made(self, conn: Any) -> None: ...
+    def data_received(self, conn: Any, data: bytes, *extra: Any) -> None: ...
+    def eof_received(self, conn: Any, unused: int = 0) -> None: ...
+    @staticmethod
+    def connection_lost(conn: Any, exc: Any) -> None: ...
+    @classmethod
+    def pause_writing(cls, conn: Any) -> None: ...
+    def resume_writing(self, *args: Any) -> None: ...
+
+
+@pytest.mark.parametrize(
+    "handler, match",
+    [
+        (AioEcho, "asyncio protocol"),
+        (AioEcho(), "asyncio protocol"),
+        (asyncio.BufferedProtocol, "asyncio protocol"),
+        (DuckAio, r"data_received must take \(conn, data\)"),
+        (DuckAio(), r"data_received must take \(conn, data\)"),
+        (BadEof, r"eof_received must take \(conn\)"),
+    ],
+)
+def test_asyncio_handlers_are_refused_at_construction(handler: Any, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        Server(handler, port=0)
+    with pytest.raises(TypeError, match=match):
+        Client(handler, "127.0.0.1", 1)
+
+
+def test_iocp_handlers_of_every_shape_are_accepted() -> None:
+    for handler in (Fine, Fine(), Echo, Protocol, lambda: Fine()):
+        Server(handler, port=0)
+        Client(handler, "127.0.0.1", 1)
+
+
+def test_asyncio_protocol_from_a_factory_refused_before_any_callback(backend: str) -> None:
+    """A factory can only be checked on its first product: the connection is
+    refused then (Server: logged and closed; Client: connect() raises), and
+    no method of the asyncio protocol is ever called."""
+    calls: List[str] = []
+
+    class Spy(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            calls.append("made")
+
+        def data_received(self, data: bytes) -> None:
+            calls.append("data")
+
+    srv = Server(lambda: Spy(), port=0, backend=backend).start()
+    try:
+        with socket.create_connection(srv.address, timeout=5) as s:
+            s.sendall(b"x")
+            s.settimeout(5)
+            try:  # closed by the server (a reset: "x" was not read); no callback ran
+                assert s.recv(10) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        assert_no_leaks(srv.shutdown())
+    echo = Server(Echo, port=0, backend=backend).start()
+    try:
+        client = Client(lambda: Spy(), "127.0.0.1", echo.address[1], backend=backend)
+        with pytest.raises(TypeError, match="asyncio protocol"):
+            client.connect(timeout=5)
+        assert client.completion_port.closed
+        assert_no_leaks(client.completion_port.stats())
+    finally:
+        assert_no_leaks(echo.shutdown())
+    assert calls == []

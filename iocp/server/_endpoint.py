@@ -8,7 +8,9 @@ connections, whose changes wake :meth:`_Endpoint._wait_for`.
 
 from __future__ import annotations
 
+import inspect
 import socket
+import sys
 import threading
 import time
 from typing import Any, Callable, Dict, List
@@ -21,14 +23,106 @@ from iocp.server.connection import Connection, _Owner
 ProtocolFactory = Callable[[], Any]
 
 
+# How many positional arguments (after self) each protocol method receives:
+# the connection first, unlike asyncio, whose methods take no transport
+# argument after connection_made.
+_ARITY = {
+    "connection_made": 1,
+    "data_received": 2,
+    "eof_received": 1,
+    "connection_lost": 2,
+    "pause_writing": 1,
+    "resume_writing": 1,
+}
+
+
+def _takes(fn: Any, n: int) -> bool:
+    """True unless ``fn``'s signature surely cannot take ``n`` positionals."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature to read: trust it
+        return True
+    params = list(sig.parameters.values())
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    return len(required) <= n <= len(positional)
+
+
+def _check_protocol(cls: type) -> None:
+    """Refuse, with a clear TypeError, a protocol class written for asyncio.
+
+    Its methods would be called with the connection as an extra first
+    argument and fail on the first event (or worse, misbehave), so it is
+    caught here, when the Server or Client is made (or, for a factory,
+    when it makes its first protocol).
+    """
+    aio = sys.modules.get("asyncio")  # not imported: cls cannot be an asyncio protocol
+    if aio is not None and issubclass(cls, aio.BaseProtocol):
+        raise TypeError(
+            f"{cls.__qualname__} is an asyncio protocol (an asyncio."
+            f"{next(b for b in cls.__mro__ if b.__module__.startswith('asyncio')).__qualname__}"
+            "): its methods take no connection argument.  iocp.server calls "
+            "data_received(conn, data), eof_received(conn), connection_lost(conn, exc) ...: "
+            "subclass iocp.server.Protocol instead, or serve the asyncio protocol with "
+            "iocp.aio (loop.create_server)"
+        )
+    for name, n in _ARITY.items():
+        raw = inspect.getattr_static(cls, name, None)
+        if isinstance(raw, staticmethod):
+            fn, n_all = raw.__func__, n
+        elif isinstance(raw, classmethod):
+            fn, n_all = raw.__func__, n + 1
+        elif inspect.isfunction(raw):
+            fn, n_all = raw, n + 1  # self
+        else:
+            continue
+        if not _takes(fn, n_all):
+            args = ", ".join(("conn", "data" if name == "data_received" else "exc")[: n])
+            raise TypeError(
+                f"{cls.__qualname__}.{name} must take ({args}): iocp.server passes the "
+                "connection first (an asyncio-style protocol does not fit; see "
+                "iocp.server.Protocol, or use iocp.aio for asyncio protocols)"
+            )
+    if getattr(cls, "data_received", None) is None and hasattr(cls, "get_buffer"):
+        raise TypeError(
+            f"{cls.__qualname__} is a buffered (get_buffer/buffer_updated) protocol: "
+            "iocp.server calls data_received(conn, data); use iocp.aio for it"
+        )
+
+
+class _CheckedFactory:
+    """A user factory whose products are checked once per protocol class."""
+
+    __slots__ = ("fn", "seen")
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.seen: set[type] = set()
+
+    def __call__(self) -> Any:
+        protocol = self.fn()
+        cls = type(protocol)
+        if cls not in self.seen:
+            _check_protocol(cls)
+            self.seen.add(cls)
+        return protocol
+
+
 def _as_factory(handler: Any) -> ProtocolFactory:
     """Resolve ``handler`` into a zero-argument protocol factory."""
     if isinstance(handler, type):
+        _check_protocol(handler)
         return handler
-    if hasattr(handler, "data_received"):
+    aio = sys.modules.get("asyncio")
+    if (aio is not None and isinstance(handler, aio.BaseProtocol)) or hasattr(
+        handler, "data_received"
+    ):
+        _check_protocol(type(handler))
         return lambda: handler  # one shared instance
     if callable(handler):
-        return handler  # type: ignore[no-any-return]
+        return _CheckedFactory(handler)
     if isinstance(handler, (str, bytes)):
         raise TypeError(
             f"handler must be a protocol factory, not the address {handler!r}: the order "

@@ -128,7 +128,11 @@ class Client(_Endpoint):
             peer = sock.getpeername()
         except OSError:
             peer = addr
-        conn = self._new_connection(sock, peer)
+        try:
+            conn = self._new_connection(sock, peer)  # the factory may refuse (TypeError)
+        except BaseException:
+            _unregister_close(port, sock)
+            raise
         with self._lock:
             self._conns[id(conn)] = conn
         self.connection = conn
