@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from iocp.server._loop import _Loop
 
 _SEND_CHUNK = 256 * 1024  # join pending writes into send ops of about this size
+_monotonic = time.monotonic
 
 
 class WriteBufferFull(ConnectionError):
@@ -80,6 +81,18 @@ class Connection:
     All methods are thread-safe.
     """
 
+    # Slots make the per-message attribute traffic cheaper; ``__dict__``
+    # stays, so code that hangs its own attributes on a connection works.
+    __slots__ = (
+        "_owner", "_loop", "_port", "_cfg", "_sock", "protocol", "peername", "sockname",
+        "_on_data", "_lock", "_mail", "_busy", "_wbuf", "_wbuf_size", "_buffered",
+        "_sending", "_paused", "_closing", "_eof_pending", "_torn", "_finished", "_ops",
+        "_recv_op", "_rpaused", "_held", "_recv_pending", "_eof_seen", "_send_op", "_exc",
+        "_recv_cb", "_send_cb", "_nread", "_high", "_low", "_limit",
+        "last_activity", "bytes_received", "bytes_sent",
+        "__dict__", "__weakref__",
+    )
+
     def __init__(
         self,
         owner: Any,
@@ -94,6 +107,11 @@ class Connection:
         self._loop: _Loop = owner._loop
         self._port = owner._loop.port
         self._cfg: _Settings = owner._settings
+        cfg = self._cfg  # copied: read on every message
+        self._nread = cfg.read_size
+        self._high = cfg.high
+        self._low = cfg.low
+        self._limit = cfg.limit
         self._sock = sock
         self.protocol = protocol
         #: The peer's address (as ``socket.getpeername()`` gives it).
@@ -122,7 +140,11 @@ class Connection:
         self._eof_seen = False
         self._send_op: Any = None
         self._exc: BaseException | None = None
-        self.last_activity = time.monotonic()
+        # The completion callbacks, bound once (not once per operation).  The
+        # cycle they make is broken in _lost().
+        self._recv_cb: Any = self._on_recv
+        self._send_cb: Any = self._on_send
+        self.last_activity = _monotonic()
         #: Bytes received and sent so far.
         self.bytes_received = 0
         self.bytes_sent = 0
@@ -174,7 +196,7 @@ class Connection:
             if self._closing or self._torn or self._eof_pending:
                 return
             buffered = self._buffered + n
-            if buffered > self._cfg.limit:
+            if buffered > self._limit:
                 over = True
                 pause = False
                 payload = None
@@ -189,7 +211,7 @@ class Connection:
                     self._sending = True
                     self._ops += 1
                     payload = data
-                pause = not self._paused and buffered > self._cfg.high
+                pause = not self._paused and buffered > self._high
                 if pause:
                     self._paused = True
         if over:
@@ -200,8 +222,15 @@ class Connection:
                 )
             )
             return
-        if payload is not None:
-            self._submit_send(payload)
+        if payload is not None:  # _submit_send, inlined: this is the hot path
+            try:
+                op = self._port.send(self._sock, payload, callback=self._send_cb)
+            except (OSError, ValueError) as exc:
+                self._send_failed(exc)
+                return
+            self._send_op = op  # see _submit_recv for why no lock
+            if self._torn:
+                op.cancel()
         if pause:
             self._serial_any(self._call, "pause_writing")
 
@@ -328,7 +357,7 @@ class Connection:
             self._ops += 1
         self._recv_pending = True
         try:
-            op = self._port.recv(self._sock, self._cfg.read_size, callback=self._on_recv)
+            op = self._port.recv(self._sock, self._nread, callback=self._recv_cb)
         except (OSError, ValueError) as exc:
             self._recv_pending = False
             self._op_done()
@@ -355,10 +384,10 @@ class Connection:
                 self._op_done()
             return
         self.bytes_received += len(data)
-        self.last_activity = time.monotonic()
+        self.last_activity = _monotonic()
         with self._lock:  # op accounting and the strand's fast path in one go
-            self._ops -= 1
             if self._torn:
+                self._ops -= 1
                 last = self._ops == 0
                 direct = queued = False
             else:
@@ -372,10 +401,39 @@ class Connection:
                         direct = False
                 else:
                     self._mail.append((self._deliver, (data,)))
+                if direct and not (self._closing or self._rpaused):
+                    # The hot path: _deliver() inlined.  This recv's count
+                    # carries over to the next one, submitted below.
+                    resubmit = True
+                else:
+                    resubmit = False
+                    self._ops -= 1
         if last:
             self._finish()
         elif queued:
             return
+        elif resubmit:
+            # We own the strand (busy): the next recv goes out before the
+            # handler runs, as _deliver() does, so the kernel fills it meanwhile.
+            try:
+                op = self._port.recv(self._sock, self._nread, callback=self._recv_cb)
+            except (OSError, ValueError) as exc:
+                self._recv_pending = False
+                self._op_done()
+                self._teardown(exc if isinstance(exc, OSError) else ConnectionError(str(exc)))
+            else:
+                self._recv_op = op  # see _submit_recv for why no lock
+                if self._torn:
+                    op.cancel()
+            try:  # as _deliver(): what arrived is handed over even so
+                self._on_data(self, data)
+            except Exception as exc:
+                self._callback_failed(self._deliver, exc)
+            with self._lock:  # _drain(), inlined for its usual outcome
+                if not self._mail:
+                    self._busy = False
+                    return
+            self._drain()
         elif direct:
             try:
                 self._deliver(data)
@@ -445,16 +503,19 @@ class Connection:
     def _submit_send(self, payload: bytes) -> None:
         """Start a send op; the caller counted it in ``_ops`` and set ``_sending``."""
         try:
-            op = self._port.send(self._sock, payload, callback=self._on_send)
+            op = self._port.send(self._sock, payload, callback=self._send_cb)
         except (OSError, ValueError) as exc:
-            with self._lock:
-                self._sending = False
-            self._op_done()
-            self._teardown(exc if isinstance(exc, OSError) else ConnectionError(str(exc)))
+            self._send_failed(exc)
             return
         self._send_op = op  # see _submit_recv for why no lock
         if self._torn:
             op.cancel()
+
+    def _send_failed(self, exc: Exception) -> None:
+        with self._lock:
+            self._sending = False
+        self._op_done()
+        self._teardown(exc if isinstance(exc, OSError) else ConnectionError(str(exc)))
 
     def _on_send(self, c: Any) -> None:
         if c.cancelled or c.error is not None or self._torn:
@@ -466,7 +527,7 @@ class Connection:
             return
         nbytes = c.nbytes
         self.bytes_sent += nbytes
-        self.last_activity = time.monotonic()
+        self.last_activity = _monotonic()
         with self._lock:
             self._buffered -= nbytes
             if self._wbuf and not self._torn:
@@ -477,7 +538,7 @@ class Connection:
                 self._sending = False
                 self._ops -= 1
                 last = self._torn and self._ops == 0
-            resume = self._paused and self._buffered <= self._cfg.low
+            resume = self._paused and self._buffered <= self._low
             if resume:
                 self._paused = False
             finish = payload is None and self._closing and not self._torn
@@ -554,4 +615,5 @@ class Connection:
         finally:
             self.protocol = None
             self._on_data = _noop
+            self._recv_cb = self._send_cb = _noop  # no op is left to call them
             self._owner._forget(self)
