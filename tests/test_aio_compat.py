@@ -483,3 +483,38 @@ def test_unix_server_serves_and_cleans_up_as_asyncio_does(aloop, tmp_path) -> No
     assert ours[0] == b"PING\n"
     assert ours == theirs
     assert ours[1] is (sys.version_info < (3, 13))
+
+
+def _pipe_reprs():
+    async def main():
+        p = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            "import sys; sys.stdin.read(); print('done')",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        transport = p._transport  # what a debug log line or a traceback formats
+        seen = [repr(transport.get_pipe_transport(n)) for n in (0, 1)]
+        out, _ = await p.communicate(b"")
+        import re
+
+        return [re.sub(r"(fd|pid)=\d+", r"\1=N", r) for r in seen], out
+
+    return main
+
+
+@needs_posix
+def test_pipe_transport_repr_as_on_the_selector_loop(aloop) -> None:
+    """The stdlib Unix pipe transports' repr() asks the loop's selector
+    for the fd's registration (a private stdlib helper); on the port loop
+    that is the proactor, which answers from the readiness thread."""
+    ours = run(aloop, _pipe_reprs()())
+    sel = asyncio.SelectorEventLoop()
+    try:
+        theirs = run(sel, _pipe_reprs()())
+    finally:
+        sel.close()
+    assert ours[1] == b"done\n"
+    assert "polling" in ours[0][1]  # stdout is being read
+    assert ours == theirs
