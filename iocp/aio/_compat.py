@@ -23,8 +23,12 @@ from __future__ import annotations
 import asyncio
 import sys
 import warnings
-from asyncio import base_events, coroutines, events, proactor_events, runners, sslproto
+from asyncio import base_events, coroutines, events, runners, sslproto
+from asyncio import proactor_events as _proactor_events_typed
 from typing import Any, Callable
+
+# typeshed describes only part of these modules' private names.
+proactor_events: Any = _proactor_events_typed
 
 PY310 = sys.version_info >= (3, 10)
 PY311 = sys.version_info >= (3, 11)
@@ -52,7 +56,9 @@ DETACH_TAKES_TRANSPORT = PY313
 # ---- Unix pipes, subprocesses, Unix sockets ------------------------------
 
 if sys.platform != "win32":
-    from asyncio import unix_events as _unix_events
+    from asyncio import unix_events as _unix_events_typed
+
+    _unix_events: Any = _unix_events_typed
 
     UnixReadPipeTransport: Any = _unix_events._UnixReadPipeTransport
     UnixWritePipeTransport: Any = _unix_events._UnixWritePipeTransport

@@ -426,8 +426,8 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
         self._stop_accept_futures()
         self._close_self_pipe()
         self._proactor.close()
-        self._proactor = None
-        self._selector = None
+        self._proactor = None  # type: ignore[assignment]
+        self._selector = None  # type: ignore[assignment]
         _compat.BaseEventLoop.close(self)
 
     # ---- readiness: add_reader / add_writer --------------------------------
