@@ -24,37 +24,30 @@ import errno
 import os
 import signal
 import socket
-import stat
 import sys
 import threading
 import warnings
-from asyncio import base_events, coroutines, events, exceptions, proactor_events, sslproto
+from asyncio import events, exceptions
+from asyncio.log import logger
 from typing import Any
 
 from iocp._core import CompletionPort
 
+from . import _compat
 from ._proactor import Proactor
 from ._readiness import ReadinessThread, fileobj_to_fd
 
-if sys.platform != "win32":
-    from asyncio import unix_events
-else:  # pragma: no cover
-    unix_events = None  # type: ignore[assignment]
+# Every private stdlib name comes from _compat (version gates there).
+_ProactorLoop: Any = _compat.BaseProactorEventLoop
+_ProactorSocketTransport: Any = _compat.ProactorSocketTransport
+_ProactorDatagramTransport: Any = _compat.ProactorDatagramTransport
+_HAS_SETUP = _compat.HAS_RUN_FOREVER_SETUP
+_DETACH_TAKES_TRANSPORT = _compat.DETACH_TAKES_TRANSPORT
 
-_HAS_SETUP = hasattr(base_events.BaseEventLoop, "_run_forever_setup")  # 3.13+
-
-# Private stdlib classes and helpers that typeshed does not describe.
-_ProactorLoop: Any = proactor_events.BaseProactorEventLoop
-_proactor_events: Any = proactor_events
-_ProactorSocketTransport: Any = _proactor_events._ProactorSocketTransport
-_DefaultPolicy: Any = events.BaseDefaultEventLoopPolicy
-_unix: Any = unix_events
-
-
-_ProactorDatagramTransport: Any = _proactor_events._ProactorDatagramTransport
-
-# Server._detach() takes the transport from 3.13 on (it keeps a set of them).
-_DETACH_TAKES_TRANSPORT = sys.version_info >= (3, 13)
+try:
+    import ssl as _ssl
+except ImportError:  # pragma: no cover - Python built without OpenSSL
+    _ssl = None  # type: ignore[assignment]
 
 # Errors a datagram socket reports for an earlier datagram (an ICMP error
 # queued on it); reporting them clears them, so reading can go on.
@@ -247,7 +240,27 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
         self._port = port
         self._readiness: ReadinessThread | None = None
         self._signal_handlers: dict[int, events.Handle] = {}
-        super().__init__(Proactor(port))
+        # The wakeup fd in effect before our first signal handler, put back
+        # when the last one goes (None: we have not replaced it).
+        self._saved_wakeup_fd: int | None = None
+        # Unix server sockets to unlink when they stop serving (3.13+'s
+        # create_unix_server(cleanup_socket=True) fills it).
+        self._unix_server_sockets: dict[socket.socket, int] = {}
+        self._init_proactor_loop(Proactor(port))
+
+    def _init_proactor_loop(self, proactor: Proactor) -> None:
+        # BaseProactorEventLoop.__init__ (the same on 3.9 - 3.15) minus its
+        # last step, signal.set_wakeup_fd(self-pipe) on the main thread:
+        # a loop that handles no signal must leave the process's wakeup fd
+        # alone, as the selector loops do (an outer loop or library may own
+        # it).  add_signal_handler() installs ours.
+        _compat.BaseEventLoop.__init__(self)
+        self._proactor = proactor
+        self._selector = proactor  # the stdlib's alias
+        self._self_reading_future = None
+        self._accept_futures: dict[int, Any] = {}
+        proactor.set_loop(self)
+        self._make_self_pipe()
 
     def __repr__(self) -> str:
         return (
@@ -285,16 +298,56 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
         server=None,
         **kwargs,
     ):
-        ssl_protocol = sslproto.SSLProtocol(
+        ssl_protocol = _compat.SSLProtocol(
             self, protocol, sslcontext, waiter, server_side, server_hostname, **kwargs
         )
         _SocketTransport(self, rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
 
+    # ---- sock_* ----------------------------------------------------------
+    # Each checks its socket as the selector loops do: never an SSLSocket,
+    # and in debug mode a blocking socket is a ValueError (a blocking
+    # socket would stall a selector loop; here it would only hide the bug
+    # until the code runs on one).  Same exceptions, same words.
+
+    def _check_sock(self, sock: socket.socket) -> None:
+        if _ssl is not None and isinstance(sock, _ssl.SSLSocket):
+            raise TypeError("Socket cannot be of type SSLSocket")
+        if self._debug and sock.gettimeout() != 0:
+            raise ValueError("the socket must be non-blocking")
+
+    async def sock_recv(self, sock: socket.socket, n: int) -> bytes:
+        self._check_sock(sock)
+        if n == 0:  # as sock.recv(0) on a selector loop: nothing, at once
+            return b""
+        return await self._proactor.recv(sock, n)  # type: ignore[no-any-return]
+
+    async def sock_recv_into(self, sock: socket.socket, buf: Any) -> int:
+        self._check_sock(sock)
+        if memoryview(buf).nbytes == 0:
+            return 0
+        return await self._proactor.recv_into(sock, buf)  # type: ignore[no-any-return]
+
+    async def sock_recvfrom(self, sock: socket.socket, bufsize: int) -> tuple[bytes, Any]:
+        self._check_sock(sock)
+        return await self._proactor.recvfrom(sock, bufsize)  # type: ignore[no-any-return]
+
+    async def sock_recvfrom_into(self, sock: socket.socket, buf: Any, nbytes: int = 0) -> Any:
+        self._check_sock(sock)
+        if not nbytes:
+            nbytes = len(buf)
+        return await self._proactor.recvfrom_into(sock, buf, nbytes)
+
+    async def sock_sendto(self, sock: socket.socket, data: Any, address: Any) -> int:
+        self._check_sock(sock)
+        return await self._proactor.sendto(sock, data, 0, address)  # type: ignore[no-any-return]
+
     async def sock_sendall(self, sock: socket.socket, data: Any) -> None:
+        self._check_sock(sock)
         await self._proactor.send(sock, data)
 
     async def sock_accept(self, sock: socket.socket) -> tuple[socket.socket, Any]:
+        self._check_sock(sock)
         conn, address = await self._proactor.accept(sock)
         conn.setblocking(False)  # as the selector loops give it
         return conn, address
@@ -302,6 +355,7 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
     async def sock_connect(self, sock: socket.socket, address: Any) -> None:
         # Resolve names in the executor, as the selector loops do, rather
         # than in the port's connect (which would block the loop).
+        self._check_sock(sock)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             resolved = await self._ensure_resolved(
                 address, family=sock.family, type=sock.type, proto=sock.proto, loop=self
@@ -359,12 +413,22 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
             raise RuntimeError("Cannot close a running event loop")
         if self.is_closed():
             return
-        for sig in list(self._signal_handlers):
-            self.remove_signal_handler(sig)
+        if not sys.is_finalizing():
+            for sig in list(self._signal_handlers):
+                self.remove_signal_handler(sig)  # the last one restores the wakeup fd
+        else:
+            self._signal_handlers.clear()
         if self._readiness is not None:
             self._readiness.close()
             self._readiness = None
-        super().close()
+        # BaseProactorEventLoop.close() minus its signal.set_wakeup_fd(-1),
+        # which would drop a wakeup fd this loop never installed.
+        self._stop_accept_futures()
+        self._close_self_pipe()
+        self._proactor.close()
+        self._proactor = None  # type: ignore[assignment]
+        self._selector = None  # type: ignore[assignment]
+        _compat.BaseEventLoop.close(self)
 
     # ---- readiness: add_reader / add_writer --------------------------------
 
@@ -406,12 +470,16 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
         when signal ``sig`` arrives.  Main thread only."""
         if sys.platform == "win32":  # pragma: no cover
             raise NotImplementedError
-        if coroutines.iscoroutine(callback) or coroutines.iscoroutinefunction(callback):
+        if _compat.iscoroutine(callback) or _compat.iscoroutinefunction(callback):
             raise TypeError("coroutines cannot be used with add_signal_handler()")
         self._check_signal(sig)
         self._check_closed()
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("add_signal_handler() works only in the main thread")
+        try:
+            # Raises ValueError off the main thread, before anything
+            # changed (as the selector loop words it).
+            self._install_wakeup_fd()
+        except (ValueError, OSError) as exc:
+            raise RuntimeError(str(exc)) from None
         handle = events.Handle(callback, args, self, None)
         self._signal_handlers[sig] = handle
         try:
@@ -419,9 +487,28 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
             signal.siginterrupt(sig, False)
         except OSError as exc:
             del self._signal_handlers[sig]
+            if not self._signal_handlers:
+                self._restore_wakeup_fd()
             if exc.errno == errno.EINVAL:
                 raise RuntimeError(f"sig {sig:d} cannot be caught") from None
             raise
+
+    def _install_wakeup_fd(self) -> None:
+        # The self-pipe becomes the wakeup fd while we handle signals: a
+        # signal arriving on another thread, or while the main thread
+        # waits in the port, then completes the self-pipe recv and ends
+        # the wait at once.  The previous fd is kept to be put back.
+        fd = self._csock.fileno()
+        previous = signal.set_wakeup_fd(fd)
+        if self._saved_wakeup_fd is None and previous != fd:
+            self._saved_wakeup_fd = previous
+
+    def _restore_wakeup_fd(self) -> None:
+        saved, self._saved_wakeup_fd = self._saved_wakeup_fd, None
+        try:
+            signal.set_wakeup_fd(-1 if saved is None else saved)
+        except (ValueError, OSError) as exc:
+            logger.info("set_wakeup_fd(%s) failed: %s", saved, exc)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # A Python-level handler: it runs in the main thread between
@@ -448,6 +535,9 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
             if exc.errno == errno.EINVAL:
                 raise RuntimeError(f"sig {sig:d} cannot be caught") from None
             raise
+        finally:
+            if not self._signal_handlers:
+                self._restore_wakeup_fd()
         return True
 
     def _check_signal(self, sig: int) -> None:
@@ -458,19 +548,19 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
 
     # ---- pipes and subprocesses (POSIX) ------------------------------------
 
-    if unix_events is not None:
+    if _compat.HAS_UNIX:
 
         def _make_read_pipe_transport(self, pipe, protocol, waiter=None, extra=None):  # type: ignore[no-untyped-def]
-            return _unix._UnixReadPipeTransport(self, pipe, protocol, waiter, extra)
+            return _compat.UnixReadPipeTransport(self, pipe, protocol, waiter, extra)
 
         def _make_write_pipe_transport(self, pipe, protocol, waiter=None, extra=None):  # type: ignore[no-untyped-def]
-            return _unix._UnixWritePipeTransport(self, pipe, protocol, waiter, extra)
+            return _compat.UnixWritePipeTransport(self, pipe, protocol, waiter, extra)
 
         async def _make_subprocess_transport(  # type: ignore[no-untyped-def]
             self, protocol, args, shell, stdin, stdout, stderr, bufsize, extra=None, **kwargs
         ):
             waiter = self.create_future()
-            transp = _unix._UnixSubprocessTransport(
+            transp = _compat.UnixSubprocessTransport(
                 self,
                 protocol,
                 args,
@@ -515,81 +605,42 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
             except RuntimeError:
                 pass  # the loop is closed
 
-        async def create_unix_connection(  # type: ignore[no-untyped-def]
-            self,
-            protocol_factory,
-            path=None,
-            *,
-            ssl=None,
-            sock=None,
-            server_hostname=None,
-            **kwargs,
-        ):
-            if ssl and server_hostname is None:
-                raise ValueError("you have to pass server_hostname when using ssl")
-            if path is not None:
-                if sock is not None:
-                    raise ValueError("path and sock can not be specified at the same time")
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0)
-                try:
-                    sock.setblocking(False)
-                    await self.sock_connect(sock, os.fspath(path))
-                except BaseException:
-                    sock.close()
-                    raise
-            elif sock is None:
-                raise ValueError("no path and sock were specified")
-            elif sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-                raise ValueError(f"A UNIX Domain Stream Socket was expected, got {sock!r}")
-            return await self.create_connection(
-                protocol_factory, sock=sock, ssl=ssl, server_hostname=server_hostname, **kwargs
-            )
+        # asyncio's own (see _compat): the same argument checks, in the same
+        # order and words, as the selector loop on this Python version.
+        # They use only sock_connect, _create_connection_transport,
+        # base_events.Server and _start_serving, which this loop has.
+        create_unix_connection = _compat.UnixSelectorEventLoop.create_unix_connection
+        create_unix_server = _compat.UnixSelectorEventLoop.create_unix_server
 
-        async def create_unix_server(  # type: ignore[no-untyped-def]
-            self,
-            protocol_factory,
-            path=None,
-            *,
-            sock=None,
-            backlog=100,
-            ssl=None,
-            cleanup_socket=True,
-            **kwargs,
-        ):
-            if ssl is not None and not isinstance(ssl, __import__("ssl").SSLContext):
-                raise TypeError(f"ssl argument must be an SSLContext or None, got {ssl!r}")
-            if path is not None:
-                if sock is not None:
-                    raise ValueError("path and sock can not be specified at the same time")
-                path = os.fspath(path)
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                if path[0] not in (0, "\x00"):
-                    try:
-                        if stat.S_ISSOCK(os.stat(path).st_mode):
-                            os.remove(path)
-                    except FileNotFoundError:
-                        pass
-                try:
-                    sock.bind(path)
-                except BaseException:
-                    sock.close()
-                    raise
-            elif sock is None:
-                raise ValueError("path was not specified, and no sock specified")
-            elif sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-                raise ValueError(f"A UNIX Domain Stream Socket was expected, got {sock!r}")
-            sock.setblocking(False)
-            return await self.create_server(
-                protocol_factory, sock=sock, backlog=backlog, ssl=ssl, **kwargs
-            )
+        def _stop_serving(self, sock: socket.socket) -> None:
+            # Unlinks a Unix server's socket file when it stops serving, if
+            # create_unix_server(cleanup_socket=True) (3.13+) recorded it and
+            # the path still names the same file.
+            path = sock.getsockname() if sock in self._unix_server_sockets else None
+            super()._stop_serving(sock)
+            if path is None:
+                return
+            inode = self._unix_server_sockets.pop(sock)
+            try:
+                if os.stat(path).st_ino == inode:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                logger.error("Unable to clean up listening UNIX socket %r: %r", path, exc)
 
 
-class EventLoopPolicy(_DefaultPolicy):  # type: ignore[misc]
-    """An event loop policy whose loops are iocp.aio.EventLoop."""
+if _compat.BaseDefaultEventLoopPolicy is not None:  # policies go in 3.16
 
-    def __init__(self, backend: str | None = None) -> None:
-        super().__init__()
-        self._backend = backend
+    class EventLoopPolicy(_compat.BaseDefaultEventLoopPolicy):  # type: ignore[misc]
+        """An event loop policy whose loops are iocp.aio.EventLoop.
 
-    def _loop_factory(self) -> EventLoop:
-        return EventLoop(backend=self._backend)
+        Deprecated with asyncio's policies (3.14): prefer
+        ``asyncio.run(main(), loop_factory=iocp.aio.new_event_loop)``."""
+
+        def __init__(self, backend: str | None = None) -> None:
+            super().__init__()
+            self._backend = backend
+
+        def _loop_factory(self) -> EventLoop:
+            return EventLoop(backend=self._backend)

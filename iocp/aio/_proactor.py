@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import selectors
 import socket
 from typing import Any, Callable
 
@@ -315,6 +316,21 @@ class Proactor:
         readiness.add(fd, write, on_ready, ())
         fut.add_done_callback(done)
         return fut
+
+    def get_key(self, fd: Any) -> Any:
+        """The one selector method asked of the loop's ``_selector`` (this
+        proactor) outside select(): the stdlib Unix pipe transports' repr()
+        reads the fd's readiness registration through it."""
+        readiness = getattr(self._loop, "_readiness", None)
+        fd = fd if isinstance(fd, int) else fd.fileno()
+        events = 0
+        if readiness is not None and not readiness._closed:
+            events = (selectors.EVENT_READ if fd in readiness._readers else 0) | (
+                selectors.EVENT_WRITE if fd in readiness._writers else 0
+            )
+        if not events:
+            raise KeyError(fd)
+        return selectors.SelectorKey(fd, fd, events, None)
 
     # ---- the wait ------------------------------------------------------
 
