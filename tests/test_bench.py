@@ -446,9 +446,11 @@ def _server_cases() -> list:
     import iocp
 
     cases = []
-    for name in ("iocp-port", "iocp-port-oneshot"):
+    for name in ("iocp-port", "iocp-port-oneshot", "iocp-aio-streams"):
         cases += [pytest.param(name, b, id=f"{name}-{b}") for b in iocp.backends()]
-    cases += [pytest.param(n, None, id=n) for n in ("rloop-protocol", "uvloop-protocol")]
+    cases += [pytest.param(n, None, id=n) for n in (
+        "rloop-protocol", "uvloop-protocol", "asyncio-streams", "uvloop-streams",
+        "rloop-streams")]
     return cases
 
 
