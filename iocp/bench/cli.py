@@ -22,7 +22,9 @@ DESCRIPTION = """\
 Echo-server benchmark: iocp side by side with asyncio, uvloop, rloop, threads
 and a plain C epoll server, on loopback.  Each server runs in its own
 process; a native load generator verifies every echoed byte and measures
-msgs/s, MB/s, latency, server CPU per message and peak memory.
+msgs/s, MB/s, latency, server CPU per message and peak memory.  The HTTP
+scenario runs aiohttp and uvicorn hello-world apps on iocp.aio, uvloop,
+rloop and asyncio under wrk (requests/s, p99, server CPU per request).
 
 Two methods: "suite" (server on the last CPU, load generator on the others
 with up to 4 threads, CPU over the whole load) and "kit" (the private echo
@@ -352,6 +354,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"iocp bench: {exc}", file=sys.stderr)
             return 2
         progress(f"wrote {args.plot}")
+    elif args.plot:
+        progress("--plot draws the echo scenarios only: no echo scenario ran, no plot written")
     failed = [r for r in rows if "msgs_per_s" not in r or r.get("errors")]
     failed += [r for r in hrows if "requests_per_s" not in r or r.get("errors")]
     return 1 if failed else 0
