@@ -19,12 +19,12 @@ from http.client import HTTPConnection
 
 import pytest
 
-import iocp
-from iocp.bench import cli, httpservers, report, runner
-from iocp.bench import http as hb
-
 if not sys.platform.startswith("linux"):
     pytest.skip("the benchmark tools are Linux-only", allow_module_level=True)
+
+import iocp  # noqa: E402
+from iocp.bench import cli, httpservers, report, runner  # noqa: E402
+from iocp.bench import http as hb  # noqa: E402
 
 # --------------------------------------------------------------- wrk's report
 
