@@ -272,7 +272,26 @@ def test_server_answers_and_stops_on_sigterm(name: str, backend: str | None) -> 
         err.seek(0)
         tail = err.read()[-2000:].decode(errors="replace")
         err.close()
+    if name == "aiohttp-rloop":
+        tail = _without_rloop_aiohttp_race(tail)
     assert "Traceback" not in tail, tail
+
+
+def _without_rloop_aiohttp_race(log: str) -> str:
+    """`log` less the one known peer defect.  When a client sends a request
+    and closes, rloop 0.5 calls data_received(), eof_received() and
+    connection_lost() in one loop turn, before a callback that
+    data_received() scheduled with call_soon() runs (asyncio and uvloop run
+    that callback first: checked on a plain Protocol).  aiohttp's request
+    handler task, woken by data_received(), then resumes on a torn-down
+    protocol and aiohttp logs "Task exception was never retrieved ...
+    self._request_factory(... TypeError: 'NoneType' object is not
+    callable".  Every request was answered all the same."""
+    marker = "Task exception was never retrieved"
+    parts = log.split(marker)
+    kept = [parts[0]] + [p for p in parts[1:] if not (
+        "self._request_factory(" in p and "'NoneType' object is not callable" in p)]
+    return marker.join(kept)
 
 
 def test_unknown_or_missing_server_is_refused(capsys) -> None:
