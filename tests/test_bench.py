@@ -521,6 +521,7 @@ def test_method_and_server_selection(monkeypatch, capsys) -> None:
     assert quick.method == "suite" and quick.rounds == 1
     assert [s.name for s in quick.scenarios] == runner.QUICK_SCENARIOS
     assert "iocp-port-oneshot" not in quick.servers          # before/after only in --full
+    assert "iocp-aio-streams" not in quick.servers and "asyncio-streams" in quick.servers
     [kit] = configs("--kit")
     assert kit.method == "kit" and [s.name for s in kit.scenarios] == runner.KIT_SCENARIOS
     suite, kit = configs("--full")

@@ -225,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
             chosen = [s for s in what.echo_servers if s in ok]
             skipped = {s: r for s, r in skipped.items() if s in what.echo_servers}
         else:
-            # The "before" servers only serve before/after figures: --full (or
+            # The "before" server and the streams peer group: --full (or
             # --servers) runs them, the short runs leave them out.
             chosen = ok if args.full else [s for s in ok if s not in servers.FULL_ONLY]
         cfgs = _echo_configs(args, chosen, what.scenarios, method, level)
