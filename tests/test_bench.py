@@ -446,9 +446,11 @@ def _server_cases() -> list:
     import iocp
 
     cases = []
-    for name in ("iocp-port", "iocp-port-oneshot"):
+    for name in ("iocp-port", "iocp-port-oneshot", "iocp-aio-streams"):
         cases += [pytest.param(name, b, id=f"{name}-{b}") for b in iocp.backends()]
-    cases += [pytest.param(n, None, id=n) for n in ("rloop-protocol", "uvloop-protocol")]
+    cases += [pytest.param(n, None, id=n) for n in (
+        "rloop-protocol", "uvloop-protocol", "asyncio-streams", "uvloop-streams",
+        "rloop-streams")]
     return cases
 
 
@@ -501,9 +503,12 @@ def test_method_and_server_selection(monkeypatch, capsys) -> None:
     import argparse
 
     from iocp.bench import cli, runner, servers
+    from iocp.bench import http as hb
 
     seen: list = []
     monkeypatch.setattr(runner, "run_all", lambda cfg, progress: (seen.append(cfg) or ([], {})))
+    # --full runs the HTTP scenario too (tests/test_bench_http.py covers it).
+    monkeypatch.setattr(hb, "run_all", lambda cfg, progress: [])
 
     def configs(*argv: str) -> list:
         seen.clear()
@@ -516,6 +521,7 @@ def test_method_and_server_selection(monkeypatch, capsys) -> None:
     assert quick.method == "suite" and quick.rounds == 1
     assert [s.name for s in quick.scenarios] == runner.QUICK_SCENARIOS
     assert "iocp-port-oneshot" not in quick.servers          # before/after only in --full
+    assert "iocp-aio-streams" not in quick.servers and "asyncio-streams" in quick.servers
     [kit] = configs("--kit")
     assert kit.method == "kit" and [s.name for s in kit.scenarios] == runner.KIT_SCENARIOS
     suite, kit = configs("--full")
@@ -526,3 +532,75 @@ def test_method_and_server_selection(monkeypatch, capsys) -> None:
     [named] = configs("--kit", "--servers", "iocp-port-oneshot,c-epoll", "--full")
     assert named.servers == ["iocp-port-oneshot", "c-epoll"] and named.rounds == 5
     capsys.readouterr()
+
+
+# ---------------------------------------------------------------- report
+
+
+def _row(server: str, scenario: str, msgs: float, p99: float, cpu: float,
+         method: str = "kit", kib: float = 0.0):
+    from iocp.bench import runner
+
+    return runner.Measurement(server=server, scenario=scenario, round=1, ok=True, method=method,
+                              msgs_per_s=msgs, p99_us=p99, cpu_us_per_msg=cpu,
+                              kib_per_conn=kib)
+
+
+def test_streams_servers_have_their_own_peer_group() -> None:
+    from iocp.bench import runner
+
+    rows = {r["server"]: r for r in runner.summarize([
+        _row("iocp-aio-streams", "100x64B", 33_000, 900, 20),
+        _row("uvloop-streams", "100x64B", 30_000, 1000, 15),
+        _row("rloop-streams", "100x64B", 20_000, 800, 18),
+        _row("asyncio-streams", "100x64B", 25_000, 800, 18),
+        _row("iocp-aio", "100x64B", 60_000, 500, 10),
+        _row("uvloop-protocol", "100x64B", 80_000, 400, 9),
+        _row("threads", "100x64B", 40_000, 600, 30),
+    ])}
+    assert rows["iocp-aio-streams"]["best_peer"] == "uvloop-streams"
+    assert rows["iocp-aio-streams"]["vs_best_peer"] == pytest.approx(1.1)
+    assert rows["iocp-aio-streams"]["p99_vs_uvloop"] == pytest.approx(0.9)   # uvloop-streams'
+    assert rows["rloop-streams"]["best_peer"] == "uvloop-streams"
+    assert rows["iocp-aio"]["best_peer"] == "uvloop-protocol"
+    assert rows["iocp-aio"]["vs_best_peer"] == pytest.approx(0.75)
+    assert rows["iocp-aio"]["p99_vs_uvloop"] == pytest.approx(1.25)          # uvloop-protocol's
+    assert rows["threads"]["best_peer"] == "uvloop-protocol"
+
+
+def test_issue_11_echo_targets() -> None:
+    from iocp.bench import report, runner
+
+    rows = runner.summarize([
+        _row("iocp-server", "100x64B", 95_000, 900, 8),
+        _row("iocp-aio", "100x64B", 91_000, 1100, 9),
+        _row("iocp-aio-streams", "100x64B", 40_000, 900, 20),
+        _row("uvloop-protocol", "100x64B", 80_000, 1000, 10),
+        _row("rloop-protocol", "100x64B", 82_000, 1000, 11),
+        _row("asyncio-protocol", "100x64B", 60_000, 1200, 14),
+        _row("uvloop-streams", "100x64B", 30_000, 1000, 15),
+        _row("rloop-streams", "100x64B", 36_000, 950, 18),
+        # Server's throughput target is for the kit's three scenarios only.
+        _row("iocp-server", "10x64KiB", 1_000, 900, 8, method="suite"),
+        _row("uvloop-protocol", "10x64KiB", 2_000, 900, 8, method="suite"),
+        _row("iocp-server", "10k-idle", 1_000, 900, 8, method="suite", kib=2.0),
+        _row("iocp-aio", "10k-idle", 1_000, 900, 8, method="suite", kib=5.0),
+        _row("uvloop-protocol", "10k-idle", 1_000, 900, 8, method="suite", kib=2.5),
+    ])
+    text = report.targets(rows)
+    assert "targets (issue 11), echo:" in text
+    lines = {tuple(ln.split()[:3]): ln for ln in text.splitlines()
+             if ln.startswith("  ") and "issue" not in ln}
+    server = lines[("kit", "100x64B", "iocp-server")]
+    assert "1.16x rloop-protocol ok (>= 1.15)" in server
+    assert "CPU/msg 0.73x rloop-protocol ok (<= 0.85)" in server
+    assert "p99 0.90x uvloop-protocol ok" in server
+    aio = lines[("kit", "100x64B", "iocp-aio")]
+    assert "1.11x rloop-protocol ok (>= 1.1)" in aio and "p99 1.10x uvloop-protocol MISSED" in aio
+    assert "CPU/msg" not in aio
+    streams = lines[("kit", "100x64B", "iocp-aio-streams")]
+    assert "1.11x rloop-streams ok (>= 1.1)" in streams and "p99 0.90x uvloop-streams ok" in streams
+    assert ("suite", "10x64KiB", "iocp-server") not in lines
+    assert "KiB/conn 2.0 = 0.80x uvloop-protocol ok" in lines[("suite", "10k-idle", "iocp-server")]
+    assert "KiB/conn 5.0 = 2.00x uvloop-protocol MISSED" in lines[("suite", "10k-idle", "iocp-aio")]
+    assert report.targets(runner.summarize([_row("uvloop-protocol", "100x64B", 1, 1, 1)])) == ""

@@ -510,17 +510,22 @@ def summarize(results: List[Measurement]) -> List[Dict[str, Any]]:
             row["note"] = ms[-1].note
         rows.append(row)
     # Ratios within the same method and scenario: msgs/s to the best
-    # non-iocp Python peer, CPU per message to the C ceiling's, p99 to
-    # uvloop's.
+    # non-iocp Python peer of the same group (streams servers against
+    # streams servers, the others against Protocol and thread servers),
+    # CPU per message to the C ceiling's, p99 to uvloop's (uvloop-streams
+    # for streams servers, uvloop-protocol for the others).
     for method, sc in {(r["method"], r["scenario"]) for r in rows}:
         same = [r for r in rows if r["method"] == method and r["scenario"] == sc
                 and "msgs_per_s" in r]
         peers = [r for r in same if r["server"] not in _servers.IOCP_SERVERS
                  and r["server"] != _servers.CEILING]
-        best = max(peers, key=lambda r: r["msgs_per_s"]) if peers else None
         ceiling = next((r for r in same if r["server"] == _servers.CEILING), None)
-        uv = next((r for r in same if r["server"] == "uvloop-protocol"), None)
         for r in same:
+            streams = r["server"] in _servers.STREAMS_SERVERS
+            group = [p for p in peers if (p["server"] in _servers.STREAMS_SERVERS) == streams]
+            best = max(group, key=lambda p: p["msgs_per_s"]) if group else None
+            uv_name = "uvloop-streams" if streams else "uvloop-protocol"
+            uv = next((p for p in same if p["server"] == uv_name), None)
             r["best_peer"] = best["server"] if best else None
             r["vs_best_peer"] = (r["msgs_per_s"] / best["msgs_per_s"]
                                  if best and best["msgs_per_s"] else None)
