@@ -235,8 +235,9 @@ def test_uring_switches_up_once_and_down_after_a_run_of_small(si):
     assert counts == [1] * 40
     # Big then small: up at the first full small buffer (the first message
     # still comes in 4 KiB pieces), down after the run of small arrivals
-    # (16), not before.
-    st, counts = switch_stats([(BIG, 5), (100, 15)], si=si)
+    # (16), not before.  14, not 15: the last big message's tail segment
+    # may come as an arrival of its own and count as a small one.
+    st, counts = switch_stats([(BIG, 5), (100, 14)], si=si)
     assert st["regroups"] == 1 and st["large_bufs"] > 0, st
     assert counts[0] >= 2 and max(counts[1:5]) <= MAX_COMPLETIONS_PER_BIG, counts
     st, _ = switch_stats([(BIG, 5), (100, 40)], si=si)
