@@ -258,3 +258,52 @@ def test_uring_emulated_multishot_switches_without_cancels():
     assert st["regroups"] == 0 and st["large_bufs"] > 0, st
     assert max(counts[1:5]) <= MAX_COMPLETIONS_PER_BIG, counts
     assert counts[5:] == [1] * 40
+
+
+# Feature sets of tests/test_fastpath_uring.py: the switch on every
+# fallback path ("starve": every 3rd SQE request finds the SQ full, so the
+# switch's own cancel waits on the cancel backlog).
+URING_SETS = ["", "recv-multishot", "provided-buffers", "cancel-fd,ext-arg", "starve"]
+
+
+@pytest.mark.skipif(URING is None, reason="io_uring cannot run here")
+@pytest.mark.parametrize("knobs", URING_SETS, ids=lambda s: "all" if not s else "no-" + s)
+@pytest.mark.parametrize("si", [False, True], ids=["mt", "si"])
+def test_uring_switching_on_every_fallback_keeps_every_byte(backend, make_port, monkeypatch,
+                                                            knobs, si):
+    if backend != "io_uring":
+        pytest.skip("io_uring feature sets")
+    monkeypatch.delenv("IOCP_URING_DISABLE", raising=False)
+    monkeypatch.delenv("IOCP_URING_TEST_STARVE", raising=False)
+    monkeypatch.delenv("IOCP_URING_POOL_MAX", raising=False)
+    if knobs == "starve":
+        monkeypatch.setenv("IOCP_URING_TEST_STARVE", "3")
+    elif knobs:
+        monkeypatch.setenv("IOCP_URING_DISABLE", knobs)
+    port = make_port(single_issuer=si)
+    client, server = big_pair()
+    port.register(server)
+    got: list[iocp.Completion] = []
+    op = port.recv(server, 0, got.append, multishot=True)
+    expected = b""
+    # Up, down, up again, with a cancel and a new recv in the middle.
+    plan = [BIG] * 3 + [100] * 20 + [BIG] * 3 + [3 * BIG] + [50] * 3
+    for i, size in enumerate(plan):
+        msg = message(i, size)
+        expected += msg
+        client.sendall(msg)
+        want = len(expected)
+        pump(port, lambda want=want: received(got) >= want)
+    assert op.cancel() is True
+    pump(port, lambda: op.done)
+    assert got[-1].cancelled and all(c.more for c in got[:-1])
+    op = port.recv(server, 0, got.append, multishot=True)
+    for i in range(3):
+        msg = message(100 + i, BIG)
+        expected += msg
+        client.sendall(msg)
+    client.shutdown(socket.SHUT_WR)
+    pump(port, lambda: op.done)
+    assert b"".join(c.data for c in got if c.data) == expected
+    assert got[-1].eof and all(c.nbytes <= BIG for c in got)
+    close_all(port, client, server)
