@@ -26,12 +26,13 @@
  * goes on the ready list, and poll() resumes it next time).  A multishot
  * recv reads each arrival into a per-port scratch buffer and hands it out
  * in a pool buffer of the size that came (IOCP_CF_MORE | IOCP_CF_BUFFER),
- * so an idle socket pins nothing; EOF, an error or a cancel is its final
- * completion.  While one is armed, other recvs on the socket are
- * IOCP_EBUSY.  The bytes handed out and not yet released are bounded by
- * recv_pool_max (buf_id carries each buffer's size back through
- * release_buffer): at the bound the op waits, armed, on a starved list
- * that release_buffer moves to the ready list.
+ * or, on a socket whose arrivals are large, straight into a pool buffer
+ * of its cap (no copy), so an idle socket pins nothing; EOF, an error or
+ * a cancel is its final completion.  While one is armed, other recvs on
+ * the socket are IOCP_EBUSY.  The bytes handed out and not yet released
+ * are bounded by recv_pool_max (buf_id carries each buffer's size back
+ * through release_buffer): at the bound the op waits, armed, on a starved
+ * list that release_buffer moves to the ready list.
  *
  * Poll ops (IOCP_OP_POLL) sit on a third, unordered list per socket and
  * never hold up the FIFOs.  The set is edge-triggered, so a one-shot
@@ -92,6 +93,14 @@
 /* Most bytes one multishot recv completion carries (also its default). */
 #define IOCP__MS_RECV_MAX 65536
 
+/* Multishot recv sizing: a read of more than IOCP__MS_COPY_MAX bytes puts
+ * the socket in "large" mode (reads land in a pool buffer of the op's cap,
+ * no copy); IOCP__MS_DOWN_RUN reads in a row of at most
+ * IOCP__MS_SMALL_READ bytes take it back to scratch + copy. */
+#define IOCP__MS_COPY_MAX 4096
+#define IOCP__MS_DOWN_RUN 16u
+#define IOCP__MS_SMALL_READ 2048
+
 /* Default bound of the bytes multishot recvs have handed out and not got
  * back (iocp_port_options.recv_pool_max). */
 #define IOCP__POOL_MAX_DEFAULT ((size_t)64 << 20)
@@ -111,6 +120,10 @@ struct iocp__fdstate {
     unsigned char rd_sticky;           /* an edge said HUP/ERR/RDHUP/PRI: only
                                           EAGAIN proves the socket drained */
     unsigned char starved;             /* on the starved list (pool bound) */
+    unsigned char ms_large;            /* multishot recv reads straight into
+                                          full-size pool buffers (see
+                                          iocp__recv_multishot) */
+    unsigned short ms_small;           /* small reads in a row while large */
     iocp_op *rq_head, *rq_tail;        /* accept / recv / recv_into */
     iocp_op *wq_head, *wq_tail;        /* connect / send */
     iocp_op *ms_recv;                  /* the armed multishot recv (in rq) */
@@ -258,9 +271,15 @@ static inline void iocp__read_done(struct iocp__fdstate *st, ssize_t n, size_t a
  * scratch buffer and is copied into a pool buffer of the size that came
  * (a 64-byte message pins a 128-byte buffer, not 64 KiB; the copy of a
  * small message costs less than the memory of a large buffer per queued
- * completion), so nothing is pinned while the socket is idle.  The bytes
- * handed out and not yet given back are bounded by recv_pool_max: past it
- * the op waits, armed, for release_buffer.  Lock held.
+ * completion), so nothing is pinned while the socket is idle.  A socket
+ * whose arrivals are larger than IOCP__MS_COPY_MAX (ms_large) reads
+ * straight into a pool buffer of the cap instead: one read, one
+ * completion per arrival of up to 64 KiB either way, but no 64 KiB copy;
+ * a run of small reads takes it back (hysteresis, as io_uring's switch
+ * between its 4 KiB and 64 KiB groups).  The bytes handed out and not
+ * yet given back (the buffer's size when read in place) are bounded by
+ * recv_pool_max: past it the op waits, armed, for release_buffer.  Lock
+ * held.
  */
 static int iocp__recv_multishot(iocp_port *p, struct iocp__fdstate *st, iocp_op *op,
                                 int *budget)
@@ -270,6 +289,7 @@ static int iocp__recv_multishot(iocp_port *p, struct iocp__fdstate *st, iocp_op 
 
     for (;;) {
         ssize_t n;
+        size_t held;
         char *buf;
 
         if (*budget <= 0)
@@ -284,28 +304,55 @@ static int iocp__recv_multishot(iocp_port *p, struct iocp__fdstate *st, iocp_op 
             }
             return IOCP__AT_WAIT;
         }
+        if (st->ms_large) {
+            /* In place: the buffer is the read's (given back below if the
+             * read brings nothing to hand out). */
+            buf = iocp__buffer_get(p, cap);
+            if (!buf) {
+                iocp__deliver(p, op, IOCP_ENOMEM, 0, 0, NULL, 0);
+                return IOCP__AT_DONE;
+            }
+        } else {
+            buf = e->scratch;
+        }
         do
-            n = recv(op->sock, e->scratch, cap, 0);
+            n = recv(op->sock, buf, cap, 0);
         while (n < 0 && errno == EINTR);
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            iocp__read_done(st, -1, cap, 0);
-            return IOCP__AT_WAIT;
-        }
         if (n <= 0) {
+            int err = n < 0 ? errno : 0;
+            if (buf != e->scratch)
+                iocp__buffer_put(p, buf);
+            if (n < 0 && (err == EAGAIN || err == EWOULDBLOCK)) {
+                iocp__read_done(st, -1, cap, 0);
+                return IOCP__AT_WAIT;
+            }
             /* EOF or an error: the final completion. */
-            iocp__deliver(p, op, n < 0 ? -errno : 0, 0, 0, NULL, 0);
+            iocp__deliver(p, op, -err, 0, 0, NULL, 0);
             return IOCP__AT_DONE;
         }
-        buf = iocp__buffer_get(p, (size_t)n);
-        if (!buf) {
-            /* Out of memory: those bytes cannot be handed out; end the op
-             * with the error rather than pretend nothing was read. */
-            iocp__deliver(p, op, IOCP_ENOMEM, 0, 0, NULL, 0);
-            return IOCP__AT_DONE;
+        if (buf == e->scratch) {
+            buf = iocp__buffer_get(p, (size_t)n);
+            if (!buf) {
+                /* Out of memory: those bytes cannot be handed out; end the
+                 * op with the error rather than pretend nothing was read. */
+                iocp__deliver(p, op, IOCP_ENOMEM, 0, 0, NULL, 0);
+                return IOCP__AT_DONE;
+            }
+            memcpy(buf, e->scratch, (size_t)n);
+            held = (size_t)n;
+            if ((size_t)n > IOCP__MS_COPY_MAX) {
+                st->ms_large = 1;
+                st->ms_small = 0;
+            }
+        } else {
+            held = cap;
+            if ((size_t)n > IOCP__MS_SMALL_READ)
+                st->ms_small = 0;
+            else if (++st->ms_small >= IOCP__MS_DOWN_RUN)
+                st->ms_large = 0;
         }
-        memcpy(buf, e->scratch, (size_t)n);
-        e->pool_used += (size_t)n;
-        iocp__deliver(p, op, n, 0, IOCP_CF_MORE | IOCP_CF_BUFFER, buf, (uint32_t)n);
+        e->pool_used += held;
+        iocp__deliver(p, op, n, 0, IOCP_CF_MORE | IOCP_CF_BUFFER, buf, (uint32_t)held);
         (*budget)--;
         iocp__read_done(st, n, cap, 0);
         if (!st->readable)
@@ -818,6 +865,8 @@ static int iocp__epoll_register(iocp_port *p, iocp_socket_t sock)
         iocp__cancel_fd(p, st);
     }
     st->registered = 1;
+    st->ms_large = 0;
+    st->ms_small = 0;
     st->readable = st->writable = 1;
     st->tcp = (unsigned char)iocp__sock_is_tcp(sock);
     st->rd_sticky = 0;

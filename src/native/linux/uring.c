@@ -30,8 +30,12 @@
  * -ENOBUFS, at most once per reap, and when most of a group is out with
  * callers) up to recv_pool_max; a single-shot recv that still finds none
  * moves to a pool buffer.  A multishot RECV is one armed
- * IORING_RECV_MULTISHOT request from the 4 KiB group, one completion with
- * MORE per CQE (a larger arrival takes several); where the kernel lacks
+ * IORING_RECV_MULTISHOT request, one completion with MORE per CQE, from
+ * the group its socket's arrivals fit: the 4 KiB group first, the 64 KiB
+ * one once a small buffer comes back full, the small one again after a
+ * run of small arrivals (iocp__ms_follow; the switch ends the armed
+ * request with a cancel of our own and re-arms, so a 64 KiB message
+ * costs 16 completions once, then about one); where the kernel lacks
  * it, or the cap is under a buffer, a single-shot recv from the group is
  * re-armed after each completion, and with no buffer ring at all a
  * POLL_ADD then a pool-buffer recv is.  -ENOBUFS ends a kernel multishot:
@@ -870,25 +874,92 @@ static void iocp__complete_recv(iocp_port *p, struct iocp__uring *u, iocp_op *op
  * request and are re-armed here.  Either way every arrival is delivered
  * with MORE; the final completion is EOF, an error or the cancel.
  */
+/*
+ * The buffer size follows the socket.  A multishot recv starts on the
+ * 4 KiB group; a buffer of it that comes back full says the socket
+ * delivers more than a small buffer holds (one 64 KiB message would be 16
+ * completions), so the socket moves to the 64 KiB group, and back after
+ * IOCP__MS_DOWN_RUN small arrivals in a row (hysteresis: a mixed stream
+ * does not flip on every message).  Only where a 64 KiB buffer is within
+ * the op's cap: kernel multishot fills whole buffers (its SQE takes no
+ * length), so a cap under 64 KiB keeps the small group.  Called with the
+ * bytes of each arrival from group g; says whether the socket wants the
+ * large group now.
+ */
+static int iocp__ms_follow(struct iocp__uring *u, struct iocp__ufd *st, const iocp_op *op,
+                           int g, int res)
+{
+    if (g == IOCP__BG_SMALL) {
+        st->ms_small = 0;
+        if ((unsigned)res >= iocp__bg_size(&u->bg[g]) &&
+            (op->len == 0 || op->len >= ((size_t)1 << IOCP__BG_LARGE_SHIFT) ||
+             !(op->state & IOCP__ST_MULTI)) &&
+            iocp__bg_pick(u, (size_t)1 << IOCP__BG_LARGE_SHIFT) == IOCP__BG_LARGE)
+            st->ms_large = 1;
+    } else if (res <= IOCP__MS_SMALL_ARRIVAL) {
+        if (++st->ms_small >= IOCP__MS_DOWN_RUN) {
+            st->ms_small = 0;
+            st->ms_large = 0;
+        }
+    } else {
+        st->ms_small = 0;
+    }
+    return st->ms_large;
+}
+
+/*
+ * After an arrival: if the socket now wants the other group, a kernel
+ * multishot still armed (`more`) is ended with a cancel of our own (its
+ * -ECANCELED then re-arms it, as a cancel nobody asked for does), at most
+ * one at a time; a request that has ended takes the new group at once,
+ * before it is armed again.  Its buffers are never misread: the group bit
+ * changes only when no request of the op is out.
+ */
+static void iocp__ms_regroup(struct iocp__uring *u, iocp_op *op, int want_large, int more)
+{
+    int large = (op->state & IOCP__ST_BG_LARGE) != 0;
+
+    if (!more) {
+        op->state &= ~(IOCP__ST_REGROUP | IOCP__ST_BG_LARGE);
+        if (want_large)
+            op->state |= IOCP__ST_BG_LARGE;
+    } else if (want_large != large && !(op->state & (IOCP__ST_REGROUP | IOCP__ST_CANCEL))) {
+        op->state |= IOCP__ST_REGROUP;
+        u->n_regroups++;
+        iocp__send_cancel(u, op);
+    }
+}
+
 static void iocp__complete_recv_ms(iocp_port *p, struct iocp__uring *u, iocp_op *op,
                                    int res, unsigned cflags)
 {
+    int more = (cflags & IOCP__CQE_F_MORE) != 0;
+
     if (cflags & IOCP__CQE_F_BUFFER) {
         unsigned bid = cflags >> IOCP__CQE_BUFFER_SHIFT;
         int g = iocp__op_group(op);
         if (bid < u->bg[g].nbufs) {
-            if (res > 0)
+            if (res > 0) {
+                struct iocp__ufd *st = iocp__ufd(u, op->sock);
                 iocp__handout(p, u, op, g, bid, res, IOCP_CF_MORE);
-            else
+                if (st && st->msrecv == op)
+                    iocp__ms_regroup(u, op, iocp__ms_follow(u, st, op, g, res), more);
+            } else {
                 iocp__bg_put(u, g, bid);
+            }
         }
     } else if (res > 0 && op->backend_data) {
         char *data = op->backend_data;
         op->backend_data = NULL;
         iocp__finish(p, u, op, res, 0, IOCP_CF_MORE | IOCP_CF_BUFFER, data, 0);
     }
-    if (cflags & IOCP__CQE_F_MORE)
+    if (more)
         return;                     /* still armed in the kernel */
+    if (op->state & IOCP__ST_REGROUP) {
+        /* The request our cancel was for has ended (by it or not). */
+        struct iocp__ufd *st = iocp__ufd(u, op->sock);
+        iocp__ms_regroup(u, op, st && st->ms_large, 0);
+    }
     if (res > 0)
         iocp__again(p, u, op);      /* emulation, or the kernel stopped */
     else if (res == 0)
@@ -1275,11 +1346,12 @@ static void iocp__uring_destroy(iocp_port *p)
     if (u->print_stats) {
         /* Tests and measurements read this (IOCP_URING_STATS=1). */
         fprintf(stderr, "iocp-uring-stats enobufs=%llu grows=%llu parks=%llu "
-                "pool_bytes=%zu small_bufs=%u large_bufs=%u chains=%llu chained=%llu\n",
+                "pool_bytes=%zu small_bufs=%u large_bufs=%u chains=%llu chained=%llu "
+                "regroups=%llu\n",
                 (unsigned long long)u->n_enobufs, (unsigned long long)u->n_grows,
                 (unsigned long long)u->n_parks, u->pool_bytes, u->bg[IOCP__BG_SMALL].nbufs,
                 u->bg[IOCP__BG_LARGE].nbufs, (unsigned long long)u->n_chains,
-                (unsigned long long)u->n_chained);
+                (unsigned long long)u->n_chained, (unsigned long long)u->n_regroups);
     }
     iocp__ring_unregister_fd(u);
     iocp__bg_unregister(u);
@@ -1413,6 +1485,8 @@ static int iocp__uring_register(iocp_port *p, iocp_socket_t sock)
         iocp__submit_policy(p, u);
     }
     st->msrecv = NULL;              /* the old socket's, if any */
+    st->ms_large = 0;
+    st->ms_small = 0;
     st->gen++;
     st->registered = 1;
     st->dev = sb.st_dev;
@@ -1483,9 +1557,10 @@ static int iocp__uring_submit(iocp_port *p, iocp_op *op)
     if (st && st->msrecv && (op->kind == IOCP_OP_RECV || op->kind == IOCP_OP_RECV_INTO))
         return IOCP_EBUSY;
     if (iocp__is_msrecv(op)) {
-        /* The 4 KiB group whatever the cap (`len` bounds a completion,
-         * it asks for nothing): small messages cost a small buffer, and a
-         * larger arrival just takes several completions.  Kernel
+        /* The 4 KiB group first whatever the cap (`len` bounds a
+         * completion, it asks for nothing): small messages cost a small
+         * buffer; a socket whose arrivals fill them moves to the 64 KiB
+         * group (iocp__ms_follow).  Kernel
          * multishot delivers up to a buffer per CQE, within any cap of
          * 4 KiB or more (or none); a smaller cap re-arms a single-shot
          * recv of that size from the ring. */
@@ -1495,6 +1570,14 @@ static int iocp__uring_submit(iocp_port *p, iocp_op *op)
             if ((u->caps & IOCP__CAP_MS_RECV) &&
                 (op->len == 0 || op->len >= iocp__bg_size(&u->bg[g])))
                 op->state |= IOCP__ST_MULTI;
+            /* A socket that has been delivering large arrivals stays on
+             * the 64 KiB group (iocp__ms_follow decided it, within the
+             * same cap rule). */
+            if (st->ms_large &&
+                (op->len == 0 || op->len >= ((size_t)1 << IOCP__BG_LARGE_SHIFT) ||
+                 !(op->state & IOCP__ST_MULTI)) &&
+                iocp__bg_pick(u, (size_t)1 << IOCP__BG_LARGE_SHIFT) == IOCP__BG_LARGE)
+                op->state |= IOCP__ST_BG_LARGE;
         }
         /* Else a poll, then a pool buffer, per arrival (arm_now). */
         st->msrecv = op;

@@ -10,9 +10,11 @@
  * kernel answers -ENOBUFS (and a multishot recv stops).
  *
  * Here: two groups, set up on first use.  Group 0 holds 4 KiB buffers
- * (multishot recv, and recvs of up to 4 KiB: small messages should not
- * cost a 64 KiB buffer each), group 1 64 KiB buffers (recvs up to 64 KiB;
- * larger ones use the port pool).  Each starts small and grows with load:
+ * (recvs of up to 4 KiB, and multishot recvs of sockets whose arrivals
+ * fit them: small messages should not cost a 64 KiB buffer each), group
+ * 1 64 KiB buffers (recvs up to 64 KiB, and multishot recvs of sockets
+ * that fill small buffers -- uring.c's iocp__ms_follow moves a socket
+ * between the two; larger recvs use the port pool).  Each starts small and grows with load:
  * uring.c calls iocp__bg_grow on -ENOBUFS and when most of a group is out
  * with the caller, and a group doubles until all groups together reach the
  * port's bound (iocp_port_options.recv_pool_max, default 64 MiB; each

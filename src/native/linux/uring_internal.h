@@ -73,6 +73,9 @@ enum { IOCP__IN_WAKE = 1, IOCP__IN_CANCEL = 2, IOCP__IN_TIMEOUT = 3,
 #define IOCP__ST_PARKED    0x800  /* multishot recv waiting for buffers */
 #define IOCP__ST_OWED      0x1000 /* its final completion waits on u->owed */
 #define IOCP__ST_CHAIN     0x2000 /* SEND out as a member of a linked chain */
+#define IOCP__ST_REGROUP   0x4000 /* multishot recv: a cancel is out to end the
+                                     request so it re-arms on the group
+                                     its socket now wants (ufd.ms_large) */
 
 #define IOCP__DEFAULT_ENTRIES 1024u
 
@@ -96,7 +99,20 @@ struct iocp__ufd {
     iocp_op *msrecv;       /* the multishot recv of this registration */
     unsigned chain_n;      /* the first chain_n ops of wq are a linked
                               chain in the kernel (0: none) */
+    /* Which buffer group this socket's multishot recv should pick from:
+     * 1 once a 4 KiB buffer came back full (the socket delivers more than
+     * a small buffer holds), 0 again after IOCP__MS_DOWN_RUN arrivals in
+     * a row of at most IOCP__MS_SMALL_ARRIVAL bytes (ms_small counts
+     * them).  Kept per socket, so a multishot recv armed again on the
+     * socket starts where the last one ended; reset at register. */
+    unsigned char ms_large;
+    unsigned short ms_small;
 };
+
+/* The hysteresis of ufd.ms_large: down to the 4 KiB group after this many
+ * small arrivals in a row (at most half a small buffer each). */
+#define IOCP__MS_DOWN_RUN 16u
+#define IOCP__MS_SMALL_ARRIVAL 2048
 
 /*
  * A completion owed to the queue: poll() may hand out at most `max`, and
@@ -183,7 +199,7 @@ struct iocp__uring {
     struct iocp__bgroup bg[IOCP__BG_COUNT];
     size_t pool_max, pool_bytes;
     /* Counters for IOCP_URING_STATS (tests and measurements). */
-    uint64_t n_enobufs, n_grows, n_parks, n_chains, n_chained;
+    uint64_t n_enobufs, n_grows, n_parks, n_chains, n_chained, n_regroups;
     int print_stats;
 
     /* Descriptors. */

@@ -23,7 +23,10 @@
  *             WSARecv waits for the socket to become readable and pins
  *             nothing.  When it completes, the socket is read with
  *             overlapped WSARecvs into port buffers (first 4 KiB, after a
- *             full read sized by FIONREAD) that complete at once because
+ *             full read sized by FIONREAD; a socket whose first reads
+ *             fill 4 KiB sizes them all by FIONREAD, so a large arrival
+ *             is one completion, until 16 small reads in a row: see
+ *             iocp__ms_follow) that complete at once because
  *             the bytes are there -- so the caller's socket stays in
  *             blocking mode, untouched -- each delivered with MORE|BUFFER,
  *             until a short read says it is drained; then the zero-byte
@@ -181,6 +184,12 @@
 #define IOCP__MS_DEFAULT_LEN (64 * 1024)
 #define IOCP__MS_FIRST_LEN 4096
 
+/* A socket whose first read fills IOCP__MS_FIRST_LEN sizes its reads by
+ * FIONREAD from the start, until this many reads in a row of at most
+ * IOCP__MS_SMALL_READ bytes (hysteresis, as io_uring's group switch). */
+#define IOCP__MS_DOWN_RUN 16u
+#define IOCP__MS_SMALL_READ 2048
+
 /*
  * The AFD poll (see the note at the top).  Our own names for the layout
  * the AFD driver reads: the same on every Windows since NT, and what Wine
@@ -222,6 +231,12 @@ struct iocp__sockent {
     unsigned char skip;        /* FILE_SKIP_COMPLETION_PORT_ON_SUCCESS set */
     unsigned char afd;         /* poll: 0 not known yet, 1 AFD poll, 2 fallback */
     iocp_op *ms_recv;          /* the armed multishot recv, or NULL */
+    /* Multishot recv sizing (iocp__ms_follow): 1 once a first read of
+     * IOCP__MS_FIRST_LEN came back full, so each arrival is sized by
+     * FIONREAD at once (one completion, not a 4 KiB one then the rest);
+     * 0 again after IOCP__MS_DOWN_RUN small reads in a row (ms_small). */
+    unsigned char ms_large;
+    unsigned short ms_small;
     struct iocp__sockent *next;
 };
 
@@ -574,12 +589,36 @@ static void iocp__ms_buf_drop(iocp_port *p, iocp_op *op)
     }
 }
 
+/* Follows the socket's arrival sizes (see iocp__sockent.ms_large) after a
+ * read of `bytes` into a buffer of op->wsabuf.len. */
+static void iocp__ms_follow(iocp_port *p, iocp_op *op, DWORD bytes)
+{
+    struct iocp__sockent *se = iocp__sock_find(p->be, op->sock, 0);
+
+    if (!se)
+        return;
+    if (!se->ms_large) {
+        if (op->wsabuf.len == IOCP__MS_FIRST_LEN && bytes == IOCP__MS_FIRST_LEN) {
+            se->ms_large = 1;
+            se->ms_small = 0;
+        }
+    } else if (bytes <= IOCP__MS_SMALL_READ) {
+        if (++se->ms_small >= IOCP__MS_DOWN_RUN) {
+            se->ms_large = 0;
+            se->ms_small = 0;
+        }
+    } else {
+        se->ms_small = 0;
+    }
+}
+
 /* Hands the filled read buffer to the caller: buf_id carries its size so
  * release_buffer can return it to the bound. */
 static void iocp__ms_buf_deliver(iocp_port *p, iocp_op *op, DWORD bytes)
 {
     char *buf = op->backend_data;
 
+    iocp__ms_follow(p, op, bytes);
     op->backend_data = NULL;
     iocp__deliver(p, op, (int64_t)bytes, 0, IOCP_CF_MORE | IOCP_CF_BUFFER, buf,
                   (uint32_t)op->wsabuf.len);
@@ -713,7 +752,10 @@ static void iocp__ms_recv_pump(iocp_port *p, iocp_op *op)
             iocp__ms_end(p, op, IOCP_ECANCELED, IOCP_CF_CANCELLED);
             return;
         }
-        if (!drained && !(op->state & IOCP__WST_FRESH) &&
+        /* Just readable: a socket of small arrivals reads 4 KiB blind
+         * (no FIONREAD); one of large arrivals (ms_large) asks first, so
+         * the arrival comes whole in one read. */
+        if (!drained && (!(op->state & IOCP__WST_FRESH) || se->ms_large) &&
             ioctlsocket(op->sock, FIONREAD, &avail) != 0) {
             iocp__ms_fail(p, op, WSAGetLastError());
             return;
@@ -1344,6 +1386,8 @@ static int iocp__win_register(iocp_port *p, iocp_socket_t sock)
     }
     se->registered = 1;
     se->ms_recv = NULL;        /* a closed predecessor's op is not ours */
+    se->ms_large = 0;
+    se->ms_small = 0;
     se->afd = w->test_poll_fallback ? 2 : 0;
     se->skip = iocp__skip_allowed(w, sock) &&
                SetFileCompletionNotificationModes(
