@@ -14,6 +14,12 @@ few attribute updates and is never held while user code runs.
 The connection knows its owner only through :class:`_Owner` (the loop, the
 settings and ``_forget``), which :class:`iocp.server._endpoint._Endpoint`
 implements, so this module does not import the server or client.
+
+That is the multi-thread mode.  :class:`_StreamConnection` is the
+single-thread one (one thread dispatches the endpoint's own port): the same
+API on ``iocp._core.Stream``, which calls the protocol from the port's
+dispatch and queues writes in C; no lock, and calls from other threads are
+posted to the port.  The endpoint picks the class per connection.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, List, Tuple, Union
 
+from iocp import _core
 from iocp.server._util import Address, _fmt_addr, _noop, log
 
 if TYPE_CHECKING:
@@ -293,6 +300,22 @@ class Connection:
         return {"peername": self.peername, "sockname": self.sockname, "socket": self._sock}.get(
             name, default
         )
+
+    # what the server and the client call -----------------------------------------
+    def _begin(self) -> None:
+        """From a loop callback: connection_made, then reading."""
+        self._serial(self._start)
+
+    def _begin_any(self) -> None:
+        """From any thread: connection_made, then reading, on a loop thread."""
+        self._serial_any(self._start)
+
+    def _idle(self, cutoff: float, now: float) -> bool:
+        """True if nothing moved since ``cutoff`` (and the connection is up)."""
+        return self.last_activity < cutoff and not self._torn
+
+    def _idle_close(self, exc: BaseException) -> None:
+        self._teardown(exc, graceful=True)
 
     # the strand: serialized protocol callbacks ------------------------------
     def _serial(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -616,4 +639,267 @@ class Connection:
             self.protocol = None
             self._on_data = _noop
             self._recv_cb = self._send_cb = _noop  # no op is left to call them
+            self._owner._forget(self)
+
+
+# --------------------------------------------------------------------------
+# The single-thread connection, on the stream core (iocp._core.Stream)
+
+# None with a core that has no streams: every connection is then threaded.
+_Stream: Any = getattr(_core, "Stream", None)
+
+_get_ident = threading.get_ident
+
+
+class _Hooks:
+    """The protocol the Stream sees: the user's data_received as it is (the
+    stream calls it from C with the connection first), our own methods for
+    the rare events, which keep the connection's state and then call the
+    user's."""
+
+    __slots__ = ("data_received", "eof_received", "pause_writing", "resume_writing",
+                 "connection_lost")
+
+    def __init__(self, conn: _StreamConnection) -> None:
+        self.data_received = conn._data
+        self.eof_received = conn._on_eof
+        self.pause_writing = conn._on_pause
+        self.resume_writing = conn._on_resume
+        self.connection_lost = conn._on_lost
+
+
+class _StreamConnection(Connection):
+    """A :class:`Connection` whose socket is driven by the stream core.
+
+    Used when one thread dispatches the port (``start(threads=0|1)`` on the
+    server's own port, a client on its own port).  The stream calls the
+    protocol straight from the port's dispatch, queues writes in C and
+    sends them gathered, with silent sends, before the port's next wait;
+    no lock is taken: the stream is only touched by the thread that
+    dispatches the port.  A call from any other thread (``send()`` from a
+    worker thread, ``shutdown()`` closing connections) is posted to the
+    port and runs there, in order.
+    """
+
+    __slots__ = ("_stream", "_ident", "_written", "_sent_seen", "_user_data", "_user")
+
+    def __init__(
+        self,
+        owner: Any,
+        sock: socket.socket,
+        protocol: Any,
+        peername: Address,
+        sockname: Address,
+    ) -> None:
+        if not isinstance(owner, _Owner) or not isinstance(sock, socket.socket):
+            raise TypeError("Connection objects are made by Server and Client, not directly")
+        assert _Stream is not None
+        cfg = owner._settings
+        self._owner = owner
+        self._loop = owner._loop
+        self._port = owner._loop.port
+        self._cfg = cfg
+        self._sock = sock
+        self.protocol = protocol
+        self.peername = peername
+        self.sockname = sockname
+        self._high = cfg.high
+        self._low = cfg.low
+        self._limit = cfg.limit
+        self._paused = False
+        self._rpaused = False
+        self._closing = False
+        self._eof_pending = False
+        self._torn = False
+        self._exc = None
+        self._ident: int | None = None  # the dispatching thread, once _begin() ran
+        self._written = 0
+        self._sent_seen = 0
+        self.bytes_received = 0
+        self.last_activity = _monotonic()
+        self._user = protocol
+        self._user_data = protocol.data_received
+        self._stream = _Stream(
+            self._port, sock, _Hooks(self), conn=self,
+            write_high_water=cfg.high, write_low_water=cfg.low, on_error=self._on_error,
+        )
+
+    def __repr__(self) -> str:
+        state = "closed" if self._torn else "closing" if self.closing else "open"
+        return f"<Connection {_fmt_addr(self.peername)} {state} buffered={self.write_buffer_size}>"
+
+    # public API --------------------------------------------------------------
+    @property
+    def closing(self) -> bool:
+        return self._closing or self._torn or self._stream.is_closing()
+
+    @property
+    def write_buffer_size(self) -> int:
+        return self._stream.get_write_buffer_size()  # type: ignore[no-any-return]
+
+    @property
+    def writing_paused(self) -> bool:
+        return self._paused
+
+    @property
+    def bytes_sent(self) -> int:  # type: ignore[override]
+        """Bytes written to the socket so far (accepted minus still buffered)."""
+        return self._written - self._stream.get_write_buffer_size()  # type: ignore[no-any-return]
+
+    def _elsewhere(self) -> bool:
+        return self._ident != _get_ident()
+
+    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self._loop.call_soon(lambda: fn(*args))
+        except Exception:  # the port is closed: the connection is gone too
+            pass
+
+    def send(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        if type(data) is not bytes:
+            data = bytes(data)  # the stream would copy it anyway; len() counts bytes
+        if self._ident != _get_ident():
+            self._post(self.send, data)
+            return
+        if self._closing or self._torn or self._eof_pending:
+            return
+        n = len(data)
+        # Not paused means at most high-water bytes are buffered, so only a
+        # paused connection or a write bigger than the slack can pass the limit.
+        if (self._paused or n > self._limit - self._high) and (
+            self._stream.get_write_buffer_size() + n > self._limit
+        ):
+            self._stream.abort(
+                WriteBufferFull(
+                    f"write buffer over {self._limit} bytes: peer {_fmt_addr(self.peername)} "
+                    "is not reading"
+                )
+            )
+            return
+        self._written += n
+        self._stream.write(data)
+
+    write = send
+
+    def close(self) -> None:
+        if self._ident != _get_ident():
+            self._post(self.close)
+            return
+        if self._closing or self._torn:
+            return
+        self._closing = True
+        self._stream.close()
+
+    def write_eof(self) -> None:
+        if self._ident != _get_ident():
+            self._post(self.write_eof)
+            return
+        if self._closing or self._torn or self._eof_pending:
+            return
+        self._eof_pending = True
+        self._stream.write_eof()
+
+    def abort(self) -> None:
+        if self._ident != _get_ident():
+            self._post(self.abort)
+            return
+        if self._torn:
+            return
+        try:
+            linger = struct.pack("HH" if os.name == "nt" else "ii", 1, 0)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        except OSError:
+            pass
+        self._closing = True
+        self._stream.abort()
+
+    def pause_reading(self) -> None:
+        if self._ident != _get_ident():
+            self._post(self.pause_reading)
+            return
+        if not (self._closing or self._torn) and not self._rpaused:
+            self._rpaused = True
+            self._stream.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._ident != _get_ident():
+            self._post(self.resume_reading)
+            return
+        if not self._rpaused:
+            return
+        self._rpaused = False
+        if not (self._closing or self._torn):
+            self._stream.resume_reading()
+
+    # what the server and the client call ----------------------------------------
+    def _begin(self) -> None:
+        self._ident = _get_ident()
+        try:
+            getattr(self._user, "connection_made", _noop)(self)
+        except Exception as exc:
+            self._on_error(exc)
+            self._closing = True
+            self._stream.abort(exc)
+            return
+        if not (self._closing or self._torn):
+            self._stream.start()
+
+    def _begin_any(self) -> None:
+        if self._loop.in_loop():
+            self._begin()
+        else:
+            self._post(self._begin)
+
+    def _idle(self, cutoff: float, now: float) -> bool:
+        sent = self.bytes_sent  # send progress is seen here, at the check's pace
+        if sent != self._sent_seen:
+            self._sent_seen = sent
+            self.last_activity = now
+        return self.last_activity < cutoff and not self._torn
+
+    def _idle_close(self, exc: BaseException) -> None:
+        if self._ident != _get_ident():
+            self._post(self._idle_close, exc)
+            return
+        if not self._torn:
+            self._closing = True
+            self._stream.abort(exc)
+
+    # called by the stream ------------------------------------------------------
+    def _data(self, conn: Connection, data: bytes) -> None:
+        self.bytes_received += len(data)
+        self.last_activity = _monotonic()
+        self._user_data(conn, data)
+
+    def _on_eof(self, conn: Connection) -> Any:
+        return getattr(self._user, "eof_received", _noop)(conn)
+
+    def _on_pause(self, conn: Connection) -> None:
+        self._paused = True
+        getattr(self._user, "pause_writing", _noop)(conn)
+
+    def _on_resume(self, conn: Connection) -> None:
+        self._paused = False
+        getattr(self._user, "resume_writing", _noop)(conn)
+
+    def _on_error(self, exc: BaseException) -> None:
+        log.error(
+            "protocol callback failed for %s; aborting the connection",
+            _fmt_addr(self.peername),
+            exc_info=exc,
+        )
+
+    def _on_lost(self, conn: Connection, exc: BaseException | None) -> None:
+        # As for the threaded connection: forgotten only once connection_lost
+        # has returned, which shutdown() relies on.
+        self._torn = True
+        self._closing = True
+        self._exc = exc
+        try:
+            getattr(self._user, "connection_lost", _noop)(conn, exc)
+        except Exception as err:
+            self._on_error(err)
+        finally:
+            self.protocol = self._user = None
+            self._user_data = _noop
             self._owner._forget(self)
