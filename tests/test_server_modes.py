@@ -185,3 +185,33 @@ def test_calls_from_another_thread_in_both_modes(backend: str, threads: int) -> 
         assert proto.lost == [None]
     finally:
         assert_no_leaks(srv.shutdown())
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("where", ["data_received", "pause_writing"])
+def test_a_raising_callback_aborts_in_both_modes(
+    backend: str, threads: int, where: str, caplog: Any
+) -> None:
+    """Whatever callback raises (pause_writing too, which the stream core
+    alone would only report), the error is logged and connection_lost gets
+    the exception, once."""
+
+    class Boom(Keep):
+        def data_received(self, conn: Connection, data: bytes) -> None:
+            if where == "data_received":
+                raise ValueError("boom")
+            conn.send(b"y" * (256 << 10))  # past the high-water mark: pause_writing
+
+        def pause_writing(self, conn: Connection) -> None:
+            raise ValueError("boom")
+
+    proto = Boom()
+    srv = Server(lambda: proto, port=0, backend=backend).start(threads=threads)
+    try:
+        with socket.create_connection(srv.address, timeout=5) as s:
+            s.sendall(b"go")
+            assert proto.gone.wait(5)
+        assert len(proto.lost) == 1 and isinstance(proto.lost[0], ValueError)
+        assert any("aborting the connection" in r.getMessage() for r in caplog.records)
+    finally:
+        assert_no_leaks(srv.shutdown())

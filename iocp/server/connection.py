@@ -681,7 +681,7 @@ class _StreamConnection(Connection):
     port and runs there, in order.
     """
 
-    __slots__ = ("_stream", "_ident", "_written", "_sent_seen", "_user_data", "_user")
+    __slots__ = ("_stream", "_ident", "_written", "_sent_seen", "_user_data", "_user", "_slack")
 
     def __init__(
         self,
@@ -706,6 +706,7 @@ class _StreamConnection(Connection):
         self._high = cfg.high
         self._low = cfg.low
         self._limit = cfg.limit
+        self._slack = cfg.limit - cfg.high
         self._paused = False
         self._rpaused = False
         self._closing = False
@@ -766,7 +767,7 @@ class _StreamConnection(Connection):
         n = len(data)
         # Not paused means at most high-water bytes are buffered, so only a
         # paused connection or a write bigger than the slack can pass the limit.
-        if (self._paused or n > self._limit - self._high) and (
+        if (self._paused or n > self._slack) and (
             self._stream.get_write_buffer_size() + n > self._limit
         ):
             self._stream.abort(
@@ -872,17 +873,30 @@ class _StreamConnection(Connection):
         self._user_data(conn, data)
 
     def _on_eof(self, conn: Connection) -> Any:
-        return getattr(self._user, "eof_received", _noop)(conn)
+        keep = getattr(self._user, "eof_received", _noop)(conn)
+        if not keep:
+            self._closing = True  # the stream closes: later sends are dropped
+        return keep
 
     def _on_pause(self, conn: Connection) -> None:
         self._paused = True
-        getattr(self._user, "pause_writing", _noop)(conn)
+        self._flow_call("pause_writing", conn)
 
     def _on_resume(self, conn: Connection) -> None:
         self._paused = False
-        getattr(self._user, "resume_writing", _noop)(conn)
+        self._flow_call("resume_writing", conn)
+
+    def _flow_call(self, name: str, conn: Connection) -> None:
+        # The stream only reports what these raise; iocp.server aborts the
+        # connection, as for any other callback.
+        try:
+            getattr(self._user, name, _noop)(conn)
+        except Exception as exc:
+            self._on_error(exc)
+            self._stream.abort(exc)
 
     def _on_error(self, exc: BaseException) -> None:
+        self._closing = True  # the stream aborts
         log.error(
             "protocol callback failed for %s; aborting the connection",
             _fmt_addr(self.peername),
