@@ -92,6 +92,7 @@ native_lib = (
 # the old backend).  Every native source and header relinks the module.
 NATIVE_DEPENDS = sorted(
     glob.glob("src/native/**/*.[ch]", recursive=True) + glob.glob("src/includes/*.pxd")
+    + glob.glob("src/*.pxi")
 )
 
 core = Extension(

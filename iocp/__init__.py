@@ -11,7 +11,8 @@ epoll emulation, with one API and one semantics.
         port.recv(sock, 4096, on_data)
         port.run()
 
-Three ways in: the port itself (CompletionPort, Operation, Completion), a
+Three ways in: the port itself (CompletionPort, Operation, Completion, and
+Stream, the connection core that drives a connected socket's protocol), a
 callback server and client in the spirit of asyncio.Protocol (Server,
 Client, connect), and an asyncio event loop on the port (``iocp.aio``,
 imported on demand so plain users do not pay for asyncio).
@@ -25,6 +26,7 @@ from iocp._core import (
     Completion,
     CompletionPort,
     Operation,
+    Stream,
     backends,
 )
 from iocp.server import Client, Connection, Protocol, Server, WriteBufferFull, connect
@@ -41,6 +43,7 @@ __all__ = [
     "Operation",
     "Protocol",
     "Server",
+    "Stream",
     "WriteBufferFull",
     "__version__",
     "backends",

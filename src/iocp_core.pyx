@@ -20,7 +20,9 @@ above keeps Py_mod_gil at Py_MOD_GIL_USED, and a free-threaded CPython
 turns the GIL back on when it imports the module.
 """
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport (PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_CheckBuffer,
+                            PyObject_GetBuffer)
+from cpython.list cimport PyList_GET_ITEM
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
                            PyBytes_GET_SIZE)
 from cpython.exc cimport PyErr_CheckSignals
@@ -129,7 +131,16 @@ cdef extern from *:
             return -1;
         return 1;
     }
+
+    /* 1 if a record's user pointer is an instance of exactly `t` (a
+       final type): how dispatch tells a Stream's records from an
+       Operation's without a reference count change. */
+    static inline int iocp__user_is(void *user, PyTypeObject *t)
+    {
+        return user != NULL && Py_TYPE((PyObject *)user) == t;
+    }
     """
+    int iocp__user_is(void *user, PyTypeObject *t) noexcept
     int iocp__fast_fd_learn(object type, object base) except -1
     int iocp__fast_fd(object sock, long long *fd) except -1
     int iocp__fast_fd_probe(object sock, long long fd) noexcept
@@ -699,6 +710,9 @@ _expose_members()
 # --------------------------------------------------------------------------
 # The port
 
+cdef class Stream          # src/stream.pxi
+
+
 cdef class CompletionPort:
     """An I/O completion port.
 
@@ -744,6 +758,13 @@ cdef class CompletionPort:
     cdef object _foreign            # single-issuer: posts made by other threads
     cdef Py_ssize_t _nforeign       # len(_foreign), tested on every wait
     cdef dict _ms_recv              # fd -> its armed multishot recv Operation
+    cdef list _flush_list           # Streams with work for the next flush
+    cdef set _streams               # live Streams (aborted by close())
+    cdef Py_ssize_t _stream_events  # Stream events delivered so far
+    cdef public bint return_on_stream_events
+    """When true, run() returns after a batch (or flush) in which a Stream
+    called its protocol -- for an event loop built on run(), whose
+    protocols schedule work run() knows nothing of.  Default False."""
 
     def __cinit__(self, unsigned concurrency=0, *, backend=None,
                   unsigned queue_capacity=1024, unsigned ring_entries=0,
@@ -783,6 +804,8 @@ cdef class CompletionPort:
         self._foreign = _deque()
         self._nforeign = 0
         self._ms_recv = {}
+        self._flush_list = []
+        self._streams = set()
         r = iocp_port_create(&opts, &self._port)
         if r < 0:
             err = _oserror(r)
@@ -1400,9 +1423,20 @@ cdef class CompletionPort:
         native records and port buffers go back in one locked call."""
         cdef int i
         cdef Completion comp
+        cdef Stream stream
         first = None
         try:
             for i in range(n):
+                if iocp__user_is(batch[i].op.user, <PyTypeObject *>Stream):
+                    # A Stream's record: no Completion; the stream appends
+                    # (stream, payload) for _dispatch when there is news.
+                    stream = <Stream>batch[i].op.user
+                    try:
+                        stream._native(&batch[i], out)
+                    except BaseException as exc:
+                        if first is None:
+                            first = exc
+                    continue
                 try:
                     comp = self._complete(&batch[i])
                     if comp is None:
@@ -1423,6 +1457,84 @@ cdef class CompletionPort:
             if self._destroy_deferred and self._holders == 0:
                 self._finish_close()
         return first
+
+    cdef int _split_stream_events(self, list got, list out) except -1:
+        """get_many(): delivers the streams' (stream, payload) pairs of a
+        converted batch, in order, and appends its Completions to `out`.
+        If a stream's callback raises BaseException, the rest of the batch
+        goes to the backlog."""
+        cdef Py_ssize_t i = 0, m = len(got)
+        try:
+            while i < m:
+                comp = got[i]
+                i += 1
+                if type(comp) is Stream:
+                    i += 1
+                    (<Stream>comp)._event(got[i - 1])
+                else:
+                    out.append(comp)
+        except BaseException:
+            self._backlog.extend(out)
+            del out[:]
+            for j in range(i, m):
+                self._backlog.append(got[j])
+            raise
+        return 0
+
+    cdef int _deliver_backlog_one(self, object handler) except -1:
+        """Delivers the oldest backlog entry: a Completion, or a stream's
+        (stream, payload) pair."""
+        comp = self._backlog.popleft()
+        if type(comp) is Stream:
+            (<Stream>comp)._event(self._backlog.popleft())
+        else:
+            self._deliver(comp, handler)
+        return 0
+
+    cdef Py_ssize_t _flush(self) except -1:
+        """Runs every Stream on the flush list (their queued writes go out
+        as one send each; held data, write_eof, close and abort finish).
+        Returns how many protocol events that delivered.  Rounds are
+        bounded: what a round's callbacks add waits for the next flush
+        after 16 rounds."""
+        cdef Py_ssize_t ev = 0, i, m
+        cdef int rounds = 0
+        cdef Stream st
+        while self._flush_list and rounds < 16:
+            rounds += 1
+            todo = self._flush_list
+            self._flush_list = []
+            m = len(todo)
+            i = 0
+            try:
+                while i < m:
+                    st = <Stream>todo[i]
+                    i += 1
+                    ev += st._flush()
+            except BaseException:
+                # Those not reached keep their place for the next flush.
+                for j in range(i, m):
+                    self._flush_list.append(todo[j])
+                raise
+        return ev
+
+    cdef int _drop_registration(self, object sock, long long fd) except -1:
+        """A Stream's end: forgets its socket (no _check_open: also while
+        closing)."""
+        entry = self._registered.get(fd)
+        if entry is not None and entry[0] is sock:
+            del self._registered[fd]
+            if self._port != NULL:
+                iocp_unregister(self._port, <iocp_socket_t>fd)
+        return 0
+
+    def flush(self) -> None:
+        """Sends what the streams of this port have queued (and finishes
+        their pending close/write_eof/abort) now, rather than right before
+        the next wait, where run(), run_once(), get() and get_many() do it."""
+        self._check_open()
+        if self._flush_list:
+            self._flush()
 
     def run(self, timeout=None, handler=None) -> int:
         """The completion loop: waits (GIL released), takes completions in
@@ -1467,15 +1579,22 @@ cdef class CompletionPort:
         cdef Py_ssize_t dispatched = 0
         cdef double deadline = 0.0, left
         cdef bint holding = False      # this thread's last batch is not ended
+        cdef Py_ssize_t k, before
         if timeout >= 0:
             deadline = _monotonic() + timeout
         try:
             while not self._closing and gen == self._stop_gen:
                 if self._backlog:
-                    comp = self._backlog.popleft()
-                    self._deliver(comp, handler)
+                    self._deliver_backlog_one(handler)
                     dispatched += 1
                     continue
+                if self._flush_list:
+                    k = self._flush()
+                    dispatched += k
+                    if self._closing or gen != self._stop_gen:
+                        break
+                    if k and self.return_on_stream_events:
+                        break
                 if self._nforeign:
                     # Their wake changed the generation: wait on the new
                     # one (a stop() since then bumped _stop_gen first,
@@ -1491,13 +1610,22 @@ cdef class CompletionPort:
                 if main and (slice_ms < 0 or slice_ms > SIGNAL_SLICE_MS):
                     slice_ms = SIGNAL_SLICE_MS
                 holding = False        # the wait ends it, whatever it returns
+                if self._flush_list:
+                    # What the loop's own checks above ran (none today)
+                    # wrote since the flush at the top.
+                    dispatched += self._flush()
                 n = self._wait(batch, BATCH, slice_ms, wake_gen, True)
                 if n == 0:
                     if main:
                         PyErr_CheckSignals()
                     continue
                 holding = True
+                before = self._stream_events
                 dispatched += self._dispatch(batch, n, handler, False)
+                if self.return_on_stream_events and self._stream_events != before:
+                    if self._flush_list and not self._closing:
+                        dispatched += self._flush()
+                    break
         finally:
             # close() from a callback may have freed the port already.
             if holding and self._port != NULL:
@@ -1511,6 +1639,7 @@ cdef class CompletionPort:
         wait, or its own dispatch_done, does).  Returns how many
         completions were dispatched."""
         cdef Py_ssize_t dispatched = 0
+        cdef Py_ssize_t i = 0, m
         cdef object pending_exc = None
         comps = []
         try:
@@ -1518,7 +1647,25 @@ cdef class CompletionPort:
             # is raised like one from a callback: every converted
             # completion of the batch waits in the backlog.
             pending_exc = self._convert(batch, n, comps)
-            for comp in comps:
+            m = len(comps)
+            while i < m:
+                comp = comps[i]
+                i += 1
+                if type(comp) is Stream:
+                    # A stream's news: (stream, payload), in batch order.
+                    ev = comps[i]
+                    i += 1
+                    if pending_exc is not None:
+                        self._backlog.append(comp)
+                        self._backlog.append(ev)
+                        continue
+                    try:
+                        self._stream_events += 1
+                        (<Stream>comp)._event(ev)
+                        dispatched += 1
+                    except BaseException as exc:
+                        pending_exc = exc
+                    continue
                 if pending_exc is not None:
                     self._backlog.append(comp)
                     continue
@@ -1578,7 +1725,7 @@ cdef class CompletionPort:
         cdef double deadline = 0.0
         if self._backlog:
             while self._backlog and not self._closing:
-                self._deliver(self._backlog.popleft(), handler)
+                self._deliver_backlog_one(handler)
                 dispatched += 1
             return dispatched
         if timeout > 0:
@@ -1587,6 +1734,15 @@ cdef class CompletionPort:
             if self._nforeign:
                 wake_gen = iocp_port_wake_gen(self._port)
                 self._drain_foreign()
+            if self._flush_list:
+                # Streams' writes go out with this wait.  Events the flush
+                # delivered (held data, connection_lost) count as this
+                # turn's: take only what is ready, then return.
+                dispatched += self._flush()
+                if self._closing or gen != self._stop_gen:
+                    break
+                if dispatched > 0:
+                    timeout = 0
             slice_ms = -1
             if timeout >= 0:
                 slice_ms = _slice_ms(deadline - _monotonic()) if timeout > 0 else 0
@@ -1595,10 +1751,17 @@ cdef class CompletionPort:
             n = self._wait(batch, BATCH, slice_ms, wake_gen, True)
             if n > 0:
                 # Ended before returning: what the callbacks submitted
-                # has started by then (io_uring: held-back SQEs go out),
-                # whatever the caller does next.  run() folds this into
-                # its next wait instead.
-                dispatched = self._dispatch(batch, n, handler, True)
+                # (and the streams' writes, flushed here) has started by
+                # then (io_uring: held-back SQEs go out), whatever the
+                # caller does next.  run() folds this into its next wait
+                # instead.
+                try:
+                    dispatched += self._dispatch(batch, n, handler, False)
+                    if self._flush_list and not self._closing:
+                        dispatched += self._flush()
+                finally:
+                    if self._port != NULL:
+                        iocp_port_dispatch_done(self._port)
                 if dispatched > 0 or self._backlog:
                     return dispatched
                 # Only silent successes: nothing happened for the caller;
@@ -1612,7 +1775,7 @@ cdef class CompletionPort:
                 continue               # woken by a post from another thread
             if timeout == 0 or (timeout > 0 and _monotonic() >= deadline):
                 break
-        return 0
+        return dispatched
 
     def stop(self) -> None:
         """Makes every running ``run()`` return after its current batch.
@@ -1648,7 +1811,11 @@ cdef class CompletionPort:
         timeout_s = _timeout_seconds(timeout)
         out = []
         while self._backlog and len(out) < max:
-            out.append(self._backlog.popleft())
+            comp = self._backlog.popleft()
+            if type(comp) is Stream:
+                (<Stream>comp)._event(self._backlog.popleft())
+            else:
+                out.append(comp)
         if out:
             return out
         if timeout_s >= 0:
@@ -1656,6 +1823,8 @@ cdef class CompletionPort:
         while not self._closing:
             if self._nforeign:
                 self._drain_foreign()
+            if self._flush_list:
+                self._flush()
             slice_ms = -1
             if timeout_s >= 0:
                 slice_ms = _slice_ms(deadline - _monotonic())
@@ -1663,16 +1832,24 @@ cdef class CompletionPort:
                 slice_ms = SIGNAL_SLICE_MS
             n = self._wait(batch, max, slice_ms, iocp_port_wake_gen(self._port))
             if n > 0:
+                got = []
                 try:
-                    exc = self._convert(batch, n, out)
+                    exc = self._convert(batch, n, got)
                 finally:
                     if self._port != NULL:
                         iocp_port_dispatch_done(self._port)
                 if exc is not None:
                     # Nothing taken is lost: the next get()/run() serves it.
-                    self._backlog.extend(out)
+                    self._backlog.extend(got)
                     raise exc
-                return out
+                # Streams are told here (they have no Completion to hand
+                # out); the rest is returned.
+                self._split_stream_events(got, out)
+                if out:
+                    return out
+                if timeout_s >= 0 and _monotonic() >= deadline:
+                    return out
+                continue
             if main:
                 PyErr_CheckSignals()
             if timeout_s >= 0 and _monotonic() >= deadline:
@@ -1711,14 +1888,25 @@ cdef class CompletionPort:
         # Posts other threads queued before _closing was set: they are
         # delivered (callbacks run) like every other pending completion.
         self._drain_foreign()
+        # Live streams are aborted: their records are cancelled with the
+        # rest, and each gets its connection_lost(None) once they are back.
+        for stream in list(self._streams):
+            (<Stream>stream)._lose(None)
         iocp_cancel_all(self._port)
         while True:
             while self._backlog:
                 comp = self._backlog.popleft()
-                if comp.operation.callback is not None:
+                if type(comp) is Stream:
+                    (<Stream>comp)._event(self._backlog.popleft())
+                elif comp.operation.callback is not None:
                     self._deliver(comp, None)
+            if self._flush_list:
+                try:
+                    self._flush()
+                except BaseException as exc:
+                    self._handle_exception(exc, None)
             iocp_port_get_stats(self._port, &st)
-            if st.inflight == 0 and st.queued == 0:
+            if st.inflight == 0 and st.queued == 0 and not self._flush_list:
                 break
             with nogil:
                 n = iocp_port_wait(self._port, batch, BATCH, 100)
@@ -1745,8 +1933,17 @@ cdef class CompletionPort:
                     # Raised once the port is drained and freed: stopping
                     # here would leave ops in flight.
                     conv_exc = exc
-                for comp in comps:
-                    if comp.operation.callback is not None:
+                i = 0
+                while i < len(comps):
+                    comp = comps[i]
+                    i += 1
+                    if type(comp) is Stream:
+                        i += 1
+                        try:
+                            (<Stream>comp)._event(comps[i - 1])
+                        except BaseException as exc:
+                            self._handle_exception(exc, None)
+                    elif comp.operation.callback is not None:
                         try:
                             self._deliver(comp, None)
                         except BaseException as exc:
@@ -1885,3 +2082,6 @@ def backends() -> dict:
         if iocp_backend_probe(i, features, sizeof(features)) == 0:
             out[iocp_backend_name(i).decode("ascii")] = features.decode("ascii").split()
     return out
+
+
+include "stream.pxi"

@@ -1,0 +1,989 @@
+# Included by iocp_core.pyx: the stream connection core.
+#
+# A Stream is one connected stream socket (TCP, Unix) driven by the port's
+# dispatch with no Operation, Completion or bound method per message:
+#
+# - Its native op records point back at the Stream (``op.user``), not at an
+#   Operation.  CompletionPort._convert sees that by the record's type and
+#   hands the native completion to Stream._native (phase 1: no user code,
+#   the port buffer is copied into a bytes object, send records are freed),
+#   which appends ``stream, payload`` pairs to the batch's list; phase 2
+#   (_dispatch) calls Stream._event(payload) in batch order, which calls the
+#   protocol.
+# - Reading is ONE multishot recv, armed by start() and re-armed only after
+#   pause_reading() cancelled it (or a final completion ended it early).
+# - write() queues bytes by reference (other buffers are copied into bytes)
+#   in a Python list and puts the stream on the port's flush list; the port
+#   flushes that list right before each native wait (and on port.flush()):
+#   everything queued goes out as ONE send (one segment) or gathered send
+#   (up to IOCP_IOV_MAX segments; more are joined first).
+# - Sends are silent (IOCP_OPF_SILENT: the backend hands their success back
+#   flagged, and a wait does not return for such successes alone) while the
+#   unconfirmed bytes stay at or below the high-water mark.  Past it -- and
+#   whenever someone waits on the write side (paused writer, close(),
+#   write_eof()) -- the send is a normal one, a *fence*: its completion is
+#   news (it ends a wait) and, sends of a socket completing in order, proves
+#   every earlier send finished.  At most one fence is in flight; while one
+#   is, writes queue in C.  When the queue is empty and someone waits on
+#   sends that are all silent, the fence is a zero-byte send.
+# - Exactly one connection_lost, from _finalize(), which runs from the flush
+#   once no record of the stream is in flight any more (so the descriptor is
+#   closed only when the kernel is done with it and a reused descriptor can
+#   never meet one of this stream's ops).
+#
+# Every record in flight owns one reference to its Stream (taken before
+# iocp_submit, dropped in _native on the final completion), as records own
+# their Operation; the port's _streams set owns one until _finalize.
+
+cdef enum:
+    _ST_OPEN = 0        # reading and writing
+    _ST_CLOSING = 1     # close(): no more reading; flushing, then finalize
+    _ST_ABORTING = 2    # abort()/error: records cancelled; finalize when back
+    _ST_LOST = 3        # connection_lost was called; nothing left
+
+# Phase-2 payloads other than bytes (data) and exceptions (connection lost).
+cdef object _EV_WRITE = object()       # a send finished: flow control, close
+cdef object _EV_EOF = object()         # the peer closed its side
+cdef object _EV_RECV_ENDED = object()  # the recv ended with no EOF (cancel)
+
+cdef char _empty_byte[1]
+
+
+cdef struct _sendrec:
+    # One send in flight.  `keep` owns the bytes (or list of bytes) the
+    # record points into until its completion.
+    iocp_op *op
+    PyObject *keep
+    size_t nbytes
+    bint fence
+    bint counted        # nbytes still counted in Stream._unconfirmed
+    _sendrec *next
+
+
+cdef object _LIMIT_DEFAULT = object()
+
+
+cdef inline object _bound(object protocol, str name):
+    fn = getattr(protocol, name, None)
+    return fn if callable(fn) else None
+
+
+@cython.final
+@cython.auto_pickle(False)
+cdef class Stream:
+    """The connection core: one connected stream socket (TCP or Unix) whose
+    reads and writes the port's dispatch drives in C.
+
+    ``Stream(port, sock, protocol, *, conn=None, write_high_water=65536,
+    write_low_water=None, on_lost=None, on_error=None)``
+
+    The stream takes the socket over: it registers it with ``port`` (unless
+    it already is), and unregisters and closes it before it calls
+    ``connection_lost``.  Call ``start()`` to begin reading.
+
+    ``protocol`` is asyncio-style: ``data_received(data)`` or, when it has
+    both ``get_buffer`` and ``buffer_updated`` (``asyncio.BufferedProtocol``),
+    ``get_buffer(n)`` / ``buffer_updated(nbytes)``; ``eof_received()``
+    (a false result closes the stream), ``pause_writing()``,
+    ``resume_writing()``, ``connection_lost(exc)`` -- all optional but the
+    data methods.  With ``conn`` not None every one of them gets ``conn``
+    first (``data_received(conn, data)``: iocp.server style).  The stream
+    does not call ``connection_made``.
+
+    ``on_lost``, if given, is called as ``on_lost(fn, *args)`` in place of
+    ``fn(*args)`` for connection_lost (e.g. ``loop.call_soon``).  Protocol
+    exceptions go to ``on_error(exc)`` if set, else to the port's
+    ``exception_handler(exc, stream)`` (None: logged), and abort the stream
+    (``connection_lost(exc)``); those of ``pause_writing``/``resume_writing``
+    are only reported, as asyncio does.
+
+    A stream is used by one thread at a time: the one that dispatches its
+    port.
+    """
+    cdef CompletionPort _port
+    cdef object _sock
+    cdef iocp_socket_t _fd
+    cdef object _protocol
+    cdef object _conn
+    cdef object _on_lost
+    cdef public object on_error
+    """None, or ``on_error(exc)`` called with a protocol's exception (in
+    place of the port's exception_handler)."""
+    # cached protocol methods (set_protocol)
+    cdef object _data_received
+    cdef object _get_buffer
+    cdef object _buffer_updated
+    cdef object _eof_received
+    cdef object _pause_writing
+    cdef object _resume_writing
+    cdef object _connection_lost
+    cdef bint _buffered
+    cdef object _extra            # dict: socket, sockname, peername
+    cdef int _state
+    cdef bint _started
+    cdef bint _registered         # we unregister the socket at the end
+    cdef bint _in_flush           # on the port's flush list
+    # reading
+    cdef iocp_op *_recv_op        # the armed multishot recv, or NULL
+    cdef bint _recv_cancelling
+    cdef bint _reading_paused
+    cdef bint _eof_seen
+    cdef list _held               # data received while paused, in order
+    cdef bint _held_eof           # EOF arrived while paused (after _held)
+    # writing
+    cdef list _wq                 # queued bytes, not yet submitted
+    cdef size_t _wq_bytes
+    cdef _sendrec *_sq_head       # sends in flight, in submission order
+    cdef _sendrec *_sq_tail
+    cdef size_t _unconfirmed      # bytes submitted, not yet known sent
+    cdef bint _fence_out
+    cdef size_t _high
+    cdef size_t _low
+    cdef bint _write_paused       # pause_writing() was called
+    cdef bint _eof_wanted         # write_eof() called
+    cdef bint _shut_wr            # shutdown(SHUT_WR) done
+    cdef object _lost_exc
+    cdef Py_ssize_t _writes_after_lost
+    # counters for stats()
+    cdef Py_ssize_t _n_sends
+    cdef Py_ssize_t _n_fences
+    cdef Py_ssize_t _n_recv_arms
+    cdef object __weakref__
+
+    def __cinit__(self):
+        self._recv_op = NULL
+        self._sq_head = NULL
+        self._sq_tail = NULL
+        self._state = _ST_LOST     # until __init__ succeeds: every method is safe
+        self._wq = []
+        self._extra = {}
+
+    def __init__(self, CompletionPort port not None, sock, protocol, *, conn=None,
+                 write_high_water=65536, write_low_water=None, on_lost=None,
+                 on_error=None):
+        cdef long long fd
+        if self._port is not None:
+            raise RuntimeError("Stream.__init__ called twice")
+        if not isinstance(sock, _socket.socket):
+            raise TypeError(f"sock must be a socket.socket, not {type(sock).__name__}")
+        if sock.type != _socket.SOCK_STREAM:
+            raise ValueError("a Stream needs a SOCK_STREAM socket")
+        if protocol is None:
+            raise TypeError("protocol must not be None")
+        if on_lost is not None and not callable(on_lost):
+            raise TypeError("on_lost must be callable or None")
+        if on_error is not None and not callable(on_error):
+            raise TypeError("on_error must be callable or None")
+        self._conn = conn
+        self._set_protocol(protocol)
+        self._set_limits(write_high_water, write_low_water)
+        port._check_open()
+        fd = _sock_fd(sock)
+        if fd < 0:
+            raise OSError(_errno.EBADF, "the socket is closed")
+        entry = port._registered.get(fd)
+        if entry is None or entry[0] is not sock:
+            port.register(sock)
+        self._port = port
+        self._sock = sock
+        self._fd = <iocp_socket_t>fd
+        self._registered = True
+        self._on_lost = on_lost
+        self.on_error = on_error
+        self._wq = []
+        self._extra = {"socket": sock}
+        try:
+            self._extra["sockname"] = sock.getsockname()
+        except OSError:
+            self._extra["sockname"] = None
+        try:
+            self._extra["peername"] = sock.getpeername()
+        except OSError:
+            self._extra["peername"] = None
+        self._state = _ST_OPEN
+        port._streams.add(self)
+
+    def __dealloc__(self):
+        # Records in flight own a reference, so none is left here; only
+        # never-submitted state can remain.
+        cdef _sendrec *r = self._sq_head
+        cdef _sendrec *nx
+        while r != NULL:
+            nx = r.next
+            if r.keep != NULL:
+                Py_DECREF(<object>r.keep)
+            PyMem_Free(r)
+            r = nx
+        self._sq_head = NULL
+
+    # ---- protocol ---------------------------------------------------------
+
+    cdef int _set_protocol(self, object protocol) except -1:
+        gb = _bound(protocol, "get_buffer")
+        bu = _bound(protocol, "buffer_updated")
+        dr = _bound(protocol, "data_received")
+        if gb is not None and bu is not None:
+            self._buffered = True
+        elif dr is not None:
+            self._buffered = False
+        else:
+            raise TypeError(
+                f"protocol {type(protocol).__name__} has neither data_received() nor "
+                f"get_buffer()/buffer_updated()")
+        self._protocol = protocol
+        self._data_received = dr
+        self._get_buffer = gb
+        self._buffer_updated = bu
+        self._eof_received = _bound(protocol, "eof_received")
+        self._pause_writing = _bound(protocol, "pause_writing")
+        self._resume_writing = _bound(protocol, "resume_writing")
+        self._connection_lost = _bound(protocol, "connection_lost")
+        return 0
+
+    def set_protocol(self, protocol) -> None:
+        """Switches the protocol (asyncio's Transport.set_protocol)."""
+        if self._state == _ST_LOST:
+            raise RuntimeError("the stream is closed")
+        self._set_protocol(protocol)
+
+    def get_protocol(self):
+        """The current protocol (None once connection_lost was called)."""
+        return self._protocol
+
+    cdef int _report(self, object exc) except -1:
+        """A protocol callback raised: tell on_error or the port."""
+        hook = self.on_error
+        if hook is not None:
+            try:
+                hook(exc)
+            except Exception:
+                _log.exception("iocp: Stream.on_error raised")
+            return 0
+        self._port._handle_exception(exc, self)
+        return 0
+
+    cdef int _protocol_error(self, object exc) except -1:
+        self._report(exc)
+        self._lose(exc)
+        return 0
+
+    # ---- limits -----------------------------------------------------------
+
+    cdef int _set_limits(self, object high, object low) except -1:
+        cdef Py_ssize_t h, l
+        if high is not None and (not isinstance(high, int) or isinstance(high, bool)):
+            raise TypeError(f"high must be an int or None, not {type(high).__name__}")
+        if low is not None and (not isinstance(low, int) or isinstance(low, bool)):
+            raise TypeError(f"low must be an int or None, not {type(low).__name__}")
+        if high is None:
+            high = 65536 if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        h = high
+        l = low
+        self._high = <size_t>h
+        self._low = <size_t>l
+        return 0
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        """Sets the write buffer's high- and low-water marks (asyncio's
+        rules: high defaults to 64 KiB or 4 * low, low to high // 4)."""
+        self._set_limits(high, low)
+        self._maybe_pause()
+        if self._write_paused and self._state <= _ST_CLOSING:
+            self._schedule()       # a fence may be needed to hear of drain
+
+    def get_write_buffer_limits(self) -> tuple:
+        """(low, high), as asyncio returns them."""
+        return (self._low, self._high)
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes queued plus bytes sent but not yet known to be written."""
+        return self._wq_bytes + self._unconfirmed
+
+    cdef inline size_t _size(self) noexcept:
+        return self._wq_bytes + self._unconfirmed
+
+    cdef int _maybe_pause(self) except -1:
+        if self._write_paused or self._size() <= self._high or self._state > _ST_CLOSING:
+            return 0
+        self._write_paused = True
+        fn = self._pause_writing
+        if fn is not None:
+            try:
+                if self._conn is None:
+                    fn()
+                else:
+                    fn(self._conn)
+            except Exception as exc:
+                self._report(exc)
+        return 0
+
+    cdef int _maybe_resume(self) except -1:
+        if not self._write_paused or self._size() > self._low:
+            return 0
+        self._write_paused = False
+        fn = self._resume_writing
+        if fn is not None and self._state <= _ST_CLOSING:
+            try:
+                if self._conn is None:
+                    fn()
+                else:
+                    fn(self._conn)
+            except Exception as exc:
+                self._report(exc)
+        return 0
+
+    # ---- state ------------------------------------------------------------
+
+    def is_closing(self) -> bool:
+        """True once close() or abort() was called or the connection was
+        lost."""
+        return self._state != _ST_OPEN
+
+    def is_reading(self) -> bool:
+        """True while open and not paused (as asyncio's transports answer:
+        also before start(), which only arms the read)."""
+        return self._state == _ST_OPEN and not self._reading_paused
+
+    @property
+    def writing_paused(self) -> bool:
+        """True between pause_writing() and resume_writing()."""
+        return self._write_paused
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def get_extra_info(self, name, default=None):
+        """"socket", "sockname" or "peername" (read when the stream was
+        made); anything else gives `default`."""
+        return self._extra.get(name, default)
+
+    @property
+    def socket(self):
+        """The socket (closed once connection_lost was called)."""
+        return self._sock
+
+    @property
+    def port(self):
+        return self._port
+
+    def stats(self) -> dict:
+        """Counters for tests and diagnostics: sends and fences submitted,
+        recv arms, bytes queued and unconfirmed, sends in flight."""
+        cdef Py_ssize_t n = 0
+        cdef _sendrec *r = self._sq_head
+        while r != NULL:
+            n += 1
+            r = r.next
+        return {"sends": self._n_sends, "fences": self._n_fences,
+                "recv_arms": self._n_recv_arms, "queued": self._wq_bytes,
+                "unconfirmed": self._unconfirmed, "sends_in_flight": n,
+                "recv_armed": self._recv_op != NULL,
+                "state": ("open", "closing", "aborting", "lost")[self._state]}
+
+    def __repr__(self) -> str:
+        st = ("open", "closing", "aborting", "lost")[self._state]
+        return f"<iocp.Stream {st} fd={self._fd} buffered={self._wq_bytes + self._unconfirmed}>"
+
+    cdef inline int _schedule(self) except -1:
+        if not self._in_flush:
+            self._in_flush = True
+            self._port._flush_list.append(self)
+        return 0
+
+    # ---- reading ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Begins reading: arms the multishot recv (once)."""
+        if self._state != _ST_OPEN:
+            raise RuntimeError("the stream is closing")
+        if self._started:
+            raise RuntimeError("the stream is already started")
+        self._port._check_open()
+        self._started = True
+        if not self._reading_paused:
+            self._arm_recv()
+
+    cdef int _arm_recv(self) except -1:
+        cdef iocp_op *op
+        cdef int r
+        if self._recv_op != NULL or self._eof_seen:
+            return 0
+        port = self._port
+        if port._port == NULL or port._closing:
+            return 0
+        op = iocp_op_alloc(port._port)
+        if op == NULL:
+            raise MemoryError()
+        op.kind = IOCP_OP_RECV
+        op.flags = IOCP_OPF_MULTISHOT
+        op.sock = self._fd
+        op.len = 0
+        op.user = <void *>self
+        Py_INCREF(self)            # owned by the record until its final completion
+        r = iocp_submit(port._port, op)
+        if r < 0:
+            Py_DECREF(self)
+            iocp_op_free(port._port, op)
+            raise _oserror(r)
+        self._recv_op = op
+        self._recv_cancelling = False
+        self._n_recv_arms += 1
+        return 0
+
+    cdef int _cancel_recv(self) except -1:
+        if self._recv_op != NULL and not self._recv_cancelling:
+            self._recv_cancelling = True
+            if self._port._port != NULL:
+                iocp_cancel(self._port._port, self._recv_op)
+        return 0
+
+    def pause_reading(self) -> None:
+        """Stops data_received until resume_reading() (what arrives in
+        between is held, then delivered in order)."""
+        if self._state != _ST_OPEN or self._reading_paused:
+            return
+        self._reading_paused = True
+        self._cancel_recv()
+
+    def resume_reading(self) -> None:
+        """Delivers what was held (from the port's next flush, so never
+        inside this call) and reads again."""
+        if not self._reading_paused:
+            return
+        self._reading_paused = False
+        if self._state != _ST_OPEN:
+            return
+        if self._held or self._held_eof:
+            self._schedule()
+        if self._started and self._recv_op == NULL:
+            try:
+                self._arm_recv()
+            except OSError as exc:
+                self._lose(exc)
+        # (a recv still being cancelled is re-armed when its end arrives)
+
+    cdef int _deliver_data(self, object data) except -1:
+        cdef Py_buffer view
+        cdef Py_ssize_t off = 0, n, k
+        if not self._buffered:
+            try:
+                if self._conn is None:
+                    self._data_received(data)
+                else:
+                    self._data_received(self._conn, data)
+            except Exception as exc:
+                self._protocol_error(exc)
+            return 0
+        n = PyBytes_GET_SIZE(data)
+        while off < n:
+            try:
+                if self._conn is None:
+                    buf = self._get_buffer(n - off)
+                else:
+                    buf = self._get_buffer(self._conn, n - off)
+                PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+                try:
+                    k = view.len
+                    if k > n - off:
+                        k = n - off
+                    if k > 0:
+                        memcpy(view.buf, PyBytes_AS_STRING(data) + off, <size_t>k)
+                finally:
+                    PyBuffer_Release(&view)
+                if k <= 0:
+                    raise RuntimeError("get_buffer() returned an empty buffer")
+                off += k
+                if self._conn is None:
+                    self._buffer_updated(k)
+                else:
+                    self._buffer_updated(self._conn, k)
+            except Exception as exc:
+                self._protocol_error(exc)
+                return 0
+            if off < n and self._state == _ST_OPEN and self._reading_paused:
+                # Paused half way: keep the rest, first in line.
+                if self._held is None:
+                    self._held = []
+                self._held.insert(0, data[off:])
+                return 0
+            if self._state != _ST_OPEN:
+                return 0
+        return 0
+
+    cdef int _deliver_eof(self) except -1:
+        cdef object keep = None
+        self._eof_seen = True
+        fn = self._eof_received
+        if fn is not None:
+            try:
+                keep = fn() if self._conn is None else fn(self._conn)
+            except Exception as exc:
+                self._protocol_error(exc)
+                return 0
+        if not keep and self._state == _ST_OPEN:
+            self.close()
+        return 0
+
+    cdef Py_ssize_t _deliver_held(self) except -1:
+        """Flush: delivers data held while paused, in order."""
+        cdef Py_ssize_t ev = 0
+        while self._held and self._state == _ST_OPEN and not self._reading_paused:
+            data = self._held.pop(0)
+            ev += 1
+            self._deliver_data(data)
+        if (self._held_eof and not self._held and self._state == _ST_OPEN and
+                not self._reading_paused):
+            self._held_eof = False
+            ev += 1
+            self._deliver_eof()
+        return ev
+
+    # ---- writing ----------------------------------------------------------
+
+    def write(self, data) -> None:
+        """Queues data (bytes by reference; other buffers are copied); it
+        goes out with the port's next flush, gathered with every other
+        write of this iteration into one send."""
+        cdef Py_buffer view
+        cdef Py_ssize_t n
+        if PyBytes_CheckExact(data):
+            n = PyBytes_GET_SIZE(data)
+        else:
+            data = _copy_bytes(data)
+            n = PyBytes_GET_SIZE(data)
+        if n == 0:
+            return
+        if self._state > _ST_CLOSING:
+            self._writes_after_lost += 1
+            if self._writes_after_lost == 5:
+                _log.warning("iocp: writes to a lost stream are dropped")
+            return
+        if self._eof_wanted:
+            raise RuntimeError("cannot write() after write_eof()")
+        self._wq.append(data)
+        self._wq_bytes += <size_t>n
+        if not self._in_flush:
+            self._in_flush = True
+            self._port._flush_list.append(self)
+        if not self._write_paused and self._wq_bytes + self._unconfirmed > self._high:
+            self._maybe_pause()
+
+    def writelines(self, list_of_data) -> None:
+        """write() of each item, in order."""
+        for data in list_of_data:
+            self.write(data)
+
+    def write_eof(self) -> None:
+        """Shuts the write side down (SHUT_WR) once everything queued is
+        written."""
+        if self._state != _ST_OPEN or self._eof_wanted:
+            return
+        self._eof_wanted = True
+        self._schedule()
+
+    cdef int _submit_queued(self) except -1:
+        """Flush: one send (or gathered send) with everything queued."""
+        cdef Py_ssize_t n = len(self._wq), i, nseg
+        cdef size_t total = self._wq_bytes
+        cdef bint fence
+        cdef _sendrec *rec
+        cdef iocp_iovec *iov
+        cdef iocp_op *op
+        cdef object keep
+        cdef object item
+        cdef int r
+        port = self._port
+        if n == 0 or port._port == NULL:
+            return 0
+        fence = (self._state == _ST_CLOSING or self._eof_wanted or self._write_paused or
+                 self._unconfirmed + total > self._high)
+        if n == 1:
+            keep = self._wq[0]
+            nseg = 0
+        elif n <= IOCP_IOV_MAX:
+            keep = self._wq
+            nseg = n
+        else:
+            keep = b"".join(self._wq)
+            nseg = 0
+        rec = <_sendrec *>PyMem_Malloc(sizeof(_sendrec) + <size_t>nseg * sizeof(iocp_iovec))
+        if rec == NULL:
+            raise MemoryError()
+        op = iocp_op_alloc(port._port)
+        if op == NULL:
+            PyMem_Free(rec)
+            raise MemoryError()
+        op.kind = IOCP_OP_SEND
+        op.flags = 0 if fence else IOCP_OPF_SILENT
+        op.sock = self._fd
+        op.user = <void *>self
+        op.len = total
+        if nseg == 0:
+            op.buf = PyBytes_AS_STRING(keep)
+            op.iov = NULL
+            op.iovcnt = 0
+        else:
+            iov = <iocp_iovec *>(<char *>rec + sizeof(_sendrec))
+            for i in range(nseg):
+                item = <object>PyList_GET_ITEM(keep, i)
+                iov[i].base = <void *>PyBytes_AS_STRING(item)
+                iov[i].len = <size_t>PyBytes_GET_SIZE(item)
+            op.buf = NULL
+            op.iov = iov
+            op.iovcnt = <int>nseg
+        rec.op = op
+        rec.keep = <PyObject *>keep
+        rec.nbytes = total
+        rec.fence = fence
+        rec.counted = True
+        rec.next = NULL
+        Py_INCREF(keep)
+        Py_INCREF(self)
+        r = iocp_submit(port._port, op)
+        if nseg:
+            self._wq = []          # the old list now belongs to the record
+        else:
+            del self._wq[:]
+        self._wq_bytes = 0
+        if r < 0:
+            Py_DECREF(self)
+            Py_DECREF(keep)
+            iocp_op_free(port._port, op)
+            PyMem_Free(rec)
+            self._lose(_oserror(r))
+            return 0
+        self._link(rec)
+        self._unconfirmed += total
+        self._n_sends += 1
+        if fence:
+            self._fence_out = True
+            self._n_fences += 1
+        return 0
+
+    cdef int _submit_fence0(self) except -1:
+        """A zero-byte normal send: its completion wakes the loop once every
+        earlier (silent) send of the socket is done."""
+        cdef _sendrec *rec
+        cdef iocp_op *op
+        cdef int r
+        port = self._port
+        if port._port == NULL:
+            return 0
+        rec = <_sendrec *>PyMem_Malloc(sizeof(_sendrec))
+        if rec == NULL:
+            raise MemoryError()
+        op = iocp_op_alloc(port._port)
+        if op == NULL:
+            PyMem_Free(rec)
+            raise MemoryError()
+        op.kind = IOCP_OP_SEND
+        op.flags = 0
+        op.sock = self._fd
+        op.user = <void *>self
+        op.buf = _empty_byte
+        op.len = 0
+        rec.op = op
+        rec.keep = NULL
+        rec.nbytes = 0
+        rec.fence = True
+        rec.counted = False
+        rec.next = NULL
+        Py_INCREF(self)
+        r = iocp_submit(port._port, op)
+        if r < 0:
+            Py_DECREF(self)
+            iocp_op_free(port._port, op)
+            PyMem_Free(rec)
+            self._lose(_oserror(r))
+            return 0
+        self._link(rec)
+        self._fence_out = True
+        self._n_fences += 1
+        return 0
+
+    cdef inline void _link(self, _sendrec *rec) noexcept:
+        if self._sq_tail == NULL:
+            self._sq_head = rec
+        else:
+            self._sq_tail.next = rec
+        self._sq_tail = rec
+
+    # ---- closing ----------------------------------------------------------
+
+    def close(self) -> None:
+        """Stops reading, writes what is queued, then closes the socket and
+        calls connection_lost(None) (from the port's flush, never inside
+        this call)."""
+        if self._state != _ST_OPEN:
+            return
+        self._state = _ST_CLOSING
+        self._held = None
+        self._held_eof = False
+        self._cancel_recv()
+        self._schedule()
+
+    def abort(self, exc=None) -> None:
+        """Drops what is queued, cancels the stream's operations and calls
+        connection_lost(exc) once they are back (the next loop turn).
+        ``exc``: None or the exception connection_lost gets."""
+        if exc is not None and not isinstance(exc, BaseException):
+            raise TypeError(f"exc must be an exception or None, not {type(exc).__name__}")
+        self._lose(exc)
+
+    cdef int _lose(self, object exc) except -1:
+        """abort() / a fatal error: connection_lost(exc) follows."""
+        cdef _sendrec *r
+        if self._state >= _ST_ABORTING:
+            return 0
+        self._state = _ST_ABORTING
+        self._lost_exc = exc
+        self._held = None
+        self._held_eof = False
+        if self._wq:
+            del self._wq[:]
+        self._wq_bytes = 0
+        self._cancel_recv()
+        if self._port._port != NULL:
+            r = self._sq_head
+            while r != NULL:
+                iocp_cancel(self._port._port, r.op)
+                r = r.next
+        self._schedule()
+        return 0
+
+    cdef Py_ssize_t _flush(self) except -1:
+        """Run by the port's flush (before each native wait): delivers held
+        data, submits the queue, finishes close/write_eof/abort.  Returns
+        how many protocol events it delivered."""
+        cdef Py_ssize_t ev = 0
+        self._in_flush = False
+        if self._state == _ST_OPEN and (self._held or self._held_eof):
+            ev += self._deliver_held()
+        if self._state == _ST_LOST:
+            return ev
+        if self._state <= _ST_CLOSING:
+            if self._wq_bytes and not self._fence_out:
+                self._submit_queued()
+            if self._state <= _ST_CLOSING:
+                if (not self._wq_bytes and self._sq_head != NULL and not self._fence_out and
+                        (self._state == _ST_CLOSING or self._eof_wanted or self._write_paused)):
+                    self._submit_fence0()
+                if self._sq_head == NULL and not self._wq_bytes:
+                    if self._eof_wanted and not self._shut_wr:
+                        self._shut_wr = True
+                        try:
+                            self._sock.shutdown(_socket.SHUT_WR)
+                        except OSError as exc:
+                            self._lose(exc)
+        if self._state == _ST_CLOSING:
+            if self._sq_head == NULL and not self._wq_bytes:
+                if self._recv_op == NULL:
+                    ev += self._finalize()
+                else:
+                    self._cancel_recv()
+        elif self._state == _ST_ABORTING:
+            if self._sq_head == NULL and self._recv_op == NULL:
+                ev += self._finalize()
+        return ev
+
+    cdef Py_ssize_t _finalize(self) except -1:
+        """Nothing of the stream is in flight: close the socket, then the
+        one connection_lost."""
+        cdef CompletionPort port = self._port
+        self._state = _ST_LOST
+        port._streams.discard(self)
+        if self._registered:
+            self._registered = False
+            port._drop_registration(self._sock, self._fd)
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        exc = self._lost_exc
+        self._lost_exc = None
+        fn = self._connection_lost
+        conn = self._conn
+        self._protocol = None
+        self._data_received = self._get_buffer = self._buffer_updated = None
+        self._eof_received = self._pause_writing = self._resume_writing = None
+        self._connection_lost = None
+        self._held = None
+        if fn is None:
+            return 1
+        try:
+            if self._on_lost is not None:
+                if conn is None:
+                    self._on_lost(fn, exc)
+                else:
+                    self._on_lost(fn, conn, exc)
+            elif conn is None:
+                fn(exc)
+            else:
+                fn(conn, exc)
+        except Exception as err:
+            self._report(err)
+        return 1
+
+    # ---- completions ------------------------------------------------------
+
+    cdef int _native(self, iocp_completion *c, list out) except -1:
+        """Phase 1 (inside _convert, no user code): one native completion of
+        this stream's records.  Appends ``self, payload`` to `out` when the
+        protocol must hear of it.  The batch gives the record and the port
+        buffer back afterwards (iocp_port_release_batch)."""
+        cdef bint final = (c.flags & IOCP_CF_MORE) == 0
+        try:
+            if c.op.kind == IOCP_OP_RECV:
+                self._native_recv(c, final, out)
+            else:
+                self._native_send(c, out)
+        finally:
+            if final:
+                Py_DECREF(self)    # the record's reference (the caller holds one)
+        return 0
+
+    cdef int _native_recv(self, iocp_completion *c, bint final, list out) except -1:
+        if c.result > 0 and (c.flags & IOCP_CF_BUFFER):
+            if self._state == _ST_OPEN:
+                try:
+                    data = PyBytes_FromStringAndSize(c.data, <Py_ssize_t>c.result)
+                except MemoryError as exc:
+                    data = exc         # delivered as the connection's loss
+                out.append(self)
+                out.append(data)
+        if not final:
+            return 0
+        self._recv_op = NULL
+        self._recv_cancelling = False
+        if self._state != _ST_OPEN:
+            self._schedule()
+        elif c.flags & IOCP_CF_CANCELLED:
+            out.append(self)
+            out.append(_EV_RECV_ENDED)
+        elif c.result == 0:
+            out.append(self)
+            out.append(_EV_EOF)
+        elif c.result < 0:
+            out.append(self)
+            out.append(_oserror(c.result))
+        else:
+            out.append(self)
+            out.append(_EV_RECV_ENDED)
+        return 0
+
+    cdef int _native_send(self, iocp_completion *c, list out) except -1:
+        cdef _sendrec *rec = self._sq_head
+        cdef _sendrec *prev = NULL
+        cdef _sendrec *r
+        cdef bint ok
+        cdef PyObject *keep
+        while rec != NULL and rec.op != c.op:
+            prev = rec
+            rec = rec.next
+        if rec == NULL:
+            return 0               # cannot happen: every send is linked
+        if prev == NULL:
+            self._sq_head = rec.next
+        else:
+            prev.next = rec.next
+        if self._sq_tail == rec:
+            self._sq_tail = prev
+        ok = ((c.flags & IOCP_CF_SILENT) != 0 or
+              (not (c.flags & IOCP_CF_CANCELLED) and c.result >= 0 and c.error == 0 and
+               <size_t>c.result == rec.nbytes))
+        if rec.counted:
+            self._unconfirmed -= rec.nbytes
+        if rec.fence:
+            self._fence_out = False
+            if ok and prev != NULL:
+                # Every earlier send of the socket finished before it.
+                r = self._sq_head
+                while r != NULL:
+                    if r.counted:
+                        r.counted = False
+                        self._unconfirmed -= r.nbytes
+                    if r == prev:
+                        break
+                    r = r.next
+        keep = rec.keep
+        PyMem_Free(rec)
+        if keep != NULL:
+            Py_DECREF(<object>keep)
+        if not ok:
+            if self._state <= _ST_CLOSING:
+                if c.error < 0:
+                    err = _oserror(c.error)
+                elif c.result < 0:
+                    err = _oserror(c.result)
+                else:
+                    err = OSError(_errno.EPIPE, "send stopped short")
+                out.append(self)
+                out.append(err)
+            else:
+                self._schedule()
+            return 0
+        if self._state != _ST_OPEN or self._write_paused or self._eof_wanted:
+            out.append(self)
+            out.append(_EV_WRITE)
+        elif self._wq_bytes and not self._fence_out:
+            self._schedule()
+        return 0
+
+    cdef int _event(self, object ev) except -1:
+        """Phase 2 (_dispatch, in batch order): tells the protocol."""
+        if PyBytes_CheckExact(ev):
+            if self._state != _ST_OPEN:
+                return 0
+            if self._reading_paused or self._held:
+                if self._held is None:
+                    self._held = []
+                self._held.append(ev)
+                if not self._reading_paused:
+                    self._schedule()
+                return 0
+            return self._deliver_data(ev)
+        if ev is _EV_WRITE:
+            self._maybe_resume()
+            if self._state != _ST_OPEN or self._eof_wanted or self._wq_bytes:
+                self._schedule()
+            return 0
+        if ev is _EV_EOF:
+            if self._state != _ST_OPEN:
+                return 0
+            if self._reading_paused or self._held:
+                self._held_eof = True
+                if not self._reading_paused:
+                    self._schedule()
+                return 0
+            return self._deliver_eof()
+        if ev is _EV_RECV_ENDED:
+            if self._state == _ST_OPEN and not self._reading_paused:
+                try:
+                    self._arm_recv()
+                except OSError as exc:
+                    self._lose(exc)
+            elif self._state != _ST_OPEN:
+                self._schedule()
+            return 0
+        self._lose(ev)             # an exception: the connection is lost
+        return 0
+
+
+cdef object _copy_bytes(object data):
+    """bytes(data) for a bytes-like object (copied: the caller may reuse
+    it); TypeError for anything else."""
+    cdef Py_buffer view
+    if not PyObject_CheckBuffer(data) or isinstance(data, str):
+        raise TypeError(f"data must be a bytes-like object, not {type(data).__name__}")
+    try:
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    except BufferError:
+        return memoryview(data).tobytes()   # not contiguous
+    try:
+        return PyBytes_FromStringAndSize(<char *>view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
