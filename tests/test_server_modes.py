@@ -215,3 +215,30 @@ def test_a_raising_callback_aborts_in_both_modes(
         assert any("aborting the connection" in r.getMessage() for r in caplog.records)
     finally:
         assert_no_leaks(srv.shutdown())
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_call_posted_after_the_loop_threads_stopped_runs_in_shutdown(
+    backend: str, threads: int
+) -> None:
+    """close() from another thread once the loop threads are gone (as
+    shutdown() leaves it: it runs the port on its own thread then).  The
+    posted call must run there, once: a version that re-checked its thread
+    there re-posted itself for ever and shutdown() ended with the
+    connection and its operations left."""
+    proto = Keep()
+    srv = Server(lambda: proto, port=0, backend=backend).start(threads=threads)
+    with socket.create_connection(srv.address, timeout=5) as s:
+        s.sendall(b"hi")
+        assert recv_exact(s, 2) == b"hi"
+        conn = proto.conns[0]
+        srv._loop.stop_threads()
+        assert not srv._loop.threads
+        closer = threading.Thread(target=conn.close)
+        closer.start()
+        closer.join(5)
+        final = srv.shutdown()
+        s.settimeout(5)
+        assert s.recv(10) == b""
+    assert proto.lost == [None]
+    assert_no_leaks(final)

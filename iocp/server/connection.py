@@ -681,7 +681,7 @@ class _StreamConnection(Connection):
     port and runs there, in order.
     """
 
-    __slots__ = ("_stream", "_ident", "_written", "_sent_seen", "_user_data", "_user", "_slack")
+    __slots__ = ("_stream", "_disp", "_written", "_sent_seen", "_user_data", "_user", "_slack")
 
     def __init__(
         self,
@@ -713,7 +713,7 @@ class _StreamConnection(Connection):
         self._eof_pending = False
         self._torn = False
         self._exc = None
-        self._ident: int | None = None  # the dispatching thread, once _begin() ran
+        self._disp = owner._loop.dispatcher  # [ident of the dispatching thread]
         self._written = 0
         self._sent_seen = 0
         self.bytes_received = 0
@@ -747,10 +747,10 @@ class _StreamConnection(Connection):
         """Bytes written to the socket so far (accepted minus still buffered)."""
         return self._written - self._stream.get_write_buffer_size()  # type: ignore[no-any-return]
 
-    def _elsewhere(self) -> bool:
-        return self._ident != _get_ident()
-
     def _post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on whichever thread dispatches the port next
+        (``fn`` is a ``_*_here`` method: it does not look at the thread again,
+        so it also runs where shutdown() took the dispatch over)."""
         try:
             self._loop.call_soon(lambda: fn(*args))
         except Exception:  # the port is closed: the connection is gone too
@@ -759,9 +759,32 @@ class _StreamConnection(Connection):
     def send(self, data: Union[bytes, bytearray, memoryview]) -> None:
         if type(data) is not bytes:
             data = bytes(data)  # the stream would copy it anyway; len() counts bytes
-        if self._ident != _get_ident():
-            self._post(self.send, data)
+        if self._disp[0] != _get_ident():
+            self._post(self._send_here, data)
             return
+        # _send_here() inlined: this is the hot path.
+        if self._closing or self._torn or self._eof_pending:
+            return
+        n = len(data)
+        if (self._paused or n > self._slack) and (
+            self._stream.get_write_buffer_size() + n > self._limit
+        ):
+            self._over_limit()
+            return
+        self._written += n
+        self._stream.write(data)
+
+    write = send
+
+    def _over_limit(self) -> None:
+        self._stream.abort(
+            WriteBufferFull(
+                f"write buffer over {self._limit} bytes: peer {_fmt_addr(self.peername)} "
+                "is not reading"
+            )
+        )
+
+    def _send_here(self, data: bytes) -> None:
         if self._closing or self._torn or self._eof_pending:
             return
         n = len(data)
@@ -770,40 +793,42 @@ class _StreamConnection(Connection):
         if (self._paused or n > self._slack) and (
             self._stream.get_write_buffer_size() + n > self._limit
         ):
-            self._stream.abort(
-                WriteBufferFull(
-                    f"write buffer over {self._limit} bytes: peer {_fmt_addr(self.peername)} "
-                    "is not reading"
-                )
-            )
+            self._over_limit()
             return
         self._written += n
         self._stream.write(data)
 
-    write = send
-
     def close(self) -> None:
-        if self._ident != _get_ident():
-            self._post(self.close)
-            return
+        if self._disp[0] != _get_ident():
+            self._post(self._close_here)
+        else:
+            self._close_here()
+
+    def _close_here(self) -> None:
         if self._closing or self._torn:
             return
         self._closing = True
         self._stream.close()
 
     def write_eof(self) -> None:
-        if self._ident != _get_ident():
-            self._post(self.write_eof)
-            return
+        if self._disp[0] != _get_ident():
+            self._post(self._write_eof_here)
+        else:
+            self._write_eof_here()
+
+    def _write_eof_here(self) -> None:
         if self._closing or self._torn or self._eof_pending:
             return
         self._eof_pending = True
         self._stream.write_eof()
 
     def abort(self) -> None:
-        if self._ident != _get_ident():
-            self._post(self.abort)
-            return
+        if self._disp[0] != _get_ident():
+            self._post(self._abort_here)
+        else:
+            self._abort_here()
+
+    def _abort_here(self) -> None:
         if self._torn:
             return
         try:
@@ -815,17 +840,23 @@ class _StreamConnection(Connection):
         self._stream.abort()
 
     def pause_reading(self) -> None:
-        if self._ident != _get_ident():
-            self._post(self.pause_reading)
-            return
+        if self._disp[0] != _get_ident():
+            self._post(self._pause_reading_here)
+        else:
+            self._pause_reading_here()
+
+    def _pause_reading_here(self) -> None:
         if not (self._closing or self._torn) and not self._rpaused:
             self._rpaused = True
             self._stream.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._ident != _get_ident():
-            self._post(self.resume_reading)
-            return
+        if self._disp[0] != _get_ident():
+            self._post(self._resume_reading_here)
+        else:
+            self._resume_reading_here()
+
+    def _resume_reading_here(self) -> None:
         if not self._rpaused:
             return
         self._rpaused = False
@@ -834,7 +865,8 @@ class _StreamConnection(Connection):
 
     # what the server and the client call ----------------------------------------
     def _begin(self) -> None:
-        self._ident = _get_ident()
+        if self._disp[0] is None:  # start(threads=0): the caller's thread runs the port
+            self._disp[0] = _get_ident()
         try:
             getattr(self._user, "connection_made", _noop)(self)
         except Exception as exc:
@@ -859,9 +891,12 @@ class _StreamConnection(Connection):
         return self.last_activity < cutoff and not self._torn
 
     def _idle_close(self, exc: BaseException) -> None:
-        if self._ident != _get_ident():
-            self._post(self._idle_close, exc)
-            return
+        if self._disp[0] != _get_ident():
+            self._post(self._idle_close_here, exc)
+        else:
+            self._idle_close_here(exc)
+
+    def _idle_close_here(self, exc: BaseException) -> None:
         if not self._torn:
             self._closing = True
             self._stream.abort(exc)
