@@ -32,7 +32,6 @@ from iocp.server._util import (
     _close_quietly,
     _fmt_addr,
     _fmt_stats,
-    _unregister_close,
     log,
 )
 from iocp.server._workers import serve_workers
@@ -497,7 +496,7 @@ class Server(_Endpoint):
         if conn is None:
             return
         if late:
-            _unregister_close(self._loop.port, csock)
+            conn._discard()
             return
         conn._begin()
 

@@ -33,7 +33,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, List, Tuple, Union
 
 from iocp import _core
-from iocp.server._util import Address, _fmt_addr, _noop, log
+from iocp.server._util import Address, _fmt_addr, _noop, _unregister_close, log
 
 if TYPE_CHECKING:
     from iocp.server._endpoint import _Settings
@@ -309,6 +309,10 @@ class Connection:
     def _begin_any(self) -> None:
         """From any thread: connection_made, then reading, on a loop thread."""
         self._serial_any(self._start)
+
+    def _discard(self) -> None:
+        """Never begun (accepted as shutdown began): close, with no callback."""
+        _unregister_close(self._port, self._sock)
 
     def _idle(self, cutoff: float, now: float) -> bool:
         """True if nothing moved since ``cutoff`` (and the connection is up)."""
@@ -681,7 +685,9 @@ class _StreamConnection(Connection):
     port and runs there, in order.
     """
 
-    __slots__ = ("_stream", "_disp", "_written", "_sent_seen", "_user_data", "_user", "_slack")
+    __slots__ = (
+        "_stream", "_disp", "_begun", "_written", "_sent_seen", "_user_data", "_user", "_slack",
+    )
 
     def __init__(
         self,
@@ -714,6 +720,7 @@ class _StreamConnection(Connection):
         self._torn = False
         self._exc = None
         self._disp = owner._loop.dispatcher  # [ident of the dispatching thread]
+        self._begun = False
         self._written = 0
         self._sent_seen = 0
         self.bytes_received = 0
@@ -867,6 +874,7 @@ class _StreamConnection(Connection):
     def _begin(self) -> None:
         if self._disp[0] is None:  # start(threads=0): the caller's thread runs the port
             self._disp[0] = _get_ident()
+        self._begun = True
         try:
             getattr(self._user, "connection_made", _noop)(self)
         except Exception as exc:
@@ -882,6 +890,11 @@ class _StreamConnection(Connection):
             self._begin()
         else:
             self._post(self._begin)
+
+    def _discard(self) -> None:
+        # The stream owns the socket now: it unregisters and closes it.
+        self._closing = True
+        self._stream.abort()
 
     def _idle(self, cutoff: float, now: float) -> bool:
         sent = self.bytes_sent  # send progress is seen here, at the check's pace
@@ -945,7 +958,8 @@ class _StreamConnection(Connection):
         self._closing = True
         self._exc = exc
         try:
-            getattr(self._user, "connection_lost", _noop)(conn, exc)
+            if self._begun:  # no connection_lost without connection_made
+                getattr(self._user, "connection_lost", _noop)(conn, exc)
         except Exception as err:
             self._on_error(err)
         finally:
