@@ -772,6 +772,9 @@ def test_connection_accepted_as_shutdown_begins_is_not_started(backend: str) -> 
         def connection_made(self, conn: Connection) -> None:
             made.append(conn)
 
+        def connection_lost(self, conn: Connection, exc: BaseException | None) -> None:
+            made.append(("lost", exc))  # never without connection_made
+
     def factory() -> Protocol:
         # Runs inside the accept callback, after its "still accepting?"
         # check: start shutdown now and let it stop accepting first.

@@ -24,6 +24,13 @@ Handler
         resume_writing(conn)
 
 Threads
+    With one thread dispatching the endpoint's own port (``start(threads=0)``
+    or ``start(threads=1)``, the default; a client on its own port)
+    connections run on the stream core (``iocp._core.Stream``): callbacks
+    come straight from the port's dispatch, writes queue in C, no lock is
+    taken, and a call from another thread is posted to the port.  The
+    multi-thread mode below is used with ``threads=N`` and on shared ports.
+
     Completion callbacks may run on several threads at once
     (``serve_forever(threads=N)``).  Callbacks for **one connection never run
     concurrently and are delivered in order**: each connection has a small

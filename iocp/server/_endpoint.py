@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List
 from iocp._core import CompletionPort
 from iocp.server._loop import _Loop
 from iocp.server._util import Address
-from iocp.server.connection import Connection, _Owner
+from iocp.server.connection import Connection, _Owner, _Stream, _StreamConnection
 
 ProtocolFactory = Callable[[], Any]
 
@@ -184,8 +184,21 @@ class _Endpoint(_Owner):
         self._port_factory = port_factory
         self._given_port = completion_port
         self._conns: Dict[int, Connection] = {}
+        # One thread dispatches the port: connections go on the stream core.
+        self._single = False
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+
+    def _use_streams(self, loop: _Loop, threads: int) -> bool:
+        """The single-thread mode: the stream core, on a port of our own that
+        at most one thread runs.  A shared port may be run by any number of
+        threads, so its connections stay on the threaded path."""
+        return (
+            _Stream is not None
+            and loop.owned
+            and threads <= 1
+            and isinstance(loop.port, CompletionPort)  # a stream needs the real port
+        )
 
     def _make_loop(self) -> _Loop:
         if self._given_port is not None:
@@ -217,7 +230,8 @@ class _Endpoint(_Owner):
             except OSError:
                 pass
         protocol = self._factory()
-        conn = Connection(self, sock, protocol, peer, sockname)
+        cls = _StreamConnection if self._single else Connection
+        conn = cls(self, sock, protocol, peer, sockname)
         return conn
 
     def _forget(self, conn: Connection) -> None:

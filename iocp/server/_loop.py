@@ -47,6 +47,14 @@ class _Loop:
         self._tstop = False
         self._pcond = threading.Condition()
         self._posts = 0  # call_soon() calls posted and not yet run to the end
+        # The thread that dispatches the port in the single-thread mode, in a
+        # cell the connections share (they compare it with their caller's
+        # thread on every call): our loop thread while it runs, the thread of
+        # run_until() while that runs, else the caller's own thread once a
+        # connection learned it (start(threads=0)); None when nobody does.
+        # Cleared when a thread stops dispatching, so a thread that reuses a
+        # dead thread's ident is never taken for the dispatcher.
+        self.dispatcher: List[int | None] = [None]
 
     # completion loop -------------------------------------------------------
     def start(self, nthreads: int, name: str = "iocp-loop") -> None:
@@ -60,6 +68,8 @@ class _Loop:
     def run(self) -> None:
         """Run the completion loop on the calling thread until :meth:`stop`."""
         _tls.loop = self
+        me = threading.get_ident()
+        self.dispatcher[0] = me
         # port.stop() would also stop other users of a shared port, so on a
         # port we do not own the threads notice stop() by a short time slice.
         slice_s = 1.0 if self.owned else 0.1
@@ -68,6 +78,8 @@ class _Loop:
                 self.port.run(timeout=slice_s)
         finally:
             _tls.loop = None
+            if self.dispatcher[0] == me:
+                self.dispatcher[0] = None
 
     def in_loop(self) -> bool:
         """True on a thread that runs this loop."""
@@ -154,6 +166,8 @@ class _Loop:
         """
         prev = getattr(_tls, "loop", None)
         _tls.loop = self
+        was = self.dispatcher[0]
+        self.dispatcher[0] = threading.get_ident()
         try:
             self.port.run_once(timeout=0)
         except RuntimeError:
@@ -162,12 +176,15 @@ class _Loop:
             return True
         finally:
             _tls.loop = prev
+            self.dispatcher[0] = was
         return True
 
     def run_until(self, done: Callable[[], bool], deadline: float) -> bool:
         """Run the port on this thread (as a loop thread) until ``done()``."""
         prev = getattr(_tls, "loop", None)
         _tls.loop = self
+        was = self.dispatcher[0]
+        self.dispatcher[0] = threading.get_ident()
         try:
             while not done():
                 left = deadline - time.monotonic()
@@ -179,6 +196,7 @@ class _Loop:
                     return done()
         finally:
             _tls.loop = prev
+            self.dispatcher[0] = was
         return True
 
     # calls and timers --------------------------------------------------------

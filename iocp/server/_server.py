@@ -32,10 +32,10 @@ from iocp.server._util import (
     _close_quietly,
     _fmt_addr,
     _fmt_stats,
-    _unregister_close,
     log,
 )
 from iocp.server._workers import serve_workers
+from iocp.server.connection import Connection
 
 _TRANSIENT_ACCEPT = {
     errno.ECONNABORTED,
@@ -233,6 +233,7 @@ class Server(_Endpoint):
                 self._sock = None
             sock.close()
             raise
+        self._single = self._use_streams(self._loop, threads)
         self._started = True
         self._stopped = False
         self._accepting = True
@@ -478,7 +479,8 @@ class Server(_Endpoint):
         conn = None
         try:
             made = self._new_connection(csock, addr)
-            self._loop.port.register(csock, key=id(made))
+            if type(made) is Connection:  # a stream registers its socket itself
+                self._loop.port.register(csock, key=id(made))
             conn = made
         except Exception:
             log.exception("cannot set up connection from %s", _fmt_addr(addr))
@@ -494,9 +496,9 @@ class Server(_Endpoint):
         if conn is None:
             return
         if late:
-            _unregister_close(self._loop.port, csock)
+            conn._discard()
             return
-        conn._serial(conn._start)
+        conn._begin()
 
     def _log_refusal(self, msg: str, *args: Any) -> None:
         now = time.monotonic()
@@ -552,11 +554,12 @@ class Server(_Endpoint):
     def _idle_check(self) -> None:
         if self._stopped or self.idle_timeout is None:
             return
-        cutoff = time.monotonic() - self.idle_timeout
+        now = time.monotonic()
+        cutoff = now - self.idle_timeout
         for conn in self.connections:
-            if conn.last_activity < cutoff and not conn._torn:
+            if conn._idle(cutoff, now):
                 log.info("closing idle connection %s", _fmt_addr(conn.peername))
-                conn._teardown(TimeoutError(f"idle for {self.idle_timeout} s"), graceful=True)
+                conn._idle_close(TimeoutError(f"idle for {self.idle_timeout} s"))
         self._schedule_idle_check()
 
     # workers -----------------------------------------------------------------------

@@ -84,6 +84,7 @@ class Client(_Endpoint):
                 )
             ]
         self._loop = self._make_loop()
+        self._single = self._use_streams(self._loop, 1)
         if self._given_port is None:
             self._loop.start(1, name="iocp-client")
         err: OSError = OSError(errno.EADDRNOTAVAIL, "no address to connect to")
@@ -136,7 +137,7 @@ class Client(_Endpoint):
         with self._lock:
             self._conns[id(conn)] = conn
         self.connection = conn
-        conn._serial_any(conn._start)
+        conn._begin_any()
         return conn
 
     def wait_closed(self, timeout: float | None = None) -> bool:

@@ -14,6 +14,12 @@ few attribute updates and is never held while user code runs.
 The connection knows its owner only through :class:`_Owner` (the loop, the
 settings and ``_forget``), which :class:`iocp.server._endpoint._Endpoint`
 implements, so this module does not import the server or client.
+
+That is the multi-thread mode.  :class:`_StreamConnection` is the
+single-thread one (one thread dispatches the endpoint's own port): the same
+API on ``iocp._core.Stream``, which calls the protocol from the port's
+dispatch and queues writes in C; no lock, and calls from other threads are
+posted to the port.  The endpoint picks the class per connection.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, List, Tuple, Union
 
-from iocp.server._util import Address, _fmt_addr, _noop, log
+from iocp import _core
+from iocp.server._util import Address, _fmt_addr, _noop, _unregister_close, log
 
 if TYPE_CHECKING:
     from iocp.server._endpoint import _Settings
@@ -293,6 +300,26 @@ class Connection:
         return {"peername": self.peername, "sockname": self.sockname, "socket": self._sock}.get(
             name, default
         )
+
+    # what the server and the client call -----------------------------------------
+    def _begin(self) -> None:
+        """From a loop callback: connection_made, then reading."""
+        self._serial(self._start)
+
+    def _begin_any(self) -> None:
+        """From any thread: connection_made, then reading, on a loop thread."""
+        self._serial_any(self._start)
+
+    def _discard(self) -> None:
+        """Never begun (accepted as shutdown began): close, with no callback."""
+        _unregister_close(self._port, self._sock)
+
+    def _idle(self, cutoff: float, now: float) -> bool:
+        """True if nothing moved since ``cutoff`` (and the connection is up)."""
+        return self.last_activity < cutoff and not self._torn
+
+    def _idle_close(self, exc: BaseException) -> None:
+        self._teardown(exc, graceful=True)
 
     # the strand: serialized protocol callbacks ------------------------------
     def _serial(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -616,4 +643,326 @@ class Connection:
             self.protocol = None
             self._on_data = _noop
             self._recv_cb = self._send_cb = _noop  # no op is left to call them
+            self._owner._forget(self)
+
+
+# --------------------------------------------------------------------------
+# The single-thread connection, on the stream core (iocp._core.Stream)
+
+# None with a core that has no streams: every connection is then threaded.
+_Stream: Any = getattr(_core, "Stream", None)
+
+_get_ident = threading.get_ident
+
+
+class _Hooks:
+    """The protocol the Stream sees: the user's data_received as it is (the
+    stream calls it from C with the connection first), our own methods for
+    the rare events, which keep the connection's state and then call the
+    user's."""
+
+    __slots__ = ("data_received", "eof_received", "pause_writing", "resume_writing",
+                 "connection_lost")
+
+    def __init__(self, conn: _StreamConnection) -> None:
+        self.data_received = conn._data
+        self.eof_received = conn._on_eof
+        self.pause_writing = conn._on_pause
+        self.resume_writing = conn._on_resume
+        self.connection_lost = conn._on_lost
+
+
+class _StreamConnection(Connection):
+    """A :class:`Connection` whose socket is driven by the stream core.
+
+    Used when one thread dispatches the port (``start(threads=0|1)`` on the
+    server's own port, a client on its own port).  The stream calls the
+    protocol straight from the port's dispatch, queues writes in C and
+    sends them gathered, with silent sends, before the port's next wait;
+    no lock is taken: the stream is only touched by the thread that
+    dispatches the port.  A call from any other thread (``send()`` from a
+    worker thread, ``shutdown()`` closing connections) is posted to the
+    port and runs there, in order.
+    """
+
+    __slots__ = (
+        "_stream", "_disp", "_begun", "_written", "_sent_seen", "_user_data", "_user", "_slack",
+    )
+
+    def __init__(
+        self,
+        owner: Any,
+        sock: socket.socket,
+        protocol: Any,
+        peername: Address,
+        sockname: Address,
+    ) -> None:
+        if not isinstance(owner, _Owner) or not isinstance(sock, socket.socket):
+            raise TypeError("Connection objects are made by Server and Client, not directly")
+        assert _Stream is not None
+        cfg = owner._settings
+        self._owner = owner
+        self._loop = owner._loop
+        self._port = owner._loop.port
+        self._cfg = cfg
+        self._sock = sock
+        self.protocol = protocol
+        self.peername = peername
+        self.sockname = sockname
+        self._high = cfg.high
+        self._low = cfg.low
+        self._limit = cfg.limit
+        self._slack = cfg.limit - cfg.high
+        self._paused = False
+        self._rpaused = False
+        self._closing = False
+        self._eof_pending = False
+        self._torn = False
+        self._exc = None
+        self._disp = owner._loop.dispatcher  # [ident of the dispatching thread]
+        self._begun = False
+        self._written = 0
+        self._sent_seen = 0
+        self.bytes_received = 0
+        self.last_activity = _monotonic()
+        self._user = protocol
+        self._user_data = protocol.data_received
+        self._stream = _Stream(
+            self._port, sock, _Hooks(self), conn=self,
+            write_high_water=cfg.high, write_low_water=cfg.low, on_error=self._on_error,
+        )
+
+    def __repr__(self) -> str:
+        state = "closed" if self._torn else "closing" if self.closing else "open"
+        return f"<Connection {_fmt_addr(self.peername)} {state} buffered={self.write_buffer_size}>"
+
+    # public API --------------------------------------------------------------
+    @property
+    def closing(self) -> bool:
+        return self._closing or self._torn or self._stream.is_closing()
+
+    @property
+    def write_buffer_size(self) -> int:
+        return self._stream.get_write_buffer_size()  # type: ignore[no-any-return]
+
+    @property
+    def writing_paused(self) -> bool:
+        return self._paused
+
+    @property
+    def bytes_sent(self) -> int:  # type: ignore[override]
+        """Bytes written to the socket so far (accepted minus still buffered)."""
+        return self._written - self._stream.get_write_buffer_size()  # type: ignore[no-any-return]
+
+    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on whichever thread dispatches the port next
+        (``fn`` is a ``_*_here`` method: it does not look at the thread again,
+        so it also runs where shutdown() took the dispatch over)."""
+        try:
+            self._loop.call_soon(lambda: fn(*args))
+        except Exception:  # the port is closed: the connection is gone too
+            pass
+
+    def send(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        if type(data) is not bytes:
+            data = bytes(data)  # the stream would copy it anyway; len() counts bytes
+        if self._disp[0] != _get_ident():
+            self._post(self._send_here, data)
+            return
+        # _send_here() inlined: this is the hot path.
+        if self._closing or self._torn or self._eof_pending:
+            return
+        n = len(data)
+        if (self._paused or n > self._slack) and (
+            self._stream.get_write_buffer_size() + n > self._limit
+        ):
+            self._over_limit()
+            return
+        self._written += n
+        self._stream.write(data)
+
+    write = send
+
+    def _over_limit(self) -> None:
+        self._stream.abort(
+            WriteBufferFull(
+                f"write buffer over {self._limit} bytes: peer {_fmt_addr(self.peername)} "
+                "is not reading"
+            )
+        )
+
+    def _send_here(self, data: bytes) -> None:
+        if self._closing or self._torn or self._eof_pending:
+            return
+        n = len(data)
+        # Not paused means at most high-water bytes are buffered, so only a
+        # paused connection or a write bigger than the slack can pass the limit.
+        if (self._paused or n > self._slack) and (
+            self._stream.get_write_buffer_size() + n > self._limit
+        ):
+            self._over_limit()
+            return
+        self._written += n
+        self._stream.write(data)
+
+    def close(self) -> None:
+        if self._disp[0] != _get_ident():
+            self._post(self._close_here)
+        else:
+            self._close_here()
+
+    def _close_here(self) -> None:
+        if self._closing or self._torn:
+            return
+        self._closing = True
+        self._stream.close()
+
+    def write_eof(self) -> None:
+        if self._disp[0] != _get_ident():
+            self._post(self._write_eof_here)
+        else:
+            self._write_eof_here()
+
+    def _write_eof_here(self) -> None:
+        if self._closing or self._torn or self._eof_pending:
+            return
+        self._eof_pending = True
+        self._stream.write_eof()
+
+    def abort(self) -> None:
+        if self._disp[0] != _get_ident():
+            self._post(self._abort_here)
+        else:
+            self._abort_here()
+
+    def _abort_here(self) -> None:
+        if self._torn:
+            return
+        try:
+            linger = struct.pack("HH" if os.name == "nt" else "ii", 1, 0)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        except OSError:
+            pass
+        self._closing = True
+        self._stream.abort()
+
+    def pause_reading(self) -> None:
+        if self._disp[0] != _get_ident():
+            self._post(self._pause_reading_here)
+        else:
+            self._pause_reading_here()
+
+    def _pause_reading_here(self) -> None:
+        if not (self._closing or self._torn) and not self._rpaused:
+            self._rpaused = True
+            self._stream.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._disp[0] != _get_ident():
+            self._post(self._resume_reading_here)
+        else:
+            self._resume_reading_here()
+
+    def _resume_reading_here(self) -> None:
+        if not self._rpaused:
+            return
+        self._rpaused = False
+        if not (self._closing or self._torn):
+            self._stream.resume_reading()
+
+    # what the server and the client call ----------------------------------------
+    def _begin(self) -> None:
+        if self._disp[0] is None:  # start(threads=0): the caller's thread runs the port
+            self._disp[0] = _get_ident()
+        self._begun = True
+        try:
+            getattr(self._user, "connection_made", _noop)(self)
+        except Exception as exc:
+            self._on_error(exc)
+            self._closing = True
+            self._stream.abort(exc)
+            return
+        if not (self._closing or self._torn):
+            self._stream.start()
+
+    def _begin_any(self) -> None:
+        if self._loop.in_loop():
+            self._begin()
+        else:
+            self._post(self._begin)
+
+    def _discard(self) -> None:
+        # The stream owns the socket now: it unregisters and closes it.
+        self._closing = True
+        self._stream.abort()
+
+    def _idle(self, cutoff: float, now: float) -> bool:
+        sent = self.bytes_sent  # send progress is seen here, at the check's pace
+        if sent != self._sent_seen:
+            self._sent_seen = sent
+            self.last_activity = now
+        return self.last_activity < cutoff and not self._torn
+
+    def _idle_close(self, exc: BaseException) -> None:
+        if self._disp[0] != _get_ident():
+            self._post(self._idle_close_here, exc)
+        else:
+            self._idle_close_here(exc)
+
+    def _idle_close_here(self, exc: BaseException) -> None:
+        if not self._torn:
+            self._closing = True
+            self._stream.abort(exc)
+
+    # called by the stream ------------------------------------------------------
+    def _data(self, conn: Connection, data: bytes) -> None:
+        self.bytes_received += len(data)
+        self.last_activity = _monotonic()
+        self._user_data(conn, data)
+
+    def _on_eof(self, conn: Connection) -> Any:
+        keep = getattr(self._user, "eof_received", _noop)(conn)
+        if not keep:
+            self._closing = True  # the stream closes: later sends are dropped
+        return keep
+
+    def _on_pause(self, conn: Connection) -> None:
+        self._paused = True
+        self._flow_call("pause_writing", conn)
+
+    def _on_resume(self, conn: Connection) -> None:
+        self._paused = False
+        self._flow_call("resume_writing", conn)
+
+    def _flow_call(self, name: str, conn: Connection) -> None:
+        # The stream only reports what these raise; iocp.server aborts the
+        # connection, as for any other callback.
+        try:
+            getattr(self._user, name, _noop)(conn)
+        except Exception as exc:
+            self._on_error(exc)
+            self._stream.abort(exc)
+
+    def _on_error(self, exc: BaseException) -> None:
+        self._closing = True  # the stream aborts
+        log.error(
+            "protocol callback failed for %s; aborting the connection",
+            _fmt_addr(self.peername),
+            exc_info=exc,
+        )
+
+    def _on_lost(self, conn: Connection, exc: BaseException | None) -> None:
+        # As for the threaded connection: forgotten only once connection_lost
+        # has returned, which shutdown() relies on.
+        self._torn = True
+        self._closing = True
+        self._exc = exc
+        try:
+            if self._begun:  # no connection_lost without connection_made
+                getattr(self._user, "connection_lost", _noop)(conn, exc)
+        except Exception as err:
+            self._on_error(err)
+        finally:
+            self.protocol = self._user = None
+            self._user_data = _noop
             self._owner._forget(self)
