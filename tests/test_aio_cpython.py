@@ -70,10 +70,6 @@ _AVAILABLE = iocp.backends()
 # Tests that cannot apply to this loop: {mixin attribute name: reason}.
 # Each one is listed, with the same reason, in docs/asyncio.md.
 _SKIPS: dict[str, dict[str, str]] = {
-    "SockLowlevelTests": {
-        "test_sock_client_racing": "FAILS: sock_connect waits for the next select() "
-        "(the test then blocks in accept())",
-    },
     "SendfileTests": {
         "test_sendfile_prevents_bare_write": "FAILS: no native sendfile",
     },

@@ -183,6 +183,7 @@ class Proactor:
         if old is sock:
             return port
         if old is not None:  # closed (or re-wrapped) behind our back
+            self._gates.pop(old, None)
             try:
                 port.unregister(old)
             except (ValueError, OSError):
@@ -384,7 +385,13 @@ class Proactor:
             return fut
         port = self._register(conn)
         fut = self._Future(loop=self._loop)
-        self._deferred.append((fut, port.connect, (conn, address, fut._on_connect)))
+        # Submitted now, not with the next select(): the SYN must go out
+        # before the caller's next step, which may block on the peer (as a
+        # selector loop's non-blocking connect() does).
+        try:
+            fut._op = port.connect(conn, address, fut._on_connect)
+        except Exception as exc:
+            fut.set_exception(exc)
         return fut
 
     def sendfile(
