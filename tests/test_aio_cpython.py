@@ -73,12 +73,6 @@ _SKIPS: dict[str, dict[str, str]] = {
     "SendfileTests": {
         "test_sendfile_prevents_bare_write": "FAILS: no native sendfile",
     },
-    "StartTLSTests": {
-        "test_start_tls_client_buf_proto_1": "FAILS: start_tls() after a large write: "
-        "resume_writing() reaches the SSL protocol that was never paused",
-        "test_start_tls_client_reg_proto_1": "FAILS: as test_start_tls_client_buf_proto_1",
-        "test_start_tls_server_1": "FAILS: as test_start_tls_client_buf_proto_1",
-    },
     "SSLTests": {
         "test_remote_shutdown_receives_trailing_data": "HANGS: the write backlog is "
         "not flushed after the peer's close_notify",

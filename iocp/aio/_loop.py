@@ -166,6 +166,16 @@ class _SocketTransport(_ConnectionLostMixin, _ProactorSocketTransport):  # type:
     """The stdlib proactor stream transport (TCP, Unix), releasing its
     socket whatever the socket reports (see _ConnectionLostMixin)."""
 
+    _protocol_paused: bool
+
+    def set_protocol(self, protocol: Any) -> None:
+        # "Paused" is the state of the protocol that got pause_writing(): a
+        # new one -- start_tls() swaps in its SSLProtocol, right after a
+        # large write maybe -- starts unpaused, so it must not get a
+        # resume_writing() it never asked for (sslproto asserts on it).
+        self._protocol_paused = False
+        super().set_protocol(protocol)
+
 
 class _DatagramTransport(_ConnectionLostMixin, _ProactorDatagramTransport):  # type: ignore[misc]
     """The stdlib proactor datagram transport, fixed where an error or a
