@@ -73,10 +73,6 @@ _SKIPS: dict[str, dict[str, str]] = {
     "SendfileTests": {
         "test_sendfile_prevents_bare_write": "FAILS: no native sendfile",
     },
-    "SSLTests": {
-        "test_remote_shutdown_receives_trailing_data": "HANGS: the write backlog is "
-        "not flushed after the peer's close_notify",
-    },
 }
 
 

@@ -167,6 +167,8 @@ class _SocketTransport(_ConnectionLostMixin, _ProactorSocketTransport):  # type:
     socket whatever the socket reports (see _ConnectionLostMixin)."""
 
     _protocol_paused: bool
+    _write_fut: Any
+    _buffer: Any
 
     def set_protocol(self, protocol: Any) -> None:
         # "Paused" is the state of the protocol that got pause_writing(): a
@@ -175,6 +177,29 @@ class _SocketTransport(_ConnectionLostMixin, _ProactorSocketTransport):  # type:
         # resume_writing() it never asked for (sslproto asserts on it).
         self._protocol_paused = False
         super().set_protocol(protocol)
+
+    def close(self) -> None:
+        # As the selector transports: while the queued writes drain after
+        # close(), the protocol may still write -- sslproto sends its
+        # close_notify from resume_writing(), once the buffer is low.  The
+        # stdlib proactor marks the connection lost at once, dropping it.
+        if self._closing:
+            return
+        draining = self._write_fut is not None or bool(self._buffer)
+        super().close()
+        if draining:
+            self._conn_lost -= 1  # _release() sets it
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        # The write loop schedules this once the writes have drained after
+        # close() -- and then calls resume_writing(), whose writes (see
+        # close()) would be cut off.  So a graceful close waits for any
+        # write that started since: the write loop schedules this again
+        # when it is done.  A forced close (abort, error) has already
+        # dropped the writes.
+        if exc is None and (self._write_fut is not None or self._buffer) and not self._conn_lost:
+            return
+        super()._call_connection_lost(exc)
 
 
 class _DatagramTransport(_ConnectionLostMixin, _ProactorDatagramTransport):  # type: ignore[misc]
