@@ -70,9 +70,6 @@ _AVAILABLE = iocp.backends()
 # Tests that cannot apply to this loop: {mixin attribute name: reason}.
 # Each one is listed, with the same reason, in docs/asyncio.md.
 _SKIPS: dict[str, dict[str, str]] = {
-    "SendfileTests": {
-        "test_sendfile_prevents_bare_write": "FAILS: no native sendfile",
-    },
 }
 
 

@@ -28,7 +28,7 @@ import stat
 import sys
 import threading
 import warnings
-from asyncio import base_events, coroutines, events, exceptions, proactor_events, sslproto
+from asyncio import base_events, coroutines, events, proactor_events, sslproto
 from typing import Any
 
 from iocp._core import CompletionPort
@@ -343,9 +343,6 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
             )
             address = resolved[0][4]
         await self._proactor.connect(sock, address)
-
-    async def _sock_sendfile_native(self, sock, file, offset, count):  # type: ignore[no-untyped-def]
-        raise exceptions.SendfileNotAvailableError("the iocp loop has no native sendfile")
 
     # ---- running -----------------------------------------------------------
 

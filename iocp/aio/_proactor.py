@@ -23,19 +23,24 @@ the loop submits what is queued whenever ``run_forever()`` returns, so an
 op issued during a run always starts before the run ends.
 
 Stream sockets go through the port (accept, connect, recv, recv_into,
-send).  Datagram sockets and ``sendfile`` have no port operation: datagrams
-use readiness (the loop's helper thread, see ``_readiness``), sendfile
-reports "not available" so asyncio falls back to plain sends.
+send).  Datagram sockets have no port operation: they use readiness (the
+loop's helper thread, see ``_readiness``).  ``sendfile`` is ``os.sendfile``
+on the non-blocking socket, waiting on the port's poll op when the socket
+is full (where there is no ``os.sendfile`` it reports "not available" and
+asyncio falls back to plain sends).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import socket
 from typing import Any, Callable
 
-from iocp._core import Completion, CompletionPort, Operation
+from iocp._core import POLLOUT, Completion, CompletionPort, Operation
+
+_os_sendfile = getattr(os, "sendfile", None)
 
 _GET_BATCH = 128
 
@@ -397,7 +402,72 @@ class Proactor:
     def sendfile(
         self, sock: socket.socket, file: Any, offset: int, count: int
     ) -> asyncio.Future[Any]:
-        raise asyncio.SendfileNotAvailableError("the iocp loop has no native sendfile")
+        """Sends ``count`` bytes of ``file`` from ``offset`` with
+        ``os.sendfile`` (the kernel copies, as TransmitFile does for
+        Windows' proactor): what the socket takes now, the rest each time a
+        poll op reports it writable.  The future's result is the count sent
+        (less only if the file ends first); cancelling it stops at once.
+        If it fails part way, the file position is left after the last
+        byte sent, as the selector loops leave it."""
+        if _os_sendfile is None or sock.type != socket.SOCK_STREAM:
+            raise asyncio.SendfileNotAvailableError("no native sendfile on this platform")
+        port = self._register(sock)
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        fd, in_fd = sock.fileno(), file.fileno()
+        sent = 0
+        poll_op: Operation | None = None
+
+        def attempt() -> bool:
+            """Sends what the socket takes; True once ``fut`` is resolved."""
+            nonlocal sent
+            while sent < count:
+                try:
+                    n = _os_sendfile(fd, in_fd, offset + sent, count - sent)
+                except (BlockingIOError, InterruptedError):
+                    return False
+                except BaseException as exc:
+                    if sent:  # the loop seeks past whole blocks only
+                        file.seek(offset + sent)
+                    fut.set_exception(exc)
+                    return True
+                if n == 0:  # the file ended
+                    break
+                sent += n
+            fut.set_result(sent)
+            return True
+
+        def on_writable(c: Completion) -> None:
+            nonlocal poll_op
+            poll_op = None
+            if fut.done():
+                return
+            if c.cancelled:
+                fut.cancel()
+            elif c.error is not None:
+                fut.set_exception(c.error)
+            elif not attempt():
+                poll_op = port.poll(sock, POLLOUT, on_writable)
+                return
+            self._end_run()
+
+        def on_done(f: Any) -> None:
+            if poll_op is not None:
+                try:
+                    poll_op.cancel()
+                except Exception:
+                    pass
+
+        if not attempt():
+            poll_op = port.poll(sock, POLLOUT, on_writable)
+            fut.add_done_callback(on_done)
+        return fut
+
+    def _end_run(self) -> None:
+        """Ends select()'s port.run() after the current batch, so the loop
+        runs the callbacks a completion handler scheduled."""
+        if not self._stopping:
+            self._stopping = True
+            self._stop()
 
     # ---- datagrams: readiness ------------------------------------------
 
