@@ -69,8 +69,7 @@ _AVAILABLE = iocp.backends()
 
 # Tests that cannot apply to this loop: {mixin attribute name: reason}.
 # Each one is listed, with the same reason, in docs/asyncio.md.
-_SKIPS: dict[str, dict[str, str]] = {
-}
+_SKIPS: dict[str, dict[str, str]] = {}
 
 
 def _factory(backend: str) -> Callable[[], iocp.aio.EventLoop]:
