@@ -27,7 +27,7 @@ import socket
 import sys
 import threading
 import warnings
-from asyncio import events, exceptions
+from asyncio import events
 from asyncio.log import logger
 from typing import Any
 
@@ -158,6 +158,41 @@ class _ConnectionLostMixin:
 class _SocketTransport(_ConnectionLostMixin, _ProactorSocketTransport):  # type: ignore[misc]
     """The stdlib proactor stream transport (TCP, Unix), releasing its
     socket whatever the socket reports (see _ConnectionLostMixin)."""
+
+    _protocol_paused: bool
+    _write_fut: Any
+    _buffer: Any
+
+    def set_protocol(self, protocol: Any) -> None:
+        # "Paused" is the state of the protocol that got pause_writing(): a
+        # new one -- start_tls() swaps in its SSLProtocol, right after a
+        # large write maybe -- starts unpaused, so it must not get a
+        # resume_writing() it never asked for (sslproto asserts on it).
+        self._protocol_paused = False
+        super().set_protocol(protocol)
+
+    def close(self) -> None:
+        # As the selector transports: while the queued writes drain after
+        # close(), the protocol may still write -- sslproto sends its
+        # close_notify from resume_writing(), once the buffer is low.  The
+        # stdlib proactor marks the connection lost at once, dropping it.
+        if self._closing:
+            return
+        draining = self._write_fut is not None or bool(self._buffer)
+        super().close()
+        if draining:
+            self._conn_lost -= 1  # _release() sets it
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        # The write loop schedules this once the writes have drained after
+        # close() -- and then calls resume_writing(), whose writes (see
+        # close()) would be cut off.  So a graceful close waits for any
+        # write that started since: the write loop schedules this again
+        # when it is done.  A forced close (abort, error) has already
+        # dropped the writes.
+        if exc is None and (self._write_fut is not None or self._buffer) and not self._conn_lost:
+            return
+        super()._call_connection_lost(exc)
 
 
 class _DatagramTransport(_ConnectionLostMixin, _ProactorDatagramTransport):  # type: ignore[misc]
@@ -362,9 +397,6 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
             )
             address = resolved[0][4]
         await self._proactor.connect(sock, address)
-
-    async def _sock_sendfile_native(self, sock, file, offset, count):  # type: ignore[no-untyped-def]
-        raise exceptions.SendfileNotAvailableError("the iocp loop has no native sendfile")
 
     # ---- running -----------------------------------------------------------
 

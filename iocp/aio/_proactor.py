@@ -23,20 +23,25 @@ the loop submits what is queued whenever ``run_forever()`` returns, so an
 op issued during a run always starts before the run ends.
 
 Stream sockets go through the port (accept, connect, recv, recv_into,
-send).  Datagram sockets and ``sendfile`` have no port operation: datagrams
-use readiness (the loop's helper thread, see ``_readiness``), sendfile
-reports "not available" so asyncio falls back to plain sends.
+send).  Datagram sockets have no port operation: they use readiness (the
+loop's helper thread, see ``_readiness``).  ``sendfile`` is ``os.sendfile``
+on the non-blocking socket, waiting on the port's poll op when the socket
+is full (where there is no ``os.sendfile`` it reports "not available" and
+asyncio falls back to plain sends).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import selectors
 import socket
 from typing import Any, Callable
 
-from iocp._core import Completion, CompletionPort, Operation
+from iocp._core import POLLOUT, Completion, CompletionPort, Operation
+
+_os_sendfile = getattr(os, "sendfile", None)
 
 _GET_BATCH = 128
 
@@ -45,17 +50,26 @@ class OpFuture(asyncio.Future):  # type: ignore[type-arg]
     """A future bound to one port operation: cancelling it cancels the op.
 
     The op completes exactly once; if the future is already done (it was
-    cancelled) its result is dropped, except an accepted socket, which is
-    closed.
+    cancelled) its result is dropped -- except an accepted socket, which is
+    closed, and what a recv received: a recv cancelled while its op is in
+    the kernel may still complete with data (the cancel raced with the
+    arrival), and those bytes belong to the socket's stream, so they are
+    kept for the next recv on that socket (see ``Proactor._orphan_started``).
     """
 
     _op: Operation | None = None
     _px: Proactor  # set on the per-proactor subclass
+    _sock: socket.socket | None = None  # a recv's socket
+    _buf: Any = None  # a recv_into's buffer
+    _orphaned = False  # cancelled while its recv was in the kernel
 
     def cancel(self, msg: Any = None) -> bool:
         op = self._op
         if op is not None:
             self._op = None
+            if self._sock is not None and not self.done():
+                self._orphaned = True
+                self._px._orphan_started(self._sock)
             try:
                 op.cancel()
             except Exception:
@@ -83,11 +97,17 @@ class OpFuture(asyncio.Future):  # type: ignore[type-arg]
         return False
 
     def _on_recv(self, c: Completion) -> None:
-        if not self._fail(c):
+        if self._orphaned:
+            self._fail(c)
+            self._px._orphan_done(self._sock, c, None)
+        elif not self._fail(c):
             self.set_result(c.data)
 
     def _on_count(self, c: Completion) -> None:
-        if not self._fail(c):
+        if self._orphaned:
+            self._fail(c)
+            self._px._orphan_done(self._sock, c, self._buf)
+        elif not self._fail(c):
             self.set_result(c.nbytes)
 
     def _on_connect(self, c: Completion) -> None:
@@ -100,6 +120,27 @@ class OpFuture(asyncio.Future):  # type: ignore[type-arg]
                 c.data[0].close()  # accepted after the future was cancelled
             return
         self.set_result(c.data)
+
+
+class _RecvGate:
+    """A socket's receive side while a cancelled recv is unresolved.
+
+    ``orphans`` counts its cancelled recvs whose op has not completed yet;
+    ``stash`` holds the bytes they brought (and ``eof`` / ``error`` what
+    ended the stream) until later recvs take them; ``waiting`` holds the
+    recvs issued meanwhile, ``(future, nbytes, buffer)``, in order.  A new
+    recv is never submitted while an orphan may still bring data: that data
+    comes first in the stream.
+    """
+
+    __slots__ = ("stash", "eof", "error", "orphans", "waiting")
+
+    def __init__(self) -> None:
+        self.stash = bytearray()
+        self.eof = False
+        self.error: BaseException | None = None
+        self.orphans = 0
+        self.waiting: collections.deque[tuple[OpFuture, int, Any]] = collections.deque()
 
 
 class Proactor:
@@ -116,6 +157,7 @@ class Proactor:
         self._deferred: list[tuple[OpFuture, Callable[..., Operation], tuple[Any, ...]]] = []
         self._stopping = False
         self._stop = port.stop
+        self._gates: dict[socket.socket, _RecvGate] = {}
         self._Future: type[OpFuture] = type("OpFuture", (OpFuture,), {"_px": self})
 
     def __repr__(self) -> str:
@@ -147,6 +189,7 @@ class Proactor:
         if old is sock:
             return port
         if old is not None:  # closed (or re-wrapped) behind our back
+            self._gates.pop(old, None)
             try:
                 port.unregister(old)
             except (ValueError, OSError):
@@ -157,6 +200,10 @@ class Proactor:
 
     def _unregister(self, sock: socket.socket) -> None:
         """Forgets a socket (cancelling its ops) before it is closed."""
+        gate = self._gates.pop(sock, None)
+        if gate is not None:
+            for fut, _, _ in gate.waiting:
+                fut.cancel()
         port = self._port
         if port is None or port.closed:
             return
@@ -208,19 +255,112 @@ class Proactor:
 
     def recv(self, conn: socket.socket, nbytes: int, flags: int = 0) -> asyncio.Future[Any]:
         port = self._stream(conn, flags)
-        if port is None:
+        if port is None or nbytes == 0:  # recv(0) is b"" at once, as on a selector loop
             return self._ready_op(conn, False, lambda: conn.recv(nbytes, flags))
         fut = self._Future(loop=self._loop)
-        self._deferred.append((fut, port.recv, (conn, nbytes, fut._on_recv)))
+        fut._sock = conn
+        gate = self._gates.get(conn)
+        if gate is None:
+            self._deferred.append((fut, port.recv, (conn, nbytes, fut._on_recv)))
+        else:
+            gate.waiting.append((fut, nbytes, None))
+            self._serve(conn, gate)
         return fut
 
     def recv_into(self, conn: socket.socket, buf: Any, flags: int = 0) -> asyncio.Future[Any]:
         port = self._stream(conn, flags)
-        if port is None:
+        if port is None or not memoryview(buf).nbytes:
             return self._ready_op(conn, False, lambda: conn.recv_into(buf, 0, flags))
         fut = self._Future(loop=self._loop)
-        self._deferred.append((fut, port.recv_into, (conn, buf, fut._on_count)))
+        fut._sock = conn
+        fut._buf = buf
+        gate = self._gates.get(conn)
+        if gate is None:
+            self._deferred.append((fut, port.recv_into, (conn, buf, fut._on_count)))
+        else:
+            gate.waiting.append((fut, 0, buf))
+            self._serve(conn, gate)
         return fut
+
+    # ---- cancelled recvs: keep what they received ------------------------
+
+    def _orphan_started(self, sock: socket.socket) -> None:
+        """A recv future of ``sock`` was cancelled with its op in flight."""
+        gate = self._gates.get(sock)
+        if gate is None:
+            gate = self._gates[sock] = _RecvGate()
+        gate.orphans += 1
+
+    def _orphan_done(self, sock: Any, c: Completion, buf: Any) -> None:
+        """The op of a cancelled recv completed: keep what it brought."""
+        gate = self._gates.get(sock)
+        if gate is None:  # the socket left the port meanwhile
+            return
+        gate.orphans -= 1
+        if not c.cancelled:
+            if c.error is not None:
+                if gate.error is None:
+                    gate.error = c.error
+            elif buf is None:
+                if c.data:
+                    gate.stash += c.data
+                else:
+                    gate.eof = True
+            elif c.nbytes:
+                with memoryview(buf) as view:
+                    gate.stash += view.cast("B")[: c.nbytes]
+            else:
+                gate.eof = True
+        self._serve(sock, gate)
+
+    def _serve(self, sock: socket.socket, gate: _RecvGate) -> None:
+        """Resolves the waiting recvs of ``sock`` from what the orphans
+        left, in order; once nothing is left nor to come, submits the rest
+        and forgets the gate."""
+        waiting = gate.waiting
+        stash = gate.stash
+        while waiting:
+            fut, nbytes, buf = waiting[0]
+            if fut.done():  # cancelled while waiting: it never had an op
+                waiting.popleft()
+                continue
+            if stash:
+                waiting.popleft()
+                if buf is None:
+                    data = bytes(stash[:nbytes])
+                    del stash[:nbytes]
+                    fut.set_result(data)
+                else:
+                    with memoryview(buf) as view:
+                        dst = view.cast("B")
+                        n = min(len(dst), len(stash))
+                        dst[:n] = stash[:n]
+                    del stash[:n]
+                    fut.set_result(n)
+            elif gate.error is not None:
+                waiting.popleft()
+                exc, gate.error = gate.error, None
+                fut.set_exception(exc)
+            elif gate.eof:
+                waiting.popleft()
+                fut.set_result(b"" if buf is None else 0)
+            elif gate.orphans:
+                return  # what they bring comes first
+            else:
+                break
+        if gate.orphans or stash or gate.error is not None:
+            return
+        del self._gates[sock]
+        port = self._port
+        for fut, nbytes, buf in waiting:
+            if fut.done():
+                continue
+            if port is None:
+                fut.cancel()
+            elif buf is None:
+                self._deferred.append((fut, port.recv, (sock, nbytes, fut._on_recv)))
+            else:
+                self._deferred.append((fut, port.recv_into, (sock, buf, fut._on_count)))
 
     def send(self, conn: socket.socket, buf: Any, flags: int = 0) -> asyncio.Future[Any]:
         port = self._stream(conn, flags)
@@ -251,13 +391,84 @@ class Proactor:
             return fut
         port = self._register(conn)
         fut = self._Future(loop=self._loop)
-        self._deferred.append((fut, port.connect, (conn, address, fut._on_connect)))
+        # Submitted now, not with the next select(): the SYN must go out
+        # before the caller's next step, which may block on the peer (as a
+        # selector loop's non-blocking connect() does).
+        try:
+            fut._op = port.connect(conn, address, fut._on_connect)
+        except Exception as exc:
+            fut.set_exception(exc)
         return fut
 
     def sendfile(
         self, sock: socket.socket, file: Any, offset: int, count: int
     ) -> asyncio.Future[Any]:
-        raise asyncio.SendfileNotAvailableError("the iocp loop has no native sendfile")
+        """Sends ``count`` bytes of ``file`` from ``offset`` with
+        ``os.sendfile`` (the kernel copies, as TransmitFile does for
+        Windows' proactor): what the socket takes now, the rest each time a
+        poll op reports it writable.  The future's result is the count sent
+        (less only if the file ends first); cancelling it stops at once.
+        If it fails part way, the file position is left after the last
+        byte sent, as the selector loops leave it."""
+        if _os_sendfile is None or sock.type != socket.SOCK_STREAM:
+            raise asyncio.SendfileNotAvailableError("no native sendfile on this platform")
+        port = self._register(sock)
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        fd, in_fd = sock.fileno(), file.fileno()
+        sent = 0
+        poll_op: Operation | None = None
+
+        def attempt() -> bool:
+            """Sends what the socket takes; True once ``fut`` is resolved."""
+            nonlocal sent
+            while sent < count:
+                try:
+                    n = _os_sendfile(fd, in_fd, offset + sent, count - sent)
+                except (BlockingIOError, InterruptedError):
+                    return False
+                except BaseException as exc:
+                    if sent:  # the loop seeks past whole blocks only
+                        file.seek(offset + sent)
+                    fut.set_exception(exc)
+                    return True
+                if n == 0:  # the file ended
+                    break
+                sent += n
+            fut.set_result(sent)
+            return True
+
+        def on_writable(c: Completion) -> None:
+            nonlocal poll_op
+            poll_op = None
+            if fut.done():
+                return
+            if c.cancelled:
+                fut.cancel()
+            elif c.error is not None:
+                fut.set_exception(c.error)
+            elif not attempt():
+                poll_op = port.poll(sock, POLLOUT, on_writable)
+                return
+            self._end_run()
+
+        def on_done(f: Any) -> None:
+            if poll_op is not None:
+                try:
+                    poll_op.cancel()
+                except Exception:
+                    pass
+
+        if not attempt():
+            poll_op = port.poll(sock, POLLOUT, on_writable)
+            fut.add_done_callback(on_done)
+        return fut
+
+    def _end_run(self) -> None:
+        """Ends select()'s port.run() after the current batch, so the loop
+        runs the callbacks a completion handler scheduled."""
+        if not self._stopping:
+            self._stopping = True
+            self._stop()
 
     # ---- datagrams: readiness ------------------------------------------
 
@@ -404,6 +615,10 @@ class Proactor:
         deferred, self._deferred = self._deferred, []
         for fut, _, _ in deferred:
             fut.cancel()
+        gates, self._gates = self._gates, {}
+        for gate in gates.values():
+            for fut, _, _ in gate.waiting:
+                fut.cancel()
         while self._backlog:
             self._handle(self._backlog.popleft())
         port.close()  # cancels every op and runs its handler: futures cancelled
