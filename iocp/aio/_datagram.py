@@ -62,8 +62,11 @@ def _end_run(loop: Any) -> None:
         px._end_run()
 
 
-class DatagramTransport(asyncio.DatagramTransport):
-    """A UDP or AF_UNIX SOCK_DGRAM transport on the loop's port."""
+class DatagramTransport(asyncio.Transport, asyncio.DatagramTransport):
+    """A UDP or AF_UNIX SOCK_DGRAM transport on the loop's port.
+
+    Also an ``asyncio.Transport``, as asyncio's own datagram transports
+    are (their flow-control base is one; CPython's tests check it)."""
 
     max_size = _MAX_SIZE
 
