@@ -22,7 +22,6 @@ import pytest
 
 import iocp.aio
 from iocp.aio import _readiness
-
 from tests import test_aio
 
 run = test_aio.run
