@@ -618,3 +618,44 @@ def test_sock_recvfrom_and_sendto_wait_on_poll_ops(aloop) -> None:
 
     run(aloop, main())
     _no_thread(aloop)
+
+
+@needs_posix
+def test_descriptor_closed_behind_its_back_is_forgotten_and_reusable(aloop) -> None:
+    """A reader never removed, its socket closed: the number's next owner
+    registers it with the port (as a stream transport does) without an
+    "already registered", the stale callback never runs on the new socket's
+    data, and add_reader on the reused number serves the new callback."""
+    a, b = _pair()
+    stale: list[int] = []
+    fresh: list[int] = []
+
+    async def main() -> None:
+        aloop.add_reader(a, stale.append, 1)
+        await _marker(aloop)
+        fd = a.fileno()
+        a.close()
+        b.close()
+        c, d = _pair()
+        if c.fileno() != fd and d.fileno() != fd:
+            c.close()
+            d.close()
+            pytest.skip("the descriptor number was not reused")
+        mine = c if c.fileno() == fd else d
+        peer = d if mine is c else c
+        aloop.port.register(mine)  # what a stream transport does
+        aloop.port.unregister(mine)
+        peer.send(b"new data")
+        await _marker(aloop)
+        assert stale == []
+        aloop.add_reader(mine, fresh.append, 2)  # the reused number, anew
+        while not fresh:
+            await asyncio.sleep(0)
+        assert aloop.remove_reader(mine) is True
+        assert mine.recv(100) == b"new data"
+        c.close()
+        d.close()
+
+    run(aloop, main())
+    assert stale == [] and fresh
+    _no_thread(aloop)

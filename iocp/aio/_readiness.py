@@ -229,13 +229,23 @@ class _FdSock(socket.socket):
     it is never a socket of its own (its native descriptor stays -1, so
     neither it nor the garbage collector closes anything), and
     ``setblocking()``, which register() calls, leaves the mode alone (the
-    registry puts back what the port's native register changed)."""
+    registry puts back what the port's native register changed).
 
-    __slots__ = ("_iocp_fd",)
+    Once the descriptor no longer names the file it was registered for
+    (closed behind our back, maybe reused), ``fileno()`` answers -1, as a
+    closed socket does: the port then lets whoever owns the reused number
+    register it (the port asks ``fileno()`` of what it holds), instead of
+    refusing with "already registered".  One fstat per call, on POSIX."""
+
+    __slots__ = ("_iocp_fd", "_iocp_ident")
     _iocp_fd: int
+    _iocp_ident: Any
 
     def fileno(self) -> int:
-        return self._iocp_fd
+        fd = self._iocp_fd
+        if fd >= 0 and self._iocp_ident is not None and _identity(fd) != self._iocp_ident:
+            self._iocp_fd = fd = -1
+        return fd
 
     def setblocking(self, flag: bool) -> None:
         pass
@@ -247,11 +257,12 @@ class _FdSock(socket.socket):
         return f"<iocp.aio readiness stand-in fd={self._iocp_fd}>"
 
 
-def _stand_in(fd: int) -> _FdSock:
+def _stand_in(fd: int, ident: Any) -> _FdSock:
     # socket.socket.__init__ would open or adopt a socket; __new__ alone
     # makes the object with no descriptor.
     obj = socket.socket.__new__(_FdSock)
     obj._iocp_fd = fd
+    obj._iocp_ident = ident
     return obj
 
 
@@ -324,7 +335,8 @@ class PortReadiness:
         if sock is not None and sock.fileno() == fd:
             watch = _Watch(fd, sock, False, _identity(fd))
         else:
-            sock = _stand_in(fd)
+            ident = _identity(fd)
+            sock = _stand_in(fd, ident)
             blocking = False
             if _POSIX:
                 try:
@@ -341,7 +353,7 @@ class PortReadiness:
                 except OSError:
                     pass
             socks[fd] = sock  # a proactor registering a socket of this fd replaces it
-            watch = _Watch(fd, sock, True, _identity(fd))
+            watch = _Watch(fd, sock, True, ident)
         watch.done = (
             lambda c, w=watch: self._on_poll(w, 0, c),
             lambda c, w=watch: self._on_poll(w, 1, c),
@@ -409,6 +421,9 @@ class PortReadiness:
                 if self._no_poll:
                     self._to_thread(fd)
                 else:
+                    if watch is not None and watch.sock.fileno() != fd:
+                        self._detach(watch)  # its file was closed behind our back
+                        watch = None
                     if watch is None:
                         watch = self._attach(fd)
                     if watch.ops[write] is None and not watch.queued[write]:
@@ -513,6 +528,11 @@ class PortReadiness:
         h = table.get(fd)
         if h is None:
             return
+        if watch.sock.fileno() != fd:
+            # Closed behind our back (io_uring's poll holds the file, so it
+            # may still report, a hang-up say): forgotten, as epoll forgets.
+            self._detach(watch)
+            return
         try:
             if not h._cancelled:
                 h._run()  # a Handle: its exceptions go to the exception handler
@@ -530,7 +550,7 @@ class PortReadiness:
         try:
             self._arm(watch, write)
         except (OSError, ValueError) as exc:
-            if getattr(exc, "errno", None) in _GONE:
+            if getattr(exc, "errno", None) in _GONE or watch.sock.fileno() != watch.fd:
                 self._detach(watch)  # closed behind our back: forgotten
                 return
             try:
