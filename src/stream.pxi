@@ -70,6 +70,8 @@ cdef inline object _bound(object protocol, str name):
 
 @cython.final
 @cython.auto_pickle(False)
+@cython.binding(False)     # plain method descriptors: the transport stores the
+                           # bound methods, whose call is then a C call
 cdef class Stream:
     """The connection core: one connected stream socket (TCP or Unix) whose
     reads and writes the port's dispatch drives in C.
@@ -241,9 +243,10 @@ cdef class Stream:
         return 0
 
     def set_protocol(self, protocol) -> None:
-        """Switches the protocol (asyncio's Transport.set_protocol)."""
+        """Switches the protocol (asyncio's Transport.set_protocol).  Once
+        connection_lost was called there is nothing left to call: ignored."""
         if self._state == _ST_LOST:
-            raise RuntimeError("the stream is closed")
+            return
         self._set_protocol(protocol)
 
     def get_protocol(self):

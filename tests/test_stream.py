@@ -816,8 +816,8 @@ def test_bad_arguments(make_port) -> None:
         st.start()
     st.abort()
     pump(port, lambda: proto.lost)
-    with pytest.raises(RuntimeError):
-        st.set_protocol(Recorder())
+    st.set_protocol(Recorder())   # after the loss: nothing to switch, ignored
+    assert st.get_protocol() is None
     b.close()
 
 
