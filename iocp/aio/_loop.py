@@ -293,7 +293,7 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
         ssl_protocol = sslproto.SSLProtocol(
             self, protocol, sslcontext, waiter, server_side, server_hostname, **kwargs
         )
-        _SocketTransport(self, rawsock, ssl_protocol, extra=extra, server=server)
+        self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
 
     async def sock_sendall(self, sock: socket.socket, data: Any) -> None:
