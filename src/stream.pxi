@@ -248,6 +248,12 @@ cdef class Stream:
         if self._state == _ST_LOST:
             return
         self._set_protocol(protocol)
+        # "Paused" is the state of the protocol that got pause_writing(): a
+        # new one (start_tls's SSLProtocol, maybe right after a large
+        # write) starts unpaused and must not get a resume_writing() it
+        # never asked for (sslproto asserts on it); its next write above
+        # the high-water mark pauses it.
+        self._write_paused = False
 
     def get_protocol(self):
         """The current protocol (None once connection_lost was called)."""

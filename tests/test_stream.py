@@ -895,3 +895,23 @@ def test_abort_with_exception(sport) -> None:
     pump(sport, lambda: proto.lost)
     assert proto.lost == [err]
     b.close()
+
+
+def test_run_sends_what_its_last_callbacks_wrote(make_port) -> None:
+    port = make_port()
+    a, b = tcp_pair()
+    proto = Recorder()
+    st = make_stream(port, a, proto)
+
+    def write_and_stop(c) -> None:
+        st.write(b"written in run()'s last batch")
+        port.stop()
+
+    port.post(callback=write_and_stop)
+    port.run(10)
+    assert st.stats()["sends"] == 1
+    # No more port turns: the send started before run() returned.
+    assert recv_exactly(b, 29) == b"written in run()'s last batch"
+    st.close()
+    pump(port, lambda: proto.lost)
+    b.close()

@@ -35,7 +35,7 @@ from typing import Any
 from iocp._core import Stream
 
 _FlowControlMixin: Any = transports._FlowControlMixin  # private stdlib class
-_SENDFILE_FALLBACK: Any = constants._SendfileMode.FALLBACK  # private stdlib enum
+_SENDFILE_TRY_NATIVE: Any = constants._SendfileMode.TRY_NATIVE  # private stdlib enum
 _set_result_unless_cancelled: Any = futures._set_result_unless_cancelled
 
 # Server._attach()/_detach() take the transport from 3.13 on.
@@ -80,7 +80,10 @@ class TCPTransport(_FlowControlMixin):  # type: ignore[misc]
     )
 
     _start_tls_compatible = True
-    _sendfile_compatible = _SENDFILE_FALLBACK
+    # loop.sendfile() tries the loop's native sendfile (which says "not
+    # available" at once: then the fallback, or that error with
+    # fallback=False, as asyncio's tests expect).
+    _sendfile_compatible = _SENDFILE_TRY_NATIVE
 
     def __init__(
         self,
@@ -208,6 +211,17 @@ class TCPTransport(_FlowControlMixin):  # type: ignore[misc]
             stream.abort()
 
     # ---- protocol and flow control --------------------------------------
+
+    def _make_empty_waiter(self) -> Any:
+        """The proactor loop's native sendfile waits on it for the write
+        buffer to drain.  The iocp loop's native sendfile never writes (it
+        reports "not available" first), so there is nothing to wait for."""
+        fut = self._loop.create_future()
+        fut.set_result(None)
+        return fut
+
+    def _reset_empty_waiter(self) -> None:
+        pass
 
     def set_protocol(self, protocol: Any) -> None:
         self._protocol = protocol
