@@ -144,6 +144,7 @@ cdef class Stream:
     cdef bint _write_paused       # pause_writing() was called
     cdef bint _eof_wanted         # write_eof() called
     cdef bint _shut_wr            # shutdown(SHUT_WR) done
+    cdef bint _drop_writes        # close() with nothing queued: writes dropped
     cdef object _lost_exc
     cdef Py_ssize_t _writes_after_lost
     # counters for stats()
@@ -242,18 +243,22 @@ cdef class Stream:
         self._connection_lost = _bound(protocol, "connection_lost")
         return 0
 
-    def set_protocol(self, protocol) -> None:
+    def set_protocol(self, protocol, *, bint unpause=False) -> None:
         """Switches the protocol (asyncio's Transport.set_protocol).  Once
-        connection_lost was called there is nothing left to call: ignored."""
+        connection_lost was called there is nothing left to call: ignored.
+
+        The write side's paused state carries over, as in asyncio (the
+        sendfile fallback's protocol waits for the resume_writing() the
+        paused writer was owed).  ``unpause=True`` starts the new protocol
+        unpaused instead, without calling anything: for one that must not
+        get a resume_writing() it never asked for (start_tls's
+        SSLProtocol asserts on it); its next write above the high-water
+        mark pauses it."""
         if self._state == _ST_LOST:
             return
         self._set_protocol(protocol)
-        # "Paused" is the state of the protocol that got pause_writing(): a
-        # new one (start_tls's SSLProtocol, maybe right after a large
-        # write) starts unpaused and must not get a resume_writing() it
-        # never asked for (sslproto asserts on it); its next write above
-        # the high-water mark pauses it.
-        self._write_paused = False
+        if unpause:
+            self._write_paused = False
 
     def get_protocol(self):
         """The current protocol (None once connection_lost was called)."""
@@ -566,7 +571,7 @@ cdef class Stream:
             n = PyBytes_GET_SIZE(data)
         if n == 0:
             return
-        if self._state > _ST_CLOSING:
+        if self._state > _ST_CLOSING or self._drop_writes:
             self._writes_after_lost += 1
             if self._writes_after_lost == 5:
                 _log.warning("iocp: writes to a lost stream are dropped")
@@ -733,6 +738,16 @@ cdef class Stream:
         self._held = None
         self._held_eof = False
         self._cancel_recv()
+        if not self._wq_bytes and self._sq_head == NULL:
+            # As asyncio's transports: closed with nothing left to write,
+            # the connection counts as lost at once (later writes are
+            # dropped) ...
+            self._drop_writes = True
+            if self._recv_op == NULL and self._on_lost is not None:
+                # ... and with nothing in flight and connection_lost
+                # deferred by on_lost, it is scheduled now, not a turn later.
+                self._finalize()
+                return
         self._schedule()
 
     def abort(self, exc=None) -> None:

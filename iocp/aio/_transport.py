@@ -29,7 +29,7 @@ from __future__ import annotations
 import socket
 import sys
 import warnings
-from asyncio import constants, futures, transports, trsock
+from asyncio import constants, futures, sslproto, transports, trsock
 from typing import Any
 
 from iocp._core import Stream
@@ -37,6 +37,7 @@ from iocp._core import Stream
 _FlowControlMixin: Any = transports._FlowControlMixin  # private stdlib class
 _SENDFILE_TRY_NATIVE: Any = constants._SendfileMode.TRY_NATIVE  # private stdlib enum
 _set_result_unless_cancelled: Any = futures._set_result_unless_cancelled
+_SSLProtocol: Any = sslproto.SSLProtocol
 
 # Server._attach()/_detach() take the transport from 3.13 on.
 _ATTACH_TAKES_TRANSPORT = sys.version_info >= (3, 13)
@@ -226,7 +227,9 @@ class TCPTransport(_FlowControlMixin):  # type: ignore[misc]
     def set_protocol(self, protocol: Any) -> None:
         self._protocol = protocol
         if self._sock is not None:
-            self._stream.set_protocol(protocol)
+            # start_tls() swaps in an SSLProtocol, maybe right after a large
+            # write: it was never paused and asserts if told to resume.
+            self._stream.set_protocol(protocol, unpause=isinstance(protocol, _SSLProtocol))
 
     def get_protocol(self) -> Any:
         return self._protocol
