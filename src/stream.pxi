@@ -836,14 +836,20 @@ cdef class Stream:
         self._eof_received = self._pause_writing = self._resume_writing = None
         self._connection_lost = None
         self._held = None
+        # The hooks usually belong to whoever holds this stream (a
+        # transport): dropping them leaves no cycle, so refcounting alone
+        # frees both once they are let go of.
+        on_lost = self._on_lost
+        self._on_lost = None
+        self.on_error = None
         if fn is None:
             return 1
         try:
-            if self._on_lost is not None:
+            if on_lost is not None:
                 if conn is None:
-                    self._on_lost(fn, exc)
+                    on_lost(fn, exc)
                 else:
-                    self._on_lost(fn, conn, exc)
+                    on_lost(fn, conn, exc)
             elif conn is None:
                 fn(exc)
             else:
