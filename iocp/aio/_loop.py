@@ -241,6 +241,11 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
     # ---- transports ------------------------------------------------------
 
     def _make_socket_transport(self, sock, protocol, waiter=None, extra=None, server=None):  # type: ignore[no-untyped-def]
+        # TCP and Unix stream sockets: the connection core (iocp/aio/_transport.py).
+        from ._transport import TCPTransport, is_stream_socket
+
+        if is_stream_socket(sock):
+            return TCPTransport(self, sock, protocol, waiter, extra, server)
         return _SocketTransport(self, sock, protocol, waiter, extra, server)
 
     def _make_datagram_transport(self, sock, protocol, address=None, waiter=None, extra=None):  # type: ignore[no-untyped-def]
@@ -263,7 +268,7 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
         ssl_protocol = _compat.SSLProtocol(
             self, protocol, sslcontext, waiter, server_side, server_hostname, **kwargs
         )
-        _SocketTransport(self, rawsock, ssl_protocol, extra=extra, server=server)
+        self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
 
     # ---- sock_* ----------------------------------------------------------
@@ -345,6 +350,8 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
         proactor = self._proactor
         if proactor is not None:
             proactor._flush()  # ops issued during this run start before it ends
+            if not self._port.closed:
+                self._port.flush()  # and the stream transports' queued writes
         if self._self_reading_future is not None:
             self._self_reading_future.cancel()
             self._self_reading_future = None
