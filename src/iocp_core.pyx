@@ -1392,7 +1392,16 @@ cdef class CompletionPort:
         cdef int n = 0
         self._waiters += 1
         try:
-            if once:
+            if timeout_ms == 0:
+                # A poll never blocks (the port mutex is only ever held
+                # briefly, by native code), so it keeps the GIL: releasing
+                # it would let another thread take it for a whole switch
+                # interval (5 ms) at every loop turn that has work queued.
+                if once:
+                    n = iocp_port_run_once(self._port, batch, max, 0, wake_gen)
+                else:
+                    n = iocp_port_wait_since(self._port, batch, max, 0, wake_gen)
+            elif once:
                 with nogil:
                     n = iocp_port_run_once(self._port, batch, max, timeout_ms, wake_gen)
             else:
