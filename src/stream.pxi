@@ -65,21 +65,22 @@ cdef object _LIMIT_DEFAULT = object()
 
 cdef extern from *:
     """
-    /* The clock of time.monotonic(), read from C: iocp.server's
-       last_activity is compared with time.monotonic() values. */
-    static inline double iocp__stream_clock(void)
+    /* The clock of time.monotonic(), in nanoseconds, read from C:
+       iocp.server's last_activity is compared with time.monotonic()
+       values.  Seconds are made only when someone reads the stamp. */
+    static inline int64_t iocp__stream_clock_ns(void)
     {
     #if PY_VERSION_HEX >= 0x030D0000
         PyTime_t t;
         if (PyTime_MonotonicRaw(&t) < 0)
-            return 0.0;
-        return PyTime_AsSecondsDouble(t);
+            return 0;
+        return (int64_t)t;
     #else
-        return _PyTime_AsSecondsDouble(_PyTime_GetMonotonicClock());
+        return (int64_t)_PyTime_GetMonotonicClock();
     #endif
     }
     """
-    double iocp__stream_clock() nogil
+    int64_t iocp__stream_clock_ns() nogil
 
 
 cdef inline object _bound(object protocol, str name):
@@ -173,7 +174,7 @@ cdef class Stream:
     # or completed send.
     cdef unsigned long long _bytes_in
     cdef unsigned long long _bytes_taken
-    cdef double _last_activity
+    cdef int64_t _last_activity   # ns, time.monotonic()'s clock
     # iocp.server's send (bind_server / server_write)
     cdef object _srv_cell         # [ident of the dispatching thread or None]
     cdef object _srv_foreign      # foreign(data): a call from another thread
@@ -232,7 +233,7 @@ cdef class Stream:
         except OSError:
             self._extra["peername"] = None
         self._state = _ST_OPEN
-        self._last_activity = iocp__stream_clock()
+        self._last_activity = iocp__stream_clock_ns()
         port._streams.add(self)
 
     def __dealloc__(self):
@@ -443,7 +444,10 @@ cdef class Stream:
     def last_activity(self) -> float:
         """``time.monotonic()`` when data was last delivered or a send last
         completed (when the stream was made, before either)."""
-        return self._last_activity
+        # As time.monotonic() turns its nanoseconds into seconds.
+        if self._last_activity % 1000000000 == 0:
+            return <double>(self._last_activity // 1000000000)
+        return <double>self._last_activity / 1e9
 
     def bind_server(self, dispatcher, write_limit, foreign, over) -> None:
         """Makes server_write() iocp.server's Connection.send.
@@ -584,7 +588,7 @@ cdef class Stream:
         cdef Py_buffer view
         cdef Py_ssize_t off = 0, n, k
         self._bytes_in += <unsigned long long>PyBytes_GET_SIZE(data)
-        self._last_activity = iocp__stream_clock()
+        self._last_activity = iocp__stream_clock_ns()
         if not self._buffered:
             try:
                 if self._conn is None:
@@ -1029,7 +1033,7 @@ cdef class Stream:
                     r = r.next
         if ok:
             if rec.nbytes:
-                self._last_activity = iocp__stream_clock()
+                self._last_activity = iocp__stream_clock_ns()
         elif (c.flags & IOCP_CF_CANCELLED) == 0 and c.result > 0 and <size_t>c.result < rec.nbytes:
             self._bytes_taken -= rec.nbytes - <size_t>c.result   # the unsent part
         else:
