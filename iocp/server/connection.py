@@ -732,7 +732,7 @@ class _StreamConnection(Connection):
         )
         stream.bind_server(self._disp, cfg.limit, self._foreign_send, self._over_limit)
         self._stream = stream
-        self.send = self.write = stream.server_write
+        self.send = self.write = stream.server_write  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         state = "closed" if self._torn else "closing" if self.closing else "open"
