@@ -63,6 +63,26 @@ cdef struct _sendrec:
 cdef object _LIMIT_DEFAULT = object()
 
 
+cdef extern from *:
+    """
+    /* The clock of time.monotonic(), in nanoseconds, read from C:
+       iocp.server's last_activity is compared with time.monotonic()
+       values.  Seconds are made only when someone reads the stamp. */
+    static inline int64_t iocp__stream_clock_ns(void)
+    {
+    #if PY_VERSION_HEX >= 0x030D0000
+        PyTime_t t;
+        if (PyTime_MonotonicRaw(&t) < 0)
+            return 0;
+        return (int64_t)t;
+    #else
+        return (int64_t)_PyTime_GetMonotonicClock();
+    #endif
+    }
+    """
+    int64_t iocp__stream_clock_ns() nogil
+
+
 cdef inline object _bound(object protocol, str name):
     fn = getattr(protocol, name, None)
     return fn if callable(fn) else None
@@ -152,6 +172,18 @@ cdef class Stream:
     cdef Py_ssize_t _n_sends
     cdef Py_ssize_t _n_fences
     cdef Py_ssize_t _n_recv_arms
+    # iocp.server's counters (C fields its Connection reads; no Python
+    # per message): bytes delivered to data_received, bytes taken by
+    # write() minus those dropped unsent, the clock of the last delivery
+    # or completed send.
+    cdef unsigned long long _bytes_in
+    cdef unsigned long long _bytes_taken
+    cdef int64_t _last_activity   # ns, time.monotonic()'s clock
+    # iocp.server's send (bind_server / server_write)
+    cdef object _srv_cell         # [ident of the dispatching thread or None]
+    cdef object _srv_foreign      # foreign(data): a call from another thread
+    cdef object _srv_over         # over(): the write would pass the limit
+    cdef size_t _srv_limit        # 0: no limit
     cdef object __weakref__
 
     def __cinit__(self):
@@ -205,6 +237,7 @@ cdef class Stream:
         except OSError:
             self._extra["peername"] = None
         self._state = _ST_OPEN
+        self._last_activity = iocp__stream_clock_ns()
         port._streams.add(self)
 
     def __dealloc__(self):
@@ -429,6 +462,91 @@ cdef class Stream:
             self._port._flush_list.append(self)
         return 0
 
+    # ---- iocp.server ------------------------------------------------------
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes delivered to the protocol so far."""
+        return self._bytes_in
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes written to the socket so far: what write() took, minus what
+        is still queued or unconfirmed, minus what was dropped unsent."""
+        return self._bytes_taken - self._size()
+
+    @property
+    def last_activity(self) -> float:
+        """``time.monotonic()`` when data was last delivered or a send last
+        completed (when the stream was made, before either)."""
+        # As time.monotonic() turns its nanoseconds into seconds.
+        if self._last_activity % 1000000000 == 0:
+            return <double>(self._last_activity // 1000000000)
+        return <double>self._last_activity / 1e9
+
+    def bind_server(self, dispatcher, write_limit, foreign, over) -> None:
+        """Makes server_write() iocp.server's Connection.send.
+
+        ``dispatcher``: a list whose item 0 is the ident of the thread that
+        dispatches the port, or None; ``write_limit``: the byte limit of
+        the write buffer (0: none); ``foreign(data)``: called (with the
+        data copied into bytes) instead of writing when the caller is not
+        that thread; ``over()``: called instead of writing when the write
+        would take the buffer past the limit."""
+        if not isinstance(dispatcher, list) or not dispatcher:
+            raise TypeError("dispatcher must be a non-empty list")
+        if not callable(foreign) or not callable(over):
+            raise TypeError("foreign and over must be callable")
+        if write_limit < 0:
+            raise ValueError("write_limit must be >= 0")
+        self._srv_cell = dispatcher
+        self._srv_limit = <size_t>write_limit
+        self._srv_foreign = foreign
+        self._srv_over = over
+
+    def server_write(self, data) -> None:
+        """iocp.server's send(): write() from the dispatching thread (others
+        go to ``foreign``); dropped once closing or after write_eof();
+        ``over()`` instead past the write limit (see bind_server)."""
+        self._server_write(data, True)
+
+    def server_write_here(self, data) -> None:
+        """server_write() with no thread check: for a call posted to the
+        port, run by whichever thread dispatches it."""
+        self._server_write(data, False)
+
+    cdef int _server_write(self, object data, bint check) except -1:
+        cdef Py_ssize_t n
+        cdef object who
+        if not PyBytes_CheckExact(data):
+            data = _copy_bytes(data)   # copied now: the caller may reuse it
+        if check and self._srv_cell is not None:
+            who = <object>PyList_GET_ITEM(self._srv_cell, 0)
+            if who is None or <unsigned long>who != PyThread_get_thread_ident():
+                self._srv_foreign(data)
+                return 0
+        if self._state != _ST_OPEN or self._eof_wanted:
+            return 0
+        n = PyBytes_GET_SIZE(data)
+        if n == 0:
+            return 0
+        # Not paused means at most high-water bytes are buffered, so only a
+        # paused stream or a write bigger than limit - high can pass it.
+        if (self._srv_limit and (self._write_paused or <size_t>n + self._high > self._srv_limit)
+                and self._size() + <size_t>n > self._srv_limit):
+            self._srv_over()
+            return 0
+        # write()'s queueing (state and data checked above), in C.
+        self._wq.append(data)
+        self._wq_bytes += <size_t>n
+        self._bytes_taken += <unsigned long long>n
+        if not self._in_flush:
+            self._in_flush = True
+            self._port._flush_list.append(self)
+        if not self._write_paused and self._wq_bytes + self._unconfirmed > self._high:
+            self._maybe_pause()
+        return 0
+
     # ---- reading ----------------------------------------------------------
 
     def start(self) -> None:
@@ -504,6 +622,8 @@ cdef class Stream:
     cdef int _deliver_data(self, object data) except -1:
         cdef Py_buffer view
         cdef Py_ssize_t off = 0, n, k
+        self._bytes_in += <unsigned long long>PyBytes_GET_SIZE(data)
+        self._last_activity = iocp__stream_clock_ns()
         if not self._buffered:
             try:
                 if self._conn is None:
@@ -601,6 +721,7 @@ cdef class Stream:
             raise RuntimeError("cannot write() after write_eof()")
         self._wq.append(data)
         self._wq_bytes += <size_t>n
+        self._bytes_taken += <unsigned long long>n
         if not self._in_flush:
             self._in_flush = True
             self._port._flush_list.append(self)
@@ -790,6 +911,7 @@ cdef class Stream:
         self._held_eof = False
         if self._wq:
             del self._wq[:]
+        self._bytes_taken -= self._wq_bytes    # never sent
         self._wq_bytes = 0
         self._cancel_recv()
         if self._port._port != NULL:
@@ -963,6 +1085,13 @@ cdef class Stream:
                     if r == prev:
                         break
                     r = r.next
+        if ok:
+            if rec.nbytes:
+                self._last_activity = iocp__stream_clock_ns()
+        elif (c.flags & IOCP_CF_CANCELLED) == 0 and c.result > 0 and <size_t>c.result < rec.nbytes:
+            self._bytes_taken -= rec.nbytes - <size_t>c.result   # the unsent part
+        else:
+            self._bytes_taken -= rec.nbytes
         keep = rec.keep
         PyMem_Free(rec)
         if keep != NULL:

@@ -242,3 +242,131 @@ def test_call_posted_after_the_loop_threads_stopped_runs_in_shutdown(
         assert s.recv(10) == b""
     assert proto.lost == [None]
     assert_no_leaks(final)
+
+
+class Stamps(Protocol):
+    """Echoes; records the counters each data_received sees and those left
+    at connection_lost."""
+
+    def __init__(self) -> None:
+        self.conns: List[Connection] = []
+        self.seen: List[Any] = []  # (len(data), bytes_received, last_activity, now)
+        self.final: List[Any] = []
+        self.gone = threading.Event()
+
+    def connection_made(self, conn: Connection) -> None:
+        self.conns.append(conn)
+
+    def data_received(self, conn: Connection, data: bytes) -> None:
+        self.seen.append((len(data), conn.bytes_received, conn.last_activity, time.monotonic()))
+        conn.send(data)
+
+    def connection_lost(self, conn: Connection, exc: BaseException | None) -> None:
+        self.final.append(
+            (exc, conn.bytes_received, conn.bytes_sent, conn.last_activity, time.monotonic())
+        )
+        self.gone.set()
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_counters_exact_after_an_echo_in_both_modes(backend: str, threads: int) -> None:
+    """bytes_received counts each chunk before its data_received; once the
+    connection is lost bytes_received and bytes_sent are exactly what was
+    echoed, and last_activity is time.monotonic()'s clock: no earlier than
+    the last send of the peer, no later than connection_lost."""
+    proto = Stamps()
+    srv = Server(lambda: proto, port=0, backend=backend).start(threads=threads)
+    total = 0
+    try:
+        t0 = time.monotonic()
+        with socket.create_connection(srv.address, timeout=5) as s:
+            for i in range(30):
+                msg = os.urandom(37 * (i + 1))
+                last_send = time.monotonic()
+                s.sendall(msg)
+                assert recv_exact(s, len(msg)) == msg
+                total += len(msg)
+            assert wait_until(lambda: bool(proto.conns))
+            assert on_stream(proto.conns[0]) is (HAVE_STREAM and threads == 1)
+        assert proto.gone.wait(5)
+        running = 0
+        for n, received, stamp, now in proto.seen:
+            running += n
+            assert received == running
+            assert t0 <= stamp <= now
+        assert running == total
+        (exc, received, sent, stamp, lost_at), = proto.final
+        assert exc is None and received == total and sent == total
+        assert last_send <= stamp <= lost_at
+    finally:
+        assert_no_leaks(srv.shutdown())
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_bytes_sent_leaves_out_data_dropped_at_close(backend: str, threads: int) -> None:
+    class CloseAfterReply(Stamps):
+        def data_received(self, conn: Connection, data: bytes) -> None:
+            conn.send(data)
+            conn.close()
+            conn.send(b"dropped: after close()")
+
+    proto = CloseAfterReply()
+    srv = Server(lambda: proto, port=0, backend=backend).start(threads=threads)
+    try:
+        with socket.create_connection(srv.address, timeout=5) as s:
+            s.sendall(b"once")
+            assert recv_exact(s, 100) == b"once"  # then EOF: nothing else came
+            assert proto.gone.wait(5)
+        (exc, received, sent, _, _), = proto.final
+        assert exc is None and received == 4 and sent == 4
+    finally:
+        assert_no_leaks(srv.shutdown())
+
+
+@pytest.mark.skipif(not HAVE_STREAM, reason="the core has no Stream")
+@pytest.mark.parametrize("threads", [0, 1])
+def test_idle_timeout_on_the_stream_core(backend: str, threads: int) -> None:
+    """The idle check (on the loop's timers) reads the stream's own stamp:
+    a connection silent for idle_timeout is closed with TimeoutError after
+    its last echo, not before; connection_lost sees the counters."""
+    proto = Stamps()
+    timeout = 0.3
+    srv = Server(lambda: proto, port=0, backend=backend, idle_timeout=timeout).start(threads)
+    port = srv.completion_port
+
+    def drive(pred: Any, limit: float = 10.0) -> bool:
+        if threads:
+            return wait_until(pred, limit)
+        end = time.monotonic() + limit
+        while not pred() and time.monotonic() < end:
+            port.run(timeout=0.02)
+        return bool(pred())
+
+    try:
+        with socket.create_connection(srv.address, timeout=5) as s:
+            sent_at = time.monotonic()
+            s.sendall(b"ping")
+            got = bytearray()
+            s.setblocking(False)
+
+            def echoed() -> bool:
+                try:
+                    got.extend(s.recv(10))
+                except BlockingIOError:
+                    pass
+                return len(got) >= 4
+
+            assert drive(echoed)
+            assert bytes(got) == b"ping"
+            assert on_stream(proto.conns[0])
+            assert drive(proto.gone.is_set)
+        (exc, received, sent, stamp, lost_at), = proto.final
+        assert isinstance(exc, TimeoutError), exc
+        assert received == 4 and sent == 4
+        # The echo (its delivery, then its send's completion) was the last
+        # activity, and the connection lived idle_timeout past it.
+        assert sent_at <= stamp and lost_at - stamp >= timeout
+    finally:
+        if threads == 0:
+            srv.request_shutdown()
+        assert_no_leaks(srv.shutdown())

@@ -657,15 +657,15 @@ _get_ident = threading.get_ident
 
 class _Hooks:
     """The protocol the Stream sees: the user's data_received as it is (the
-    stream calls it from C with the connection first), our own methods for
-    the rare events, which keep the connection's state and then call the
-    user's."""
+    stream calls it from C with the connection first, and keeps the byte
+    counters and the activity stamp itself), our own methods for the rare
+    events, which keep the connection's state and then call the user's."""
 
     __slots__ = ("data_received", "eof_received", "pause_writing", "resume_writing",
                  "connection_lost")
 
-    def __init__(self, conn: _StreamConnection) -> None:
-        self.data_received = conn._data
+    def __init__(self, conn: _StreamConnection, data_received: Any) -> None:
+        self.data_received = data_received
         self.eof_received = conn._on_eof
         self.pause_writing = conn._on_pause
         self.resume_writing = conn._on_resume
@@ -683,11 +683,16 @@ class _StreamConnection(Connection):
     dispatches the port.  A call from any other thread (``send()`` from a
     worker thread, ``shutdown()`` closing connections) is posted to the
     port and runs there, in order.
+
+    A message costs no Python of ours: the stream calls the user's
+    ``data_received(conn, data)`` from C; ``send`` and ``write`` are
+    instance slots holding the stream's ``server_write``, a C method that
+    checks the thread (others are posted), the state and the write limit,
+    then queues; ``bytes_received``, ``bytes_sent`` and ``last_activity``
+    are the stream's C counters.
     """
 
-    __slots__ = (
-        "_stream", "_disp", "_begun", "_written", "_sent_seen", "_user_data", "_user", "_slack",
-    )
+    __slots__ = ("_stream", "_disp", "_begun", "_user", "send", "write")
 
     def __init__(
         self,
@@ -712,7 +717,6 @@ class _StreamConnection(Connection):
         self._high = cfg.high
         self._low = cfg.low
         self._limit = cfg.limit
-        self._slack = cfg.limit - cfg.high
         self._paused = False
         self._rpaused = False
         self._closing = False
@@ -721,22 +725,22 @@ class _StreamConnection(Connection):
         self._exc = None
         self._disp = owner._loop.dispatcher  # [ident of the dispatching thread]
         self._begun = False
-        self._written = 0
-        self._sent_seen = 0
-        self.bytes_received = 0
-        self.last_activity = _monotonic()
         self._user = protocol
-        self._user_data = protocol.data_received
-        self._stream = _Stream(
-            self._port, sock, _Hooks(self), conn=self,
+        stream = _Stream(
+            self._port, sock, _Hooks(self, protocol.data_received), conn=self,
             write_high_water=cfg.high, write_low_water=cfg.low, on_error=self._on_error,
         )
+        stream.bind_server(self._disp, cfg.limit, self._foreign_send, self._over_limit)
+        self._stream = stream
+        self.send = self.write = stream.server_write  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         state = "closed" if self._torn else "closing" if self.closing else "open"
         return f"<Connection {_fmt_addr(self.peername)} {state} buffered={self.write_buffer_size}>"
 
     # public API --------------------------------------------------------------
+    # send() and write() are the instance slots set in __init__.
+
     @property
     def closing(self) -> bool:
         return self._closing or self._torn or self._stream.is_closing()
@@ -750,9 +754,19 @@ class _StreamConnection(Connection):
         return self._paused
 
     @property
+    def bytes_received(self) -> int:  # type: ignore[override]
+        """Bytes received so far (delivered to ``data_received``)."""
+        return self._stream.bytes_received  # type: ignore[no-any-return]
+
+    @property
     def bytes_sent(self) -> int:  # type: ignore[override]
         """Bytes written to the socket so far (accepted minus still buffered)."""
-        return self._written - self._stream.get_write_buffer_size()  # type: ignore[no-any-return]
+        return self._stream.bytes_sent  # type: ignore[no-any-return]
+
+    @property
+    def last_activity(self) -> float:  # type: ignore[override]
+        """``time.monotonic()`` of the last data received or send completed."""
+        return self._stream.last_activity  # type: ignore[no-any-return]
 
     def _post(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on whichever thread dispatches the port next
@@ -763,25 +777,10 @@ class _StreamConnection(Connection):
         except Exception:  # the port is closed: the connection is gone too
             pass
 
-    def send(self, data: Union[bytes, bytearray, memoryview]) -> None:
-        if type(data) is not bytes:
-            data = bytes(data)  # the stream would copy it anyway; len() counts bytes
-        if self._disp[0] != _get_ident():
-            self._post(self._send_here, data)
-            return
-        # _send_here() inlined: this is the hot path.
-        if self._closing or self._torn or self._eof_pending:
-            return
-        n = len(data)
-        if (self._paused or n > self._slack) and (
-            self._stream.get_write_buffer_size() + n > self._limit
-        ):
-            self._over_limit()
-            return
-        self._written += n
-        self._stream.write(data)
-
-    write = send
+    def _foreign_send(self, data: bytes) -> None:
+        """send() from a thread that does not dispatch the port (the stream
+        copied ``data`` into bytes already)."""
+        self._post(self._stream.server_write_here, data)
 
     def _over_limit(self) -> None:
         self._stream.abort(
@@ -790,20 +789,6 @@ class _StreamConnection(Connection):
                 "is not reading"
             )
         )
-
-    def _send_here(self, data: bytes) -> None:
-        if self._closing or self._torn or self._eof_pending:
-            return
-        n = len(data)
-        # Not paused means at most high-water bytes are buffered, so only a
-        # paused connection or a write bigger than the slack can pass the limit.
-        if (self._paused or n > self._slack) and (
-            self._stream.get_write_buffer_size() + n > self._limit
-        ):
-            self._over_limit()
-            return
-        self._written += n
-        self._stream.write(data)
 
     def close(self) -> None:
         if self._disp[0] != _get_ident():
@@ -897,11 +882,8 @@ class _StreamConnection(Connection):
         self._stream.abort()
 
     def _idle(self, cutoff: float, now: float) -> bool:
-        sent = self.bytes_sent  # send progress is seen here, at the check's pace
-        if sent != self._sent_seen:
-            self._sent_seen = sent
-            self.last_activity = now
-        return self.last_activity < cutoff and not self._torn
+        # The stream stamps every delivery and every completed send.
+        return self._stream.last_activity < cutoff and not self._torn  # type: ignore[no-any-return]
 
     def _idle_close(self, exc: BaseException) -> None:
         if self._disp[0] != _get_ident():
@@ -915,11 +897,6 @@ class _StreamConnection(Connection):
             self._stream.abort(exc)
 
     # called by the stream ------------------------------------------------------
-    def _data(self, conn: Connection, data: bytes) -> None:
-        self.bytes_received += len(data)
-        self.last_activity = _monotonic()
-        self._user_data(conn, data)
-
     def _on_eof(self, conn: Connection) -> Any:
         keep = getattr(self._user, "eof_received", _noop)(conn)
         if not keep:
@@ -964,5 +941,4 @@ class _StreamConnection(Connection):
             self._on_error(err)
         finally:
             self.protocol = self._user = None
-            self._user_data = _noop
             self._owner._forget(self)
