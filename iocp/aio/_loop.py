@@ -255,8 +255,9 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
 
     ``EventLoop(port=None, *, backend=None, queue_capacity=1024)``: pass a
     port of your own, or let the loop make one (``backend`` as in
-    ``iocp.CompletionPort``).  The loop owns its port and closes it in
-    ``close()``.
+    ``iocp.CompletionPort``): a single-issuer port, owned by the first
+    thread that runs the loop, which must also close it.  The loop owns its
+    port and closes it in ``close()``.
     """
 
     _self_reading_future: Any  # BaseProactorEventLoop's
@@ -269,7 +270,13 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
         queue_capacity: int = 1024,
     ) -> None:
         if port is None:
-            port = CompletionPort(backend=backend, queue_capacity=queue_capacity)
+            # Single-issuer: only the loop's thread touches it (post() and
+            # stop() stay thread-safe for call_soon_threadsafe).  Creating
+            # the loop does not use it, so the owner is the running thread
+            # (see Proactor.claim()).
+            port = CompletionPort(
+                backend=backend, queue_capacity=queue_capacity, single_issuer=True
+            )
         elif not isinstance(port, CompletionPort):
             raise TypeError(f"expected an iocp.CompletionPort or None, got {type(port).__name__}")
         self._port = port
@@ -406,15 +413,15 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
             proactor.wake()
 
     def _start_self_reading(self) -> None:
+        # The running thread owns the port from here on (RuntimeError, before
+        # the run starts, if another thread already does).
+        self._proactor.claim()
         # Only signal numbers written by signal.set_wakeup_fd arrive here
         # (wake-ups are posted to the port); they are read and dropped.
         assert self._self_reading_future is None
         self.call_soon(self._loop_self_reading)
 
     def _stop_self_reading(self) -> None:
-        proactor = self._proactor
-        if proactor is not None:
-            proactor._flush()  # ops issued during this run start before it ends
         if self._self_reading_future is not None:
             self._self_reading_future.cancel()
             self._self_reading_future = None
@@ -434,6 +441,8 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
     else:
 
         def run_forever(self) -> None:
+            self._check_closed()  # the stdlib's checks, before the claim
+            self._check_running()
             try:
                 self._start_self_reading()
                 super().run_forever()
@@ -445,6 +454,10 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
             raise RuntimeError("Cannot close a running event loop")
         if self.is_closed():
             return
+        try:
+            self._proactor.claim()  # only the port's owner can close it
+        except RuntimeError as exc:
+            raise RuntimeError(f"{self!r} cannot be closed here: {exc}") from None
         if not sys.is_finalizing():
             for sig in list(self._signal_handlers):
                 self.remove_signal_handler(sig)  # the last one restores the wakeup fd
