@@ -43,6 +43,8 @@ BaseEventLoop: Any = base_events.BaseEventLoop
 ProactorSocketTransport: Any = proactor_events._ProactorSocketTransport
 ProactorDatagramTransport: Any = proactor_events._ProactorDatagramTransport
 SSLProtocol: Any = sslproto.SSLProtocol
+# The socket wrapper asyncio hands to exception handlers (3.8+).
+TransportSocket: Any = base_events.trsock.TransportSocket
 
 # BaseEventLoop._run_forever_setup/_run_forever_cleanup: the hooks
 # run_forever() calls around its loop, 3.13+ (not in 3.12.1).  Before,

@@ -155,6 +155,7 @@ class Proactor:
         # thread would become the port's owner.
         self._claimed = not port.single_issuer
         self._claim_lock = threading.Lock()
+        self._owner: threading.Thread | None = None
         self._gates: dict[socket.socket, _RecvGate] = {}
         self._Future: type[OpFuture] = type("OpFuture", (OpFuture,), {"_px": self})
 
@@ -537,11 +538,24 @@ class Proactor:
         port = self._port
         if port is None:
             raise RuntimeError("the event loop's completion port is closed")
+        me = threading.current_thread()
+        owner = self._owner
+        if owner is not None and owner is not me:
+            # The port checks thread idents, which a new thread may reuse
+            # once the owner has exited; the kernel would then refuse the
+            # new thread's calls.  The Thread object tells them apart.
+            raise RuntimeError(
+                f"this single-issuer completion port is owned by thread {owner.ident} "
+                f"({owner.name}{'' if owner.is_alive() else ', exited'}) and cannot be "
+                f"used from thread {me.ident} ({me.name})"
+            )
         if self._claimed:
             port.flush()  # raises RuntimeError on a thread that is not the owner
             return
         with self._claim_lock:
             port.flush()  # the first owner-checked call: this thread owns it
+            if port.single_issuer:
+                self._owner = me
             self._claimed = True
 
     def wake(self) -> None:
