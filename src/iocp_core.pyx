@@ -1609,11 +1609,9 @@ cdef class CompletionPort:
                     slice_ms = _slice_ms(left)
                 if main and (slice_ms < 0 or slice_ms > SIGNAL_SLICE_MS):
                     slice_ms = SIGNAL_SLICE_MS
-                holding = False        # the wait ends it, whatever it returns
                 if self._flush_list:
-                    # What the loop's own checks above ran (none today)
-                    # wrote since the flush at the top.
-                    dispatched += self._flush()
+                    slice_ms = 0       # the flush's round bound left work
+                holding = False        # the wait ends it, whatever it returns
                 n = self._wait(batch, BATCH, slice_ms, wake_gen, True)
                 if n == 0:
                     if main:
@@ -1623,9 +1621,10 @@ cdef class CompletionPort:
                 before = self._stream_events
                 dispatched += self._dispatch(batch, n, handler, False)
                 if self.return_on_stream_events and self._stream_events != before:
-                    if self._flush_list and not self._closing:
-                        dispatched += self._flush()
                     break
+            # Writes the last callbacks queued start before run() returns.
+            if self._flush_list and not self._closing and self._port != NULL:
+                dispatched += self._flush()
         finally:
             # close() from a callback may have freed the port already.
             if holding and self._port != NULL:
@@ -1748,6 +1747,8 @@ cdef class CompletionPort:
                 slice_ms = _slice_ms(deadline - _monotonic()) if timeout > 0 else 0
             if main and (slice_ms < 0 or slice_ms > SIGNAL_SLICE_MS):
                 slice_ms = SIGNAL_SLICE_MS
+            if self._flush_list:
+                slice_ms = 0           # the flush's round bound left work
             n = self._wait(batch, BATCH, slice_ms, wake_gen, True)
             if n > 0:
                 # Ended before returning: what the callbacks submitted

@@ -70,6 +70,8 @@ cdef inline object _bound(object protocol, str name):
 
 @cython.final
 @cython.auto_pickle(False)
+@cython.binding(False)     # plain method descriptors: the transport stores the
+                           # bound methods, whose call is then a C call
 cdef class Stream:
     """The connection core: one connected stream socket (TCP or Unix) whose
     reads and writes the port's dispatch drives in C.
@@ -142,6 +144,7 @@ cdef class Stream:
     cdef bint _write_paused       # pause_writing() was called
     cdef bint _eof_wanted         # write_eof() called
     cdef bint _shut_wr            # shutdown(SHUT_WR) done
+    cdef bint _drop_writes        # close() with nothing queued: writes dropped
     cdef object _lost_exc
     cdef Py_ssize_t _writes_after_lost
     # counters for stats()
@@ -240,11 +243,22 @@ cdef class Stream:
         self._connection_lost = _bound(protocol, "connection_lost")
         return 0
 
-    def set_protocol(self, protocol) -> None:
-        """Switches the protocol (asyncio's Transport.set_protocol)."""
+    def set_protocol(self, protocol, *, bint unpause=False) -> None:
+        """Switches the protocol (asyncio's Transport.set_protocol).  Once
+        connection_lost was called there is nothing left to call: ignored.
+
+        The write side's paused state carries over, as in asyncio (the
+        sendfile fallback's protocol waits for the resume_writing() the
+        paused writer was owed).  ``unpause=True`` starts the new protocol
+        unpaused instead, without calling anything: for one that must not
+        get a resume_writing() it never asked for (start_tls's
+        SSLProtocol asserts on it); its next write above the high-water
+        mark pauses it."""
         if self._state == _ST_LOST:
-            raise RuntimeError("the stream is closed")
+            return
         self._set_protocol(protocol)
+        if unpause:
+            self._write_paused = False
 
     def get_protocol(self):
         """The current protocol (None once connection_lost was called)."""
@@ -557,7 +571,7 @@ cdef class Stream:
             n = PyBytes_GET_SIZE(data)
         if n == 0:
             return
-        if self._state > _ST_CLOSING:
+        if self._state > _ST_CLOSING or self._drop_writes:
             self._writes_after_lost += 1
             if self._writes_after_lost == 5:
                 _log.warning("iocp: writes to a lost stream are dropped")
@@ -724,6 +738,16 @@ cdef class Stream:
         self._held = None
         self._held_eof = False
         self._cancel_recv()
+        if not self._wq_bytes and self._sq_head == NULL:
+            # As asyncio's transports: closed with nothing left to write,
+            # the connection counts as lost at once (later writes are
+            # dropped) ...
+            self._drop_writes = True
+            if self._recv_op == NULL and self._on_lost is not None:
+                # ... and with nothing in flight and connection_lost
+                # deferred by on_lost, it is scheduled now, not a turn later.
+                self._finalize()
+                return
         self._schedule()
 
     def abort(self, exc=None) -> None:
@@ -812,14 +836,20 @@ cdef class Stream:
         self._eof_received = self._pause_writing = self._resume_writing = None
         self._connection_lost = None
         self._held = None
+        # The hooks usually belong to whoever holds this stream (a
+        # transport): dropping them leaves no cycle, so refcounting alone
+        # frees both once they are let go of.
+        on_lost = self._on_lost
+        self._on_lost = None
+        self.on_error = None
         if fn is None:
             return 1
         try:
-            if self._on_lost is not None:
+            if on_lost is not None:
                 if conn is None:
-                    self._on_lost(fn, exc)
+                    on_lost(fn, exc)
                 else:
-                    self._on_lost(fn, conn, exc)
+                    on_lost(fn, conn, exc)
             elif conn is None:
                 fn(exc)
             else:

@@ -362,8 +362,8 @@ def test_tls_server_releases_reset_connections(rloop: Any) -> None:
 
 
 def test_sendfile_to_a_peer_that_resets(rloop: Any) -> None:
-    """loop.sendfile() (the fallback: the iocp loop has no native sendfile)
-    of a large file to clients that read a little and reset."""
+    """loop.sendfile() (native: os.sendfile on the port's poll op) of a large
+    file to clients that read a little and reset."""
 
     results: list[BaseException | int] = []
 

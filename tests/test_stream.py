@@ -406,7 +406,7 @@ def test_close_flushes_first(sport) -> None:
     st.write(payload)
     st.close()
     assert st.is_closing()
-    st.write(b"late")          # still accepted while closing (asyncio does)
+    st.write(b"late")          # still accepted while data is queued (asyncio does)
     got = bytearray()
     deadline = time.monotonic() + 30
     eof = False
@@ -816,8 +816,8 @@ def test_bad_arguments(make_port) -> None:
         st.start()
     st.abort()
     pump(port, lambda: proto.lost)
-    with pytest.raises(RuntimeError):
-        st.set_protocol(Recorder())
+    st.set_protocol(Recorder())   # after the loss: nothing to switch, ignored
+    assert st.get_protocol() is None
     b.close()
 
 
@@ -894,4 +894,72 @@ def test_abort_with_exception(sport) -> None:
     st.abort(err)
     pump(sport, lambda: proto.lost)
     assert proto.lost == [err]
+    b.close()
+
+
+def test_run_sends_what_its_last_callbacks_wrote(make_port) -> None:
+    port = make_port()
+    a, b = tcp_pair()
+    proto = Recorder()
+    st = make_stream(port, a, proto)
+
+    def write_and_stop(c) -> None:
+        st.write(b"written in run()'s last batch")
+        port.stop()
+
+    port.post(callback=write_and_stop)
+    port.run(10)
+    assert st.stats()["sends"] == 1
+    # No more port turns: the send started before run() returned.
+    assert recv_exactly(b, 29) == b"written in run()'s last batch"
+    st.close()
+    pump(port, lambda: proto.lost)
+    b.close()
+
+
+def test_close_with_nothing_queued_drops_later_writes(sport) -> None:
+    a, b = tcp_pair()
+    proto = Recorder(keep_open=True)
+    deferred = []
+    st = Stream(sport, a, proto, on_lost=lambda fn, exc: deferred.append((fn, exc)))
+    st.start()
+    b.shutdown(socket.SHUT_WR)
+    pump(sport, lambda: proto.calls == ["eof"])      # the recv has ended
+    st.close()
+    # Nothing queued, nothing in flight: connection_lost is handed to
+    # on_lost at once, and a write after close() is dropped (asyncio).
+    assert len(deferred) == 1 and a.fileno() == -1
+    st.write(b"dropped")
+    assert st.get_write_buffer_size() == 0
+    fn, exc = deferred[0]
+    fn(exc)
+    assert proto.lost == [None]
+    b.settimeout(5)
+    assert b.recv(10) == b""
+    b.close()
+
+
+@pytest.mark.parametrize("unpause", [False, True])
+def test_set_protocol_while_write_paused(sport, unpause) -> None:
+    a, b = tcp_pair()
+    first = Recorder()
+    st = make_stream(sport, a, first)
+    st.write(b"p" * 200_000)
+    assert first.calls == ["pause"] and st.writing_paused
+    second = Recorder()
+    st.set_protocol(second, unpause=unpause)
+    assert st.writing_paused is (not unpause)
+    got = bytearray()
+    deadline = time.monotonic() + 30
+    while len(got) < 200_000:
+        assert time.monotonic() < deadline
+        sport.run_once(0.01)
+        drain_nonblocking(b, got, 1 << 20)
+    pump(sport, lambda: st.get_write_buffer_size() == 0)
+    # Kept paused: the new protocol gets the resume the writer was owed;
+    # unpaused: nobody is told anything.
+    assert second.calls == ([] if unpause else ["resume"])
+    assert first.calls == ["pause"]
+    st.close()
+    pump(sport, lambda: second.lost)
     b.close()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import warnings
-from asyncio import base_events, coroutines, events, runners, sslproto
+from asyncio import base_events, coroutines, events, runners, sslproto, trsock
 from asyncio import proactor_events as _proactor_events_typed
 from typing import Any, Callable
 
@@ -43,8 +43,8 @@ BaseEventLoop: Any = base_events.BaseEventLoop
 ProactorSocketTransport: Any = proactor_events._ProactorSocketTransport
 ProactorDatagramTransport: Any = proactor_events._ProactorDatagramTransport
 SSLProtocol: Any = sslproto.SSLProtocol
-# The socket wrapper asyncio hands to exception handlers (3.8+).
-TransportSocket: Any = base_events.trsock.TransportSocket
+# The socket a transport's get_extra_info("socket") gives (3.8+).
+TransportSocket: Any = trsock.TransportSocket
 
 # BaseEventLoop._run_forever_setup/_run_forever_cleanup: the hooks
 # run_forever() calls around its loop, 3.13+ (not in 3.12.1).  Before,

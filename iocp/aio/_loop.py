@@ -8,14 +8,14 @@ interface of overlapped operations that each resolve one future.  That
 interface maps one to one onto the completion port (see ``_proactor``), so
 we reuse every transport and supply the proactor, and get the same
 behaviour asyncio has on Windows, everywhere the port runs.  Where those
-transports go wrong off Windows -- an error from shutdown() on a reset or
-unconnected socket skipping the close, a datagram close() that never
-finishes -- thin subclasses here fix them (the only place that touches the
-transports' private parts; see docs/asyncio.md, "Transports").  What
-the proactor loop lacks on POSIX we add here: add_reader/add_writer (a
-readiness helper thread, ``_readiness``), signal handlers, pipes and
-subprocesses (the stdlib Unix pipe transports on that readiness), Unix
-sockets.
+transports go wrong off Windows -- an error from shutdown() on a reset
+socket skipping the close -- thin subclasses here fix them (the only place
+that touches the transports' private parts; see docs/asyncio.md,
+"Transports").  Datagrams have a transport of our own on the port's poll
+ops (``_datagram``).  What the proactor loop lacks on POSIX we add here:
+add_reader/add_writer (the port's poll ops, ``_readiness``), signal
+handlers, pipes and subprocesses (the stdlib Unix pipe transports on that
+readiness), Unix sockets.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ from typing import Any
 from iocp._core import CompletionPort
 
 from . import _compat
+from ._datagram import DatagramTransport, ready_call
 from ._proactor import Proactor
-from ._readiness import ReadinessThread, fileobj_to_fd
+from ._readiness import PortReadiness, fileobj_to_fd
 
 # Every private stdlib name comes from _compat (version gates there).
 _ProactorLoop: Any = _compat.BaseProactorEventLoop
 _ProactorSocketTransport: Any = _compat.ProactorSocketTransport
-_ProactorDatagramTransport: Any = _compat.ProactorDatagramTransport
 _HAS_SETUP = _compat.HAS_RUN_FOREVER_SETUP
 _DETACH_TAKES_TRANSPORT = _compat.DETACH_TAKES_TRANSPORT
 
@@ -49,25 +49,6 @@ try:
     import ssl as _ssl
 except ImportError:  # pragma: no cover - Python built without OpenSSL
     _ssl = None  # type: ignore[assignment]
-
-# Errors a datagram socket reports for an earlier datagram (an ICMP error
-# queued on it); reporting them clears them, so reading can go on.
-_DATAGRAM_PEER_ERRORS = frozenset(
-    getattr(errno, name)
-    for name in (
-        "ECONNREFUSED",
-        "ECONNRESET",
-        "EHOSTUNREACH",
-        "ENETUNREACH",
-        "EHOSTDOWN",
-        "ENETDOWN",
-        "EMSGSIZE",
-        "EPROTO",
-        "ETIMEDOUT",
-    )
-    if hasattr(errno, name)
-)
-
 
 def _close_socket(sock: socket.socket) -> None:
     """shutdown(SHUT_RDWR) then close(), and neither may raise.
@@ -194,61 +175,6 @@ class _SocketTransport(_ConnectionLostMixin, _ProactorSocketTransport):  # type:
         if exc is None and (self._write_fut is not None or self._buffer) and not self._conn_lost:
             return
         super()._call_connection_lost(exc)
-
-
-class _DatagramTransport(_ConnectionLostMixin, _ProactorDatagramTransport):  # type: ignore[misc]
-    """The stdlib proactor datagram transport, fixed where an error or a
-    close() in the middle of a send stops it for good.
-
-    - close() while datagrams are buffered or a send is in flight: the
-      stdlib marks the connection lost at once, so the write loop returns
-      before it would call connection_lost -- which then never runs and the
-      fd leaks.  Here close() lets the buffer drain first, as the selector
-      loop's datagram transport does, and the write loop's end calls
-      connection_lost.
-    - A failed send is reported to error_received() and the stdlib's write
-      loop stops, leaving the rest of the buffer (and a pending close)
-      waiting forever.  Here it goes on with the next datagram.
-    - A failed read (an ICMP error such as port unreachable on a connected
-      socket, reported as ConnectionRefusedError) is reported and the
-      stdlib stops reading for good.  Here reading goes on after such
-      peer errors, as on the selector loop.
-    """
-
-    _buffer: Any
-    _write_fut: Any
-    _read_fut: Any
-
-    def close(self) -> None:
-        if self._closing:
-            return
-        if self._write_fut is None and not self._buffer:
-            super().close()
-            return
-        # Drain first; _loop_writing schedules connection_lost when the
-        # buffer is empty and _closing is set.
-        self._closing = True
-        if self._read_fut is not None:
-            self._read_fut.cancel()
-            self._read_fut = None
-        if self._write_fut is None:  # datagrams buffered but no send going
-            self._loop_writing()
-
-    def _loop_writing(self, fut: Any = None) -> None:
-        failed = fut is not None and fut.done() and not fut.cancelled() and (
-            fut.exception() is not None
-        )
-        super()._loop_writing(fut)
-        if failed and self._write_fut is None and not self._conn_lost:
-            super()._loop_writing()  # the next datagram, or the close
-
-    def _loop_reading(self, fut: Any = None) -> None:
-        failed = fut is not None and fut.done() and not fut.cancelled() and (
-            getattr(fut.exception(), "errno", None) in _DATAGRAM_PEER_ERRORS
-        )
-        super()._loop_reading(fut)
-        if failed and self._read_fut is None and not self._closing and not self._conn_lost:
-            super()._loop_reading()
 
 
 # Accept errors that leave the listening socket usable: the next accept may
@@ -476,7 +402,7 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
         elif not isinstance(port, CompletionPort):
             raise TypeError(f"expected an iocp.CompletionPort or None, got {type(port).__name__}")
         self._port = port
-        self._readiness: ReadinessThread | None = None
+        self._readiness: PortReadiness | None = None
         self._signal_handlers: dict[int, events.Handle] = {}
         # The wakeup fd in effect before our first signal handler, put back
         # when the last one goes (None: we have not replaced it).
@@ -518,10 +444,16 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
     # ---- transports ------------------------------------------------------
 
     def _make_socket_transport(self, sock, protocol, waiter=None, extra=None, server=None):  # type: ignore[no-untyped-def]
+        # TCP and Unix stream sockets: the connection core (iocp/aio/_transport.py).
+        from ._transport import TCPTransport, is_stream_socket
+
+        if is_stream_socket(sock):
+            return TCPTransport(self, sock, protocol, waiter, extra, server)
         return _SocketTransport(self, sock, protocol, waiter, extra, server)
 
     def _make_datagram_transport(self, sock, protocol, address=None, waiter=None, extra=None):  # type: ignore[no-untyped-def]
-        return _DatagramTransport(self, sock, protocol, address, waiter, extra)
+        # Our own, on the port's poll ops (see _datagram).
+        return DatagramTransport(self, sock, protocol, address, waiter, extra)
 
     def _make_ssl_transport(  # type: ignore[no-untyped-def]
         self,
@@ -539,7 +471,7 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
         ssl_protocol = _compat.SSLProtocol(
             self, protocol, sslcontext, waiter, server_side, server_hostname, **kwargs
         )
-        _SocketTransport(self, rawsock, ssl_protocol, extra=extra, server=server)
+        self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
 
     # ---- servers -----------------------------------------------------------
@@ -590,19 +522,22 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
             return 0
         return await self._proactor.recv_into(sock, buf)  # type: ignore[no-any-return]
 
+    # Datagrams: the non-blocking call now, else when a poll op says the
+    # socket is ready (see _datagram.ready_call).
+
     async def sock_recvfrom(self, sock: socket.socket, bufsize: int) -> tuple[bytes, Any]:
         self._check_sock(sock)
-        return await self._proactor.recvfrom(sock, bufsize)  # type: ignore[no-any-return]
+        return await ready_call(self, sock, False, lambda: sock.recvfrom(bufsize))  # type: ignore[no-any-return]
 
     async def sock_recvfrom_into(self, sock: socket.socket, buf: Any, nbytes: int = 0) -> Any:
         self._check_sock(sock)
         if not nbytes:
             nbytes = len(buf)
-        return await self._proactor.recvfrom_into(sock, buf, nbytes)
+        return await ready_call(self, sock, False, lambda: sock.recvfrom_into(buf, nbytes))
 
     async def sock_sendto(self, sock: socket.socket, data: Any, address: Any) -> int:
         self._check_sock(sock)
-        return await self._proactor.sendto(sock, data, 0, address)  # type: ignore[no-any-return]
+        return await ready_call(self, sock, True, lambda: sock.sendto(data, address))  # type: ignore[no-any-return]
 
     async def sock_sendall(self, sock: socket.socket, data: Any) -> None:
         self._check_sock(sock)
@@ -642,6 +577,9 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
         self.call_soon(self._loop_self_reading)
 
     def _stop_self_reading(self) -> None:
+        port = self._port
+        if self._proactor is not None and not port.closed:
+            port.flush()  # the stream transports' queued writes go out as the run ends
         if self._self_reading_future is not None:
             self._self_reading_future.cancel()
             self._self_reading_future = None
@@ -697,15 +635,19 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
 
     # ---- readiness: add_reader / add_writer --------------------------------
 
-    def _readiness_thread(self) -> ReadinessThread:
+    def _readiness_thread(self) -> PortReadiness:
+        """The loop's add_reader/add_writer registry (the name is the one
+        the proactor's ``_ready_op`` calls): the port's poll ops, with a
+        helper thread only for descriptors the port cannot take."""
         self._check_closed()
         if self._readiness is None:
-            self._readiness = ReadinessThread(self)
+            self._readiness = PortReadiness(self)
         return self._readiness
 
     def add_reader(self, fd: Any, callback: Any, *args: Any) -> None:
-        """Calls ``callback(*args)`` whenever ``fd`` is readable (served by a
-        helper thread; see docs/asyncio.md)."""
+        """Calls ``callback(*args)`` whenever ``fd`` is readable, level-
+        triggered as a selector loop (a poll op on the port; see
+        docs/asyncio.md)."""
         self._readiness_thread().add(fileobj_to_fd(fd), False, callback, args)
 
     def remove_reader(self, fd: Any) -> bool:

@@ -119,6 +119,15 @@ class OpFuture(asyncio.Future):  # type: ignore[type-arg]
         self.set_result(c.data)
 
 
+def _is_empty(buf: Any) -> bool:
+    """True for a zero-length buffer (cheap for the usual bytearray)."""
+    try:
+        return len(buf) == 0
+    except TypeError:  # a buffer exporter without len()
+        with memoryview(buf) as view:
+            return view.nbytes == 0
+
+
 class _RecvGate:
     """A socket's receive side while a cancelled recv is unresolved.
 
@@ -127,7 +136,9 @@ class _RecvGate:
     ended the stream) until later recvs take them; ``waiting`` holds the
     recvs issued meanwhile, ``(future, nbytes, buffer)``, in order.  A new
     recv is never submitted while an orphan may still bring data: that data
-    comes first in the stream.
+    comes first in the stream.  The gate goes once nothing is left nor to
+    come, or when the socket leaves the port (a transport's close, the
+    loop's close, its fd reused): bytes nobody asks for stay until then.
     """
 
     __slots__ = ("stash", "eof", "error", "orphans", "waiting")
@@ -261,7 +272,7 @@ class Proactor:
 
     def recv_into(self, conn: socket.socket, buf: Any, flags: int = 0) -> asyncio.Future[Any]:
         port = self._stream(conn, flags)
-        if port is None or not memoryview(buf).nbytes:
+        if port is None or _is_empty(buf):
             return self._ready_op(conn, False, lambda: conn.recv_into(buf, 0, flags))
         fut = self._Future(loop=self._loop)
         fut._sock = conn
@@ -446,6 +457,11 @@ class Proactor:
             poll_op = port.poll(sock, POLLOUT, on_writable)
             fut.add_done_callback(on_done)
         return fut
+
+    def _end_run(self) -> None:
+        """Asked by completion handlers that queue loop callbacks (readiness,
+        datagrams) to end select()'s wait after this batch: nothing to do,
+        run_once() returns after every batch."""
 
     # ---- datagrams: readiness ------------------------------------------
 

@@ -1,0 +1,426 @@
+"""iocp.aio's stream transport on the connection core (TCPTransport), on
+every backend: flow control, start_tls, SSL flushing, BufferedProtocol,
+streams, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import tempfile
+
+import pytest
+
+import iocp.aio
+from iocp._core import Stream
+from iocp.aio._transport import TCPTransport
+
+from .test_aio import _leak_free, _self_signed, run
+
+HAS_UNIX = hasattr(socket, "AF_UNIX")
+
+
+@pytest.fixture
+def aloop(backend: str):
+    loop = iocp.aio.EventLoop(backend=backend)
+    asyncio.set_event_loop(loop)
+    yield loop
+    asyncio.set_event_loop(None)
+    if not loop.is_closed():
+        loop.close()
+    _leak_free(loop)
+
+
+@pytest.fixture(scope="module")
+def ssl_contexts():
+    with tempfile.TemporaryDirectory() as d:
+        cert, key = _self_signed(d)
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server.load_cert_chain(cert, key)
+        client = ssl.create_default_context(cafile=cert)
+        yield server, client
+
+
+class Sink(asyncio.Protocol):
+    """Reads everything; resolves `done` at EOF or loss."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.transport = None
+        self.lost: list = []
+        self.done = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data) -> None:
+        self.data += data
+
+    def eof_received(self):
+        if not self.done.done():
+            self.done.set_result(bytes(self.data))
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.lost.append(exc)
+        if not self.done.done():
+            self.done.set_result(bytes(self.data))
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data) -> None:
+        self.transport.write(data)
+
+
+def test_transport_is_the_stream_core(aloop) -> None:
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        tr, proto = await loop.create_connection(Sink, "127.0.0.1", port)
+        assert isinstance(tr, TCPTransport) and isinstance(tr, asyncio.Transport)
+        assert isinstance(tr.stream, Stream)
+        # The hot methods are the stream's own (C) methods.
+        assert type(tr.write).__name__ == "builtin_function_or_method"
+        assert tr.write.__self__ is tr.stream
+        assert tr.get_extra_info("peername") == ("127.0.0.1", port)
+        assert tr.get_extra_info("socket").fileno() >= 0
+        assert tr.get_protocol() is proto and tr.is_reading() and not tr.is_closing()
+        for i in range(100):
+            tr.write(b"%d," % i)
+        want = b"".join(b"%d," % i for i in range(100))
+        while len(proto.data) < len(want):
+            await asyncio.sleep(0.001)
+        assert bytes(proto.data) == want
+        tr.close()
+        await proto.done
+        await asyncio.sleep(0)
+        assert proto.lost == [None]
+        server.close()
+        await server.wait_closed()
+
+    run(aloop, main())
+
+
+def test_one_byte_per_iteration_writer_gets_resume_writing(aloop) -> None:
+    async def main():
+        loop = asyncio.get_running_loop()
+        sinks: list[Sink] = []
+
+        def factory():
+            s = Sink()
+            sinks.append(s)
+            return s
+
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        events: list[str] = []
+        resumed = loop.create_future()
+
+        class Writer(asyncio.Protocol):
+            def pause_writing(self):
+                events.append("pause")
+
+            def resume_writing(self):
+                events.append("resume")
+                if not resumed.done():
+                    resumed.set_result(None)
+
+        tr, _ = await loop.create_connection(Writer, "127.0.0.1", port)
+        tr.write(b"B" * (1 << 20))
+        assert events == ["pause"]
+        n = 0
+
+        def one_byte():
+            nonlocal n
+            if resumed.done():
+                return
+            tr.write(b".")
+            n += 1
+            loop.call_soon(one_byte)  # every iteration, never idle
+
+        loop.call_soon(one_byte)
+        await asyncio.wait_for(resumed, 30)
+        assert events == ["pause", "resume"]
+        tr.close()
+        got = await asyncio.wait_for(sinks[0].done, 30)
+        assert got == b"B" * (1 << 20) + b"." * n
+        server.close()
+        await server.wait_closed()
+
+    run(aloop, main())
+
+
+def test_start_tls_right_after_a_large_write(aloop, ssl_contexts) -> None:
+    """The side that writes 1 MiB and calls start_tls() at once (its queue
+    still full) is the TLS server, so the peer reads exactly the plaintext
+    before it answers with its ClientHello (a StreamReader that read past
+    the plaintext would swallow TLS bytes: asyncio's rule, not ours)."""
+    server_ctx, client_ctx = ssl_contexts
+    big = bytes(range(256)) * 4096  # 1 MiB
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        result = loop.create_future()
+
+        async def handle(reader, writer):
+            try:
+                assert isinstance(writer.transport, TCPTransport)
+                writer.write(big)  # still queued when start_tls begins
+                await writer.start_tls(server_ctx)
+                line = await reader.readline()
+                writer.write(b"tls:" + line)
+                await writer.drain()
+                result.set_result(True)
+                writer.close()
+            except Exception as exc:  # pragma: no cover - reported below
+                result.set_exception(exc)
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await reader.readexactly(len(big)) == big
+        await writer.start_tls(client_ctx, server_hostname="localhost")
+        writer.write(b"hello\n")
+        await writer.drain()
+        assert await reader.readline() == b"tls:hello\n"
+        assert await asyncio.wait_for(result, 30) is True
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        server.close()
+        await server.wait_closed()
+
+    run(aloop, main())
+
+
+@pytest.mark.parametrize("how", ["ssl=", "start_tls"])
+def test_ssl_data_written_before_close_is_flushed(aloop, ssl_contexts, how) -> None:
+    server_ctx, client_ctx = ssl_contexts
+    big = b"0123456789abcdef" * 65536  # 1 MiB
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        got = loop.create_future()
+
+        async def handle(reader, writer):
+            if how == "start_tls":
+                await writer.start_tls(server_ctx)
+            data = await reader.read()  # to EOF
+            got.set_result(data)
+            writer.close()
+
+        server = await asyncio.start_server(
+            handle, "127.0.0.1", 0, ssl=server_ctx if how == "ssl=" else None
+        )
+        port = server.sockets[0].getsockname()[1]
+        if how == "ssl=":
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client_ctx, server_hostname="localhost"
+            )
+        else:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await writer.start_tls(client_ctx, server_hostname="localhost")
+        writer.write(big)
+        writer.close()  # no drain: close() must flush it
+        try:
+            await writer.wait_closed()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        data = await asyncio.wait_for(got, 30)
+        assert len(data) == len(big) and data == big
+        server.close()
+        await server.wait_closed()
+
+    run(aloop, main())
+
+
+class BufProto(asyncio.BufferedProtocol):
+    def __init__(self, size: int, echo: bool = False) -> None:
+        self.buf = bytearray(size)
+        self.data = bytearray()
+        self.echo = echo
+        self.done = asyncio.get_running_loop().create_future()
+        self.lost: list = []
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def get_buffer(self, sizehint):
+        return self.buf
+
+    def buffer_updated(self, nbytes):
+        chunk = bytes(self.buf[:nbytes])
+        self.data += chunk
+        if self.echo:
+            self.transport.write(chunk)
+
+    def eof_received(self):
+        if not self.done.done():
+            self.done.set_result(bytes(self.data))
+        return False
+
+    def connection_lost(self, exc):
+        self.lost.append(exc)
+        if not self.done.done():
+            self.done.set_result(bytes(self.data))
+
+
+def test_buffered_protocol_create_server_and_connection(aloop) -> None:
+    payload = bytes(range(256)) * 1000
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        servers: list[BufProto] = []
+
+        def factory():
+            p = BufProto(100, echo=True)
+            servers.append(p)
+            return p
+
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        tr, client = await loop.create_connection(lambda: BufProto(333), "127.0.0.1", port)
+        assert isinstance(tr, TCPTransport)
+        tr.write(payload)
+        while len(client.data) < len(payload):
+            await asyncio.sleep(0.001)
+        assert bytes(client.data) == payload
+        assert bytes(servers[0].data) == payload
+        tr.write_eof()
+        assert await asyncio.wait_for(servers[0].done, 10) == payload
+        tr.close()
+        await asyncio.wait_for(client.done, 10)
+        server.close()
+        await server.wait_closed()
+
+    run(aloop, main())
+
+
+def test_streams_echo_with_drain_and_eof(aloop) -> None:
+    async def main():
+        async def handle(reader, writer):
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        blob = bytes(range(256)) * 16384  # 4 MiB
+        writer.write(blob)
+        await writer.drain()
+        writer.write_eof()
+        got = await reader.read()
+        assert got == blob
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+    run(aloop, main())
+
+
+def test_protocol_error_goes_to_loop_handler(aloop) -> None:
+    async def main():
+        loop = asyncio.get_running_loop()
+        seen = []
+        loop.set_exception_handler(lambda lp, ctx: seen.append(ctx))
+        lost = loop.create_future()
+
+        class Boom(asyncio.Protocol):
+            def data_received(self, data):
+                raise ValueError("boom")
+
+            def connection_lost(self, exc):
+                lost.set_result(exc)
+
+        server = await loop.create_server(Boom, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        tr, p = await loop.create_connection(Sink, "127.0.0.1", port)
+        tr.write(b"x")
+        exc = await asyncio.wait_for(lost, 10)
+        assert isinstance(exc, ValueError)
+        assert len(seen) == 1 and seen[0]["exception"] is exc
+        assert isinstance(seen[0]["transport"], TCPTransport)
+        await asyncio.wait_for(p.done, 10)
+        tr.close()
+        server.close()
+        await server.wait_closed()
+
+    run(aloop, main())
+
+
+def test_peer_reset_reaches_connection_lost(aloop) -> None:
+    async def main():
+        loop = asyncio.get_running_loop()
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        lsock.setblocking(False)
+        task = loop.create_task(loop.sock_accept(lsock))
+        tr, p = await loop.create_connection(Sink, *lsock.getsockname())
+        conn, _ = await task
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        conn.close()
+        await asyncio.wait_for(p.done, 10)
+        await asyncio.sleep(0)
+        assert len(p.lost) == 1 and isinstance(p.lost[0], OSError)
+        lsock.close()
+
+    run(aloop, main())
+
+
+@pytest.mark.skipif(not HAS_UNIX, reason="no AF_UNIX")
+def test_unix_transport(aloop, tmp_path) -> None:
+    path = str(tmp_path / "s.sock")
+
+    async def main():
+        async def handle(reader, writer):
+            writer.write(await reader.readline())
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_unix_server(handle, path)
+        reader, writer = await asyncio.open_unix_connection(path)
+        assert isinstance(writer.transport, TCPTransport)
+        writer.write(b"over unix\n")
+        assert await reader.readline() == b"over unix\n"
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+    run(aloop, main())
+
+
+def test_loop_close_with_open_transports_leaks_nothing(backend) -> None:
+    loop = iocp.aio.EventLoop(backend=backend)
+
+    async def main():
+        server = await loop.create_server(Echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        trs = []
+        for _ in range(5):
+            tr, _ = await loop.create_connection(Sink, "127.0.0.1", port)
+            tr.write(b"x" * 100_000)
+            trs.append(tr)
+        await asyncio.sleep(0.05)
+        server.close()
+        return trs
+
+    trs = run(loop, main())
+    loop.close()
+    _leak_free(loop)
+    for tr in trs:
+        assert tr.is_closing()
