@@ -145,6 +145,7 @@ cdef class Stream:
     cdef bint _eof_wanted         # write_eof() called
     cdef bint _shut_wr            # shutdown(SHUT_WR) done
     cdef bint _drop_writes        # close() with nothing queued: writes dropped
+    cdef object _drain_cb         # when_drained(): called once all is written
     cdef object _lost_exc
     cdef Py_ssize_t _writes_after_lost
     # counters for stats()
@@ -333,6 +334,26 @@ cdef class Stream:
                     fn(self._conn)
             except Exception as exc:
                 self._report(exc)
+        return 0
+
+    def when_drained(self, callback) -> bool:
+        """Calls ``callback()`` once every byte written so far is known to
+        be sent (a fence confirms the silent sends), or when the connection
+        is lost first.  Returns True, without keeping the callback, if that
+        is already so.  One callback at a time: a new one replaces it."""
+        if self._size() == 0 or self._state > _ST_CLOSING:
+            return True
+        self._drain_cb = callback
+        self._schedule()
+        return False
+
+    cdef int _call_drained(self) except -1:
+        fn = self._drain_cb
+        self._drain_cb = None
+        try:
+            fn()
+        except Exception as exc:
+            self._report(exc)
         return 0
 
     cdef int _maybe_resume(self) except -1:
@@ -614,7 +635,7 @@ cdef class Stream:
         if n == 0 or port._port == NULL:
             return 0
         fence = (self._state == _ST_CLOSING or self._eof_wanted or self._write_paused or
-                 self._unconfirmed + total > self._high)
+                 self._drain_cb is not None or self._unconfirmed + total > self._high)
         if n == 1:
             keep = self._wq[0]
             nseg = 0
@@ -794,7 +815,8 @@ cdef class Stream:
                 self._submit_queued()
             if self._state <= _ST_CLOSING:
                 if (not self._wq_bytes and self._sq_head != NULL and not self._fence_out and
-                        (self._state == _ST_CLOSING or self._eof_wanted or self._write_paused)):
+                        (self._state == _ST_CLOSING or self._eof_wanted or self._write_paused or
+                         self._drain_cb is not None)):
                     self._submit_fence0()
                 if self._sq_head == NULL and not self._wq_bytes:
                     if self._eof_wanted and not self._shut_wr:
@@ -836,6 +858,8 @@ cdef class Stream:
         self._eof_received = self._pause_writing = self._resume_writing = None
         self._connection_lost = None
         self._held = None
+        if self._drain_cb is not None:
+            self._call_drained()
         # The hooks usually belong to whoever holds this stream (a
         # transport): dropping them leaves no cycle, so refcounting alone
         # frees both once they are let go of.
@@ -956,7 +980,8 @@ cdef class Stream:
             else:
                 self._schedule()
             return 0
-        if self._state != _ST_OPEN or self._write_paused or self._eof_wanted:
+        if (self._state != _ST_OPEN or self._write_paused or self._eof_wanted or
+                self._drain_cb is not None):
             out.append(self)
             out.append(_EV_WRITE)
         elif self._wq_bytes and not self._fence_out:
@@ -978,6 +1003,8 @@ cdef class Stream:
             return self._deliver_data(ev)
         if ev is _EV_WRITE:
             self._maybe_resume()
+            if self._drain_cb is not None and self._size() == 0:
+                self._call_drained()
             if self._state != _ST_OPEN or self._eof_wanted or self._wq_bytes:
                 self._schedule()
             return 0

@@ -436,6 +436,34 @@ def test_close_after_silent_sends_finishes(sport) -> None:
     b.close()
 
 
+def test_when_drained_waits_for_the_silent_sends(sport) -> None:
+    """when_drained(): True at once with nothing written; after silent
+    sends, False, then the callback once a fence confirmed them (the
+    native sendfile's empty waiter rests on it); on loss it is called too."""
+    a, b = tcp_pair()
+    proto = Recorder()
+    st = make_stream(sport, a, proto)
+    calls: list = []
+    assert st.when_drained(lambda: calls.append("early")) is True
+    st.write(b"x" * 1000)
+    sport.flush()
+    assert st.get_write_buffer_size() == 1000  # silent: not yet confirmed
+    assert st.when_drained(lambda: calls.append("drained")) is False
+    pump(sport, lambda: calls)
+    assert calls == ["drained"]
+    assert st.get_write_buffer_size() == 0
+    assert st.stats()["fences"] >= 1
+    assert recv_exactly(b, 1000) == b"x" * 1000
+    # Lost before drained: the callback still runs, once.
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    st.write(b"y" * (1 << 22))
+    assert st.when_drained(lambda: calls.append("lost")) is False
+    st.abort()
+    pump(sport, lambda: proto.lost)
+    assert calls == ["drained", "lost"]
+    b.close()
+
+
 def test_write_eof_half_close(sport) -> None:
     a, b = tcp_pair()
     proto = Recorder()

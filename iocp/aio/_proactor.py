@@ -46,6 +46,12 @@ from iocp._core import POLLOUT, Completion, CompletionPort, Operation
 
 _os_sendfile = getattr(os, "sendfile", None)
 
+# Bytes one sendfile hands the kernel per loop turn.  A peer that reads as
+# fast as the kernel copies (io_uring's multishot recv on the same machine)
+# would otherwise keep one os.sendfile loop going for the whole file,
+# starving the loop's other work for as long.
+_SENDFILE_TURN = 64 * 1024
+
 
 class OpFuture(asyncio.Future):  # type: ignore[type-arg]
     """A future bound to one port operation: cancelling it cancels the op.
@@ -409,18 +415,30 @@ class Proactor:
         byte sent, as the selector loops leave it."""
         if _os_sendfile is None or sock.type != socket.SOCK_STREAM:
             raise asyncio.SendfileNotAvailableError("no native sendfile on this platform")
-        port = self._register(sock)
+        try:
+            port = self._register(sock)
+        except ValueError:
+            # Already registered, by the stream core under a TCPTransport
+            # (iocp._core.Stream registers its socket itself): its port is
+            # this one, and the poll ops below go through that registration.
+            port = self._port
+            if port is None or sock.fileno() < 0:
+                raise
         fut: asyncio.Future[Any] = self._loop.create_future()
         fd, in_fd = sock.fileno(), file.fileno()
         sent = 0
         poll_op: Operation | None = None
 
         def attempt() -> bool:
-            """Sends what the socket takes; True once ``fut`` is resolved."""
+            """Sends what the socket takes, at most _SENDFILE_TURN bytes;
+            True once ``fut`` is resolved."""
             nonlocal sent
+            turn_end = sent + _SENDFILE_TURN
             while sent < count:
+                if sent >= turn_end:
+                    return False  # the rest from the next writable report
                 try:
-                    n = _os_sendfile(fd, in_fd, offset + sent, count - sent)
+                    n = _os_sendfile(fd, in_fd, offset + sent, min(count - sent, turn_end - sent))
                 except (BlockingIOError, InterruptedError):
                     return False
                 except BaseException as exc:
@@ -453,9 +471,13 @@ class Proactor:
                 except Exception:
                     pass
 
-        if not attempt():
-            poll_op = port.poll(sock, POLLOUT, on_writable)
-            fut.add_done_callback(on_done)
+        # Like an overlapped TransmitFile, the send starts from the port --
+        # here the first writable report -- never inside this call: a
+        # sendfile that the peer's reads let finish at once would otherwise
+        # end before the caller's next line, which asyncio's callers (and
+        # tests) do not expect of the proactor.
+        poll_op = port.poll(sock, POLLOUT, on_writable)
+        fut.add_done_callback(on_done)
         return fut
 
     def _end_run(self) -> None:

@@ -214,15 +214,30 @@ class TCPTransport(_FlowControlMixin):  # type: ignore[misc]
     # ---- protocol and flow control --------------------------------------
 
     def _make_empty_waiter(self) -> Any:
-        """The proactor loop's native sendfile waits on it for the write
-        buffer to drain.  The iocp loop's native sendfile never writes (it
-        reports "not available" first), so there is nothing to wait for."""
+        """The proactor loop's native sendfile (os.sendfile on the socket)
+        waits on this for every byte written so far to be sent -- silent
+        sends included, which a fence confirms -- lest the file overtake
+        them.  Until _reset_empty_waiter(), write() refuses data, as
+        asyncio's transports do while a sendfile runs."""
         fut = self._loop.create_future()
-        fut.set_result(None)
+
+        def drained() -> None:
+            # Also when the connection is lost first, as asyncio's
+            # transports resolve it: the sendfile then fails on the socket.
+            if not fut.done():
+                fut.set_result(None)
+
+        self.write = self.writelines = self._write_during_sendfile
+        if self._stream.when_drained(drained):
+            drained()
         return fut
 
+    def _write_during_sendfile(self, data: Any) -> None:
+        raise RuntimeError("unable to write; sendfile is in progress")
+
     def _reset_empty_waiter(self) -> None:
-        pass
+        self.write = self._stream.write
+        self.writelines = self._stream.writelines
 
     def set_protocol(self, protocol: Any) -> None:
         self._protocol = protocol
