@@ -409,15 +409,16 @@ def test_sock_connect_refused(aloop) -> None:
 
 
 def test_sock_recv_on_a_socket_closed_meanwhile(aloop) -> None:
-    # The op fails when it is submitted (start of the next wait); the loop
-    # must not sleep on waiting for a completion that will never come.
+    # Ops are submitted when issued: a recv on a registered socket closed
+    # behind the loop's back fails at once; the loop must not sleep on
+    # waiting for a completion that will never come.
     async def main():
         loop = asyncio.get_running_loop()
         a, b = socket.socketpair()
         await loop.sock_sendall(a, b"x")  # registers a
-        fut = loop._proactor.recv(a, 10)  # queued for the next wait ...
-        a.close()  # ... and the socket goes before that
+        a.close()  # the socket goes before the recv is issued
         b.close()
+        fut = asyncio.ensure_future(loop.sock_recv(a, 10))
         loop.call_later(3, fut.cancel)  # the failure mode: nothing wakes the loop
         t0 = loop.time()
         try:

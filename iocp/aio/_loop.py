@@ -20,6 +20,7 @@ readiness), Unix sockets.
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import signal
@@ -176,13 +177,209 @@ class _SocketTransport(_ConnectionLostMixin, _ProactorSocketTransport):  # type:
         super()._call_connection_lost(exc)
 
 
+# Accept errors that leave the listening socket usable: the next accept may
+# well succeed (the selector loops go on after them too).  Running out of
+# descriptors or memory waits ACCEPT_RETRY_DELAY before trying again.
+_ACCEPT_TRANSIENT = frozenset(
+    getattr(errno, name)
+    for name in ("ECONNABORTED", "ECONNRESET", "EPROTO", "EPERM", "EAGAIN", "EINTR")
+    if hasattr(errno, name)
+)
+_ACCEPT_RESOURCES = frozenset(
+    getattr(errno, name)
+    for name in ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
+    if hasattr(errno, name)
+)
+_ACCEPT_RETRY_DELAY = 1.0
+
+
+class _Acceptor:
+    """A listening socket's accept loop on one multishot accept.
+
+    One armed ``port.accept(sock, multishot=True)`` per listening socket
+    completes once per connection, inside ``run_once``'s dispatch, where
+    the socket is only queued; one loop callback per batch then hands every
+    queued socket to the protocol factory and a transport, as the stdlib
+    proactor loop's accept loop does (one accept, one future and one loop
+    iteration per connection there).  At most ``backlog`` accepted sockets
+    wait for that callback: the completion that reaches the bound serves
+    them at once, inside the dispatch.
+    ``cancel()`` (``Server.close()``, ``loop.close()``) cancels the op and
+    closes the sockets accepted but not yet served, and any the op still
+    brings.  It stands in ``loop._accept_futures`` where the stdlib keeps
+    its accept future; ``cancel()`` is all the loop asks of it there.
+    """
+
+    __slots__ = (
+        "_loop", "_sock", "_factory", "_ssl", "_server", "_backlog",
+        "_handshake_timeout", "_shutdown_timeout", "_op", "_pending",
+        "_scheduled", "_closed", "_retry",
+    )
+
+    def __init__(
+        self,
+        loop: EventLoop,
+        sock: socket.socket,
+        protocol_factory: Any,
+        sslcontext: Any,
+        server: Any,
+        backlog: int,
+        ssl_handshake_timeout: Any,
+        ssl_shutdown_timeout: Any,
+    ) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._factory = protocol_factory
+        self._ssl = sslcontext
+        self._server = server
+        self._backlog = max(1, backlog)
+        self._handshake_timeout = ssl_handshake_timeout
+        self._shutdown_timeout = ssl_shutdown_timeout
+        self._op: Any = None
+        self._pending: collections.deque[tuple[socket.socket, Any]] = collections.deque()
+        self._scheduled = False
+        self._closed = False
+        self._retry: Any = None  # the call_later of a retry after EMFILE & co.
+
+    def arm(self) -> None:
+        """Arms the multishot accept (no-op if armed, closed or waiting)."""
+        self._retry = None
+        if self._closed or self._op is not None:
+            return
+        loop = self._loop
+        sock = self._sock
+        try:
+            if loop.is_closed():
+                raise ConnectionAbortedError("the event loop is closed")
+            port = loop._proactor._register(sock)
+            self._op = port.accept(sock, self._on_accept, multishot=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            self._failed(exc)
+
+    def _on_accept(self, c: Any) -> None:
+        """The op's completions (run_once's dispatch): queued for one loop
+        callback; at the bound, served at once."""
+        if c.error is None and not c.cancelled:
+            conn = c.data[0]
+            if self._closed:
+                conn.close()  # accepted as the server closed
+            else:
+                pending = self._pending
+                pending.append(c.data)
+                if len(pending) >= self._backlog:
+                    self._serve()  # the bound: serve them now
+                elif not self._scheduled:
+                    self._scheduled = True
+                    self._loop.call_soon(self._serve_soon)
+        if c.more:
+            return
+        self._op = None  # its final completion
+        if self._closed:
+            return
+        exc = c.error
+        if exc is not None and not c.cancelled:
+            code = getattr(exc, "errno", None)
+            if code in _ACCEPT_TRANSIENT:
+                pass
+            elif code in _ACCEPT_RESOURCES:
+                self._loop.call_exception_handler({
+                    "message": "socket.accept() out of system resource",
+                    "exception": exc,
+                    "socket": _compat.TransportSocket(self._sock),
+                })
+                self._retry = self._loop.call_later(_ACCEPT_RETRY_DELAY, self.arm)
+                return
+            else:
+                self._failed(exc)
+                return
+        self.arm()  # the backend ended it: a new one
+
+    def _failed(self, exc: BaseException) -> None:
+        """As the stdlib proactor loop: an accept that fails for good is
+        reported and closes the listening socket."""
+        loop = self._loop
+        sock = self._sock
+        if isinstance(exc, OSError) and sock.fileno() != -1 and not loop.is_closed():
+            loop.call_exception_handler({
+                "message": "Accept failed on a socket",
+                "exception": exc,
+                "socket": _compat.TransportSocket(sock),
+            })
+            self.cancel()
+            proactor = loop._proactor
+            if proactor is not None:
+                proactor._unregister(sock)
+            sock.close()
+        elif loop._debug:
+            logger.debug("Accept failed on socket %r", sock, exc_info=True)
+
+    def _serve_soon(self) -> None:
+        self._scheduled = False
+        self._serve()
+
+    def _serve(self) -> None:
+        """A loop callback (or, at the bound, the op's completion): every
+        queued socket gets its protocol and transport, in order."""
+        loop = self._loop
+        pending = self._pending
+        while pending and not self._closed:
+            conn, addr = pending.popleft()
+            if loop._debug:
+                logger.debug("%r got a new connection from %r: %r", self._server, addr, conn)
+            try:
+                protocol = self._factory()
+                if self._ssl is not None:
+                    kwargs = {}
+                    if self._shutdown_timeout is not None:  # 3.11+
+                        kwargs["ssl_shutdown_timeout"] = self._shutdown_timeout
+                    loop._make_ssl_transport(
+                        conn, protocol, self._ssl, server_side=True,
+                        extra={"peername": addr}, server=self._server,
+                        ssl_handshake_timeout=self._handshake_timeout, **kwargs,
+                    )
+                else:
+                    loop._make_socket_transport(
+                        conn, protocol, extra={"peername": addr}, server=self._server
+                    )
+            except (SystemExit, KeyboardInterrupt):
+                conn.close()
+                raise
+            except BaseException as exc:
+                conn.close()
+                loop.call_exception_handler({
+                    "message": "Error setting up a connection accepted on a socket",
+                    "exception": exc,
+                    "socket": _compat.TransportSocket(self._sock),
+                })
+
+    def cancel(self) -> bool:
+        """Stops accepting: cancels the op (its last completions close
+        what it still brings) and closes the sockets not served yet."""
+        if self._closed:
+            return False
+        self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        op, self._op = self._op, None
+        if op is not None:
+            try:
+                op.cancel()
+            except Exception:
+                pass
+        while self._pending:
+            self._pending.popleft()[0].close()
+        return True
+
+
 class EventLoop(_ProactorLoop):  # type: ignore[misc]
     """An asyncio event loop whose I/O goes through an iocp.CompletionPort.
 
     ``EventLoop(port=None, *, backend=None, queue_capacity=1024)``: pass a
     port of your own, or let the loop make one (``backend`` as in
-    ``iocp.CompletionPort``).  The loop owns its port and closes it in
-    ``close()``.
+    ``iocp.CompletionPort``): a single-issuer port, owned by the first
+    thread that runs the loop, which must also close it.  The loop owns its
+    port and closes it in ``close()``.
     """
 
     _self_reading_future: Any  # BaseProactorEventLoop's
@@ -195,7 +392,13 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
         queue_capacity: int = 1024,
     ) -> None:
         if port is None:
-            port = CompletionPort(backend=backend, queue_capacity=queue_capacity)
+            # Single-issuer: only the loop's thread touches it (post() and
+            # stop() stay thread-safe for call_soon_threadsafe).  Creating
+            # the loop does not use it, so the owner is the running thread
+            # (see Proactor.claim()).
+            port = CompletionPort(
+                backend=backend, queue_capacity=queue_capacity, single_issuer=True
+            )
         elif not isinstance(port, CompletionPort):
             raise TypeError(f"expected an iocp.CompletionPort or None, got {type(port).__name__}")
         self._port = port
@@ -271,6 +474,30 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
         self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
 
+    # ---- servers -----------------------------------------------------------
+
+    def _start_serving(  # type: ignore[no-untyped-def]
+        self,
+        protocol_factory,
+        sock,
+        sslcontext=None,
+        server=None,
+        backlog=100,
+        ssl_handshake_timeout=None,
+        ssl_shutdown_timeout=None,
+    ):
+        """Serves ``sock`` on one multishot accept (see _Acceptor), armed
+        now: accepting starts before the caller's next step."""
+        acceptor = _Acceptor(
+            self, sock, protocol_factory, sslcontext, server, backlog,
+            ssl_handshake_timeout, ssl_shutdown_timeout,
+        )
+        old = self._accept_futures.pop(sock.fileno(), None)
+        if old is not None:
+            old.cancel()
+        self._accept_futures[sock.fileno()] = acceptor
+        acceptor.arm()
+
     # ---- sock_* ----------------------------------------------------------
     # Each checks its socket as the selector loops do: never an SSLSocket,
     # and in debug mode a blocking socket is a ValueError (a blocking
@@ -341,17 +568,18 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
             proactor.wake()
 
     def _start_self_reading(self) -> None:
+        # The running thread owns the port from here on (RuntimeError, before
+        # the run starts, if another thread already does).
+        self._proactor.claim()
         # Only signal numbers written by signal.set_wakeup_fd arrive here
         # (wake-ups are posted to the port); they are read and dropped.
         assert self._self_reading_future is None
         self.call_soon(self._loop_self_reading)
 
     def _stop_self_reading(self) -> None:
-        proactor = self._proactor
-        if proactor is not None:
-            proactor._flush()  # ops issued during this run start before it ends
-            if not self._port.closed:
-                self._port.flush()  # and the stream transports' queued writes
+        port = self._port
+        if self._proactor is not None and not port.closed:
+            port.flush()  # the stream transports' queued writes go out as the run ends
         if self._self_reading_future is not None:
             self._self_reading_future.cancel()
             self._self_reading_future = None
@@ -371,6 +599,8 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
     else:
 
         def run_forever(self) -> None:
+            self._check_closed()  # the stdlib's checks, before the claim
+            self._check_running()
             try:
                 self._start_self_reading()
                 super().run_forever()
@@ -382,6 +612,10 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
             raise RuntimeError("Cannot close a running event loop")
         if self.is_closed():
             return
+        try:
+            self._proactor.claim()  # only the port's owner can close it
+        except RuntimeError as exc:
+            raise RuntimeError(f"{self!r} cannot be closed here: {exc}") from None
         if not sys.is_finalizing():
             for sig in list(self._signal_handlers):
                 self.remove_signal_handler(sig)  # the last one restores the wakeup fd

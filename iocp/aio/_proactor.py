@@ -9,18 +9,20 @@ callback resolves an asyncio future; ``select(timeout)`` waits on the port
 operation; ``close()`` closes the port, which cancels and drains every
 operation still in flight.
 
-Submission batching: the port sends an op to the kernel at once when no
-thread is inside ``run()`` dispatching (an IOCP op runs from the moment it
-is posted), which from an asyncio loop -- whose callbacks run between two
-waits -- would cost one ``io_uring_enter`` per op.  So the proactor queues
-the ops the loop issues during an iteration and submits them at the start
-of the next ``select()`` from a posted packet's callback, i.e. inside
-``port.run()``'s dispatch, where the port batches them into the wait that
-follows (about 1.5x less CPU per echoed message on io_uring).  The first
-real completion batch then ends that ``run()`` with ``port.stop()``.  A
-zero timeout (the loop has callbacks ready) submits and polls directly, and
-the loop submits what is queued whenever ``run_forever()`` returns, so an
-op issued during a run always starts before the run ends.
+Submission and the wait: the loop's port is single-issuer (the thread
+that runs the loop owns it; see ``claim()``).  Every op is handed to the
+port when it is issued -- from a loop callback the port submits it at once;
+from a completion callback (inside ``run_once``'s dispatch) io_uring holds
+the SQE back and sends it with that ``run_once``'s own ``io_uring_enter``,
+before it returns -- so an op never waits for the next ``select()``.
+``select(timeout)`` is exactly one ``port.run_once(timeout)``: one wait,
+one batch, no posted packet and no ``stop()``.  A completion callback that
+raises an Exception goes to the loop's exception handler; a
+KeyboardInterrupt or SystemExit (from a callback or a signal handler run
+during the wait) leaves ``run_once`` and the loop, and the rest of that
+batch is dispatched by the next ``run_once`` first, so no completion is
+lost.  ``wake()`` (call_soon_threadsafe) posts one packet from any thread:
+the port hands a foreign thread's post to the owner's wait.
 
 Stream sockets go through the port (accept, connect, recv, recv_into,
 send).  Datagram sockets have no port operation: they use readiness (the
@@ -37,13 +39,12 @@ import collections
 import os
 import selectors
 import socket
+import threading
 from typing import Any, Callable
 
 from iocp._core import POLLOUT, Completion, CompletionPort, Operation
 
 _os_sendfile = getattr(os, "sendfile", None)
-
-_GET_BATCH = 128
 
 # Bytes one sendfile hands the kernel per loop turn.  A peer that reads as
 # fast as the kernel copies (io_uring's multishot recv on the same machine)
@@ -88,10 +89,6 @@ class OpFuture(asyncio.Future):  # type: ignore[type-arg]
 
     def _fail(self, c: Completion) -> bool:
         self._op = None
-        px = self._px
-        if not px._stopping:  # end select()'s run() after this batch
-            px._stopping = True
-            px._stop()
         if self.done():
             return True
         if c.cancelled:
@@ -170,10 +167,12 @@ class Proactor:
         self._loop: Any = None
         self._socks: dict[int, socket.socket] = {}
         self._wake_posted = False
-        self._backlog: collections.deque[Completion] = collections.deque()
-        self._deferred: list[tuple[OpFuture, Callable[..., Operation], tuple[Any, ...]]] = []
-        self._stopping = False
-        self._stop = port.stop
+        # Set once the loop's thread has claimed the single-issuer port
+        # (claim()); until then wake() must not post, or the posting
+        # thread would become the port's owner.
+        self._claimed = not port.single_issuer
+        self._claim_lock = threading.Lock()
+        self._owner: threading.Thread | None = None
         self._gates: dict[socket.socket, _RecvGate] = {}
         self._Future: type[OpFuture] = type("OpFuture", (OpFuture,), {"_px": self})
 
@@ -241,23 +240,16 @@ class Proactor:
         except (ValueError, OSError):
             pass
 
-    def _flush(self, c: Any = None) -> None:
-        """Submits the queued ops, in order.  Inside run()'s dispatch when
-        called as a post's callback."""
-        d = self._deferred
-        if not d:
-            return
-        self._deferred = []
-        for fut, submit, args in d:
-            if fut.done():  # cancelled before it was submitted
-                continue
-            try:
-                fut._op = submit(*args)
-            except Exception as exc:  # e.g. the socket was closed meanwhile
-                fut.set_exception(exc)
-                if c is not None and not self._stopping:
-                    self._stopping = True  # no completion will come: end the wait
-                    self._stop()
+    def _start(
+        self, fut: OpFuture, submit: Callable[..., Operation], *args: Any
+    ) -> OpFuture:
+        """Submits ``fut``'s op now (an error, e.g. the socket was closed
+        meanwhile, resolves the future instead)."""
+        try:
+            fut._op = submit(*args)
+        except Exception as exc:
+            fut.set_exception(exc)
+        return fut
 
     # ---- stream operations ---------------------------------------------
 
@@ -278,7 +270,7 @@ class Proactor:
         fut._sock = conn
         gate = self._gates.get(conn)
         if gate is None:
-            self._deferred.append((fut, port.recv, (conn, nbytes, fut._on_recv)))
+            self._start(fut, port.recv, conn, nbytes, fut._on_recv)
         else:
             gate.waiting.append((fut, nbytes, None))
             self._serve(conn, gate)
@@ -293,7 +285,7 @@ class Proactor:
         fut._buf = buf
         gate = self._gates.get(conn)
         if gate is None:
-            self._deferred.append((fut, port.recv_into, (conn, buf, fut._on_count)))
+            self._start(fut, port.recv_into, conn, buf, fut._on_count)
         else:
             gate.waiting.append((fut, 0, buf))
             self._serve(conn, gate)
@@ -375,9 +367,9 @@ class Proactor:
             if port is None:
                 fut.cancel()
             elif buf is None:
-                self._deferred.append((fut, port.recv, (sock, nbytes, fut._on_recv)))
+                self._start(fut, port.recv, sock, nbytes, fut._on_recv)
             else:
-                self._deferred.append((fut, port.recv_into, (sock, buf, fut._on_count)))
+                self._start(fut, port.recv_into, sock, buf, fut._on_count)
 
     def send(self, conn: socket.socket, buf: Any, flags: int = 0) -> asyncio.Future[Any]:
         port = self._stream(conn, flags)
@@ -387,14 +379,12 @@ class Proactor:
         if not buf:
             fut.set_result(0)
             return fut
-        self._deferred.append((fut, port.send, (conn, buf, fut._on_count)))
-        return fut
+        return self._start(fut, port.send, conn, buf, fut._on_count)
 
     def accept(self, listener: socket.socket) -> asyncio.Future[Any]:
         port = self._register(listener)
         fut = self._Future(loop=self._loop)
-        self._deferred.append((fut, port.accept, (listener, fut._on_accept)))
-        return fut
+        return self._start(fut, port.accept, listener, fut._on_accept)
 
     def connect(self, conn: socket.socket, address: Any) -> asyncio.Future[Any]:
         if conn.type == socket.SOCK_DGRAM:
@@ -408,14 +398,10 @@ class Proactor:
             return fut
         port = self._register(conn)
         fut = self._Future(loop=self._loop)
-        # Submitted now, not with the next select(): the SYN must go out
-        # before the caller's next step, which may block on the peer (as a
-        # selector loop's non-blocking connect() does).
-        try:
-            fut._op = port.connect(conn, address, fut._on_connect)
-        except Exception as exc:
-            fut.set_exception(exc)
-        return fut
+        # Submitted now, as every op: the SYN goes out before the caller's
+        # next step, which may block on the peer (as a selector loop's
+        # non-blocking connect() does).
+        return self._start(fut, port.connect, conn, address, fut._on_connect)
 
     def sendfile(
         self, sock: socket.socket, file: Any, offset: int, count: int
@@ -477,8 +463,6 @@ class Proactor:
                 fut.set_exception(c.error)
             elif not attempt():
                 poll_op = port.poll(sock, POLLOUT, on_writable)
-                return
-            self._end_run()
 
         def on_done(f: Any) -> None:
             if poll_op is not None:
@@ -497,11 +481,9 @@ class Proactor:
         return fut
 
     def _end_run(self) -> None:
-        """Ends select()'s port.run() after the current batch, so the loop
-        runs the callbacks a completion handler scheduled."""
-        if not self._stopping:
-            self._stopping = True
-            self._stop()
+        """Asked by completion handlers that queue loop callbacks (readiness,
+        datagrams) to end select()'s wait after this batch: nothing to do,
+        run_once() returns after every batch."""
 
     # ---- datagrams: readiness ------------------------------------------
 
@@ -578,6 +560,42 @@ class Proactor:
 
     # ---- the wait ------------------------------------------------------
 
+    def claim(self) -> None:
+        """Makes the calling thread the owner of the loop's single-issuer
+        port; the loop calls it as each run starts, in the running thread.
+
+        Creating a loop does not touch the port, so a loop may be created in
+        one thread and run in another.  The port stays the first running
+        thread's (the kernel binds a single-issuer io_uring to it): running
+        the loop later in another thread raises RuntimeError here, before
+        the run starts.  Until the claim, ``wake()`` does not post (a post
+        would make the posting thread the owner); it need not: the loop is
+        not waiting then, and the callback that asked for the wake-up is
+        already in the ready queue its first iteration reads.
+        """
+        port = self._port
+        if port is None:
+            raise RuntimeError("the event loop's completion port is closed")
+        me = threading.current_thread()
+        owner = self._owner
+        if owner is not None and owner is not me:
+            # The port checks thread idents, which a new thread may reuse
+            # once the owner has exited; the kernel would then refuse the
+            # new thread's calls.  The Thread object tells them apart.
+            raise RuntimeError(
+                f"this single-issuer completion port is owned by thread {owner.ident} "
+                f"({owner.name}{'' if owner.is_alive() else ', exited'}) and cannot be "
+                f"used from thread {me.ident} ({me.name})"
+            )
+        if self._claimed:
+            port.flush()  # raises RuntimeError on a thread that is not the owner
+            return
+        with self._claim_lock:
+            port.flush()  # the first owner-checked call: this thread owns it
+            if port.single_issuer:
+                self._owner = me
+            self._claimed = True
+
     def wake(self) -> None:
         """Wakes select() from any thread (call_soon_threadsafe)."""
         if self._wake_posted:
@@ -585,6 +603,10 @@ class Proactor:
         port = self._port
         if port is None:
             return
+        if not self._claimed:
+            with self._claim_lock:
+                if not self._claimed:
+                    return  # not running yet (see claim())
         self._wake_posted = True
         try:
             port.post()
@@ -592,51 +614,16 @@ class Proactor:
             self._wake_posted = False
 
     def select(self, timeout: float | None = None) -> list[Any]:
+        """One loop iteration's wait: exactly one ``port.run_once``."""
         port = self._port
         if port is None:
             raise RuntimeError("the event loop's completion port is closed")
-        if self._backlog or (timeout is not None and timeout <= 0):
-            return self._poll()
-        if self._deferred:
-            port.post(callback=self._flush)
-        self._stopping = False
-        port.run(timeout, self._on_post)
-        return []
-
-    def _poll(self) -> list[Any]:
-        """select(0): submit at once, take what is there, never wait."""
-        self._flush()
-        port = self._port
-        assert port is not None
-        backlog = self._backlog
-        if not backlog:
-            backlog.extend(port.get_many(_GET_BATCH, 0))
-        # Completions wait in the backlog until handled, so a
-        # KeyboardInterrupt raised meanwhile loses none of them.
-        while backlog:
-            self._handle(backlog.popleft())
+        port.run_once(timeout, self._on_post)
         return []
 
     def _on_post(self, c: Completion) -> None:
-        """run()'s handler: the wake-up posts of call_soon_threadsafe."""
+        """run_once()'s handler: the wake-up posts of call_soon_threadsafe."""
         self._wake_posted = False
-        if not self._stopping:
-            self._stopping = True
-            self._stop()
-
-    def _handle(self, c: Completion) -> None:
-        cb = c.operation.callback
-        if cb is None:  # a wake-up post
-            self._wake_posted = False
-            return
-        try:
-            cb(c)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._loop.call_exception_handler(
-                {"message": "iocp completion handler failed", "exception": exc}
-            )
 
     def _stop_serving(self, obj: socket.socket) -> None:
         self._unregister(obj)
@@ -645,15 +632,10 @@ class Proactor:
         port = self._port
         if port is None:
             return
-        deferred, self._deferred = self._deferred, []
-        for fut, _, _ in deferred:
-            fut.cancel()
         gates, self._gates = self._gates, {}
         for gate in gates.values():
             for fut, _, _ in gate.waiting:
                 fut.cancel()
-        while self._backlog:
-            self._handle(self._backlog.popleft())
         port.close()  # cancels every op and runs its handler: futures cancelled
         self._socks.clear()
         self._port = None
