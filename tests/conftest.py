@@ -106,3 +106,20 @@ def many_fds():
         pytest.skip("cannot raise the open-file limit to 4200")
     yield
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture(scope="module")
+def ssl_contexts():
+    """(server, client) SSL contexts trusting one fresh self-signed
+    certificate (made by tests.test_aio._self_signed)."""
+    import ssl
+    import tempfile
+
+    from tests.test_aio import _self_signed
+
+    with tempfile.TemporaryDirectory() as d:
+        cert, key = _self_signed(d)
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server.load_cert_chain(cert, key)
+        client = ssl.create_default_context(cafile=cert)
+        yield server, client

@@ -14,10 +14,8 @@ import os
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -756,16 +754,6 @@ def _self_signed(tmpdir: str) -> tuple[str, str]:
             )
         )
     return cert, key
-
-
-@pytest.fixture(scope="module")
-def ssl_contexts():
-    with tempfile.TemporaryDirectory() as d:
-        cert, key = _self_signed(d)
-        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        server.load_cert_chain(cert, key)
-        client = ssl.create_default_context(cafile=cert)
-        yield server, client
 
 
 def test_ssl_echo(aloop, ssl_contexts) -> None:

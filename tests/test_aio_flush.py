@@ -18,27 +18,15 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import tempfile
 import threading
 from typing import Any
 
 import pytest
 
 import iocp.aio
-from tests.test_aio import _self_signed
 
 TIMEOUT = 30.0
 BIG = 4 << 20
-
-
-@pytest.fixture(scope="module")
-def contexts():
-    with tempfile.TemporaryDirectory() as d:
-        cert, key = _self_signed(d)
-        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        server.load_cert_chain(cert, key)
-        client = ssl.create_default_context(cafile=cert)
-        yield server, client
 
 
 @pytest.fixture
@@ -91,8 +79,8 @@ class _Peer(threading.Thread):
         return self.result
 
 
-def test_start_tls_right_after_a_large_write(loop, contexts) -> None:
-    server_ctx, client_ctx = contexts
+def test_start_tls_right_after_a_large_write(loop, ssl_contexts) -> None:
+    server_ctx, client_ctx = ssl_contexts
 
     def serve(conn: socket.socket) -> int:
         _recv_exactly(conn, BIG)  # the plain bytes
@@ -138,8 +126,8 @@ def test_start_tls_right_after_a_large_write(loop, contexts) -> None:
     assert paused == 1  # the case under test did happen
 
 
-def test_tls_close_notify_after_a_write_in_flight_is_sent(loop, contexts) -> None:
-    server_ctx, client_ctx = contexts
+def test_tls_close_notify_after_a_write_in_flight_is_sent(loop, ssl_contexts) -> None:
+    server_ctx, client_ctx = ssl_contexts
 
     def serve(conn: socket.socket) -> tuple[int, bool]:
         # TLS by hand over memory BIOs, so close_notify can be sent without

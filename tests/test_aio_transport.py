@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import tempfile
 
 import pytest
 
@@ -15,7 +14,7 @@ import iocp.aio
 from iocp._core import Stream
 from iocp.aio._transport import TCPTransport
 
-from .test_aio import _leak_free, _self_signed, run
+from .test_aio import _leak_free, run
 
 HAS_UNIX = hasattr(socket, "AF_UNIX")
 
@@ -29,16 +28,6 @@ def aloop(backend: str):
     if not loop.is_closed():
         loop.close()
     _leak_free(loop)
-
-
-@pytest.fixture(scope="module")
-def ssl_contexts():
-    with tempfile.TemporaryDirectory() as d:
-        cert, key = _self_signed(d)
-        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        server.load_cert_chain(cert, key)
-        client = ssl.create_default_context(cafile=cert)
-        yield server, client
 
 
 class Sink(asyncio.Protocol):
