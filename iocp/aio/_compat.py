@@ -24,7 +24,10 @@ import asyncio
 import sys
 import warnings
 from asyncio import base_events, coroutines, events, runners, sslproto, trsock
+from asyncio import constants as _constants
+from asyncio import futures as _futures
 from asyncio import proactor_events as _proactor_events_typed
+from asyncio import transports as _transports
 from typing import Any, Callable
 
 # typeshed describes only part of these modules' private names.
@@ -45,6 +48,12 @@ ProactorDatagramTransport: Any = proactor_events._ProactorDatagramTransport
 SSLProtocol: Any = sslproto.SSLProtocol
 # The socket a transport's get_extra_info("socket") gives (3.8+).
 TransportSocket: Any = trsock.TransportSocket
+# What the stream transport (_transport.TCPTransport) borrows: the base
+# loop.sendfile()'s fallback insists on, sendfile's mode enum, and the
+# futures helper the transports resolve their waiters with (3.9 - 3.15).
+FlowControlMixin: Any = _transports._FlowControlMixin
+SENDFILE_TRY_NATIVE: Any = _constants._SendfileMode.TRY_NATIVE
+set_result_unless_cancelled: Any = _futures._set_result_unless_cancelled
 
 # BaseEventLoop._run_forever_setup/_run_forever_cleanup: the hooks
 # run_forever() calls around its loop, 3.13+ (not in 3.12.1).  Before,
@@ -128,3 +137,18 @@ iscoroutine: Callable[[Any], bool] = coroutines.iscoroutine
 # asyncio.run's end-of-run cancellation, for iocp.aio.run on 3.9/3.10
 # (3.11+ uses asyncio.Runner).
 cancel_all_tasks: Callable[[Any], None] = getattr(runners, "_cancel_all_tasks", None)  # type: ignore[assignment]
+
+
+def fill_socket_extra(extra: dict[str, Any], sock: Any) -> None:
+    """A transport's "socket", "sockname" and "peername" extra info, as
+    asyncio's own transports fill them in (peername kept if given)."""
+    extra["socket"] = TransportSocket(sock)
+    try:
+        extra["sockname"] = sock.getsockname()
+    except OSError:
+        extra["sockname"] = None
+    if "peername" not in extra:
+        try:
+            extra["peername"] = sock.getpeername()
+        except OSError:
+            extra["peername"] = None

@@ -80,16 +80,7 @@ class DatagramTransport(asyncio.Transport, asyncio.DatagramTransport):
         extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(extra)
-        self._extra["socket"] = _compat.TransportSocket(sock)
-        try:
-            self._extra["sockname"] = sock.getsockname()
-        except OSError:
-            self._extra["sockname"] = None
-        if "peername" not in self._extra:
-            try:
-                self._extra["peername"] = sock.getpeername()
-            except OSError:
-                self._extra["peername"] = None
+        _compat.fill_socket_extra(self._extra, sock)
         self._loop = loop
         self._sock: socket.socket | None = sock
         self._sock_fd = sock.fileno()

@@ -29,15 +29,17 @@ from __future__ import annotations
 import socket
 import sys
 import warnings
-from asyncio import constants, futures, sslproto, transports, trsock
+from asyncio import transports
 from typing import Any
 
 from iocp._core import Stream
 
-_FlowControlMixin: Any = transports._FlowControlMixin  # private stdlib class
-_SENDFILE_TRY_NATIVE: Any = constants._SendfileMode.TRY_NATIVE  # private stdlib enum
-_set_result_unless_cancelled: Any = futures._set_result_unless_cancelled
-_SSLProtocol: Any = sslproto.SSLProtocol
+from . import _compat
+
+_FlowControlMixin: Any = _compat.FlowControlMixin
+_SENDFILE_TRY_NATIVE: Any = _compat.SENDFILE_TRY_NATIVE
+_set_result_unless_cancelled: Any = _compat.set_result_unless_cancelled
+_SSLProtocol: Any = _compat.SSLProtocol
 
 # Server._attach()/_detach() take the transport from 3.13 on.
 _ATTACH_TAKES_TRANSPORT = sys.version_info >= (3, 13)
@@ -98,16 +100,7 @@ class TCPTransport(_FlowControlMixin):  # type: ignore[misc]
         transports.BaseTransport.__init__(self, extra)
         self._loop = loop
         self._high_water = self._low_water = 0  # the mixin's, unused
-        self._extra["socket"] = trsock.TransportSocket(sock)
-        try:
-            self._extra["sockname"] = sock.getsockname()
-        except OSError:
-            self._extra["sockname"] = None
-        if "peername" not in self._extra:
-            try:
-                self._extra["peername"] = sock.getpeername()
-            except OSError:
-                self._extra["peername"] = None
+        _compat.fill_socket_extra(self._extra, sock)
         # The loop's proactor may have registered the socket (sock_connect);
         # the stream registers it itself and unregisters it at the end.
         proactor = loop._proactor
