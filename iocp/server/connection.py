@@ -883,7 +883,7 @@ class _StreamConnection(Connection):
 
     def _idle(self, cutoff: float, now: float) -> bool:
         # The stream stamps every delivery and every completed send.
-        return self._stream.last_activity < cutoff and not self._torn  # type: ignore[no-any-return]
+        return self._stream.last_activity < cutoff and not self._torn
 
     def _idle_close(self, exc: BaseException) -> None:
         if self._disp[0] != _get_ident():
