@@ -25,8 +25,10 @@ lost.  ``wake()`` (call_soon_threadsafe) posts one packet from any thread:
 the port hands a foreign thread's post to the owner's wait.
 
 Stream sockets go through the port (accept, connect, recv, recv_into,
-send).  Datagram sockets have no port operation: they use readiness (the
-loop's helper thread, see ``_readiness``).  ``sendfile`` is ``os.sendfile``
+send); the loop's stream transports sit on ``iocp._core.Stream`` instead
+(``_transport``).  Datagram sockets have no port operation: they use the
+port's poll ops (``_datagram``, and ``_ready_op`` here for ``sock_*``
+calls, through ``_readiness``).  ``sendfile`` is ``os.sendfile``
 on the non-blocking socket, waiting on the port's poll op when the socket
 is full (where there is no ``os.sendfile`` it reports "not available" and
 asyncio falls back to plain sends).
