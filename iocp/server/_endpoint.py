@@ -220,10 +220,12 @@ class _Endpoint(_Owner):
         return loop.port if loop is not None else None
 
     def _new_connection(self, sock: socket.socket, peer: Address) -> Connection:
-        try:
-            sockname: Address = sock.getsockname()
-        except OSError:
-            sockname = None
+        sockname: Address = None
+        if not self._single:  # a stream reads its own addresses
+            try:
+                sockname = sock.getsockname()
+            except OSError:
+                pass
         if sock.family in (socket.AF_INET, getattr(socket, "AF_INET6", -1)):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

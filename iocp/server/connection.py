@@ -656,20 +656,31 @@ _get_ident = threading.get_ident
 
 
 class _Hooks:
-    """The protocol the Stream sees: the user's data_received as it is (the
-    stream calls it from C with the connection first, and keeps the byte
-    counters and the activity stamp itself), our own methods for the rare
-    events, which keep the connection's state and then call the user's."""
+    """The protocol the Stream sees, and its every callback, in one small
+    object per connection (a bound method per hook would cost 64 bytes
+    each, per idle connection).
 
-    __slots__ = ("data_received", "eof_received", "pause_writing", "resume_writing",
-                 "connection_lost")
+    ``data_received`` is the user's own method as it is (the stream calls
+    it from C with the connection first, and keeps the byte counters and
+    the activity stamp itself).  The rare events are class-level plain
+    functions, the connection's methods unbound: the stream calls them with
+    the connection first, which is their ``self``.  The object itself is
+    the stream's ``on_error(exc)`` and bind_server's ``foreign(data)`` and
+    ``over()``, told apart by the argument (an exception, bytes, none)."""
+
+    __slots__ = ("data_received", "conn")
 
     def __init__(self, conn: _StreamConnection, data_received: Any) -> None:
         self.data_received = data_received
-        self.eof_received = conn._on_eof
-        self.pause_writing = conn._on_pause
-        self.resume_writing = conn._on_resume
-        self.connection_lost = conn._on_lost
+        self.conn = conn
+
+    def __call__(self, arg: Any = None) -> None:
+        if arg is None:
+            self.conn._over_limit()
+        elif isinstance(arg, BaseException):
+            self.conn._on_error(arg)
+        else:
+            self.conn._foreign_send(arg)
 
 
 class _StreamConnection(Connection):
@@ -712,8 +723,8 @@ class _StreamConnection(Connection):
         self._cfg = cfg
         self._sock = sock
         self.protocol = protocol
-        self.peername = peername
-        self.sockname = sockname
+        # peername and sockname are the stream's (it reads both): not kept
+        # twice per connection.
         self._high = cfg.high
         self._low = cfg.low
         self._limit = cfg.limit
@@ -726,11 +737,12 @@ class _StreamConnection(Connection):
         self._disp = owner._loop.dispatcher  # [ident of the dispatching thread]
         self._begun = False
         self._user = protocol
+        hooks = _Hooks(self, protocol.data_received)
         stream = _Stream(
-            self._port, sock, _Hooks(self, protocol.data_received), conn=self,
-            write_high_water=cfg.high, write_low_water=cfg.low, on_error=self._on_error,
+            self._port, sock, hooks, conn=self,
+            write_high_water=cfg.high, write_low_water=cfg.low, on_error=hooks,
         )
-        stream.bind_server(self._disp, cfg.limit, self._foreign_send, self._over_limit)
+        stream.bind_server(self._disp, cfg.limit, hooks, hooks)
         self._stream = stream
         self.send = self.write = stream.server_write  # type: ignore[method-assign]
 
@@ -752,6 +764,16 @@ class _StreamConnection(Connection):
     @property
     def writing_paused(self) -> bool:
         return self._paused
+
+    @property
+    def peername(self) -> Address:  # type: ignore[override]
+        """The peer's address (as ``socket.getpeername()`` gives it)."""
+        return self._stream.get_extra_info("peername")  # type: ignore[no-any-return]
+
+    @property
+    def sockname(self) -> Address:  # type: ignore[override]
+        """The local address."""
+        return self._stream.get_extra_info("sockname")  # type: ignore[no-any-return]
 
     @property
     def bytes_received(self) -> int:  # type: ignore[override]
@@ -897,25 +919,27 @@ class _StreamConnection(Connection):
             self._stream.abort(exc)
 
     # called by the stream ------------------------------------------------------
-    def _on_eof(self, conn: Connection) -> Any:
-        keep = getattr(self._user, "eof_received", _noop)(conn)
+    # These four are the _Hooks' class-level hooks: the stream calls them
+    # with the connection first, as self.
+    def _on_eof(self) -> Any:
+        keep = getattr(self._user, "eof_received", _noop)(self)
         if not keep:
             self._closing = True  # the stream closes: later sends are dropped
         return keep
 
-    def _on_pause(self, conn: Connection) -> None:
+    def _on_pause(self) -> None:
         self._paused = True
-        self._flow_call("pause_writing", conn)
+        self._flow_call("pause_writing")
 
-    def _on_resume(self, conn: Connection) -> None:
+    def _on_resume(self) -> None:
         self._paused = False
-        self._flow_call("resume_writing", conn)
+        self._flow_call("resume_writing")
 
-    def _flow_call(self, name: str, conn: Connection) -> None:
+    def _flow_call(self, name: str) -> None:
         # The stream only reports what these raise; iocp.server aborts the
         # connection, as for any other callback.
         try:
-            getattr(self._user, name, _noop)(conn)
+            getattr(self._user, name, _noop)(self)
         except Exception as exc:
             self._on_error(exc)
             self._stream.abort(exc)
@@ -928,7 +952,7 @@ class _StreamConnection(Connection):
             exc_info=exc,
         )
 
-    def _on_lost(self, conn: Connection, exc: BaseException | None) -> None:
+    def _on_lost(self, exc: BaseException | None) -> None:
         # As for the threaded connection: forgotten only once connection_lost
         # has returned, which shutdown() relies on.
         self._torn = True
@@ -936,9 +960,15 @@ class _StreamConnection(Connection):
         self._exc = exc
         try:
             if self._begun:  # no connection_lost without connection_made
-                getattr(self._user, "connection_lost", _noop)(conn, exc)
+                getattr(self._user, "connection_lost", _noop)(self, exc)
         except Exception as err:
             self._on_error(err)
         finally:
             self.protocol = self._user = None
             self._owner._forget(self)
+
+
+_Hooks.eof_received = staticmethod(_StreamConnection._on_eof)  # type: ignore[attr-defined]
+_Hooks.pause_writing = staticmethod(_StreamConnection._on_pause)  # type: ignore[attr-defined]
+_Hooks.resume_writing = staticmethod(_StreamConnection._on_resume)  # type: ignore[attr-defined]
+_Hooks.connection_lost = staticmethod(_StreamConnection._on_lost)  # type: ignore[attr-defined]
