@@ -18,7 +18,13 @@ from typing import Any, Callable, Dict, List
 from iocp._core import CompletionPort
 from iocp.server._loop import _Loop
 from iocp.server._util import Address
-from iocp.server.connection import Connection, _Owner, _Stream, _StreamConnection
+from iocp.server.connection import (
+    Connection,
+    _Owner,
+    _Stream,
+    _StreamConnection,
+    _ThreadedConnection,
+)
 
 ProtocolFactory = Callable[[], Any]
 
@@ -183,7 +189,9 @@ class _Endpoint(_Owner):
         self._backend = backend
         self._port_factory = port_factory
         self._given_port = completion_port
-        self._conns: Dict[int, Connection] = {}
+        # Keyed by the connection itself (identity hash: no int per entry),
+        # in admission order.
+        self._conns: Dict[Connection, None] = {}
         # One thread dispatches the port: connections go on the stream core.
         self._single = False
         self._lock = threading.Lock()
@@ -211,7 +219,7 @@ class _Endpoint(_Owner):
     def connections(self) -> List[Connection]:
         """A snapshot of the open connections."""
         with self._lock:
-            return list(self._conns.values())
+            return list(self._conns)
 
     @property
     def completion_port(self) -> Any:
@@ -232,13 +240,13 @@ class _Endpoint(_Owner):
             except OSError:
                 pass
         protocol = self._factory()
-        cls = _StreamConnection if self._single else Connection
+        cls = _StreamConnection if self._single else _ThreadedConnection
         conn = cls(self, sock, protocol, peer, sockname)
         return conn
 
     def _forget(self, conn: Connection) -> None:
         with self._lock:
-            self._conns.pop(id(conn), None)
+            self._conns.pop(conn, None)
             self._changed.notify_all()
 
     def _wait_for(self, pred: Callable[[], bool], timeout: float) -> bool:

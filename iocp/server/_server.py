@@ -35,7 +35,7 @@ from iocp.server._util import (
     log,
 )
 from iocp.server._workers import serve_workers
-from iocp.server.connection import Connection
+from iocp.server.connection import _StreamConnection
 
 _TRANSIENT_ACCEPT = {
     errno.ECONNABORTED,
@@ -479,7 +479,7 @@ class Server(_Endpoint):
         conn = None
         try:
             made = self._new_connection(csock, addr)
-            if type(made) is Connection:  # a stream registers its socket itself
+            if not isinstance(made, _StreamConnection):  # a stream registers its socket
                 self._loop.port.register(csock, key=id(made))
             conn = made
         except Exception:
@@ -492,7 +492,7 @@ class Server(_Endpoint):
                 # has stopped; one accepted after that must not slip past it.
                 late = not self._accepting
                 if conn is not None and not late:
-                    self._conns[id(conn)] = conn
+                    self._conns[conn] = None
         if conn is None:
             return
         if late:

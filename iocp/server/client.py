@@ -135,7 +135,7 @@ class Client(_Endpoint):
             _unregister_close(port, sock)
             raise
         with self._lock:
-            self._conns[id(conn)] = conn
+            self._conns[conn] = None
         self.connection = conn
         conn._begin_any()
         return conn

@@ -90,15 +90,21 @@ class Connection:
 
     # Slots make the per-message attribute traffic cheaper; ``__dict__``
     # stays, so code that hangs its own attributes on a connection works.
+    # Only what both modes use is here: the threaded mode's own state is in
+    # _ThreadedConnection's slots, so a stream connection (an idle one is
+    # what a server holds most of) does not carry them.
     __slots__ = (
-        "_owner", "_loop", "_port", "_cfg", "_sock", "protocol", "peername", "sockname",
-        "_on_data", "_lock", "_mail", "_busy", "_wbuf", "_wbuf_size", "_buffered",
-        "_sending", "_paused", "_closing", "_eof_pending", "_torn", "_finished", "_ops",
-        "_recv_op", "_rpaused", "_held", "_recv_pending", "_eof_seen", "_send_op", "_exc",
-        "_recv_cb", "_send_cb", "_nread", "_high", "_low", "_limit",
-        "last_activity", "bytes_received", "bytes_sent",
+        "_owner", "_loop", "_port", "_cfg", "_sock", "protocol",
+        "_paused", "_closing", "_eof_pending", "_torn", "_rpaused", "_exc",
+        "_high", "_low", "_limit",
         "__dict__", "__weakref__",
     )
+
+    peername: Address
+    sockname: Address
+    last_activity: float
+    bytes_received: int
+    bytes_sent: int
 
     def __init__(
         self,
@@ -644,6 +650,18 @@ class Connection:
             self._on_data = _noop
             self._recv_cb = self._send_cb = _noop  # no op is left to call them
             self._owner._forget(self)
+
+
+class _ThreadedConnection(Connection):
+    """The multi-thread mode's :class:`Connection`: its methods are
+    Connection's own; this class only adds the slots of their state."""
+
+    __slots__ = (
+        "peername", "sockname", "_on_data", "_lock", "_mail", "_busy", "_wbuf",
+        "_wbuf_size", "_buffered", "_sending", "_finished", "_ops", "_recv_op",
+        "_held", "_recv_pending", "_eof_seen", "_send_op", "_recv_cb", "_send_cb",
+        "_nread", "last_activity", "bytes_received", "bytes_sent",
+    )
 
 
 # --------------------------------------------------------------------------
