@@ -546,21 +546,37 @@ class Server(_Endpoint):
             self._changed.notify_all()
 
     # idle timeout ----------------------------------------------------------------
-    def _schedule_idle_check(self) -> None:
+    def _schedule_idle_check(self, delay: float | None = None) -> None:
         assert self.idle_timeout is not None
-        tick = min(max(self.idle_timeout / 4.0, 0.05), 1.0)
-        self._loop.call_later(tick, self._idle_check)
+        if delay is None:
+            delay = self.idle_timeout
+        # Not sooner than a small share of the timeout: a connection is
+        # closed at most that much after its deadline.
+        floor = min(max(self.idle_timeout / 16.0, 0.01), 1.0)
+        self._loop.call_later(max(delay, floor), self._idle_check)
 
     def _idle_check(self) -> None:
+        """Close the connections idle for ``idle_timeout``; then sleep until
+        the earliest a kept one can be: its last activity plus the timeout
+        (activity only moves a stamp forward, and a new connection starts
+        now).  So a sweep of every connection runs once per timeout span
+        at most, not every second whatever the timeout was (a 10,000
+        connection server swept them all each second)."""
         if self._stopped or self.idle_timeout is None:
             return
+        timeout = self.idle_timeout
         now = time.monotonic()
-        cutoff = now - self.idle_timeout
+        cutoff = now - timeout
+        oldest = now
         for conn in self.connections:
             if conn._idle(cutoff, now):
                 log.info("closing idle connection %s", _fmt_addr(conn.peername))
-                conn._idle_close(TimeoutError(f"idle for {self.idle_timeout} s"))
-        self._schedule_idle_check()
+                conn._idle_close(TimeoutError(f"idle for {timeout} s"))
+            else:
+                last = conn.last_activity
+                if last < oldest:
+                    oldest = last
+        self._schedule_idle_check(oldest + timeout - now)
 
     # workers -----------------------------------------------------------------------
     def _serve_workers(
