@@ -114,19 +114,8 @@ class Connection:
         peername: Address,
         sockname: Address,
     ) -> None:
-        if not isinstance(owner, _Owner) or not isinstance(sock, socket.socket):
-            raise TypeError("Connection objects are made by Server and Client, not directly")
-        self._owner = owner
-        self._loop: _Loop = owner._loop
-        self._port = owner._loop.port
-        self._cfg: _Settings = owner._settings
-        cfg = self._cfg  # copied: read on every message
+        cfg = self._init_common(owner, sock, protocol)
         self._nread = cfg.read_size
-        self._high = cfg.high
-        self._low = cfg.low
-        self._limit = cfg.limit
-        self._sock = sock
-        self.protocol = protocol
         #: The peer's address (as ``socket.getpeername()`` gives it).
         self.peername: Address = peername
         #: The local address.
@@ -139,20 +128,14 @@ class Connection:
         self._wbuf_size = 0
         self._buffered = 0  # queued + in flight
         self._sending = False
-        self._paused = False
-        self._closing = False
-        self._eof_pending = False  # write_eof() requested
-        self._torn = False
         self._finished = False
         self._ops = 0  # our ops in flight on this socket
         self._recv_op: Any = None
-        # Reading flow control.  All but _rpaused change only in the strand.
-        self._rpaused = False  # pause_reading() called, resume_reading() not yet
+        # Reading flow control (and _rpaused).  They change only in the strand.
         self._held: deque[bytes | None] = deque()  # arrived while paused; None: EOF
         self._recv_pending = False  # a recv submitted and its result not yet handled
         self._eof_seen = False
         self._send_op: Any = None
-        self._exc: BaseException | None = None
         # The completion callbacks, bound once (not once per operation).  The
         # cycle they make is broken in _lost().
         self._recv_cb: Any = self._on_recv
@@ -162,9 +145,40 @@ class Connection:
         self.bytes_received = 0
         self.bytes_sent = 0
 
+    def _init_common(self, owner: Any, sock: socket.socket, protocol: Any) -> _Settings:
+        """The state both modes keep; returns the settings."""
+        if not isinstance(owner, _Owner) or not isinstance(sock, socket.socket):
+            raise TypeError("Connection objects are made by Server and Client, not directly")
+        cfg: _Settings = owner._settings
+        self._owner = owner
+        self._loop: _Loop = owner._loop
+        self._port = owner._loop.port
+        self._cfg = cfg
+        self._sock = sock
+        self.protocol = protocol
+        self._high = cfg.high  # copied: read on every message
+        self._low = cfg.low
+        self._limit = cfg.limit
+        self._paused = False
+        self._rpaused = False  # pause_reading() called, resume_reading() not yet
+        self._closing = False
+        self._eof_pending = False  # write_eof() requested
+        self._torn = False
+        self._exc: BaseException | None = None
+        return cfg
+
+    def _linger0(self) -> None:
+        """SO_LINGER on with a zero timeout: the close that follows resets
+        the connection (abort()) instead of a FIN."""
+        try:
+            linger = struct.pack("HH" if os.name == "nt" else "ii", 1, 0)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        except OSError:
+            pass
+
     def __repr__(self) -> str:
-        state = "closed" if self._torn else "closing" if self._closing else "open"
-        return f"<Connection {_fmt_addr(self.peername)} {state} buffered={self._buffered}>"
+        state = "closed" if self._torn else "closing" if self.closing else "open"
+        return f"<Connection {_fmt_addr(self.peername)} {state} buffered={self.write_buffer_size}>"
 
     # public API ---------------------------------------------------------------
     @property
@@ -273,11 +287,7 @@ class Connection:
         """Close now, discarding buffered data; the peer sees a reset."""
         if self._torn:
             return
-        try:
-            linger = struct.pack("HH" if os.name == "nt" else "ii", 1, 0)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-        except OSError:
-            pass
+        self._linger0()
         self._teardown(None)
 
     def pause_reading(self) -> None:
@@ -731,27 +741,10 @@ class _StreamConnection(Connection):
         peername: Address,
         sockname: Address,
     ) -> None:
-        if not isinstance(owner, _Owner) or not isinstance(sock, socket.socket):
-            raise TypeError("Connection objects are made by Server and Client, not directly")
         assert _Stream is not None
-        cfg = owner._settings
-        self._owner = owner
-        self._loop = owner._loop
-        self._port = owner._loop.port
-        self._cfg = cfg
-        self._sock = sock
-        self.protocol = protocol
+        cfg = self._init_common(owner, sock, protocol)
         # peername and sockname are the stream's (it reads both): not kept
         # twice per connection.
-        self._high = cfg.high
-        self._low = cfg.low
-        self._limit = cfg.limit
-        self._paused = False
-        self._rpaused = False
-        self._closing = False
-        self._eof_pending = False
-        self._torn = False
-        self._exc = None
         self._disp = owner._loop.dispatcher  # [ident of the dispatching thread]
         self._begun = False
         self._user = protocol
@@ -763,10 +756,6 @@ class _StreamConnection(Connection):
         stream.bind_server(self._disp, cfg.limit, hooks, hooks)
         self._stream = stream
         self.send = self.write = stream.server_write  # type: ignore[method-assign]
-
-    def __repr__(self) -> str:
-        state = "closed" if self._torn else "closing" if self.closing else "open"
-        return f"<Connection {_fmt_addr(self.peername)} {state} buffered={self.write_buffer_size}>"
 
     # public API --------------------------------------------------------------
     # send() and write() are the instance slots set in __init__.
@@ -817,6 +806,13 @@ class _StreamConnection(Connection):
         except Exception:  # the port is closed: the connection is gone too
             pass
 
+    def _here_or_post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """``fn(*args)`` now on the dispatching thread, else posted there."""
+        if self._disp[0] != _get_ident():
+            self._post(fn, *args)
+        else:
+            fn(*args)
+
     def _foreign_send(self, data: bytes) -> None:
         """send() from a thread that does not dispatch the port (the stream
         copied ``data`` into bytes already)."""
@@ -831,10 +827,7 @@ class _StreamConnection(Connection):
         )
 
     def close(self) -> None:
-        if self._disp[0] != _get_ident():
-            self._post(self._close_here)
-        else:
-            self._close_here()
+        self._here_or_post(self._close_here)
 
     def _close_here(self) -> None:
         if self._closing or self._torn:
@@ -843,10 +836,7 @@ class _StreamConnection(Connection):
         self._stream.close()
 
     def write_eof(self) -> None:
-        if self._disp[0] != _get_ident():
-            self._post(self._write_eof_here)
-        else:
-            self._write_eof_here()
+        self._here_or_post(self._write_eof_here)
 
     def _write_eof_here(self) -> None:
         if self._closing or self._torn or self._eof_pending:
@@ -855,27 +845,17 @@ class _StreamConnection(Connection):
         self._stream.write_eof()
 
     def abort(self) -> None:
-        if self._disp[0] != _get_ident():
-            self._post(self._abort_here)
-        else:
-            self._abort_here()
+        self._here_or_post(self._abort_here)
 
     def _abort_here(self) -> None:
         if self._torn:
             return
-        try:
-            linger = struct.pack("HH" if os.name == "nt" else "ii", 1, 0)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-        except OSError:
-            pass
+        self._linger0()
         self._closing = True
         self._stream.abort()
 
     def pause_reading(self) -> None:
-        if self._disp[0] != _get_ident():
-            self._post(self._pause_reading_here)
-        else:
-            self._pause_reading_here()
+        self._here_or_post(self._pause_reading_here)
 
     def _pause_reading_here(self) -> None:
         if not (self._closing or self._torn) and not self._rpaused:
@@ -883,10 +863,7 @@ class _StreamConnection(Connection):
             self._stream.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._disp[0] != _get_ident():
-            self._post(self._resume_reading_here)
-        else:
-            self._resume_reading_here()
+        self._here_or_post(self._resume_reading_here)
 
     def _resume_reading_here(self) -> None:
         if not self._rpaused:
@@ -926,10 +903,7 @@ class _StreamConnection(Connection):
         return self._stream.last_activity < cutoff and not self._torn
 
     def _idle_close(self, exc: BaseException) -> None:
-        if self._disp[0] != _get_ident():
-            self._post(self._idle_close_here, exc)
-        else:
-            self._idle_close_here(exc)
+        self._here_or_post(self._idle_close_here, exc)
 
     def _idle_close_here(self, exc: BaseException) -> None:
         if not self._torn:
