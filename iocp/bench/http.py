@@ -132,7 +132,7 @@ def available() -> Tuple[List[str], Dict[str, str]]:
 
 
 @dataclass
-class HttpMeasurement:
+class HttpMeasurement(_runner.Disturbed):
     server: str
     app: str
     loop: str
@@ -157,12 +157,6 @@ class HttpMeasurement:
     pinned: bool = False
     note: str = ""
     wrk_output: str = ""
-
-    @property
-    def interference_pct(self) -> float:
-        if not self.wall_s:
-            return 0.0
-        return 100.0 * (self.other_cpu_s + self.steal_s) / self.wall_s
 
 
 def url(host: str, port: int, path: str = "/") -> str:

@@ -85,8 +85,24 @@ class Config:
     loadgen_work_us: float = 0.0      # busy work per message in the load generator
 
 
+class Disturbed:
+    """What a measurement dataclass with wall_s, other_cpu_s and steal_s
+    knows about how much else ran during its window."""
+
+    wall_s: float
+    other_cpu_s: float
+    steal_s: float
+
+    @property
+    def interference_pct(self) -> float:
+        """CPU used by other processes plus steal, as % of one CPU."""
+        if not self.wall_s:
+            return 0.0
+        return 100.0 * (self.other_cpu_s + self.steal_s) / self.wall_s
+
+
 @dataclass
-class Measurement:
+class Measurement(Disturbed):
     server: str
     scenario: str
     round: int
@@ -120,13 +136,6 @@ class Measurement:
     loadgen_events_per_wait: float = 0.0
     pinned: bool = False
     server_report: str = ""       # the server's own summary line on exit, if any
-
-    @property
-    def interference_pct(self) -> float:
-        """CPU used by other processes plus steal, as % of one CPU."""
-        if not self.wall_s:
-            return 0.0
-        return 100.0 * (self.other_cpu_s + self.steal_s) / self.wall_s
     note: str = ""
     load: Dict[str, Any] = field(default_factory=dict)
 
