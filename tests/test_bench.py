@@ -457,26 +457,16 @@ def _server_cases() -> list:
 @pytest.mark.parametrize("name,backend", _server_cases())
 def test_server_echoes_every_byte_and_stops_on_sigterm(name: str, backend: str | None) -> None:
     import signal
-    import subprocess
-    import tempfile
-    import time
 
     from iocp.bench import runner, servers
 
     reason = servers.check_server(name, backend)
     if reason:
         pytest.skip(reason)
-    port = runner.free_port("127.0.0.1")
-    argv = [name, "--port", str(port)] + (["--backend", backend] if backend else [])
-    err = tempfile.TemporaryFile()
-    proc = subprocess.Popen(runner.python_command("iocp.bench.servers", *argv),
-                            stdout=subprocess.DEVNULL, stderr=err)
+    proc, err, port, _, note = runner.start_server(
+        "iocp.bench.servers", name, "127.0.0.1", backend, None, runner.echo_probe, 30.0)
     try:
-        deadline = time.monotonic() + 30
-        while not runner.echo_probe("127.0.0.1", port):
-            assert proc.poll() is None, "server exited"
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
+        assert not note, note
         # Many connections, several messages in flight and an odd size, so
         # echoes arrive split and coalesced; then large ones (partial sends).
         for conns, size, inflight in ((50, 333, 4), (4, 200_000, 2)):

@@ -10,10 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import subprocess
 import sys
-import tempfile
-import time
 import urllib.request
 from http.client import HTTPConnection
 
@@ -238,17 +235,10 @@ def test_server_answers_and_stops_on_sigterm(name: str, backend: str | None) -> 
     reason = httpservers.check(name)
     if reason:
         pytest.skip(reason)
-    port = runner.free_port("127.0.0.1")
-    argv = [name, "--port", str(port)] + (["--backend", backend] if backend else [])
-    err = tempfile.TemporaryFile()
-    proc = subprocess.Popen(runner.python_command("iocp.bench.httpservers", *argv),
-                            stdout=subprocess.DEVNULL, stderr=err)
+    proc, err, port, _, note = runner.start_server(
+        "iocp.bench.httpservers", name, "127.0.0.1", backend, None, hb.http_probe, 30.0)
     try:
-        deadline = time.monotonic() + 30
-        while not hb.http_probe("127.0.0.1", port):
-            assert proc.poll() is None, "server exited"
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
+        assert not note, note
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
             assert resp.status == 200
             assert resp.headers.get_content_type() == "text/plain"

@@ -17,7 +17,6 @@ import re
 import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Tuple
@@ -133,7 +132,7 @@ def available() -> Tuple[List[str], Dict[str, str]]:
 
 
 @dataclass
-class HttpMeasurement:
+class HttpMeasurement(_runner.Disturbed):
     server: str
     app: str
     loop: str
@@ -158,12 +157,6 @@ class HttpMeasurement:
     pinned: bool = False
     note: str = ""
     wrk_output: str = ""
-
-    @property
-    def interference_pct(self) -> float:
-        if not self.wall_s:
-            return 0.0
-        return 100.0 * (self.other_cpu_s + self.steal_s) / self.wall_s
 
 
 def url(host: str, port: int, path: str = "/") -> str:
@@ -210,41 +203,23 @@ def _measure_once(cfg: HttpConfig, server: str, rnd: int) -> HttpMeasurement:
     app, _, loop = server.partition("-")
     m = HttpMeasurement(server=server, app=app, loop=loop, round=rnd)
     srv_cpus, load_cpus, _ = _runner.cpu_plan(0, "kit")
-    port = _runner.free_port(cfg.host)
-    sargs = [server, "--host", cfg.host, "--port", str(port)]
-    if cfg.backend:
-        sargs += ["--backend", cfg.backend]
-    errfile = tempfile.TemporaryFile()
-    proc = subprocess.Popen(_runner.python_command("iocp.bench.httpservers", *sargs),
-                            stdout=subprocess.DEVNULL, stderr=errfile)
-    pinned = _runner._pin(proc.pid, srv_cpus)
+    proc, errfile, port, pinned, note = _runner.start_server(
+        "iocp.bench.httpservers", server, cfg.host, cfg.backend, srv_cpus, http_probe,
+        cfg.startup_timeout)
     try:
-        deadline = time.monotonic() + cfg.startup_timeout
-        while not http_probe(cfg.host, port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = b""
-                if proc.poll() is not None:
-                    errfile.seek(0)
-                    err = errfile.read()[-4000:]
-                m.note = "server did not start: " + (
-                    err.decode(errors="replace").strip().splitlines() or ["timeout"])[-1]
-                return m
-            time.sleep(0.05)
+        if note:
+            m.note = note
+            return m
         if cfg.warmup > 0:
             code, out, _ = _wrk(cfg, port, cfg.warmup, load_cpus)
             if code != 0:
                 m.note = "wrk (warm-up) failed: " + (out.strip().splitlines() or ["?"])[-1]
                 return m
-        cpu0 = _runner.proc_cpu_seconds(proc.pid)
-        sys0, steal0 = _runner.system_cpu_seconds()
-        kids0, t0 = _runner.children_cpu_seconds(), time.monotonic()
+        window = _runner.CpuWindow(proc.pid)
         code, out, wrk_pinned = _wrk(cfg, port, cfg.duration, load_cpus)
-        cpu1 = _runner.proc_cpu_seconds(proc.pid)
-        sys1, steal1 = _runner.system_cpu_seconds()
-        m.wall_s = time.monotonic() - t0
-        m.wrk_cpu_s = _runner.children_cpu_seconds() - kids0
-        m.other_cpu_s = max(0.0, (sys1 - sys0) - (cpu1 - cpu0) - m.wrk_cpu_s)
-        m.steal_s = steal1 - steal0
+        window.close()
+        m.wall_s, m.wrk_cpu_s = window.wall_s, window.load_cpu_s
+        m.other_cpu_s, m.steal_s = window.other_cpu_s, window.steal_s
         m.peak_rss_kib = _runner.proc_status_kib(proc.pid, "VmHWM")
         m.pinned = pinned and wrk_pinned
         m.wrk_output = out[-4000:]
@@ -264,7 +239,7 @@ def _measure_once(cfg: HttpConfig, server: str, rnd: int) -> HttpMeasurement:
         m.error_detail = {k: v for k, v in r["socket_errors"].items() if v}
         if r["non_2xx_3xx"]:
             m.error_detail["non_2xx_3xx"] = r["non_2xx_3xx"]
-        m.server_cpu_s = cpu1 - cpu0
+        m.server_cpu_s = window.server_cpu_s
         if m.requests:
             m.cpu_us_per_req = m.server_cpu_s / m.requests * 1e6
         if proc.poll() is not None:

@@ -85,8 +85,24 @@ class Config:
     loadgen_work_us: float = 0.0      # busy work per message in the load generator
 
 
+class Disturbed:
+    """What a measurement dataclass with wall_s, other_cpu_s and steal_s
+    knows about how much else ran during its window."""
+
+    wall_s: float
+    other_cpu_s: float
+    steal_s: float
+
+    @property
+    def interference_pct(self) -> float:
+        """CPU used by other processes plus steal, as % of one CPU."""
+        if not self.wall_s:
+            return 0.0
+        return 100.0 * (self.other_cpu_s + self.steal_s) / self.wall_s
+
+
 @dataclass
-class Measurement:
+class Measurement(Disturbed):
     server: str
     scenario: str
     round: int
@@ -120,13 +136,6 @@ class Measurement:
     loadgen_events_per_wait: float = 0.0
     pinned: bool = False
     server_report: str = ""       # the server's own summary line on exit, if any
-
-    @property
-    def interference_pct(self) -> float:
-        """CPU used by other processes plus steal, as % of one CPU."""
-        if not self.wall_s:
-            return 0.0
-        return 100.0 * (self.other_cpu_s + self.steal_s) / self.wall_s
     note: str = ""
     load: Dict[str, Any] = field(default_factory=dict)
 
@@ -221,6 +230,62 @@ def _pin(pid: int, cpus: set | None) -> bool:
         except OSError:
             pass
     return False
+
+
+def start_server(module: str, server: str, host: str, backend: str | None,
+                 cpus: set | None, probe: Callable[[str, int], bool],
+                 startup_timeout: float) -> Tuple[subprocess.Popen, Any, int, bool, str]:
+    """Starts ``python -m module server --host H --port P`` pinned to cpus
+    and waits until probe(host, port) answers.
+
+    Returns (process, stderr file, port, pinned, note); note is empty once
+    the server answers, else why it did not start.  The caller stops the
+    process (_stop) and closes the file in every case."""
+    port = free_port(host)
+    sargs = [server, "--host", host, "--port", str(port)]
+    if backend:
+        sargs += ["--backend", backend]
+    # stderr to a file, not a pipe: a chatty server must never block on it.
+    errfile = tempfile.TemporaryFile()
+    proc = subprocess.Popen(python_command(module, *sargs),
+                            stdout=subprocess.DEVNULL, stderr=errfile)
+    pinned = _pin(proc.pid, cpus)
+    deadline = time.monotonic() + startup_timeout
+    while not probe(host, port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            err = b""
+            if proc.poll() is not None:
+                errfile.seek(0)
+                err = errfile.read()[-4000:]
+            return proc, errfile, port, pinned, "server did not start: " + (
+                err.decode(errors="replace").strip().splitlines() or ["timeout"])[-1]
+        time.sleep(0.05)
+    return proc, errfile, port, pinned, ""
+
+
+class CpuWindow:
+    """CPU accounting over one load window: the server's CPU seconds, the
+    load's (this process's children that ended in the window), everything
+    else busy on the machine, and hypervisor steal."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self._cpu0 = proc_cpu_seconds(server_pid)
+        self._sys0, self._steal0 = system_cpu_seconds()
+        self._kids0, self._t0 = children_cpu_seconds(), time.monotonic()
+        self.server_cpu_s = self.load_cpu_s = self.other_cpu_s = 0.0
+        self.steal_s = self.wall_s = 0.0
+
+    def close(self) -> CpuWindow:
+        """Ends the window (call once the load process has been reaped)."""
+        cpu = proc_cpu_seconds(self.server_pid) - self._cpu0
+        sys1, steal1 = system_cpu_seconds()
+        self.wall_s = time.monotonic() - self._t0
+        self.server_cpu_s = cpu
+        self.load_cpu_s = children_cpu_seconds() - self._kids0
+        self.other_cpu_s = max(0.0, (sys1 - self._sys0) - cpu - self.load_cpu_s)
+        self.steal_s = steal1 - self._steal0
+        return self
 
 
 def echo_probe(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -324,29 +389,14 @@ def _measure_once(cfg: Config, server: str, sc: Scenario, rnd: int) -> Measureme
     m = Measurement(server=server, scenario=sc.name, round=rnd, ok=False, method=cfg.method)
     srv_cpus, load_cpus, threads = cpu_plan(cfg.loadgen_threads, cfg.method)
     threads = min(threads, sc.connections)
-    port = free_port(cfg.host)
-    sargs = [server, "--host", cfg.host, "--port", str(port)]
-    if cfg.backend:
-        sargs += ["--backend", cfg.backend]
-    cmd = python_command("iocp.bench.servers", *sargs)
-    # stderr to a file, not a pipe: a chatty server must never block on it.
-    errfile = tempfile.TemporaryFile()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errfile)
-    pinned = _pin(proc.pid, srv_cpus)
+    proc, errfile, port, pinned, note = start_server(
+        "iocp.bench.servers", server, cfg.host, cfg.backend, srv_cpus, echo_probe,
+        cfg.startup_timeout)
     try:
-        deadline = time.monotonic() + cfg.startup_timeout
-        while not echo_probe(cfg.host, port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = b""
-                if proc.poll() is not None:
-                    errfile.seek(0)
-                    err = errfile.read()[-4000:]
-                m.note = "server did not start: " + (
-                    err.decode(errors="replace").strip().splitlines() or ["timeout"])[-1]
-                return m
-            time.sleep(0.05)
+        if note:
+            m.note = note
+            return m
         m.base_rss_kib = proc_status_kib(proc.pid, "VmRSS")
-        cpu0 = proc_cpu_seconds(proc.pid)
         connect_timeout = 10.0 + sc.connections / 1000.0
         lcmd = python_command(
             "iocp.bench.loadgen", "--host", cfg.host,
@@ -356,8 +406,7 @@ def _measure_once(cfg: Config, server: str, sc: Scenario, rnd: int) -> Measureme
             "--active", str(sc.active), "--threads", str(threads),
             "--connect-timeout", str(connect_timeout), "--drain-timeout", "2.0",
             "--server-pid", str(proc.pid), "--work-us", str(cfg.loadgen_work_us))
-        sys0, steal0 = system_cpu_seconds()
-        kids0, t0 = children_cpu_seconds(), time.monotonic()
+        window = CpuWindow(proc.pid)
         lg = subprocess.Popen(lcmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         m.pinned = _pin(lg.pid, load_cpus) and pinned
         budget = cfg.warmup + cfg.duration + connect_timeout + 2.0 + 30.0
@@ -368,12 +417,9 @@ def _measure_once(cfg: Config, server: str, sc: Scenario, rnd: int) -> Measureme
             lg.communicate()
             m.note = "load generator timed out"
             return m
-        cpu1 = proc_cpu_seconds(proc.pid)
-        sys1, steal1 = system_cpu_seconds()
-        m.wall_s = time.monotonic() - t0
-        m.loadgen_cpu_s = children_cpu_seconds() - kids0
-        m.other_cpu_s = max(0.0, (sys1 - sys0) - (cpu1 - cpu0) - m.loadgen_cpu_s)
-        m.steal_s = steal1 - steal0
+        window.close()
+        m.wall_s, m.loadgen_cpu_s = window.wall_s, window.load_cpu_s
+        m.other_cpu_s, m.steal_s = window.other_cpu_s, window.steal_s
         m.peak_rss_kib = proc_status_kib(proc.pid, "VmHWM")
         if lg.returncode != 0:
             m.note = "load generator failed: " + (
@@ -391,7 +437,7 @@ def _measure_once(cfg: Config, server: str, sc: Scenario, rnd: int) -> Measureme
         m.messages_total = r["messages_total"]
         m.connected = r["connected"]
         m.connect_s = r["connect_s"]
-        m.server_cpu_s = cpu1 - cpu0
+        m.server_cpu_s = window.server_cpu_s
         if m.messages_total:
             m.cpu_s_per_100k = m.server_cpu_s / m.messages_total * 1e5
         if sc.active >= 0 and m.connected:
