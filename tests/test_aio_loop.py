@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import socket
+import sys
 import threading
 from typing import Any
 
@@ -449,3 +450,104 @@ def test_accepted_connections_echo_through_the_server(aloop) -> None:
         return out
 
     assert run(aloop, main()) == [b"line %d\n" % i for i in range(5)]
+
+
+# ------------------------------------------------------------------ hot paths
+
+
+def test_get_debug_follows_set_debug(aloop) -> None:
+    # get_debug is a stored C callable: it must track set_debug, and what
+    # Futures and Handles read through it must follow.
+    assert aloop.get_debug() is False
+    aloop.set_debug(True)
+    assert aloop.get_debug() is True
+    handle = aloop.call_soon(lambda: None)
+    assert handle._source_traceback  # debug mode: where it was scheduled
+    handle.cancel()
+    aloop.set_debug(False)
+    assert aloop.get_debug() is False
+    handle = aloop.call_soon(lambda: None)
+    assert handle._source_traceback is None
+    handle.cancel()
+
+
+def test_call_soon_checks_as_asyncio(aloop) -> None:
+    # Debug mode keeps asyncio's thread and callback checks.
+    aloop.set_debug(True)
+    with pytest.raises(TypeError, match="callable"):
+        aloop.call_soon("not callable")
+    err: list[BaseException] = []
+
+    def elsewhere() -> None:
+        try:
+            aloop.call_soon(lambda: None)
+        except RuntimeError as exc:
+            err.append(exc)
+
+    def from_a_thread() -> None:
+        t = threading.Thread(target=elsewhere)
+        t.start()
+        t.join(TIMEOUT)
+
+    aloop.call_soon(from_a_thread)
+    run(aloop, asyncio.sleep(0))
+    assert err and "thread" in str(err[0])
+    aloop.set_debug(False)
+    order: list[int] = []
+    for i in range(3):
+        aloop.call_soon(order.append, i)
+    run(aloop, asyncio.sleep(0))
+    assert order == [0, 1, 2]
+    aloop.close()
+    with pytest.raises(RuntimeError, match="is closed"):
+        aloop.call_soon(order.append, 9)
+    coro = asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="is closed"):
+        aloop.create_task(coro)
+    coro.close()
+
+
+def test_create_task_names_contexts_and_factories(aloop) -> None:
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="none")
+
+    async def read() -> str:
+        await asyncio.sleep(0)
+        return var.get()
+
+    ctx = contextvars.copy_context()
+    ctx.run(var.set, "inside")
+    task = aloop.create_task(read(), name="mine")
+    assert task.get_name() == "mine" and task.get_loop() is aloop
+    assert run(aloop, task) == "none"
+    if sys.version_info >= (3, 11):
+        assert run(aloop, aloop.create_task(read(), context=ctx)) == "inside"
+    made: list[Any] = []
+
+    def factory(loop: Any, coro: Any, **kwargs: Any) -> Any:
+        made.append(coro)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    aloop.set_task_factory(factory)
+    task = aloop.create_task(read(), name="via-factory")
+    assert made and task.get_name() == "via-factory"
+    assert run(aloop, task) == "none"
+
+
+def test_time_is_the_monotonic_clock_unless_overridden(backend: str) -> None:
+    import time
+
+    class Clocked(iocp.aio.EventLoop):
+        def time(self) -> float:
+            return 1234.5
+
+    loop = iocp.aio.EventLoop(backend=backend)
+    other = Clocked(backend=backend)
+    try:
+        before = time.monotonic()
+        assert before <= loop.time() <= time.monotonic()
+        assert other.time() == 1234.5
+    finally:
+        loop.close()
+        other.close()

@@ -46,6 +46,11 @@ BaseEventLoop: Any = base_events.BaseEventLoop
 ProactorSocketTransport: Any = proactor_events._ProactorSocketTransport
 ProactorDatagramTransport: Any = proactor_events._ProactorDatagramTransport
 SSLProtocol: Any = sslproto.SSLProtocol
+# The loop's lean call_soon/create_task fall back to these (debug mode,
+# task factories, 3.13's extra create_task arguments).
+base_call_soon: Callable[..., Any] = base_events.BaseEventLoop.call_soon
+base_create_task: Callable[..., Any] = base_events.BaseEventLoop.create_task
+base_set_debug: Callable[..., Any] = base_events.BaseEventLoop.set_debug
 # The socket a transport's get_extra_info("socket") gives (3.8+).
 TransportSocket: Any = trsock.TransportSocket
 # What the stream transport (_transport.TCPTransport) borrows: the base

@@ -27,8 +27,9 @@ import signal
 import socket
 import sys
 import threading
+import time
 import warnings
-from asyncio import events
+from asyncio import events, tasks
 from asyncio.log import logger
 from typing import Any
 
@@ -44,6 +45,8 @@ _ProactorLoop: Any = _compat.BaseProactorEventLoop
 _ProactorSocketTransport: Any = _compat.ProactorSocketTransport
 _HAS_SETUP = _compat.HAS_RUN_FOREVER_SETUP
 _DETACH_TAKES_TRANSPORT = _compat.DETACH_TAKES_TRANSPORT
+_Handle = events.Handle
+_Task = tasks.Task
 
 try:
     import ssl as _ssl
@@ -383,6 +386,7 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
     """
 
     _self_reading_future: Any  # BaseProactorEventLoop's
+    _fast_debug = False  # get_debug is a stored C callable (_bind_hot_paths)
 
     def __init__(
         self,
@@ -411,6 +415,7 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
         # create_unix_server(cleanup_socket=True) fills it).
         self._unix_server_sockets: dict[socket.socket, int] = {}
         self._init_proactor_loop(Proactor(port))
+        self._bind_hot_paths()
 
     def _init_proactor_loop(self, proactor: Proactor) -> None:
         # BaseProactorEventLoop.__init__ (the same on 3.9 - 3.15) minus its
@@ -440,6 +445,52 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
     @property
     def backend(self) -> str:
         return self._port.backend
+
+    # ---- hot paths ---------------------------------------------------------
+    # Every Future and Handle asks its loop get_debug() as it is made, and
+    # call_soon / create_task / time run once or more per callback: in
+    # BaseEventLoop they are Python frames calling more Python frames
+    # (_check_closed, _call_soon, get_debug).  Here get_debug and time are
+    # C callables stored on the instance, and call_soon / create_task do
+    # their checks inline, deferring to BaseEventLoop's own in debug mode
+    # (its thread and callback checks, source tracebacks) and for task
+    # factories or arguments they do not know.  Behaviour is unchanged.
+
+    def _bind_hot_paths(self) -> None:
+        # Not where a subclass defines its own (a test clock, say).
+        cls = type(self)
+        if cls.time is _compat.BaseEventLoop.time:
+            self.time = time.monotonic  # type: ignore[method-assign]
+        self._fast_debug = cls.get_debug is _compat.BaseEventLoop.get_debug
+        if self._fast_debug:
+            self.get_debug = bool(self._debug).__bool__  # type: ignore[method-assign]
+
+    def set_debug(self, enabled: bool) -> None:
+        _compat.base_set_debug(self, enabled)
+        if self._fast_debug:
+            self.get_debug = bool(self._debug).__bool__  # type: ignore[method-assign]
+
+    def call_soon(self, callback: Any, *args: Any, context: Any = None) -> events.Handle:
+        if self._closed:
+            raise RuntimeError("Event loop is closed")
+        if self._debug:
+            return _compat.base_call_soon(self, callback, *args, context=context)  # type: ignore[no-any-return]
+        handle = _Handle(callback, args, self, context)
+        self._ready.append(handle)
+        return handle
+
+    def create_task(
+        self, coro: Any, *, name: Any = None, context: Any = None, **kwargs: Any
+    ) -> Any:
+        if kwargs or self._debug or self._task_factory is not None:
+            if context is not None or _compat.PY311:
+                kwargs["context"] = context
+            return _compat.base_create_task(self, coro, name=name, **kwargs)
+        if self._closed:
+            raise RuntimeError("Event loop is closed")
+        if context is None:
+            return _Task(coro, loop=self, name=name)
+        return _Task(coro, loop=self, name=name, context=context)
 
     # ---- transports ------------------------------------------------------
 
