@@ -370,6 +370,35 @@ def test_peer_reset_reaches_connection_lost(aloop) -> None:
     run(aloop, main())
 
 
+def test_connection_lost_goes_to_the_protocol_set_after_the_loss(aloop) -> None:
+    # loop.sendfile()'s fallback swaps the user's protocol back in while the
+    # loss of the connection is already on its way to the fallback protocol:
+    # connection_lost is the protocol's of the moment it is called, as in
+    # asyncio, or the user's protocol never hears of the loss.
+    async def main():
+        loop = asyncio.get_running_loop()
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        lsock.setblocking(False)
+        task = loop.create_task(loop.sock_accept(lsock))
+        tr, first = await loop.create_connection(Sink, *lsock.getsockname())
+        conn, _ = await task
+        second = Sink()
+        tr.abort()
+        # Runs after the loop has seen the abort complete and before it
+        # calls connection_lost.
+        loop.call_soon(tr.set_protocol, second)
+        await asyncio.wait_for(second.done, 10)
+        await asyncio.sleep(0)
+        assert first.lost == [] and second.lost == [None]
+        assert tr.get_protocol() is second
+        conn.close()
+        lsock.close()
+
+    run(aloop, main())
+
+
 @pytest.mark.skipif(not HAS_UNIX, reason="no AF_UNIX")
 def test_unix_transport(aloop, tmp_path) -> None:
     path = str(tmp_path / "s.sock")

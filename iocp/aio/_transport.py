@@ -171,8 +171,15 @@ class TCPTransport(_FlowControlMixin):  # type: ignore[misc]
         self._loop.call_soon(self._call_connection_lost, fn, exc)
 
     def _call_connection_lost(self, fn: Any, exc: BaseException | None) -> None:
+        # The protocol of now, not the stream's at the loss: between the two
+        # set_protocol() may have swapped it back (loop.sendfile()'s fallback
+        # restores the user's protocol as it fails on a lost connection).
+        protocol = self._protocol
+        if protocol is not None:
+            fn = getattr(protocol, "connection_lost", None)
         try:
-            fn(exc)
+            if fn is not None:
+                fn(exc)
         finally:
             self._sock = None  # the stream closed it
             server, self._server = self._server, None
