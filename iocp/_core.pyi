@@ -145,6 +145,7 @@ class Stream:
         write_low_water: int | None = None,
         on_lost: Callable[..., Any] | None = None,
         on_error: Callable[[BaseException], Any] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None: ...
     @property
     def socket(self) -> socket.socket: ...
@@ -187,6 +188,18 @@ class Stream:
     ) -> None: ...
     def server_write(self, data: Buffer) -> None: ...
     def server_write_here(self, data: Buffer) -> None: ...
+
+def stream_transport_write(self: Any, data: Buffer) -> None:
+    """A transport's write(): its ``_stream``'s, as a method of its class."""
+
+def stream_transport_writelines(self: Any, list_of_data: Iterable[Buffer]) -> None:
+    """A transport's writelines(): its ``_stream``'s."""
+
+def stream_transport_is_closing(self: Any) -> bool:
+    """A transport's is_closing(): its ``_stream``'s."""
+
+def stream_transport_get_write_buffer_size(self: Any) -> int:
+    """A transport's get_write_buffer_size(): its ``_stream``'s."""
 
 def backends() -> dict[str, list[str]]: ...
 def _test_fail_conversion_after(

@@ -88,6 +88,39 @@ cdef inline object _bound(object protocol, str name):
     return fn if callable(fn) else None
 
 
+# The last address tuple seen, handed out again when a new one is equal:
+# every connection a listener accepts has the same sockname, and an idle
+# connection should not hold its own copy of it.
+cdef object _last_addr = None
+
+
+cdef object _shared_addr(object addr):
+    global _last_addr
+    if addr is not None and type(addr) is tuple and addr == _last_addr:
+        return _last_addr
+    if type(addr) is tuple:
+        _last_addr = addr
+    return addr
+
+
+cdef dict _fill_extra(dict extra, object sock):
+    """The stream's extra info: "socket", "sockname" and "peername", read
+    now, where `extra` has none yet (a transport shares its own dict)."""
+    if "socket" not in extra:
+        extra["socket"] = sock
+    if "sockname" not in extra:
+        try:
+            extra["sockname"] = _shared_addr(sock.getsockname())
+        except OSError:
+            extra["sockname"] = None
+    if "peername" not in extra:
+        try:
+            extra["peername"] = sock.getpeername()
+        except OSError:
+            extra["peername"] = None
+    return extra
+
+
 @cython.final
 @cython.auto_pickle(False)
 @cython.binding(False)     # plain method descriptors: the transport stores the
@@ -97,7 +130,11 @@ cdef class Stream:
     reads and writes the port's dispatch drives in C.
 
     ``Stream(port, sock, protocol, *, conn=None, write_high_water=65536,
-    write_low_water=None, on_lost=None, on_error=None)``
+    write_low_water=None, on_lost=None, on_error=None, extra=None)``
+
+    ``extra``: a dict the stream keeps as its extra info, after filling in
+    "socket", "sockname" and "peername" where it has none (a transport
+    passes its own, so the two share one).
 
     The stream takes the socket over: it registers it with ``port`` (unless
     it already is), and unregisters and closes it before it calls
@@ -135,10 +172,6 @@ cdef class Stream:
     cdef object _data_received
     cdef object _get_buffer
     cdef object _buffer_updated
-    cdef object _eof_received
-    cdef object _pause_writing
-    cdef object _resume_writing
-    cdef object _connection_lost
     cdef bint _buffered
     cdef object _extra            # dict: socket, sockname, peername
     cdef int _state
@@ -153,7 +186,8 @@ cdef class Stream:
     cdef list _held               # data received while paused, in order
     cdef bint _held_eof           # EOF arrived while paused (after _held)
     # writing
-    cdef list _wq                 # queued bytes, not yet submitted
+    cdef object _wq               # queued, not yet submitted: None, one bytes
+                                  # or a list of bytes (none kept per idle stream)
     cdef size_t _wq_bytes
     cdef _sendrec *_sq_head       # sends in flight, in submission order
     cdef _sendrec *_sq_tail
@@ -191,12 +225,11 @@ cdef class Stream:
         self._sq_head = NULL
         self._sq_tail = NULL
         self._state = _ST_LOST     # until __init__ succeeds: every method is safe
-        self._wq = []
         self._extra = {}
 
     def __init__(self, CompletionPort port not None, sock, protocol, *, conn=None,
                  write_high_water=65536, write_low_water=None, on_lost=None,
-                 on_error=None):
+                 on_error=None, dict extra=None):
         cdef long long fd
         if self._port is not None:
             raise RuntimeError("Stream.__init__ called twice")
@@ -226,16 +259,7 @@ cdef class Stream:
         self._registered = True
         self._on_lost = on_lost
         self.on_error = on_error
-        self._wq = []
-        self._extra = {"socket": sock}
-        try:
-            self._extra["sockname"] = sock.getsockname()
-        except OSError:
-            self._extra["sockname"] = None
-        try:
-            self._extra["peername"] = sock.getpeername()
-        except OSError:
-            self._extra["peername"] = None
+        self._extra = _fill_extra({} if extra is None else extra, sock)
         self._state = _ST_OPEN
         self._last_activity = iocp__stream_clock_ns()
         port._streams.add(self)
@@ -271,10 +295,8 @@ cdef class Stream:
         self._data_received = dr
         self._get_buffer = gb
         self._buffer_updated = bu
-        self._eof_received = _bound(protocol, "eof_received")
-        self._pause_writing = _bound(protocol, "pause_writing")
-        self._resume_writing = _bound(protocol, "resume_writing")
-        self._connection_lost = _bound(protocol, "connection_lost")
+        # The rare callbacks (eof, flow control, lost) are looked up when
+        # called: four bound methods fewer per idle connection.
         return 0
 
     def set_protocol(self, protocol, *, bint unpause=False) -> None:
@@ -358,7 +380,7 @@ cdef class Stream:
         if self._write_paused or self._size() <= self._high or self._state > _ST_CLOSING:
             return 0
         self._write_paused = True
-        fn = self._pause_writing
+        fn = _bound(self._protocol, "pause_writing")
         if fn is not None:
             try:
                 if self._conn is None:
@@ -393,7 +415,7 @@ cdef class Stream:
         if not self._write_paused or self._size() > self._low:
             return 0
         self._write_paused = False
-        fn = self._resume_writing
+        fn = _bound(self._protocol, "resume_writing")
         if fn is not None and self._state <= _ST_CLOSING:
             try:
                 if self._conn is None:
@@ -537,7 +559,7 @@ cdef class Stream:
             self._srv_over()
             return 0
         # write()'s queueing (state and data checked above), in C.
-        self._wq.append(data)
+        self._enqueue(data)
         self._wq_bytes += <size_t>n
         self._bytes_taken += <unsigned long long>n
         if not self._in_flush:
@@ -672,7 +694,7 @@ cdef class Stream:
     cdef int _deliver_eof(self) except -1:
         cdef object keep = None
         self._eof_seen = True
-        fn = self._eof_received
+        fn = _bound(self._protocol, "eof_received")
         if fn is not None:
             try:
                 keep = fn() if self._conn is None else fn(self._conn)
@@ -703,7 +725,14 @@ cdef class Stream:
         """Queues data (bytes by reference; other buffers are copied); it
         goes out with the port's next flush, gathered with every other
         write of this iteration into one send."""
-        cdef Py_buffer view
+        self._write(data)
+
+    def writelines(self, list_of_data) -> None:
+        """write() of each item, in order."""
+        for data in list_of_data:
+            self._write(data)
+
+    cdef int _write(self, object data) except -1:
         cdef Py_ssize_t n
         if PyBytes_CheckExact(data):
             n = PyBytes_GET_SIZE(data)
@@ -711,15 +740,15 @@ cdef class Stream:
             data = _copy_bytes(data)
             n = PyBytes_GET_SIZE(data)
         if n == 0:
-            return
+            return 0
         if self._state > _ST_CLOSING or self._drop_writes:
             self._writes_after_lost += 1
             if self._writes_after_lost == 5:
                 _log.warning("iocp: writes to a lost stream are dropped")
-            return
+            return 0
         if self._eof_wanted:
             raise RuntimeError("cannot write() after write_eof()")
-        self._wq.append(data)
+        self._enqueue(data)
         self._wq_bytes += <size_t>n
         self._bytes_taken += <unsigned long long>n
         if not self._in_flush:
@@ -727,11 +756,7 @@ cdef class Stream:
             self._port._flush_list.append(self)
         if not self._write_paused and self._wq_bytes + self._unconfirmed > self._high:
             self._maybe_pause()
-
-    def writelines(self, list_of_data) -> None:
-        """write() of each item, in order."""
-        for data in list_of_data:
-            self.write(data)
+        return 0
 
     def write_eof(self) -> None:
         """Shuts the write side down (SHUT_WR) once everything queued is
@@ -741,9 +766,22 @@ cdef class Stream:
         self._eof_wanted = True
         self._schedule()
 
+    cdef inline int _enqueue(self, object data) except -1:
+        """Queues one non-empty bytes: the first alone, a list from the
+        second on (most iterations write once per stream)."""
+        wq = self._wq
+        if wq is None:
+            self._wq = data
+        elif PyBytes_CheckExact(wq):
+            self._wq = [wq, data]
+        else:
+            (<list>wq).append(data)
+        return 0
+
     cdef int _submit_queued(self) except -1:
         """Flush: one send (or gathered send) with everything queued."""
-        cdef Py_ssize_t n = len(self._wq), i, nseg
+        cdef object wq = self._wq
+        cdef Py_ssize_t n, i, nseg
         cdef size_t total = self._wq_bytes
         cdef bint fence
         cdef _sendrec *rec
@@ -753,18 +791,19 @@ cdef class Stream:
         cdef object item
         cdef int r
         port = self._port
-        if n == 0 or port._port == NULL:
+        if wq is None or port._port == NULL:
             return 0
+        n = 1 if PyBytes_CheckExact(wq) else PyList_GET_SIZE(wq)
         fence = (self._state == _ST_CLOSING or self._eof_wanted or self._write_paused or
                  self._drain_cb is not None or self._unconfirmed + total > self._high)
         if n == 1:
-            keep = self._wq[0]
+            keep = wq
             nseg = 0
         elif n <= IOCP_IOV_MAX:
-            keep = self._wq
+            keep = wq              # the list itself becomes the record's
             nseg = n
         else:
-            keep = b"".join(self._wq)
+            keep = b"".join(wq)
             nseg = 0
         rec = <_sendrec *>PyMem_Malloc(sizeof(_sendrec) + <size_t>nseg * sizeof(iocp_iovec))
         if rec == NULL:
@@ -800,10 +839,7 @@ cdef class Stream:
         Py_INCREF(keep)
         Py_INCREF(self)
         r = iocp_submit(port._port, op)
-        if nseg:
-            self._wq = []          # the old list now belongs to the record
-        else:
-            del self._wq[:]
+        self._wq = None
         self._wq_bytes = 0
         if r < 0:
             Py_DECREF(self)
@@ -909,8 +945,7 @@ cdef class Stream:
         self._lost_exc = exc
         self._held = None
         self._held_eof = False
-        if self._wq:
-            del self._wq[:]
+        self._wq = None
         self._bytes_taken -= self._wq_bytes    # never sent
         self._wq_bytes = 0
         self._cancel_recv()
@@ -973,12 +1008,10 @@ cdef class Stream:
             pass
         exc = self._lost_exc
         self._lost_exc = None
-        fn = self._connection_lost
+        fn = _bound(self._protocol, "connection_lost")
         conn = self._conn
         self._protocol = None
         self._data_received = self._get_buffer = self._buffer_updated = None
-        self._eof_received = self._pause_writing = self._resume_writing = None
-        self._connection_lost = None
         self._held = None
         if self._drain_cb is not None:
             self._call_drained()
@@ -1173,3 +1206,38 @@ cdef object _copy_bytes(object data):
         return PyBytes_FromStringAndSize(<char *>view.buf, view.len)
     finally:
         PyBuffer_Release(&view)
+
+
+# ---- the hot methods of a transport that holds a Stream --------------------
+#
+# iocp.aio's TCPTransport must be an asyncio.Transport, a Python class whose
+# instance layout a cdef class cannot share, so it holds its Stream in
+# `_stream`.  These functions are its hottest methods: class attributes
+# that bind as Python functions do (no bound method kept per transport),
+# and whose call is one C call with no Python frame.
+
+@cython.binding(True)
+def stream_transport_write(self, data) -> None:
+    """Transport.write(): the stream's write()."""
+    (<Stream?>self._stream)._write(data)
+
+
+@cython.binding(True)
+def stream_transport_writelines(self, list_of_data) -> None:
+    """Transport.writelines(): the stream's write() of each item."""
+    cdef Stream stream = <Stream?>self._stream
+    for data in list_of_data:
+        stream._write(data)
+
+
+@cython.binding(True)
+def stream_transport_is_closing(self) -> bool:
+    """Transport.is_closing(): the stream's."""
+    return (<Stream?>self._stream)._state != _ST_OPEN
+
+
+@cython.binding(True)
+def stream_transport_get_write_buffer_size(self) -> int:
+    """Transport.get_write_buffer_size(): bytes queued or not yet known
+    sent."""
+    return (<Stream?>self._stream)._size()

@@ -72,9 +72,16 @@ def test_transport_is_the_stream_core(aloop) -> None:
         tr, proto = await loop.create_connection(Sink, "127.0.0.1", port)
         assert isinstance(tr, TCPTransport) and isinstance(tr, asyncio.Transport)
         assert isinstance(tr.stream, Stream)
-        # The hot methods are the stream's own (C) methods.
-        assert type(tr.write).__name__ == "builtin_function_or_method"
-        assert tr.write.__self__ is tr.stream
+        # The hot methods are C functions of the core bound as methods of the
+        # class: nothing is kept per transport for them.
+        for name in ("write", "writelines", "is_closing", "get_write_buffer_size"):
+            fn = type(tr).__dict__[name]
+            assert type(fn).__name__ == "cython_function_or_method", name
+            assert getattr(tr, name).__self__ is tr
+        assert not getattr(tr, "__dict__", {})
+        # One extra-info dict: the stream answers what the transport does.
+        for key in ("socket", "sockname", "peername"):
+            assert tr.stream.get_extra_info(key) is tr.get_extra_info(key)
         assert tr.get_extra_info("peername") == ("127.0.0.1", port)
         assert tr.get_extra_info("socket").fileno() >= 0
         assert tr.get_protocol() is proto and tr.is_reading() and not tr.is_closing()

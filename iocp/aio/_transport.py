@@ -4,10 +4,10 @@
 (src/stream.pxi): the stream owns the socket's one multishot recv and its
 write queue, and calls the protocol straight from the port's dispatch.
 The hot methods -- ``write``, ``writelines``, ``get_write_buffer_size``,
-``is_closing``, ``pause_reading``, ``resume_reading``... -- are the
-stream's own bound methods, stored in ``__slots__`` of the same names, so
-``transport.write(data)`` is one slot load and a call into C: no Python
-frame.
+``is_closing`` -- are C functions of the core bound as methods of the
+class, so ``transport.write(data)`` is a call into C with no Python frame
+and an idle transport keeps no bound method; the rest forward to the
+stream.  The transport and its stream share one extra-info dict.
 
 What stays in Python is what asyncio's transports do around the core:
 ``connection_made`` (and the waiter, and the start of reading) scheduled
@@ -32,7 +32,13 @@ import warnings
 from asyncio import transports
 from typing import Any
 
-from iocp._core import Stream
+from iocp._core import (
+    Stream,
+    stream_transport_get_write_buffer_size,
+    stream_transport_is_closing,
+    stream_transport_write,
+    stream_transport_writelines,
+)
 
 from . import _compat
 
@@ -60,20 +66,6 @@ class TCPTransport(_FlowControlMixin):  # type: ignore[misc]
     ``iocp._core.Stream``.  Made by the loop (``_make_socket_transport``)."""
 
     __slots__ = (
-        # The stream's bound methods (see the module doc).
-        "write",
-        "writelines",
-        "write_eof",
-        "can_write_eof",
-        "get_write_buffer_size",
-        "get_write_buffer_limits",
-        "is_closing",
-        "is_reading",
-        "pause_reading",
-        "resume_reading",
-        "close",
-        "abort",
-        # Our own state.
         "_stream",
         "_sock",
         "_protocol",
@@ -100,7 +92,9 @@ class TCPTransport(_FlowControlMixin):  # type: ignore[misc]
         transports.BaseTransport.__init__(self, extra)
         self._loop = loop
         self._high_water = self._low_water = 0  # the mixin's, unused
-        _compat.fill_socket_extra(self._extra, sock)
+        # One extra-info dict for the transport and its stream: asyncio's
+        # "socket" wrapper here, the addresses filled in by the stream.
+        self._extra["socket"] = _compat.TransportSocket(sock)
         # The loop's proactor may have registered the socket (sock_connect);
         # the stream registers it itself and unregisters it at the end.
         proactor = loop._proactor
@@ -111,24 +105,17 @@ class TCPTransport(_FlowControlMixin):  # type: ignore[misc]
         # has called its protocol, which may have scheduled callbacks.
         port.return_on_stream_events = True
         stream = Stream(
-            port, sock, protocol, on_lost=self._defer_lost, on_error=self._protocol_failed
+            port,
+            sock,
+            protocol,
+            on_lost=self._defer_lost,
+            on_error=self._protocol_failed,
+            extra=self._extra,
         )
         self._stream = stream
         self._sock: socket.socket | None = sock
         self._protocol = protocol
         self._server = server
-        self.write = stream.write
-        self.writelines = stream.writelines
-        self.write_eof = stream.write_eof
-        self.can_write_eof = stream.can_write_eof
-        self.get_write_buffer_size = stream.get_write_buffer_size
-        self.get_write_buffer_limits = stream.get_write_buffer_limits
-        self.is_closing = stream.is_closing
-        self.is_reading = stream.is_reading
-        self.pause_reading = stream.pause_reading
-        self.resume_reading = stream.resume_reading
-        self.close = stream.close
-        self.abort = stream.abort
         if server is not None:
             if _ATTACH_TAKES_TRANSPORT:
                 server._attach(self)
@@ -139,6 +126,38 @@ class TCPTransport(_FlowControlMixin):  # type: ignore[misc]
             # Only once connection_made() has run, as asyncio does.
             loop.call_soon(_set_result_unless_cancelled, waiter, None)
         loop.call_soon(self._start)
+
+    # ---- the stream's methods --------------------------------------------
+    # The hot ones are C functions (see the module doc); the rest forward.
+
+    write = stream_transport_write
+    writelines = stream_transport_writelines
+    is_closing = stream_transport_is_closing
+    get_write_buffer_size = stream_transport_get_write_buffer_size
+
+    def write_eof(self) -> None:
+        self._stream.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._stream.get_write_buffer_limits()  # type: ignore[no-any-return]
+
+    def is_reading(self) -> bool:
+        return self._stream.is_reading()  # type: ignore[no-any-return]
+
+    def pause_reading(self) -> None:
+        self._stream.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._stream.resume_reading()
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def abort(self) -> None:
+        self._stream.abort()
 
     def __repr__(self) -> str:
         sock = self._sock
@@ -227,7 +246,7 @@ class TCPTransport(_FlowControlMixin):  # type: ignore[misc]
             if not fut.done():
                 fut.set_result(None)
 
-        self.write = self.writelines = self._write_during_sendfile
+        self.__dict__["write"] = self.__dict__["writelines"] = self._write_during_sendfile
         if self._stream.when_drained(drained):
             drained()
         return fut
@@ -236,8 +255,8 @@ class TCPTransport(_FlowControlMixin):  # type: ignore[misc]
         raise RuntimeError("unable to write; sendfile is in progress")
 
     def _reset_empty_waiter(self) -> None:
-        self.write = self._stream.write
-        self.writelines = self._stream.writelines
+        self.__dict__.pop("write", None)
+        self.__dict__.pop("writelines", None)
 
     def set_protocol(self, protocol: Any) -> None:
         self._protocol = protocol
