@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import socket
+import sys
 import warnings
 from asyncio.log import logger
 from typing import Any, Callable
@@ -54,6 +56,25 @@ def _recv_buffer(loop: Any) -> memoryview:
         mv = memoryview(bytearray(_MAX_SIZE))
         loop._iocp_dgram_buffer = mv
     return mv
+
+
+_WSAECONNRESET = 10054
+
+
+def _datagram_error(exc: OSError) -> OSError:
+    """The error a datagram socket reports for an earlier datagram, in the
+    words of every backend: Windows says WSAECONNRESET (10054, "a previous
+    send operation resulted in an ICMP Port Unreachable message", as its
+    recv/recvfrom/send documentation puts it) where POSIX says
+    ECONNREFUSED; on a datagram socket it can mean nothing else, so the
+    protocol gets the ConnectionRefusedError it gets on Linux."""
+    if sys.platform == "win32" and getattr(exc, "winerror", None) == _WSAECONNRESET:
+        refused = ConnectionRefusedError(
+            errno.ECONNREFUSED, "ICMP port unreachable for an earlier datagram"
+        )
+        refused.__cause__ = exc
+        return refused
+    return exc
 
 
 def _end_run(loop: Any) -> None:
@@ -187,7 +208,7 @@ class DatagramTransport(asyncio.Transport, asyncio.DatagramTransport):
             except (BlockingIOError, InterruptedError):
                 return  # drained: the next arrival raises a new edge
             except OSError as exc:  # for an earlier datagram (ICMP); cleared by reading it
-                self._call(self._protocol.error_received, exc)
+                self._call(self._protocol.error_received, _datagram_error(exc))
                 continue
             except (SystemExit, KeyboardInterrupt):
                 raise
@@ -279,7 +300,7 @@ class DatagramTransport(asyncio.Transport, asyncio.DatagramTransport):
             except (BlockingIOError, InterruptedError):
                 self._arm_write()
             except OSError as exc:
-                self._protocol.error_received(exc)
+                self._protocol.error_received(_datagram_error(exc))
                 return
             except (SystemExit, KeyboardInterrupt):
                 raise
@@ -324,7 +345,7 @@ class DatagramTransport(asyncio.Transport, asyncio.DatagramTransport):
             except OSError as exc:
                 # That datagram is dropped (as a lost one would be); the
                 # rest goes on, so a pending close() still finishes.
-                self._call(self._protocol.error_received, exc)
+                self._call(self._protocol.error_received, _datagram_error(exc))
             except (SystemExit, KeyboardInterrupt):
                 raise
             except BaseException as exc:

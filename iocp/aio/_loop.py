@@ -357,19 +357,25 @@ class _Acceptor:
 
     def cancel(self) -> bool:
         """Stops accepting: cancels the op (its last completions close
-        what it still brings) and closes the sockets not served yet."""
+        what it still brings) and closes the sockets not served yet.
+
+        ``_op`` stays set until the op's final completion (``_on_accept``):
+        a connection the op took before the cancel reached it (an AcceptEx
+        that completed into its socket, its packet still queued) is closed
+        only when that completion is dispatched, so ``_op is None`` is what
+        says nothing accepted is left open."""
         if self._closed:
             return False
         self._closed = True
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
-        op, self._op = self._op, None
+        op = self._op
         if op is not None:
             try:
                 op.cancel()
             except Exception:
-                pass
+                self._op = None  # no completion to wait for (the port is gone)
         while self._pending:
             self._pending.popleft()[0].close()
         return True

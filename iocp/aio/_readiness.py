@@ -567,7 +567,17 @@ class PortReadiness:
         self._detach(watch)
         if fd not in self._readers and fd not in self._writers:
             return
-        if watch.ident is None or _identity(fd) != watch.ident:
+        if watch.ident is None:
+            # No identity to compare (Windows: a SOCKET handle has no
+            # fstat).  The descriptor is known to be open, and the socket
+            # it was, only when the proactor's registration of it replaced
+            # ours -- the usual way here (sock_recv on a socket with a
+            # reader); anything else is forgotten.
+            px = self._loop._proactor
+            sock = px._socks.get(fd) if px is not None else None
+            if sock is None or sock is watch.sock or sock.fileno() != fd:
+                return
+        elif _identity(fd) != watch.ident:
             return  # closed (maybe reused) behind our back: forgotten, as epoll does
         try:
             new = self._attach(fd)
