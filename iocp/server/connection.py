@@ -605,7 +605,15 @@ class Connection:
 
     # teardown -------------------------------------------------------------------
     def _teardown(self, exc: BaseException | None, graceful: bool = False) -> None:
-        """Unregister (cancelling our ops); close once their completions are in."""
+        """Unregister (cancelling our ops); close once their completions are in.
+
+        Teardown counts as an op of its own until its socket calls are
+        done: otherwise the last completion, on a loop thread, could close
+        the socket while this thread is still in shutdown() or unregister
+        on it -- a call on a closed handle, or on a new socket that got the
+        same handle value meanwhile (Windows and Wine reuse them at once;
+        Wine 8's wineserver even dies of a shutdown racing the close:
+        "sock_poll_event: Assertion `sock->obj.ops == &sock_ops' failed")."""
         with self._lock:
             if self._torn:
                 return
@@ -615,7 +623,7 @@ class Connection:
             self._wbuf.clear()
             self._wbuf_size = 0
             ops = (self._recv_op, self._send_op)
-            idle = self._ops == 0
+            self._ops += 1  # this teardown's own count, dropped below
         if graceful:
             self._shutdown_wr()
         try:
@@ -628,8 +636,7 @@ class Connection:
                     op.cancel()
                 except Exception:
                     pass
-        if idle:
-            self._finish()
+        self._op_done()  # closes the socket now if no op is left
 
     def _op_done(self) -> None:
         with self._lock:
