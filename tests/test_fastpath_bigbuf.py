@@ -1,11 +1,11 @@
 """Large messages on a multishot recv (issue 10): the buffer size follows
 the socket.
 
-A multishot recv starts on small buffers (io_uring: the 4 KiB provided-
+A multishot recv starts on small buffers (io_uring: the 1 KiB provided-
 buffer group), so small messages cost small buffers and an idle socket
 pins none.  Once a socket fills a small buffer it moves to 64 KiB buffers,
-so a 64 KiB message is about one completion instead of 16, and back to
-small ones after a run of small arrivals.  epoll reads each arrival whole
+so a 64 KiB message is about one completion instead of 64, and back down
+(to 4 KiB, then 1 KiB buffers) after runs of small arrivals.  epoll reads each arrival whole
 (up to 64 KiB) into its scratch buffer; IOCP reads a socket that delivers
 large arrivals at the size FIONREAD gives at once.
 
@@ -13,7 +13,7 @@ The bound asserted: a 64 KiB message written by one send over loopback,
 once the socket has switched (after one warm-up message), arrives in at
 most 4 completions (the design gives 1, or 2 when the receiver runs
 between the two loopback segments of the message; 4 leaves room for a
-segment split more).  With 4 KiB buffers it would be at least 16.
+segment split more).  With 1 KiB buffers it would be at least 64.
 """
 
 from __future__ import annotations
@@ -229,19 +229,20 @@ def switch_stats(plan: list[tuple[int, int]], si: bool = False,
 @pytest.mark.skipif(URING is None, reason="io_uring cannot run here")
 @pytest.mark.parametrize("si", [False, True], ids=["mt", "si"])
 def test_uring_switches_up_once_and_down_after_a_run_of_small(si):
-    # Only small: never leaves the 4 KiB group, no 64 KiB buffer made.
+    # Only small: never leaves the 1 KiB group, no 64 KiB buffer made.
     st, counts = switch_stats([(100, 40)], si=si)
     assert st["regroups"] == 0 and st["large_bufs"] == 0, st
     assert counts == [1] * 40
     # Big then small: up at the first full small buffer (the first message
-    # still comes in 4 KiB pieces), down after the run of small arrivals
+    # still comes in 1 KiB pieces), down after the run of small arrivals
     # (16), not before.  14, not 15: the last big message's tail segment
     # may come as an arrival of its own and count as a small one.
     st, counts = switch_stats([(BIG, 5), (100, 14)], si=si)
     assert st["regroups"] == 1 and st["large_bufs"] > 0, st
     assert counts[0] >= 2 and max(counts[1:5]) <= MAX_COMPLETIONS_PER_BIG, counts
+    # Down one size per run: 64 KiB -> 4 KiB -> 1 KiB buffers.
     st, _ = switch_stats([(BIG, 5), (100, 40)], si=si)
-    assert st["regroups"] == 2, st
+    assert st["regroups"] == 3, st
     # Short runs of small messages between big ones do not switch down.
     st, counts = switch_stats([(BIG, 3), (100, 5), (BIG, 3), (100, 5), (BIG, 3)], si=si)
     assert st["regroups"] == 1, st

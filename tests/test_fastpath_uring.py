@@ -148,13 +148,15 @@ port.close()
 
 
 def test_multishot_burst_grows_the_buffer_group_and_surfaces_no_enobufs():
-    """1000 sockets ready at once, far past the 256 buffers the small group
-    starts with: the group grows (at most doubling per reap), -ENOBUFS is
-    seen by the backend but never by the caller, and every byte arrives."""
+    """1000 sockets ready at once, far past the 256 buffers the 1 KiB group
+    (where a multishot recv starts) begins with: the group grows (at most
+    doubling per reap), -ENOBUFS is seen by the backend but never by the
+    caller, and every byte arrives."""
     st = stats_of_child(BURST.format(n=1000, multishot=True, qcap=1024))
     assert st["enobufs"] > 0, st         # the burst did outrun the group ...
     assert st["grows"] >= 2, st          # ... which grew with it
-    assert 1024 <= st["small_bufs"] <= 4096, st   # in proportion, not to the bound
+    assert 1024 <= st["tiny_bufs"] <= 4096, st   # in proportion, not to the bound
+    assert st["small_bufs"] == 256, st   # small messages took no 4 KiB buffer
 
 
 def test_singleshot_burst_grows_instead_of_falling_back():
@@ -189,7 +191,7 @@ def test_burst_under_fallbacks(knobs):
 
 @pytest.mark.parametrize("cap", [0, 65536])
 def test_multishot_stream_in_order_then_eof(make_port, disabled, cap):
-    """Every byte in order, then EOF; kernel multishot takes 4 KiB buffers
+    """Every byte in order, then EOF; kernel multishot starts on 1 KiB buffers
     whatever the cap (small messages must not cost 64 KiB each)."""
     port = make_port()
     a, b = tcp_pair()

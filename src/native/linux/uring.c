@@ -31,9 +31,9 @@
  * callers) up to recv_pool_max; a single-shot recv that still finds none
  * moves to a pool buffer.  A multishot RECV is one armed
  * IORING_RECV_MULTISHOT request, one completion with MORE per CQE, from
- * the group its socket's arrivals fit: the 4 KiB group first, the 64 KiB
- * one once a small buffer comes back full, the small one again after a
- * run of small arrivals (iocp__ms_follow; the switch ends the armed
+ * the group its socket's arrivals fit: the 1 KiB group first, one size
+ * up (4 KiB, then 64 KiB) once a buffer comes back full, one down again
+ * after a run of small arrivals (iocp__ms_follow; the switch ends the armed
  * request with a cancel of our own and re-arms, so a 64 KiB message
  * costs 16 completions once, then about one); where the kernel lacks
  * it, or the cap is under a buffer, a single-shot recv from the group is
@@ -300,7 +300,15 @@ static inline int iocp__is_msrecv(const iocp_op *op)
 /* The buffer group a RINGBUF recv picks from. */
 static inline int iocp__op_group(const iocp_op *op)
 {
-    return (op->state & IOCP__ST_BG_LARGE) ? IOCP__BG_LARGE : IOCP__BG_SMALL;
+    if (op->state & IOCP__ST_BG_LARGE)
+        return IOCP__BG_LARGE;
+    return (op->state & IOCP__ST_BG_TINY) ? IOCP__BG_TINY : IOCP__BG_SMALL;
+}
+
+/* The op state bits that name group g. */
+static inline int iocp__group_bits(int g)
+{
+    return g == IOCP__BG_LARGE ? IOCP__ST_BG_LARGE : g == IOCP__BG_TINY ? IOCP__ST_BG_TINY : 0;
 }
 
 /* Bytes a recv into a pool buffer asks for (a multishot one: its cap, or
@@ -852,7 +860,7 @@ static void iocp__complete_recv(iocp_port *p, struct iocp__uring *u, iocp_op *op
         }
         /* The groups are at their bound and every buffer is out: use
          * the pool. */
-        op->state &= ~(IOCP__ST_RINGBUF | IOCP__ST_BG_LARGE);
+        op->state &= ~(IOCP__ST_RINGBUF | IOCP__ST_BG_MASK);
         op->backend_data = iocp__buffer_get(p, op->len);
         if (!op->backend_data)
             iocp__finish(p, u, op, IOCP_ENOMEM, 0, 0, NULL, 0);
@@ -875,55 +883,85 @@ static void iocp__complete_recv(iocp_port *p, struct iocp__uring *u, iocp_op *op
  * with MORE; the final completion is EOF, an error or the cancel.
  */
 /*
- * The buffer size follows the socket.  A multishot recv starts on the
- * 4 KiB group; a buffer of it that comes back full says the socket
- * delivers more than a small buffer holds (one 64 KiB message would be 16
- * completions), so the socket moves to the 64 KiB group, and back after
- * IOCP__MS_DOWN_RUN small arrivals in a row (hysteresis: a mixed stream
- * does not flip on every message).  Only where a 64 KiB buffer is within
- * the op's cap: kernel multishot fills whole buffers (its SQE takes no
- * length), so a cap under 64 KiB keeps the small group.  Called with the
- * bytes of each arrival from group g; says whether the socket wants the
- * large group now.
+ * The buffer size follows the socket, on a ladder of three groups (rungs
+ * 0, 1, 2: 1 KiB, 4 KiB, 64 KiB).  A multishot recv starts on the 1 KiB
+ * group, so a short message costs 1 KiB of pool while it waits for the
+ * caller -- what ten thousand mostly idle connections each answering at
+ * once add up to.  A buffer that comes back full says the socket delivers
+ * more than that size holds (one 64 KiB message would be 64 completions of
+ * 1 KiB), so the socket climbs to the top rung its cap allows; IOCP__MS_DOWN_RUN arrivals in a
+ * row that would fit half a buffer of the rung below take it one rung down
+ * (hysteresis: a mixed stream does not flip on every message).  A rung
+ * counts only where its buffer is within the op's cap: kernel multishot
+ * fills whole buffers (its SQE takes no length), so a capped recv stays
+ * on the largest group its cap allows.  Called with the bytes of each
+ * arrival from group g; says which rung the socket wants now.
  */
-static int iocp__ms_follow(struct iocp__uring *u, struct iocp__ufd *st, const iocp_op *op,
-                           int g, int res)
+static const int iocp__ms_ladder[3] = {IOCP__BG_TINY, IOCP__BG_SMALL, IOCP__BG_LARGE};
+
+/* The group a multishot recv on rung `level` picks from: the rung's, or
+ * the nearest one below it that is set up and within the op's cap (its
+ * current group if none is). */
+static int iocp__ms_group(struct iocp__uring *u, const iocp_op *op, unsigned level)
 {
-    if (g == IOCP__BG_SMALL) {
+    for (;;) {
+        int g = iocp__ms_ladder[level];
+        int shift = g == IOCP__BG_TINY    ? IOCP__BG_TINY_SHIFT
+                    : g == IOCP__BG_SMALL ? IOCP__BG_SMALL_SHIFT
+                                          : IOCP__BG_LARGE_SHIFT;
+        size_t size = (size_t)1 << shift;
+        if ((op->len == 0 || op->len >= size || !(op->state & IOCP__ST_MULTI)) &&
+            (g == IOCP__BG_TINY ? iocp__bg_tiny(u) : iocp__bg_pick(u, size)) == g)
+            return g;
+        if (level == 0)
+            return iocp__op_group(op);
+        level--;
+    }
+}
+
+static unsigned iocp__ms_follow(struct iocp__uring *u, struct iocp__ufd *st, const iocp_op *op,
+                                int g, int res)
+{
+    unsigned level = g == IOCP__BG_TINY ? 0u : g == IOCP__BG_SMALL ? 1u : 2u;
+
+    if (level < 2 && (unsigned)res >= iocp__bg_size(&u->bg[g])) {
+        /* Straight to the largest group the cap allows: a stream that
+         * fills one buffer most likely fills any (a 64 KiB message would
+         * otherwise pay 64 completions, then 16, before it pays 1). */
+        int up = iocp__ms_group(u, op, 2);
         st->ms_small = 0;
-        if ((unsigned)res >= iocp__bg_size(&u->bg[g]) &&
-            (op->len == 0 || op->len >= ((size_t)1 << IOCP__BG_LARGE_SHIFT) ||
-             !(op->state & IOCP__ST_MULTI)) &&
-            iocp__bg_pick(u, (size_t)1 << IOCP__BG_LARGE_SHIFT) == IOCP__BG_LARGE)
-            st->ms_large = 1;
-    } else if (res <= IOCP__MS_SMALL_ARRIVAL) {
+        if (up != g)
+            st->ms_level = up == IOCP__BG_LARGE ? 2 : up == IOCP__BG_SMALL ? 1 : 0;
+    } else if (level > 0 &&
+               (unsigned)res <= iocp__bg_size(&u->bg[iocp__ms_ladder[level - 1]]) / 2 &&
+               u->bg[iocp__ms_ladder[level - 1]].state > 0) {
         if (++st->ms_small >= IOCP__MS_DOWN_RUN) {
             st->ms_small = 0;
-            st->ms_large = 0;
+            st->ms_level = (unsigned char)(level - 1);
         }
     } else {
         st->ms_small = 0;
     }
-    return st->ms_large;
+    return st->ms_level;
 }
 
 /*
- * After an arrival: if the socket now wants the other group, a kernel
+ * After an arrival: if the socket now wants another group, a kernel
  * multishot still armed (`more`) is ended with a cancel of our own (its
  * -ECANCELED then re-arms it, as a cancel nobody asked for does), at most
  * one at a time; a request that has ended takes the new group at once,
- * before it is armed again.  Its buffers are never misread: the group bit
- * changes only when no request of the op is out.
+ * before it is armed again.  Its buffers are never misread: the group bits
+ * change only when no request of the op is out.
  */
-static void iocp__ms_regroup(struct iocp__uring *u, iocp_op *op, int want_large, int more)
+static void iocp__ms_regroup(struct iocp__uring *u, iocp_op *op, unsigned level, int more)
 {
-    int large = (op->state & IOCP__ST_BG_LARGE) != 0;
+    int want = iocp__ms_group(u, op, level);
 
     if (!more) {
-        op->state &= ~(IOCP__ST_REGROUP | IOCP__ST_BG_LARGE);
-        if (want_large)
-            op->state |= IOCP__ST_BG_LARGE;
-    } else if (want_large != large && !(op->state & (IOCP__ST_REGROUP | IOCP__ST_CANCEL))) {
+        op->state &= ~(IOCP__ST_REGROUP | IOCP__ST_BG_MASK);
+        op->state |= iocp__group_bits(want);
+    } else if (want != iocp__op_group(op) &&
+               !(op->state & (IOCP__ST_REGROUP | IOCP__ST_CANCEL))) {
         op->state |= IOCP__ST_REGROUP;
         u->n_regroups++;
         iocp__send_cancel(u, op);
@@ -958,7 +996,10 @@ static void iocp__complete_recv_ms(iocp_port *p, struct iocp__uring *u, iocp_op 
     if (op->state & IOCP__ST_REGROUP) {
         /* The request our cancel was for has ended (by it or not). */
         struct iocp__ufd *st = iocp__ufd(u, op->sock);
-        iocp__ms_regroup(u, op, st && st->ms_large, 0);
+        if (st)
+            iocp__ms_regroup(u, op, st->ms_level, 0);
+        else
+            op->state &= ~IOCP__ST_REGROUP;
     }
     if (res > 0)
         iocp__again(p, u, op);      /* emulation, or the kernel stopped */
@@ -1347,11 +1388,12 @@ static void iocp__uring_destroy(iocp_port *p)
         /* Tests and measurements read this (IOCP_URING_STATS=1). */
         fprintf(stderr, "iocp-uring-stats enobufs=%llu grows=%llu parks=%llu "
                 "pool_bytes=%zu small_bufs=%u large_bufs=%u chains=%llu chained=%llu "
-                "regroups=%llu\n",
+                "regroups=%llu tiny_bufs=%u\n",
                 (unsigned long long)u->n_enobufs, (unsigned long long)u->n_grows,
                 (unsigned long long)u->n_parks, u->pool_bytes, u->bg[IOCP__BG_SMALL].nbufs,
                 u->bg[IOCP__BG_LARGE].nbufs, (unsigned long long)u->n_chains,
-                (unsigned long long)u->n_chained, (unsigned long long)u->n_regroups);
+                (unsigned long long)u->n_chained, (unsigned long long)u->n_regroups,
+                u->bg[IOCP__BG_TINY].nbufs);
     }
     iocp__ring_unregister_fd(u);
     iocp__bg_unregister(u);
@@ -1485,7 +1527,7 @@ static int iocp__uring_register(iocp_port *p, iocp_socket_t sock)
         iocp__submit_policy(p, u);
     }
     st->msrecv = NULL;              /* the old socket's, if any */
-    st->ms_large = 0;
+    st->ms_level = 0;
     st->ms_small = 0;
     st->gen++;
     st->registered = 1;
@@ -1557,27 +1599,23 @@ static int iocp__uring_submit(iocp_port *p, iocp_op *op)
     if (st && st->msrecv && (op->kind == IOCP_OP_RECV || op->kind == IOCP_OP_RECV_INTO))
         return IOCP_EBUSY;
     if (iocp__is_msrecv(op)) {
-        /* The 4 KiB group first whatever the cap (`len` bounds a
-         * completion, it asks for nothing): small messages cost a small
-         * buffer; a socket whose arrivals fill them moves to the 64 KiB
-         * group (iocp__ms_follow).  Kernel
+        /* The group of the socket's rung (iocp__ms_follow: 1 KiB for a
+         * socket that has not shown larger arrivals) whatever the cap
+         * (`len` bounds a completion, it asks for nothing).  Kernel
          * multishot delivers up to a buffer per CQE, within any cap of
-         * 4 KiB or more (or none); a smaller cap re-arms a single-shot
-         * recv of that size from the ring. */
+         * a buffer or more (or none); a smaller cap re-arms a
+         * single-shot recv of that size from the ring. */
         int g = iocp__bg_pick(u, 0);
         if (g >= 0) {
             op->state |= IOCP__ST_RINGBUF;
+            if (st->ms_level == 0 && iocp__bg_tiny(u) == IOCP__BG_TINY)
+                g = IOCP__BG_TINY;
             if ((u->caps & IOCP__CAP_MS_RECV) &&
                 (op->len == 0 || op->len >= iocp__bg_size(&u->bg[g])))
                 op->state |= IOCP__ST_MULTI;
-            /* A socket that has been delivering large arrivals stays on
-             * the 64 KiB group (iocp__ms_follow decided it, within the
-             * same cap rule). */
-            if (st->ms_large &&
-                (op->len == 0 || op->len >= ((size_t)1 << IOCP__BG_LARGE_SHIFT) ||
-                 !(op->state & IOCP__ST_MULTI)) &&
-                iocp__bg_pick(u, (size_t)1 << IOCP__BG_LARGE_SHIFT) == IOCP__BG_LARGE)
-                op->state |= IOCP__ST_BG_LARGE;
+            /* Within the same cap rule, a socket that has been delivering
+             * large arrivals stays on the 64 KiB group. */
+            op->state |= iocp__group_bits(iocp__ms_group(u, op, st->ms_level));
         }
         /* Else a poll, then a pool buffer, per arrival (arm_now). */
         st->msrecv = op;

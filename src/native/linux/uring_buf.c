@@ -9,12 +9,15 @@
  * writing its descriptor at the ring's tail.  With the ring empty the
  * kernel answers -ENOBUFS (and a multishot recv stops).
  *
- * Here: two groups, set up on first use.  Group 0 holds 4 KiB buffers
- * (recvs of up to 4 KiB, and multishot recvs of sockets whose arrivals
- * fit them: small messages should not cost a 64 KiB buffer each), group
- * 1 64 KiB buffers (recvs up to 64 KiB, and multishot recvs of sockets
- * that fill small buffers -- uring.c's iocp__ms_follow moves a socket
- * between the two; larger recvs use the port pool).  Each starts small and grows with load:
+ * Here: three groups, set up on first use.  Group 0 holds 4 KiB buffers
+ * (recvs of up to 4 KiB), group 1 64 KiB buffers (recvs up to 64 KiB;
+ * larger recvs use the port pool), group 2 1 KiB buffers.  A multishot
+ * recv starts on the 1 KiB group and climbs to the 4 KiB and 64 KiB ones
+ * as its socket's arrivals fill buffers (uring.c's iocp__ms_follow moves
+ * a socket along that ladder, both ways): small messages cost a small
+ * buffer each.  That is what bounds the pool when thousands of mostly
+ * idle connections each get a short message at once (every arrival
+ * holds its own buffer until the caller has taken it).  Each starts small and grows with load:
  * uring.c calls iocp__bg_grow on -ENOBUFS and when most of a group is out
  * with the caller, and a group doubles until all groups together reach the
  * port's bound (iocp_port_options.recv_pool_max, default 64 MiB; each
@@ -44,7 +47,8 @@
 /* Buffers a group starts with (then it doubles). */
 static unsigned iocp__bg_initial(int g)
 {
-    return g == IOCP__BG_SMALL ? 256u : 16u;     /* 1 MiB each */
+    /* 1 MiB each; 256 KiB for the 1 KiB group */
+    return g == IOCP__BG_LARGE ? 16u : 256u;
 }
 
 void iocp__bg_put(struct iocp__uring *u, int g, unsigned bid)
@@ -116,7 +120,9 @@ static int iocp__bg_setup(struct iocp__uring *u, int g)
     b->state = -1;
     if (!(u->caps & IOCP__CAP_PBUF))
         return 0;
-    b->shift = g == IOCP__BG_SMALL ? IOCP__BG_SMALL_SHIFT : IOCP__BG_LARGE_SHIFT;
+    b->shift = g == IOCP__BG_SMALL   ? IOCP__BG_SMALL_SHIFT
+               : g == IOCP__BG_TINY  ? IOCP__BG_TINY_SHIFT
+                                     : IOCP__BG_LARGE_SHIFT;
     b->chunk_shift = IOCP__CHUNK_SHIFT - b->shift;
     max_bufs = u->pool_max >> b->shift;
     if (max_bufs > IOCP__BG_RING_MAX)
@@ -175,6 +181,13 @@ int iocp__bg_pick(struct iocp__uring *u, size_t len)
     if (u->bg[g].state == 0)
         (void)iocp__bg_setup(u, g);
     return u->bg[g].state > 0 ? g : -1;
+}
+
+int iocp__bg_tiny(struct iocp__uring *u)
+{
+    if (u->bg[IOCP__BG_TINY].state == 0)
+        (void)iocp__bg_setup(u, IOCP__BG_TINY);
+    return u->bg[IOCP__BG_TINY].state > 0 ? IOCP__BG_TINY : -1;
 }
 
 void iocp__bg_unregister(struct iocp__uring *u)

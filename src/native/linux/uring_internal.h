@@ -70,12 +70,14 @@ enum { IOCP__IN_WAKE = 1, IOCP__IN_CANCEL = 2, IOCP__IN_TIMEOUT = 3,
 #define IOCP__ST_FIFO      0x100  /* in its socket's read or write FIFO */
 #define IOCP__ST_QUEUED    0x200  /* ... behind the head: nothing issued */
 #define IOCP__ST_BG_LARGE  0x400  /* RINGBUF: picks from the 64 KiB group */
+#define IOCP__ST_BG_TINY   0x8000 /* RINGBUF: picks from the 1 KiB group */
+#define IOCP__ST_BG_MASK   (IOCP__ST_BG_LARGE | IOCP__ST_BG_TINY)
 #define IOCP__ST_PARKED    0x800  /* multishot recv waiting for buffers */
 #define IOCP__ST_OWED      0x1000 /* its final completion waits on u->owed */
 #define IOCP__ST_CHAIN     0x2000 /* SEND out as a member of a linked chain */
 #define IOCP__ST_REGROUP   0x4000 /* multishot recv: a cancel is out to end the
                                      request so it re-arms on the group
-                                     its socket now wants (ufd.ms_large) */
+                                     its socket now wants (ufd.ms_level) */
 
 #define IOCP__DEFAULT_ENTRIES 1024u
 
@@ -99,20 +101,22 @@ struct iocp__ufd {
     iocp_op *msrecv;       /* the multishot recv of this registration */
     unsigned chain_n;      /* the first chain_n ops of wq are a linked
                               chain in the kernel (0: none) */
-    /* Which buffer group this socket's multishot recv should pick from:
-     * 1 once a 4 KiB buffer came back full (the socket delivers more than
-     * a small buffer holds), 0 again after IOCP__MS_DOWN_RUN arrivals in
-     * a row of at most IOCP__MS_SMALL_ARRIVAL bytes (ms_small counts
-     * them).  Kept per socket, so a multishot recv armed again on the
-     * socket starts where the last one ended; reset at register. */
-    unsigned char ms_large;
+    /* Which buffer group this socket's multishot recv should pick from,
+     * a rung of a ladder: 0 the 1 KiB group, 1 the 4 KiB one, 2 the
+     * 64 KiB one.  Up to the top rung the op's cap allows as soon as a
+     * buffer comes back full (the socket delivers more than that size
+     * holds), one rung down after
+     * IOCP__MS_DOWN_RUN arrivals in a row of at most half the size of the
+     * rung below (ms_small counts them).  Kept per socket, so a multishot
+     * recv armed again on the socket starts where the last one ended;
+     * reset at register. */
+    unsigned char ms_level;
     unsigned short ms_small;
 };
 
-/* The hysteresis of ufd.ms_large: down to the 4 KiB group after this many
- * small arrivals in a row (at most half a small buffer each). */
+/* The hysteresis of ufd.ms_level: one rung down after this many small
+ * arrivals in a row (at most half a buffer of the rung below each). */
 #define IOCP__MS_DOWN_RUN 16u
-#define IOCP__MS_SMALL_ARRIVAL 2048
 
 /*
  * A completion owed to the queue: poll() may hand out at most `max`, and
@@ -141,9 +145,10 @@ struct iocp__owed {
  * grows (more ids, never fewer) and the ring has room for every id it may
  * ever have, so putting a buffer back never overflows it.
  */
-#define IOCP__BG_SMALL 0          /* 4 KiB: multishot recv, small recvs */
+#define IOCP__BG_SMALL 0          /* 4 KiB: small recvs, multishot recv */
 #define IOCP__BG_LARGE 1          /* 64 KiB: recvs up to 64 KiB */
-#define IOCP__BG_COUNT 2
+#define IOCP__BG_TINY 2           /* 1 KiB: multishot recv of small messages */
+#define IOCP__BG_COUNT 3
 
 struct iocp__bgroup {
     int state;                     /* 0 not tried, 1 ready, -1 unavailable */
@@ -400,6 +405,7 @@ int iocp__uring_probe(char *features, size_t len);
 
 /* ---- uring_buf.c: provided-buffer groups ----------------------------- */
 
+#define IOCP__BG_TINY_SHIFT 10            /* 1 KiB */
 #define IOCP__BG_SMALL_SHIFT 12           /* 4 KiB */
 #define IOCP__BG_LARGE_SHIFT 16           /* 64 KiB */
 #define IOCP__POOL_MAX_DEFAULT ((size_t)64 << 20)
@@ -407,6 +413,8 @@ int iocp__uring_probe(char *features, size_t len);
 /* The group a receive of up to `len` bytes picks from (len 0: the small
  * one), set up on first use; -1 if none fits or the kernel has none. */
 int iocp__bg_pick(struct iocp__uring *u, size_t len);
+/* The 1 KiB group, set up on first use; -1 if the kernel has none. */
+int iocp__bg_tiny(struct iocp__uring *u);
 /* Adds buffers to group g (doubling, within the pool bound).  Returns how
  * many were added (0: at the bound, or out of memory). */
 unsigned iocp__bg_grow(struct iocp__uring *u, int g);
