@@ -357,16 +357,23 @@ def test_protocol_error_goes_to_loop_handler(aloop) -> None:
     run(aloop, main())
 
 
+async def _sink_and_its_peer():
+    """A listening socket, a transport with a Sink connected to it, and
+    the accepted socket (blocking-free, the test's to close)."""
+    loop = asyncio.get_running_loop()
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    lsock.setblocking(False)
+    task = loop.create_task(loop.sock_accept(lsock))
+    tr, proto = await loop.create_connection(Sink, *lsock.getsockname())
+    conn, _ = await task
+    return lsock, tr, proto, conn
+
+
 def test_peer_reset_reaches_connection_lost(aloop) -> None:
     async def main():
-        loop = asyncio.get_running_loop()
-        lsock = socket.socket()
-        lsock.bind(("127.0.0.1", 0))
-        lsock.listen(1)
-        lsock.setblocking(False)
-        task = loop.create_task(loop.sock_accept(lsock))
-        tr, p = await loop.create_connection(Sink, *lsock.getsockname())
-        conn, _ = await task
+        lsock, tr, p, conn = await _sink_and_its_peer()
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
         conn.close()
         await asyncio.wait_for(p.done, 10)
@@ -384,13 +391,7 @@ def test_connection_lost_goes_to_the_protocol_set_after_the_loss(aloop) -> None:
     # asyncio, or the user's protocol never hears of the loss.
     async def main():
         loop = asyncio.get_running_loop()
-        lsock = socket.socket()
-        lsock.bind(("127.0.0.1", 0))
-        lsock.listen(1)
-        lsock.setblocking(False)
-        task = loop.create_task(loop.sock_accept(lsock))
-        tr, first = await loop.create_connection(Sink, *lsock.getsockname())
-        conn, _ = await task
+        lsock, tr, first, conn = await _sink_and_its_peer()
         second = Sink()
         tr.abort()
         # Runs after the loop has seen the abort complete and before it
