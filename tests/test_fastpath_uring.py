@@ -148,7 +148,7 @@ port.close()
 
 
 def test_multishot_burst_grows_the_buffer_group_and_surfaces_no_enobufs():
-    """1000 sockets ready at once, far past the 256 buffers the 1 KiB group
+    """1000 sockets ready at once, far past the 256 buffers the 512 B group
     (where a multishot recv starts) begins with: the group grows (at most
     doubling per reap), -ENOBUFS is seen by the backend but never by the
     caller, and every byte arrives."""
@@ -191,7 +191,7 @@ def test_burst_under_fallbacks(knobs):
 
 @pytest.mark.parametrize("cap", [0, 65536])
 def test_multishot_stream_in_order_then_eof(make_port, disabled, cap):
-    """Every byte in order, then EOF; kernel multishot starts on 1 KiB buffers
+    """Every byte in order, then EOF; kernel multishot starts on 512 B buffers
     whatever the cap (small messages must not cost 64 KiB each)."""
     port = make_port()
     a, b = tcp_pair()

@@ -31,8 +31,8 @@
  * callers) up to recv_pool_max; a single-shot recv that still finds none
  * moves to a pool buffer.  A multishot RECV is one armed
  * IORING_RECV_MULTISHOT request, one completion with MORE per CQE, from
- * the group its socket's arrivals fit: the 1 KiB group first, one size
- * up (4 KiB, then 64 KiB) once a buffer comes back full, one down again
+ * the group its socket's arrivals fit: the 512 B group first, one size
+ * up (4 KiB, then 64 KiB) each time a buffer comes back full, one down again
  * after a run of small arrivals (iocp__ms_follow; the switch ends the armed
  * request with a cancel of our own and re-arms, so a 64 KiB message
  * costs 16 completions once, then about one); where the kernel lacks
@@ -884,12 +884,12 @@ static void iocp__complete_recv(iocp_port *p, struct iocp__uring *u, iocp_op *op
  */
 /*
  * The buffer size follows the socket, on a ladder of three groups (rungs
- * 0, 1, 2: 1 KiB, 4 KiB, 64 KiB).  A multishot recv starts on the 1 KiB
- * group, so a short message costs 1 KiB of pool while it waits for the
+ * 0, 1, 2: 512 B, 4 KiB, 64 KiB).  A multishot recv starts on the 512 B
+ * group, so a short message costs 512 B of pool while it waits for the
  * caller -- what ten thousand mostly idle connections each answering at
  * once add up to.  A buffer that comes back full says the socket delivers
- * more than that size holds (one 64 KiB message would be 64 completions of
- * 1 KiB), so the socket climbs to the top rung its cap allows; IOCP__MS_DOWN_RUN arrivals in a
+ * more than that size holds (one 64 KiB message would be 128 completions of
+ * 512 B), so the socket climbs one rung; IOCP__MS_DOWN_RUN arrivals in a
  * row that would fit half a buffer of the rung below take it one rung down
  * (hysteresis: a mixed stream does not flip on every message).  A rung
  * counts only where its buffer is within the op's cap: kernel multishot
@@ -925,13 +925,12 @@ static unsigned iocp__ms_follow(struct iocp__uring *u, struct iocp__ufd *st, con
     unsigned level = g == IOCP__BG_TINY ? 0u : g == IOCP__BG_SMALL ? 1u : 2u;
 
     if (level < 2 && (unsigned)res >= iocp__bg_size(&u->bg[g])) {
-        /* Straight to the largest group the cap allows: a stream that
-         * fills one buffer most likely fills any (a 64 KiB message would
-         * otherwise pay 64 completions, then 16, before it pays 1). */
-        int up = iocp__ms_group(u, op, 2);
+        /* One rung: a socket of 1-4 KiB messages (HTTP requests) must not
+         * take a 64 KiB buffer per arrival -- that would exhaust the pool
+         * long before its bound serves its connections. */
         st->ms_small = 0;
-        if (up != g)
-            st->ms_level = up == IOCP__BG_LARGE ? 2 : up == IOCP__BG_SMALL ? 1 : 0;
+        if (iocp__ms_group(u, op, level + 1) != g)
+            st->ms_level = (unsigned char)(level + 1);
     } else if (level > 0 &&
                (unsigned)res <= iocp__bg_size(&u->bg[iocp__ms_ladder[level - 1]]) / 2 &&
                u->bg[iocp__ms_ladder[level - 1]].state > 0) {
@@ -1599,7 +1598,7 @@ static int iocp__uring_submit(iocp_port *p, iocp_op *op)
     if (st && st->msrecv && (op->kind == IOCP_OP_RECV || op->kind == IOCP_OP_RECV_INTO))
         return IOCP_EBUSY;
     if (iocp__is_msrecv(op)) {
-        /* The group of the socket's rung (iocp__ms_follow: 1 KiB for a
+        /* The group of the socket's rung (iocp__ms_follow: 512 B for a
          * socket that has not shown larger arrivals) whatever the cap
          * (`len` bounds a completion, it asks for nothing).  Kernel
          * multishot delivers up to a buffer per CQE, within any cap of

@@ -11,8 +11,8 @@
  *
  * Here: three groups, set up on first use.  Group 0 holds 4 KiB buffers
  * (recvs of up to 4 KiB), group 1 64 KiB buffers (recvs up to 64 KiB;
- * larger recvs use the port pool), group 2 1 KiB buffers.  A multishot
- * recv starts on the 1 KiB group and climbs to the 4 KiB and 64 KiB ones
+ * larger recvs use the port pool), group 2 512 B buffers.  A multishot
+ * recv starts on the 512 B group and climbs to the 4 KiB and 64 KiB ones
  * as its socket's arrivals fill buffers (uring.c's iocp__ms_follow moves
  * a socket along that ladder, both ways): small messages cost a small
  * buffer each.  That is what bounds the pool when thousands of mostly
@@ -47,7 +47,7 @@
 /* Buffers a group starts with (then it doubles). */
 static unsigned iocp__bg_initial(int g)
 {
-    /* 1 MiB each; 256 KiB for the 1 KiB group */
+    /* 1 MiB each; 128 KiB for the 512 B group */
     return g == IOCP__BG_LARGE ? 16u : 256u;
 }
 

@@ -70,7 +70,7 @@ enum { IOCP__IN_WAKE = 1, IOCP__IN_CANCEL = 2, IOCP__IN_TIMEOUT = 3,
 #define IOCP__ST_FIFO      0x100  /* in its socket's read or write FIFO */
 #define IOCP__ST_QUEUED    0x200  /* ... behind the head: nothing issued */
 #define IOCP__ST_BG_LARGE  0x400  /* RINGBUF: picks from the 64 KiB group */
-#define IOCP__ST_BG_TINY   0x8000 /* RINGBUF: picks from the 1 KiB group */
+#define IOCP__ST_BG_TINY   0x8000 /* RINGBUF: picks from the 512 B group */
 #define IOCP__ST_BG_MASK   (IOCP__ST_BG_LARGE | IOCP__ST_BG_TINY)
 #define IOCP__ST_PARKED    0x800  /* multishot recv waiting for buffers */
 #define IOCP__ST_OWED      0x1000 /* its final completion waits on u->owed */
@@ -102,10 +102,10 @@ struct iocp__ufd {
     unsigned chain_n;      /* the first chain_n ops of wq are a linked
                               chain in the kernel (0: none) */
     /* Which buffer group this socket's multishot recv should pick from,
-     * a rung of a ladder: 0 the 1 KiB group, 1 the 4 KiB one, 2 the
-     * 64 KiB one.  Up to the top rung the op's cap allows as soon as a
-     * buffer comes back full (the socket delivers more than that size
-     * holds), one rung down after
+     * a rung of a ladder: 0 the 512 B group, 1 the 4 KiB one, 2 the
+     * 64 KiB one.  One rung up as soon as a buffer comes back full (the
+     * socket delivers more than that size holds; within the op's cap),
+     * one rung down after
      * IOCP__MS_DOWN_RUN arrivals in a row of at most half the size of the
      * rung below (ms_small counts them).  Kept per socket, so a multishot
      * recv armed again on the socket starts where the last one ended;
@@ -147,7 +147,7 @@ struct iocp__owed {
  */
 #define IOCP__BG_SMALL 0          /* 4 KiB: small recvs, multishot recv */
 #define IOCP__BG_LARGE 1          /* 64 KiB: recvs up to 64 KiB */
-#define IOCP__BG_TINY 2           /* 1 KiB: multishot recv of small messages */
+#define IOCP__BG_TINY 2           /* 512 B: multishot recv of small messages */
 #define IOCP__BG_COUNT 3
 
 struct iocp__bgroup {
@@ -405,7 +405,7 @@ int iocp__uring_probe(char *features, size_t len);
 
 /* ---- uring_buf.c: provided-buffer groups ----------------------------- */
 
-#define IOCP__BG_TINY_SHIFT 10            /* 1 KiB */
+#define IOCP__BG_TINY_SHIFT 9             /* 512 B */
 #define IOCP__BG_SMALL_SHIFT 12           /* 4 KiB */
 #define IOCP__BG_LARGE_SHIFT 16           /* 64 KiB */
 #define IOCP__POOL_MAX_DEFAULT ((size_t)64 << 20)
@@ -413,7 +413,7 @@ int iocp__uring_probe(char *features, size_t len);
 /* The group a receive of up to `len` bytes picks from (len 0: the small
  * one), set up on first use; -1 if none fits or the kernel has none. */
 int iocp__bg_pick(struct iocp__uring *u, size_t len);
-/* The 1 KiB group, set up on first use; -1 if the kernel has none. */
+/* The 512 B group, set up on first use; -1 if the kernel has none. */
 int iocp__bg_tiny(struct iocp__uring *u);
 /* Adds buffers to group g (doubling, within the pool bound).  Returns how
  * many were added (0: at the bound, or out of memory). */
