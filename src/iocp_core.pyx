@@ -717,7 +717,7 @@ cdef class CompletionPort:
     """An I/O completion port.
 
     ``CompletionPort(concurrency=0, *, backend=None, queue_capacity=1024,
-    ring_entries=0, single_issuer=False)``
+    ring_entries=0, single_issuer=False, cooperative=False)``
 
     ``concurrency`` caps how many threads dispatch completions at the same
     time (0: the number of CPUs), like the NumberOfConcurrentThreads of
@@ -735,6 +735,15 @@ cdef class CompletionPort:
     method other than ``post``, ``stop``, ``stats``, ``closed``,
     ``pending`` and ``repr`` gets RuntimeError.  ``post`` and ``stop`` from
     another thread still work: they wake the owner, which runs the post.
+
+    ``cooperative=True`` promises that every thread that starts an
+    operation on the port also waits on it (a server with one loop
+    thread), or else sleeps: on io_uring the kernel then finishes an
+    operation when its starting thread next enters the kernel instead of
+    interrupting that thread (COOP_TASKRUN), which spares an interrupt
+    per completion.  A starting thread that spins in user code without
+    system calls may delay its completions by up to a scheduler tick.
+    Implied by ``single_issuer``; other backends ignore it.
     """
     cdef iocp_port *_port
     cdef dict _registered          # fd -> (socket, key)
@@ -753,6 +762,8 @@ cdef class CompletionPort:
     cdef set _run_threads           # idents of threads inside run()
     cdef readonly bint single_issuer
     """True for a port only its owner thread may use (see the class doc)."""
+    cdef readonly bint cooperative
+    """True when made with ``cooperative=True`` or ``single_issuer=True``."""
     cdef bint _has_owner
     cdef unsigned long _owner       # single-issuer: ident of the owner thread
     cdef object _foreign            # single-issuer: posts made by other threads
@@ -768,7 +779,7 @@ cdef class CompletionPort:
 
     def __cinit__(self, unsigned concurrency=0, *, backend=None,
                   unsigned queue_capacity=1024, unsigned ring_entries=0,
-                  bint single_issuer=False):
+                  bint single_issuer=False, bint cooperative=False):
         cdef iocp_port_options opts
         cdef bytes name_b
         self._port = NULL
@@ -799,6 +810,8 @@ cdef class CompletionPort:
         opts.ring_entries = ring_entries
         opts.single_issuer = 1 if single_issuer else 0
         self.single_issuer = single_issuer
+        opts.cooperative = 1 if (cooperative or single_issuer) else 0
+        self.cooperative = cooperative or single_issuer
         self._has_owner = False
         self._owner = 0
         self._foreign = _deque()

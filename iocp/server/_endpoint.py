@@ -208,12 +208,20 @@ class _Endpoint(_Owner):
             and isinstance(loop.port, CompletionPort)  # a stream needs the real port
         )
 
-    def _make_loop(self) -> _Loop:
+    def _make_loop(self, threads: int) -> _Loop:
+        """The loop for ``threads`` loop threads (0: the caller runs the port).
+
+        With at most one loop thread, every thread that starts an operation
+        either is the loop thread or only starts operations and then sleeps
+        or waits (start(), shutdown(), a user's send()), so the port is
+        cooperative: on io_uring a completion does not interrupt its
+        submitter.  With several loop threads, any of them may be waiting
+        while another, busy in a callback, started the operation."""
         if self._given_port is not None:
             return _Loop(self._given_port, owned=False)
         if self._port_factory is not None:
             return _Loop(self._port_factory(), owned=True)
-        return _Loop(CompletionPort(backend=self._backend), owned=True)
+        return _Loop(CompletionPort(backend=self._backend, cooperative=threads <= 1), owned=True)
 
     @property
     def connections(self) -> List[Connection]:

@@ -227,7 +227,7 @@ class Server(_Endpoint):
         sock = self.bind()
         try:
             sock.listen(self.backlog)
-            self._loop = self._make_loop()
+            self._loop = self._make_loop(threads)
         except BaseException:
             if self._sock is sock:
                 self._sock = None

@@ -83,7 +83,7 @@ class Client(_Endpoint):
                     self.host, self.port, self.family, socket.SOCK_STREAM
                 )
             ]
-        self._loop = self._make_loop()
+        self._loop = self._make_loop(1)
         self._single = self._use_streams(self._loop, 1)
         if self._given_port is None:
             self._loop.start(1, name="iocp-client")

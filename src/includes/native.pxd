@@ -77,6 +77,7 @@ cdef extern from "iocp_native.h" nogil:
         unsigned concurrency
         unsigned ring_entries
         int single_issuer
+        int cooperative
         size_t recv_pool_max
 
     ctypedef struct iocp_port_stats:

@@ -233,6 +233,16 @@ typedef struct iocp_port_options {
      * iocp_port_get_stats, which stay thread-safe.
      */
     int single_issuer;
+    /*
+     * 1: every op is started by a thread that also waits on the port (one
+     * loop thread; a server whose other threads only start ops and sleep).
+     * io_uring then sets up with COOP_TASKRUN | TASKRUN_FLAG: a completion
+     * the kernel finishes in task work never interrupts its submitter with
+     * an IPI; the submitter runs it when it next enters the kernel or
+     * sleeps, so a submitter spinning in user code delays it by up to a
+     * scheduler tick.  Implied by single_issuer; epoll and IOCP ignore it.
+     */
+    int cooperative;
     /* Most port-owned receive buffers a multishot recv pool may grow to,
      * in bytes; 0 = the default (64 MiB). */
     size_t recv_pool_max;

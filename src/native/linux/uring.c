@@ -1348,7 +1348,7 @@ static int iocp__uring_init(iocp_port *p, const iocp_port_options *opts)
         u->enabled = 0;
         r = iocp__ring_open_single(u, entries, flags);
     } else {
-        r = iocp__ring_open(u, entries, flags);
+        r = iocp__ring_open_shared(u, entries, flags, opts && opts->cooperative);
     }
     if (r < 0) {
         free(u);
@@ -1387,12 +1387,12 @@ static void iocp__uring_destroy(iocp_port *p)
         /* Tests and measurements read this (IOCP_URING_STATS=1). */
         fprintf(stderr, "iocp-uring-stats enobufs=%llu grows=%llu parks=%llu "
                 "pool_bytes=%zu small_bufs=%u large_bufs=%u chains=%llu chained=%llu "
-                "regroups=%llu tiny_bufs=%u\n",
+                "regroups=%llu tiny_bufs=%u setup_flags=0x%x\n",
                 (unsigned long long)u->n_enobufs, (unsigned long long)u->n_grows,
                 (unsigned long long)u->n_parks, u->pool_bytes, u->bg[IOCP__BG_SMALL].nbufs,
                 u->bg[IOCP__BG_LARGE].nbufs, (unsigned long long)u->n_chains,
                 (unsigned long long)u->n_chained, (unsigned long long)u->n_regroups,
-                u->bg[IOCP__BG_TINY].nbufs);
+                u->bg[IOCP__BG_TINY].nbufs, u->setup_flags);
     }
     iocp__ring_unregister_fd(u);
     iocp__bg_unregister(u);

@@ -260,6 +260,10 @@ static inline int iocp__enter(struct iocp__uring *u, unsigned to_submit, unsigne
  * registers the ring fd for that thread and arms the eventfd's poll.
  */
 int iocp__ring_open_single(struct iocp__uring *u, unsigned entries, unsigned base_flags);
+/* A ring any thread may use: with cooperative (iocp_port_options) and
+ * where the kernel has it, COOP_TASKRUN | TASKRUN_FLAG, else plain. */
+int iocp__ring_open_shared(struct iocp__uring *u, unsigned entries, unsigned base_flags,
+                           int cooperative);
 int iocp__ring_enable(struct iocp__uring *u);
 static inline int iocp__ring_own(struct iocp__uring *u)
 {
