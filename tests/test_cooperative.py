@@ -28,7 +28,7 @@ from iocp.server import Client, Server
 from .helpers import close_all, tcp_pair
 
 BOUND = 20.0  # seconds; a stuck completion fails the test instead of hanging it
-COOP_BITS = 0x300  # IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG
+COOP_BITS = 0x300  # (768) IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG
 
 
 def _recv_started_by_other_thread(port: iocp.CompletionPort, then: str) -> bytes:
@@ -99,7 +99,7 @@ def _setup_flags_of_child(code: str, disable: str = "") -> list[int]:
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    flags = [int(word.split("=")[1], 16) for line in proc.stderr.splitlines()
+    flags = [int(word.split("=")[1]) for line in proc.stderr.splitlines()
              if line.startswith("iocp-uring-stats")
              for word in line.split() if word.startswith("setup_flags=")]
     assert flags, proc.stderr

@@ -1387,7 +1387,7 @@ static void iocp__uring_destroy(iocp_port *p)
         /* Tests and measurements read this (IOCP_URING_STATS=1). */
         fprintf(stderr, "iocp-uring-stats enobufs=%llu grows=%llu parks=%llu "
                 "pool_bytes=%zu small_bufs=%u large_bufs=%u chains=%llu chained=%llu "
-                "regroups=%llu tiny_bufs=%u setup_flags=0x%x\n",
+                "regroups=%llu tiny_bufs=%u setup_flags=%u\n",
                 (unsigned long long)u->n_enobufs, (unsigned long long)u->n_grows,
                 (unsigned long long)u->n_parks, u->pool_bytes, u->bg[IOCP__BG_SMALL].nbufs,
                 u->bg[IOCP__BG_LARGE].nbufs, (unsigned long long)u->n_chains,
