@@ -2108,3 +2108,4 @@ def backends() -> dict:
 
 
 include "stream.pxi"
+include "aioloop.pxi"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import warnings
-from asyncio import base_events, coroutines, events, runners, sslproto, trsock
+from asyncio import base_events, coroutines, events, format_helpers, runners, sslproto, trsock
 from asyncio import constants as _constants
 from asyncio import futures as _futures
 from asyncio import proactor_events as _proactor_events_typed
@@ -68,6 +68,33 @@ HAS_RUN_FOREVER_SETUP = hasattr(BaseEventLoop, "_run_forever_setup")
 # Server._detach() takes the transport from 3.13 on (the server keeps a
 # set of them, for close_clients()/abort_clients()).
 DETACH_TAKES_TRANSPORT = PY313
+
+# ---- the loop iteration in C (src/aioloop.pxi) ----------------------------
+# What the core's aio_run_once needs of the stdlib to behave as
+# BaseEventLoop._run_once (3.9 - 3.15: the same names and values): the
+# stdlib's own iteration (debug mode runs it) and the thresholds of its
+# purge of cancelled timers.
+
+base_run_once: Callable[..., Any] = base_events.BaseEventLoop._run_once
+MIN_SCHEDULED_TIMER_HANDLES: int = base_events._MIN_SCHEDULED_TIMER_HANDLES
+MIN_CANCELLED_TIMER_HANDLES_FRACTION: float = base_events._MIN_CANCELLED_TIMER_HANDLES_FRACTION
+MAXIMUM_SELECT_TIMEOUT: float = base_events.MAXIMUM_SELECT_TIMEOUT
+
+
+def report_callback_error(handle: Any, exc: BaseException) -> None:
+    """A callback the C loop ran raised `exc`: hand it to the loop's
+    exception handler with the context Handle._run gives (3.13+ formats
+    the callback's source according to the loop's debug flag)."""
+    if PY313:
+        where = format_helpers._format_callback_source(
+            handle._callback, handle._args, debug=handle._loop.get_debug())
+    else:
+        where = format_helpers._format_callback_source(handle._callback, handle._args)
+    context = {"message": f"Exception in callback {where}", "exception": exc, "handle": handle}
+    if handle._source_traceback:
+        context["source_traceback"] = handle._source_traceback
+    handle._loop.call_exception_handler(context)
+
 
 # ---- Unix pipes, subprocesses, Unix sockets ------------------------------
 

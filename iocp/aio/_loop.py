@@ -29,10 +29,11 @@ import sys
 import threading
 import time
 import warnings
-from asyncio import events, tasks
+from asyncio import events, futures, tasks
 from asyncio.log import logger
 from typing import Any
 
+from iocp import _core
 from iocp._core import CompletionPort
 
 from . import _compat
@@ -47,6 +48,16 @@ _HAS_SETUP = _compat.HAS_RUN_FOREVER_SETUP
 _DETACH_TAKES_TRANSPORT = _compat.DETACH_TAKES_TRANSPORT
 _Handle = events.Handle
 _Task = tasks.Task
+
+# The loop iteration, call_soon and create_future in C (src/aioloop.pxi),
+# on the stdlib's own Handle and Future objects; False (the Python code
+# below runs) where the core cannot lay its hands on Handle's slots.
+_C_LOOP: bool = _core.aio_setup(
+    events.Handle, events.TimerHandle, futures.Future,
+    _compat.base_run_once, _compat.base_call_soon, _compat.report_callback_error,
+    _compat.MIN_SCHEDULED_TIMER_HANDLES, _compat.MIN_CANCELLED_TIMER_HANDLES_FRACTION,
+    _compat.MAXIMUM_SELECT_TIMEOUT, _compat.BaseProactorEventLoop._process_events, Proactor,
+)
 
 try:
     import ssl as _ssl
@@ -476,14 +487,21 @@ class EventLoop(_ProactorLoop):  # type: ignore[misc]
         if self._fast_debug:
             self.get_debug = bool(self._debug).__bool__  # type: ignore[method-assign]
 
-    def call_soon(self, callback: Any, *args: Any, context: Any = None) -> events.Handle:
-        if self._closed:
-            raise RuntimeError("Event loop is closed")
-        if self._debug:
-            return _compat.base_call_soon(self, callback, *args, context=context)  # type: ignore[no-any-return]
-        handle = _Handle(callback, args, self, context)
-        self._ready.append(handle)
-        return handle
+    if _C_LOOP:
+        # BaseEventLoop's in debug mode (the C code defers to it there).
+        call_soon = _core.aio_call_soon
+        _run_once = _core.aio_run_once
+        create_future = _core.aio_create_future
+    else:  # pragma: no cover - an interpreter whose Handle has other slots
+
+        def call_soon(self, callback: Any, *args: Any, context: Any = None) -> events.Handle:
+            if self._closed:
+                raise RuntimeError("Event loop is closed")
+            if self._debug:
+                return _compat.base_call_soon(self, callback, *args, context=context)  # type: ignore[no-any-return]
+            handle = _Handle(callback, args, self, context)
+            self._ready.append(handle)
+            return handle
 
     def create_task(
         self, coro: Any, *, name: Any = None, context: Any = None, **kwargs: Any

@@ -177,6 +177,8 @@ class Proactor:
         self._owner: threading.Thread | None = None
         self._gates: dict[socket.socket, _RecvGate] = {}
         self._Future: type[OpFuture] = type("OpFuture", (OpFuture,), {"_px": self})
+        # Bound once: select() passes it to every run_once.
+        self._on_post_handler = self._on_post
 
     def __repr__(self) -> str:
         return f"<iocp.aio.Proactor port={self._port!r}>"
@@ -620,7 +622,7 @@ class Proactor:
         port = self._port
         if port is None:
             raise RuntimeError("the event loop's completion port is closed")
-        port.run_once(timeout, self._on_post)
+        port.run_once(timeout, self._on_post_handler)
         return []
 
     def _on_post(self, c: Completion) -> None:
