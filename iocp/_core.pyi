@@ -209,3 +209,28 @@ def _test_fail_conversion_after(
     n: int, exc_type: type[BaseException] | None = None
 ) -> None: ...
 def _test_parse_address(raw: bytes, length: int) -> Any: ...
+
+# iocp.aio's loop hot paths (src/aioloop.pxi), bound as EventLoop methods.
+def aio_setup(
+    handle: type,
+    timer_handle: type,
+    future: type,
+    base_run_once: Callable[..., Any],
+    base_call_soon: Callable[..., Any],
+    report: Callable[[Any, BaseException], None],
+    min_scheduled: int,
+    min_cancelled_fraction: float,
+    max_timeout: float,
+    noop_process_events: Any = None,
+    proactor: Any = None,
+) -> bool:
+    """Hands the stdlib's classes and constants over; True if the C path is on."""
+
+def aio_run_once(loop: Any) -> None:
+    """One loop iteration, as BaseEventLoop._run_once."""
+
+def aio_call_soon(loop: Any, callback: Callable[..., Any], *args: Any, context: Any = None) -> Any:
+    """loop.call_soon(): a stdlib asyncio.Handle, built in C."""
+
+def aio_create_future(loop: Any) -> Any:
+    """loop.create_future()."""
