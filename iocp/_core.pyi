@@ -88,7 +88,7 @@ class CompletionPort:
     def unregister(self, sock: socket.socket) -> None: ...
     def accept(
         self, listen_sock: socket.socket, callback: Callback | None = None, *,
-        multishot: bool = False,
+        multishot: bool = False, address: bool = True,
     ) -> Operation: ...
     def connect(
         self, sock: socket.socket, address: Address, callback: Callback | None = None
@@ -147,8 +147,11 @@ class Stream:
         write_high_water: int | None = 65536,
         write_low_water: int | None = None,
         on_lost: Callable[..., Any] | None = None,
-        on_error: Callable[[BaseException], Any] | None = None,
+        on_error: Callable[..., Any] | None = None,
         extra: dict[str, Any] | None = None,
+        events: Any = None,
+        owner: Any = None,
+        buffered: bool = True,
     ) -> None: ...
     @property
     def socket(self) -> socket.socket: ...
@@ -186,8 +189,8 @@ class Stream:
         self,
         dispatcher: list[int | None],
         write_limit: int,
-        foreign: Callable[[bytes], Any],
-        over: Callable[[], Any],
+        foreign: Callable[..., Any],
+        over: Callable[..., Any],
     ) -> None: ...
     def server_write(self, data: Buffer) -> None: ...
     def server_write_here(self, data: Buffer) -> None: ...
@@ -203,6 +206,9 @@ def stream_transport_is_closing(self: Any) -> bool:
 
 def stream_transport_get_write_buffer_size(self: Any) -> int:
     """A transport's get_write_buffer_size(): its ``_stream``'s."""
+
+def stream_connection_send(self: Any, data: Buffer) -> None:
+    """iocp.server's Connection.send()/write(): its ``_stream``'s server_write()."""
 
 def backends() -> dict[str, list[str]]: ...
 def _test_fail_conversion_after(

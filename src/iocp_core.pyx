@@ -43,6 +43,7 @@ import os as _os
 import socket as _socket
 import sys as _sys
 import threading as _threading
+from types import MethodType as _MethodType
 from collections import deque as _deque
 
 _log = _logging.getLogger("iocp")
@@ -455,6 +456,7 @@ cdef class Operation:
     cdef bint _refpin               # _pinned by the reference in _obj alone (bytes)
     cdef bint _done
     cdef bint _multishot
+    cdef bint _no_address       # accept: (conn, None), no peer read
     cdef Py_ssize_t _post_nbytes    # a post made off the owner thread (see post())
     cdef Py_buffer *_views          # gathered send: one pin per segment
     cdef Py_ssize_t _nviews
@@ -713,6 +715,16 @@ _expose_members()
 cdef class Stream          # src/stream.pxi
 
 
+# A port's registration entry is the socket itself, or (socket, key) when a
+# key was given: an idle connection keeps no tuple of its own.
+cdef inline object _reg_sock(object entry):
+    return entry[0] if type(entry) is tuple else entry
+
+
+cdef inline object _reg_key(object entry):
+    return entry[1] if type(entry) is tuple else None
+
+
 cdef class CompletionPort:
     """An I/O completion port.
 
@@ -746,7 +758,8 @@ cdef class CompletionPort:
     Implied by ``single_issuer``; other backends ignore it.
     """
     cdef iocp_port *_port
-    cdef dict _registered          # fd -> (socket, key)
+    cdef dict _registered          # fd -> socket, or (socket, key) for a key
+                                   # (see _reg_sock: no tuple per socket)
     cdef object _backlog           # Completions taken but not yet delivered
     cdef readonly str backend
     """The backend in use: "iocp", "io_uring" or "epoll"."""
@@ -818,7 +831,6 @@ cdef class CompletionPort:
         self._nforeign = 0
         self._ms_recv = {}
         self._flush_list = []
-        self._streams = set()
         r = iocp_port_create(&opts, &self._port)
         if r < 0:
             err = _oserror(r)
@@ -827,6 +839,7 @@ cdef class CompletionPort:
             raise err
         self.backend = iocp_port_backend(self._port).decode("ascii")
         self._registered = {}
+        self._streams = set()
         self._run_threads = set()
         self._backlog = _deque()
         self.exception_handler = None
@@ -910,7 +923,7 @@ cdef class CompletionPort:
         cdef Operation op
         while self._foreign:
             op = <Operation>self._foreign[0]
-            op._op = iocp_op_alloc(self._port)
+            op._op = iocp_op_alloc_short(self._port)   # a POST: no address tail
             if op._op == NULL:
                 raise MemoryError()        # the rest wait for the next drain
             self._foreign.popleft()
@@ -937,11 +950,11 @@ cdef class CompletionPort:
         if fd < 0:
             raise OSError(9, "cannot register a closed socket")
         old = self._registered.get(fd)
-        if old is not None and old[0].fileno() == fd:
+        if old is not None and _reg_sock(old).fileno() == fd:
             raise ValueError("socket is already registered with this port")
         sock.setblocking(False)
         _check(iocp_register(self._port, fd))
-        self._registered[fd] = (sock, key)
+        self._registered[fd] = sock if key is None else (sock, key)
 
     def unregister(self, sock) -> None:
         """Forgets a socket, cancelling its pending operations.
@@ -953,9 +966,9 @@ cdef class CompletionPort:
         if not isinstance(sock, _socket.socket):
             raise TypeError(f"expected a socket.socket, got {type(sock).__name__}")
         fd = sock.fileno()
-        if fd < 0 or self._registered.get(fd, (None,))[0] is not sock:
-            for k, (s, _) in self._registered.items():
-                if s is sock:
+        if fd < 0 or _reg_sock(self._registered.get(fd)) is not sock:
+            for k, entry in self._registered.items():
+                if _reg_sock(entry) is sock:
                     fd = k
                     break
             else:
@@ -983,8 +996,12 @@ cdef class CompletionPort:
             if entry is None or fd < 0:
                 raise ValueError("socket is not registered with this port")
             op.socket = sock
-            op.key = entry[1]
-        op._op = iocp_op_alloc(self._port)
+            op.key = _reg_key(entry)
+        if (kind == IOCP_OP_RECV or kind == IOCP_OP_RECV_INTO or kind == IOCP_OP_POLL
+                or kind == IOCP_OP_POST):
+            op._op = iocp_op_alloc_short(self._port)   # no address tail
+        else:
+            op._op = iocp_op_alloc(self._port)
         if op._op == NULL:
             raise MemoryError()
         op._op.kind = kind
@@ -1037,15 +1054,20 @@ cdef class CompletionPort:
         op._done = True
         return 0
 
-    def accept(self, listen_sock, callback=None, *, bint multishot=False) -> Operation:
+    def accept(self, listen_sock, callback=None, *, bint multishot=False,
+               bint address=True) -> Operation:
         """Accepts one connection (AcceptEx) on a registered listening socket.
 
         The completion's ``data`` is ``(conn, address)``; ``conn`` is a new
         socket, not yet registered.  With ``multishot=True`` the operation
         stays armed and completes once per connection (``completion.more``)
-        until cancelled.
+        until cancelled.  ``address=False`` gives ``(conn, None)``: for a
+        caller that reads the peer itself (a multishot accept would
+        otherwise ask the kernel for each connection's peer, as they share
+        the record's address field).
         """
         cdef Operation op = self._new_op(IOCP_OP_ACCEPT, listen_sock, callback)
+        op._no_address = not address
         if multishot:
             op._op.flags |= IOCP_OPF_MULTISHOT
             op._multishot = True
@@ -1358,6 +1380,8 @@ cdef class CompletionPort:
             iocp_socket_close(<iocp_socket_t>fd)
             raise
         try:
+            if op._no_address:
+                return (conn, None)
             if op._multishot:
                 # Every connection of a multishot accept shares the record's
                 # address field, so by dispatch time it may hold a later peer.
@@ -1544,7 +1568,7 @@ cdef class CompletionPort:
         """A Stream's end: forgets its socket (no _check_open: also while
         closing)."""
         entry = self._registered.get(fd)
-        if entry is not None and entry[0] is sock:
+        if entry is not None and _reg_sock(entry) is sock:
             del self._registered[fd]
             if self._port != NULL:
                 iocp_unregister(self._port, <iocp_socket_t>fd)
@@ -1992,8 +2016,8 @@ cdef class CompletionPort:
     cdef int _finish_close(self) except -1:
         """The last step of close(): nothing is in flight or held."""
         self._destroy_deferred = False
-        for sock, _ in list(self._registered.values()):
-            fd = sock.fileno()
+        for entry in list(self._registered.values()):
+            fd = _reg_sock(entry).fileno()
             if fd >= 0:
                 iocp_unregister(self._port, fd)
         self._registered.clear()

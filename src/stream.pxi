@@ -48,6 +48,16 @@ cdef object _EV_RECV_ENDED = object()  # the recv ended with no EOF (cancel)
 
 cdef char _empty_byte[1]
 
+# One byte per flag: an idle connection keeps a Stream, and thirteen 4-byte
+# bints would cost it 39 bytes.
+cdef extern from "<stdbool.h>":
+    ctypedef bint _flag "bool"
+
+# Room kept in the Stream for the peer's address: sockaddr_in6 (28 bytes)
+# holds every AF_INET and AF_INET6 peer.
+cdef enum:
+    _PEER_RAW = 28
+
 
 cdef struct _sendrec:
     # One send in flight.  `keep` owns the bytes (or list of bytes) the
@@ -88,6 +98,45 @@ cdef inline object _bound(object protocol, str name):
     return fn if callable(fn) else None
 
 
+cdef object _method(object protocol, str name, _flag *unbound):
+    """``protocol.name`` to keep for the calls of every message: its
+    class's plain function (``*unbound`` set: called with the protocol
+    first) where that is what the attribute binds, so an idle connection
+    keeps no bound method of its own; else the callable itself."""
+    fn = getattr(protocol, name, None)
+    unbound[0] = False
+    if fn is None or not callable(fn):
+        return None
+    if type(fn) is _MethodType and fn.__self__ is protocol:
+        func = fn.__func__
+        if getattr(type(protocol), name, None) is func:
+            unbound[0] = True
+            return func
+    return fn
+
+
+cdef extern from *:
+    """
+    /* fn([self_,] [conn,] arg): a protocol's data method, kept unbound
+       (self_ is the protocol) or bound (self_ NULL); conn NULL: none. */
+    static PyObject *iocp__stream_call(PyObject *fn, PyObject *self_, PyObject *conn,
+                                       PyObject *arg)
+    {
+        PyObject *stack[4];
+        size_t n = 1;
+
+        if (self_)
+            stack[n++] = self_;
+        if (conn)
+            stack[n++] = conn;
+        stack[n++] = arg;
+        return PyObject_Vectorcall(fn, stack + 1, (n - 1) | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                   NULL);
+    }
+    """
+    object iocp__stream_call(object fn, PyObject *self_, PyObject *conn, object arg)
+
+
 # The last address tuple seen, handed out again when a new one is equal:
 # every connection a listener accepts has the same sockname, and an idle
 # connection should not hold its own copy of it.
@@ -103,24 +152,6 @@ cdef object _shared_addr(object addr):
     return addr
 
 
-cdef dict _fill_extra(dict extra, object sock):
-    """The stream's extra info: "socket", "sockname" and "peername", read
-    now, where `extra` has none yet (a transport shares its own dict)."""
-    if "socket" not in extra:
-        extra["socket"] = sock
-    if "sockname" not in extra:
-        try:
-            extra["sockname"] = _shared_addr(sock.getsockname())
-        except OSError:
-            extra["sockname"] = None
-    if "peername" not in extra:
-        try:
-            extra["peername"] = sock.getpeername()
-        except OSError:
-            extra["peername"] = None
-    return extra
-
-
 @cython.final
 @cython.auto_pickle(False)
 @cython.binding(False)     # plain method descriptors: the transport stores the
@@ -130,11 +161,12 @@ cdef class Stream:
     reads and writes the port's dispatch drives in C.
 
     ``Stream(port, sock, protocol, *, conn=None, write_high_water=65536,
-    write_low_water=None, on_lost=None, on_error=None, extra=None)``
+    write_low_water=None, on_lost=None, on_error=None, extra=None,
+    events=None, owner=None, buffered=True)``
 
-    ``extra``: a dict the stream keeps as its extra info, after filling in
-    "socket", "sockname" and "peername" where it has none (a transport
-    passes its own, so the two share one).
+    ``extra``: a dict of the creator's extra info, asked first by
+    ``get_extra_info``; "socket", "sockname" and "peername" are the
+    stream's own (the addresses read once, at the start).
 
     The stream takes the socket over: it registers it with ``port`` (unless
     it already is), and unregisters and closes it before it calls
@@ -142,15 +174,22 @@ cdef class Stream:
 
     ``protocol`` is asyncio-style: ``data_received(data)`` or, when it has
     both ``get_buffer`` and ``buffer_updated`` (``asyncio.BufferedProtocol``),
-    ``get_buffer(n)`` / ``buffer_updated(nbytes)``; ``eof_received()``
+    ``get_buffer(n)`` / ``buffer_updated(nbytes)`` (unless ``buffered`` is
+    false); ``eof_received()``
     (a false result closes the stream), ``pause_writing()``,
     ``resume_writing()``, ``connection_lost(exc)`` -- all optional but the
     data methods.  With ``conn`` not None every one of them gets ``conn``
     first (``data_received(conn, data)``: iocp.server style).  The stream
-    does not call ``connection_made``.
+    does not call ``connection_made``.  ``events``, if given, is where the
+    rare ones (``eof_received``, ``pause_writing``, ``resume_writing``,
+    ``connection_lost``) are looked up instead of the protocol.
 
     ``on_lost``, if given, is called as ``on_lost(fn, *args)`` in place of
-    ``fn(*args)`` for connection_lost (e.g. ``loop.call_soon``).  Protocol
+    ``fn(*args)`` for connection_lost (e.g. ``loop.call_soon``).  With
+    ``owner`` not None the hooks -- ``on_lost``, ``on_error`` and
+    bind_server's ``foreign`` and ``over`` -- get ``owner`` first, so they
+    can be functions every stream shares rather than bound methods kept
+    per connection.  Protocol
     exceptions go to ``on_error(exc)`` if set, else to the port's
     ``exception_handler(exc, stream)`` (None: logged), and abort the stream
     (``connection_lost(exc)``); those of ``pause_writing``/``resume_writing``
@@ -164,6 +203,8 @@ cdef class Stream:
     cdef iocp_socket_t _fd
     cdef object _protocol
     cdef object _conn
+    cdef object _events           # None: the rare callbacks are the protocol's
+    cdef object _owner            # None, or the hooks' first argument
     cdef object _on_lost
     cdef public object on_error
     """None, or ``on_error(exc)`` called with a protocol's exception (in
@@ -172,19 +213,12 @@ cdef class Stream:
     cdef object _data_received
     cdef object _get_buffer
     cdef object _buffer_updated
-    cdef bint _buffered
-    cdef object _extra            # dict: socket, sockname, peername
-    cdef int _state
-    cdef bint _started
-    cdef bint _registered         # we unregister the socket at the end
-    cdef bint _in_flush           # on the port's flush list
+    cdef object _extra            # None, or the creator's own extra dict
+    cdef object _sockname         # read at the start (equal ones shared)
+    cdef object _peername         # non-inet peers: read at the start
     # reading
     cdef iocp_op *_recv_op        # the armed multishot recv, or NULL
-    cdef bint _recv_cancelling
-    cdef bint _reading_paused
-    cdef bint _eof_seen
     cdef list _held               # data received while paused, in order
-    cdef bint _held_eof           # EOF arrived while paused (after _held)
     # writing
     cdef object _wq               # queued, not yet submitted: None, one bytes
                                   # or a list of bytes (none kept per idle stream)
@@ -192,20 +226,11 @@ cdef class Stream:
     cdef _sendrec *_sq_head       # sends in flight, in submission order
     cdef _sendrec *_sq_tail
     cdef size_t _unconfirmed      # bytes submitted, not yet known sent
-    cdef bint _fence_out
     cdef size_t _high
     cdef size_t _low
-    cdef bint _write_paused       # pause_writing() was called
-    cdef bint _eof_wanted         # write_eof() called
-    cdef bint _shut_wr            # shutdown(SHUT_WR) done
-    cdef bint _drop_writes        # close() with nothing queued: writes dropped
     cdef object _drain_cb         # when_drained(): called once all is written
     cdef object _lost_exc
     cdef Py_ssize_t _writes_after_lost
-    # counters for stats()
-    cdef Py_ssize_t _n_sends
-    cdef Py_ssize_t _n_fences
-    cdef Py_ssize_t _n_recv_arms
     # iocp.server's counters (C fields its Connection reads; no Python
     # per message): bytes delivered to data_received, bytes taken by
     # write() minus those dropped unsent, the clock of the last delivery
@@ -218,6 +243,31 @@ cdef class Stream:
     cdef object _srv_foreign      # foreign(data): a call from another thread
     cdef object _srv_over         # over(): the write would pass the limit
     cdef size_t _srv_limit        # 0: no limit
+    # the small fields last, packed (an idle connection keeps its Stream)
+    cdef int _state
+    cdef uint32_t _n_sends        # counters for stats()
+    cdef uint32_t _n_fences
+    cdef uint32_t _n_recv_arms
+    cdef _flag _buffered
+    cdef _flag _started
+    cdef _flag _registered        # we unregister the socket at the end
+    cdef _flag _in_flush          # on the port's flush list
+    cdef _flag _recv_cancelling
+    cdef _flag _reading_paused
+    cdef _flag _eof_seen
+    cdef _flag _held_eof          # EOF arrived while paused (after _held)
+    cdef _flag _fence_out
+    cdef _flag _write_paused      # pause_writing() was called
+    cdef _flag _eof_wanted        # write_eof() called
+    cdef _flag _shut_wr           # shutdown(SHUT_WR) done
+    cdef _flag _drop_writes       # close() with nothing queued: writes dropped
+    cdef _flag _unbuffered        # buffered=False: data_received even so
+    cdef _flag _dr_unbound        # _data_received is the class's function
+    cdef _flag _gb_unbound        # ... _get_buffer
+    cdef _flag _bu_unbound        # ... _buffer_updated
+    # inet peers: the address kept raw, no tuple per idle connection
+    cdef unsigned char _peer_len
+    cdef unsigned char _peer_raw[_PEER_RAW]
     cdef object __weakref__
 
     def __cinit__(self):
@@ -225,11 +275,11 @@ cdef class Stream:
         self._sq_head = NULL
         self._sq_tail = NULL
         self._state = _ST_LOST     # until __init__ succeeds: every method is safe
-        self._extra = {}
 
     def __init__(self, CompletionPort port not None, sock, protocol, *, conn=None,
                  write_high_water=65536, write_low_water=None, on_lost=None,
-                 on_error=None, dict extra=None):
+                 on_error=None, dict extra=None, events=None, owner=None,
+                 bint buffered=True):
         cdef long long fd
         if self._port is not None:
             raise RuntimeError("Stream.__init__ called twice")
@@ -244,6 +294,9 @@ cdef class Stream:
         if on_error is not None and not callable(on_error):
             raise TypeError("on_error must be callable or None")
         self._conn = conn
+        self._events = events
+        self._owner = owner
+        self._unbuffered = not buffered
         self._set_protocol(protocol)
         self._set_limits(write_high_water, write_low_water)
         port._check_open()
@@ -251,7 +304,7 @@ cdef class Stream:
         if fd < 0:
             raise OSError(_errno.EBADF, "the socket is closed")
         entry = port._registered.get(fd)
-        if entry is None or entry[0] is not sock:
+        if entry is None or _reg_sock(entry) is not sock:
             port.register(sock)
         self._port = port
         self._sock = sock
@@ -259,7 +312,8 @@ cdef class Stream:
         self._registered = True
         self._on_lost = on_lost
         self.on_error = on_error
-        self._extra = _fill_extra({} if extra is None else extra, sock)
+        self._extra = extra
+        self._read_addresses(sock)
         self._state = _ST_OPEN
         self._last_activity = iocp__stream_clock_ns()
         port._streams.add(self)
@@ -280,10 +334,11 @@ cdef class Stream:
     # ---- protocol ---------------------------------------------------------
 
     cdef int _set_protocol(self, object protocol) except -1:
-        gb = _bound(protocol, "get_buffer")
-        bu = _bound(protocol, "buffer_updated")
-        dr = _bound(protocol, "data_received")
-        if gb is not None and bu is not None:
+        cdef _flag gb_u, bu_u, dr_u
+        gb = _method(protocol, "get_buffer", &gb_u)
+        bu = _method(protocol, "buffer_updated", &bu_u)
+        dr = _method(protocol, "data_received", &dr_u)
+        if gb is not None and bu is not None and not self._unbuffered:
             self._buffered = True
         elif dr is not None:
             self._buffered = False
@@ -295,9 +350,17 @@ cdef class Stream:
         self._data_received = dr
         self._get_buffer = gb
         self._buffer_updated = bu
+        self._dr_unbound = dr_u
+        self._gb_unbound = gb_u
+        self._bu_unbound = bu_u
         # The rare callbacks (eof, flow control, lost) are looked up when
         # called: four bound methods fewer per idle connection.
         return 0
+
+    cdef inline object _rare(self):
+        """Where eof_received, pause/resume_writing and connection_lost are
+        looked up."""
+        return self._protocol if self._events is None else self._events
 
     def set_protocol(self, protocol, *, bint unpause=False) -> None:
         """Switches the protocol (asyncio's Transport.set_protocol).  Once
@@ -325,7 +388,10 @@ cdef class Stream:
         hook = self.on_error
         if hook is not None:
             try:
-                hook(exc)
+                if self._owner is None:
+                    hook(exc)
+                else:
+                    hook(self._owner, exc)
             except Exception:
                 _log.exception("iocp: Stream.on_error raised")
             return 0
@@ -380,7 +446,7 @@ cdef class Stream:
         if self._write_paused or self._size() <= self._high or self._state > _ST_CLOSING:
             return 0
         self._write_paused = True
-        fn = _bound(self._protocol, "pause_writing")
+        fn = _bound(self._rare(), "pause_writing")
         if fn is not None:
             try:
                 if self._conn is None:
@@ -415,7 +481,7 @@ cdef class Stream:
         if not self._write_paused or self._size() > self._low:
             return 0
         self._write_paused = False
-        fn = _bound(self._protocol, "resume_writing")
+        fn = _bound(self._rare(), "resume_writing")
         if fn is not None and self._state <= _ST_CLOSING:
             try:
                 if self._conn is None:
@@ -446,10 +512,53 @@ cdef class Stream:
     def can_write_eof(self) -> bool:
         return True
 
+    cdef int _read_addresses(self, object sock) except -1:
+        """The local and peer addresses, read once at the start (they stay
+        known after the close, as asyncio's transports keep them); where
+        the creator's extra dict has them, not at all."""
+        cdef sockaddr_storage ss
+        cdef iocp_socklen_t sslen = 0
+        extra = self._extra
+        if extra is None or "sockname" not in extra:
+            try:
+                self._sockname = _shared_addr(sock.getsockname())
+            except OSError:
+                pass
+        if extra is not None and "peername" in extra:
+            return 0
+        if iocp_socket_peer(self._fd, &ss, &sslen) < 0:
+            return 0       # not connected (any more): no peer address
+        if ss.ss_family in (_socket.AF_INET, _socket.AF_INET6) and 0 < sslen <= _PEER_RAW:
+            memcpy(self._peer_raw, &ss, sslen)
+            self._peer_len = <unsigned char>sslen
+        else:
+            self._peername = _parse_address(&ss, sslen)
+        return 0
+
+    cdef object _peer(self):
+        cdef sockaddr_storage ss
+        if self._peer_len == 0:
+            return self._peername
+        memset(&ss, 0, sizeof(ss))
+        memcpy(&ss, self._peer_raw, self._peer_len)
+        return _parse_address(&ss, self._peer_len)
+
     def get_extra_info(self, name, default=None):
         """"socket", "sockname" or "peername" (read when the stream was
-        made); anything else gives `default`."""
-        return self._extra.get(name, default)
+        made; an inet peer's tuple is made anew on each call), or what the
+        creator's ``extra`` holds; anything else gives `default`."""
+        extra = self._extra
+        if extra is not None:
+            v = extra.get(name, _LIMIT_DEFAULT)
+            if v is not _LIMIT_DEFAULT:
+                return v
+        if name == "peername":
+            return self._peer()
+        if name == "sockname":
+            return self._sockname
+        if name == "socket":
+            return self._sock
+        return default
 
     @property
     def socket(self):
@@ -545,7 +654,10 @@ cdef class Stream:
         if check and self._srv_cell is not None:
             who = <object>PyList_GET_ITEM(self._srv_cell, 0)
             if who is None or <unsigned long>who != PyThread_get_thread_ident():
-                self._srv_foreign(data)
+                if self._owner is None:
+                    self._srv_foreign(data)
+                else:
+                    self._srv_foreign(self._owner, data)
                 return 0
         if self._state != _ST_OPEN or self._eof_wanted:
             return 0
@@ -556,7 +668,10 @@ cdef class Stream:
         # paused stream or a write bigger than limit - high can pass it.
         if (self._srv_limit and (self._write_paused or <size_t>n + self._high > self._srv_limit)
                 and self._size() + <size_t>n > self._srv_limit):
-            self._srv_over()
+            if self._owner is None:
+                self._srv_over()
+            else:
+                self._srv_over(self._owner)
             return 0
         # write()'s queueing (state and data checked above), in C.
         self._enqueue(data)
@@ -590,7 +705,7 @@ cdef class Stream:
         port = self._port
         if port._port == NULL or port._closing:
             return 0
-        op = iocp_op_alloc(port._port)
+        op = iocp_op_alloc_short(port._port)   # an idle connection keeps it
         if op == NULL:
             raise MemoryError()
         op.kind = IOCP_OP_RECV
@@ -646,22 +761,24 @@ cdef class Stream:
         cdef Py_ssize_t off = 0, n, k
         self._bytes_in += <unsigned long long>PyBytes_GET_SIZE(data)
         self._last_activity = iocp__stream_clock_ns()
+        # Local references: the call may switch the protocol.
+        proto = self._protocol
+        conn = self._conn
+        cdef PyObject *conn_p = NULL if conn is None else <PyObject *>conn
         if not self._buffered:
+            fn = self._data_received
             try:
-                if self._conn is None:
-                    self._data_received(data)
-                else:
-                    self._data_received(self._conn, data)
+                iocp__stream_call(fn, <PyObject *>proto if self._dr_unbound else NULL,
+                                  conn_p, data)
             except Exception as exc:
                 self._protocol_error(exc)
             return 0
         n = PyBytes_GET_SIZE(data)
         while off < n:
             try:
-                if self._conn is None:
-                    buf = self._get_buffer(n - off)
-                else:
-                    buf = self._get_buffer(self._conn, n - off)
+                fn = self._get_buffer
+                buf = iocp__stream_call(fn, <PyObject *>proto if self._gb_unbound else NULL,
+                                        conn_p, n - off)
                 PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
                 try:
                     k = view.len
@@ -674,10 +791,9 @@ cdef class Stream:
                 if k <= 0:
                     raise RuntimeError("get_buffer() returned an empty buffer")
                 off += k
-                if self._conn is None:
-                    self._buffer_updated(k)
-                else:
-                    self._buffer_updated(self._conn, k)
+                fn = self._buffer_updated
+                iocp__stream_call(fn, <PyObject *>proto if self._bu_unbound else NULL,
+                                  conn_p, k)
             except Exception as exc:
                 self._protocol_error(exc)
                 return 0
@@ -694,7 +810,7 @@ cdef class Stream:
     cdef int _deliver_eof(self) except -1:
         cdef object keep = None
         self._eof_seen = True
-        fn = _bound(self._protocol, "eof_received")
+        fn = _bound(self._rare(), "eof_received")
         if fn is not None:
             try:
                 keep = fn() if self._conn is None else fn(self._conn)
@@ -1008,7 +1124,7 @@ cdef class Stream:
             pass
         exc = self._lost_exc
         self._lost_exc = None
-        fn = _bound(self._protocol, "connection_lost")
+        fn = _bound(self._rare(), "connection_lost")
         conn = self._conn
         self._protocol = None
         self._data_received = self._get_buffer = self._buffer_updated = None
@@ -1021,11 +1137,19 @@ cdef class Stream:
         on_lost = self._on_lost
         self._on_lost = None
         self.on_error = None
+        self._events = None
         if fn is None:
             return 1
+        owner = self._owner
+        self._owner = None
         try:
             if on_lost is not None:
-                if conn is None:
+                if owner is not None:
+                    if conn is None:
+                        on_lost(owner, fn, exc)
+                    else:
+                        on_lost(owner, fn, conn, exc)
+                elif conn is None:
                     on_lost(fn, exc)
                 else:
                     on_lost(fn, conn, exc)
@@ -1241,3 +1365,11 @@ def stream_transport_get_write_buffer_size(self) -> int:
     """Transport.get_write_buffer_size(): bytes queued or not yet known
     sent."""
     return (<Stream?>self._stream)._size()
+
+
+@cython.binding(True)
+def stream_connection_send(self, data) -> None:
+    """iocp.server's Connection.send() and write() on the stream core: the
+    stream's server_write() (see Stream.bind_server)."""
+    (<Stream?>self._stream)._server_write(data, True)
+

@@ -79,11 +79,16 @@ def test_transport_is_the_stream_core(aloop) -> None:
             assert type(fn).__name__ == "cython_function_or_method", name
             assert getattr(tr, name).__self__ is tr
         assert not getattr(tr, "__dict__", {})
-        # One extra-info dict: the stream answers what the transport does.
-        for key in ("socket", "sockname", "peername"):
-            assert tr.stream.get_extra_info(key) is tr.get_extra_info(key)
+        # No extra-info dict per transport: the addresses are the stream's
+        # (the listener's sockname shared by every connection), asyncio's
+        # socket wrapper is made once, when asked for.
+        assert tr._extra is None
+        assert tr.get_extra_info("sockname") is tr.stream.get_extra_info("sockname")
+        assert tr.get_extra_info("peername") == tr.stream.get_extra_info("peername")
+        assert tr.get_extra_info("socket") is tr.get_extra_info("socket")
+        assert tr.get_extra_info("socket").fileno() == tr.stream.socket.fileno() >= 0
+        assert tr.get_extra_info("nope", 7) == 7
         assert tr.get_extra_info("peername") == ("127.0.0.1", port)
-        assert tr.get_extra_info("socket").fileno() >= 0
         assert tr.get_protocol() is proto and tr.is_reading() and not tr.is_closing()
         for i in range(100):
             tr.write(b"%d," % i)
@@ -97,6 +102,63 @@ def test_transport_is_the_stream_core(aloop) -> None:
         assert proto.lost == [None]
         server.close()
         await server.wait_closed()
+
+    run(aloop, main())
+
+
+class Keeper(asyncio.Protocol):
+    """Keeps what the accepted transport says about its addresses, during
+    the connection and after connection_lost."""
+
+    seen: list = []
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.during = {k: transport.get_extra_info(k) for k in ("peername", "sockname")}
+
+    def connection_lost(self, exc) -> None:
+        after = {k: self.transport.get_extra_info(k) for k in ("peername", "sockname")}
+        Keeper.seen.append((self.during, after, self.transport.get_extra_info("socket")))
+
+
+@pytest.mark.parametrize("family", ["inet", "inet6"])
+def test_accepted_addresses_outlive_the_connection(aloop, family) -> None:
+    """The stream reads the peer once, keeps it raw, and answers with it
+    after the socket is closed, as asyncio's transports keep theirs."""
+    if family == "inet6" and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    host = "127.0.0.1" if family == "inet" else "::1"
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        Keeper.seen = []
+        try:
+            server = await loop.create_server(Keeper, host, 0)
+        except OSError as exc:
+            pytest.skip(f"cannot listen on {host}: {exc}")
+        port = server.sockets[0].getsockname()[1]
+        clients = []
+        for _ in range(3):
+            c = socket.socket(socket.AF_INET if family == "inet" else socket.AF_INET6)
+            c.setblocking(False)
+            await loop.sock_connect(c, (host, port))
+            clients.append((c, c.getsockname()))
+        for c, _ in clients:
+            c.close()
+        for _ in range(400):
+            if len(Keeper.seen) == 3:
+                break
+            await asyncio.sleep(0.01)
+        server.close()
+        await server.wait_closed()
+        assert len(Keeper.seen) == 3
+        peers = sorted(tuple(during["peername"]) for during, _, _ in Keeper.seen)
+        assert peers == sorted(tuple(name) for _, name in clients)
+        for during, after, tsock in Keeper.seen:
+            assert after == during
+            assert during["sockname"][:2] == (host, port)
+            assert len(during["peername"]) == (2 if family == "inet" else 4)
+            assert tsock.fileno() == -1   # asyncio's wrapper, of the closed socket
 
     run(aloop, main())
 
@@ -420,6 +482,10 @@ def test_unix_transport(aloop, tmp_path) -> None:
         server = await asyncio.start_unix_server(handle, path)
         reader, writer = await asyncio.open_unix_connection(path)
         assert isinstance(writer.transport, TCPTransport)
+        # As asyncio on Unix sockets: the client's peer is the path, its
+        # own name the unnamed address.
+        assert writer.get_extra_info("peername") == path
+        assert writer.get_extra_info("sockname") in ("", b"")
         writer.write(b"over unix\n")
         assert await reader.readline() == b"over unix\n"
         writer.close()
@@ -450,3 +516,69 @@ def test_loop_close_with_open_transports_leaks_nothing(backend) -> None:
     _leak_free(loop)
     for tr in trs:
         assert tr.is_closing()
+
+
+def test_idle_connection_objects_are_bounded(aloop) -> None:
+    """What an idle iocp.aio connection keeps on the Python side (gc-tracked
+    objects counted, not timed): its transport, stream, protocol and
+    socket -- no extra-info dict, no address tuple, no bound method of the
+    transport (the stream's hooks are the class's functions, called with
+    the transport first) or of the protocol (its data_received is kept as
+    the class's function)."""
+    import gc
+
+    n = 64
+    server_side: list = []
+
+    class Kept(Echo):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            server_side.append(self)
+
+    async def open_idle(port: int, count: int) -> list:
+        socks = []
+        for _ in range(count):
+            c = socket.socket()
+            c.setblocking(False)
+            await aloop.sock_connect(c, ("127.0.0.1", port))
+            await aloop.sock_sendall(c, b"x" * 64)
+            got = b""
+            while len(got) < 64:
+                chunk = await aloop.sock_recv(c, 64 - len(got))
+                assert chunk
+                got += chunk
+            socks.append(c)
+        return socks
+
+    async def main():
+        server = await aloop.create_server(Kept, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        for c in await open_idle(port, 4):  # warm up: first-use caches
+            c.close()
+        for _ in range(200):
+            if all(p.transport.is_closing() for p in server_side):
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        server_side.clear()
+        gc.collect()
+        before = len(gc.get_objects())
+        socks = await open_idle(port, n)
+        gc.collect()
+        # Less the test's own client socket of each connection.
+        grown = len(gc.get_objects()) - before - n
+        try:
+            assert len(server_side) == n
+            assert grown <= n * 5 + 8, grown / n
+            for proto in server_side[:4]:
+                tr = proto.transport
+                for obj in (tr, proto):
+                    for ref in gc.get_referrers(obj):
+                        assert getattr(ref, "__self__", None) is not obj, ref
+        finally:
+            for c in socks:
+                c.close()
+            server.close()
+            await server.wait_closed()
+
+    run(aloop, main())

@@ -266,7 +266,8 @@ class _Acceptor:
             if loop.is_closed():
                 raise ConnectionAbortedError("the event loop is closed")
             port = loop._proactor._register(sock)
-            self._op = port.accept(sock, self._on_accept, multishot=True)
+            # No peer tuple per connection: the stream reads the peer raw.
+            self._op = port.accept(sock, self._on_accept, multishot=True, address=False)
         except (OSError, ValueError, RuntimeError) as exc:
             self._failed(exc)
 
@@ -337,8 +338,12 @@ class _Acceptor:
         loop = self._loop
         pending = self._pending
         while pending and not self._closed:
-            conn, addr = pending.popleft()
+            conn, _ = pending.popleft()  # no address: the stream reads it
             if loop._debug:
+                try:
+                    addr = conn.getpeername()
+                except OSError:
+                    addr = None
                 logger.debug("%r got a new connection from %r: %r", self._server, addr, conn)
             try:
                 protocol = self._factory()
@@ -348,13 +353,11 @@ class _Acceptor:
                         kwargs["ssl_shutdown_timeout"] = self._shutdown_timeout
                     loop._make_ssl_transport(
                         conn, protocol, self._ssl, server_side=True,
-                        extra={"peername": addr}, server=self._server,
+                        server=self._server,
                         ssl_handshake_timeout=self._handshake_timeout, **kwargs,
                     )
                 else:
-                    loop._make_socket_transport(
-                        conn, protocol, extra={"peername": addr}, server=self._server
-                    )
+                    loop._make_socket_transport(conn, protocol, server=self._server)
             except (SystemExit, KeyboardInterrupt):
                 conn.close()
                 raise

@@ -7,7 +7,9 @@ The hot methods -- ``write``, ``writelines``, ``get_write_buffer_size``,
 ``is_closing`` -- are C functions of the core bound as methods of the
 class, so ``transport.write(data)`` is a call into C with no Python frame
 and an idle transport keeps no bound method; the rest forward to the
-stream.  The transport and its stream share one extra-info dict.
+stream.  Neither keeps an extra-info dict per connection: the addresses
+are the stream's, read once, and asyncio's socket wrapper is made when
+first asked for.
 
 What stays in Python is what asyncio's transports do around the core:
 ``connection_made`` (and the waiter, and the start of reading) scheduled
@@ -29,7 +31,6 @@ from __future__ import annotations
 import socket
 import sys
 import warnings
-from asyncio import transports
 from typing import Any
 
 from iocp._core import (
@@ -70,6 +71,7 @@ class TCPTransport(_FlowControlMixin):  # type: ignore[misc]
         "_sock",
         "_protocol",
         "_server",
+        "_tsock",
         "__dict__",  # as asyncio's transports, which have one
         "__weakref__",
     )
@@ -89,12 +91,12 @@ class TCPTransport(_FlowControlMixin):  # type: ignore[misc]
         extra: dict[str, Any] | None = None,
         server: Any = None,
     ) -> None:
-        transports.BaseTransport.__init__(self, extra)
+        # No extra-info dict of our own (an idle connection would keep it):
+        # the creator's, if any, and the stream's addresses (get_extra_info).
+        self._extra = extra
+        self._tsock: Any = None  # asyncio's "socket" wrapper, made when asked
         self._loop = loop
         self._high_water = self._low_water = 0  # the mixin's, unused
-        # One extra-info dict for the transport and its stream: asyncio's
-        # "socket" wrapper here, the addresses filled in by the stream.
-        self._extra["socket"] = _compat.TransportSocket(sock)
         # The loop's proactor may have registered the socket (sock_connect);
         # the stream registers it itself and unregisters it at the end.
         proactor = loop._proactor
@@ -104,13 +106,16 @@ class TCPTransport(_FlowControlMixin):  # type: ignore[misc]
         # select() runs the port with run(): make it return once a stream
         # has called its protocol, which may have scheduled callbacks.
         port.return_on_stream_events = True
+        # The hooks are this class's functions, called with the transport
+        # (the stream's owner) first: no bound method per connection.
+        cls = TCPTransport
         stream = Stream(
             port,
             sock,
             protocol,
-            on_lost=self._defer_lost,
-            on_error=self._protocol_failed,
-            extra=self._extra,
+            on_lost=cls._defer_lost,
+            on_error=cls._protocol_failed,
+            owner=self,
         )
         self._stream = stream
         self._sock: socket.socket | None = sock
@@ -134,6 +139,20 @@ class TCPTransport(_FlowControlMixin):  # type: ignore[misc]
     writelines = stream_transport_writelines
     is_closing = stream_transport_is_closing
     get_write_buffer_size = stream_transport_get_write_buffer_size
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """What the creator passed in ``extra``, else "socket" (asyncio's
+        TransportSocket wrapper), "sockname" and "peername" (the stream's,
+        read when the connection began)."""
+        extra = self._extra
+        if extra is not None and name in extra:
+            return extra[name]
+        if name == "socket":
+            tsock = self._tsock
+            if tsock is None:
+                tsock = self._tsock = _compat.TransportSocket(self._stream.socket)
+            return tsock
+        return self._stream.get_extra_info(name, default)
 
     def write_eof(self) -> None:
         self._stream.write_eof()

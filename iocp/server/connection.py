@@ -686,36 +686,20 @@ class _ThreadedConnection(Connection):
 
 # None with a core that has no streams: every connection is then threaded.
 _Stream: Any = getattr(_core, "Stream", None)
+_stream_connection_send: Any = getattr(_core, "stream_connection_send", None)
 
 _get_ident = threading.get_ident
 
 
-class _Hooks:
-    """The protocol the Stream sees, and its every callback, in one small
-    object per connection (a bound method per hook would cost 64 bytes
-    each, per idle connection).
-
-    ``data_received`` is the user's own method as it is (the stream calls
-    it from C with the connection first, and keeps the byte counters and
-    the activity stamp itself).  The rare events are class-level plain
-    functions, the connection's methods unbound: the stream calls them with
-    the connection first, which is their ``self``.  The object itself is
-    the stream's ``on_error(exc)`` and bind_server's ``foreign(data)`` and
-    ``over()``, told apart by the argument (an exception, bytes, none)."""
-
-    __slots__ = ("data_received", "conn")
-
-    def __init__(self, conn: _StreamConnection, data_received: Any) -> None:
-        self.data_received = data_received
-        self.conn = conn
-
-    def __call__(self, arg: Any = None) -> None:
-        if arg is None:
-            self.conn._over_limit()
-        elif isinstance(arg, BaseException):
-            self.conn._on_error(arg)
-        else:
-            self.conn._foreign_send(arg)
+class _Events:
+    """Where the stream looks up the rare events of every connection (its
+    ``events``): the connection's methods, unbound, which the stream calls
+    with the connection first -- their ``self``.  A class, never
+    instantiated: nothing of it is kept per connection.  The stream calls
+    the user's ``data_received(conn, data)`` itself, and its hooks
+    (``on_error``, bind_server's ``foreign`` and ``over``) are the
+    connection's methods too, called with the connection (its ``owner``)
+    first."""
 
 
 class _StreamConnection(Connection):
@@ -738,7 +722,7 @@ class _StreamConnection(Connection):
     are the stream's C counters.
     """
 
-    __slots__ = ("_stream", "_disp", "_begun", "_user", "send", "write")
+    __slots__ = ("_stream", "_disp", "_begun", "_user")
 
     def __init__(
         self,
@@ -755,17 +739,21 @@ class _StreamConnection(Connection):
         self._disp = owner._loop.dispatcher  # [ident of the dispatching thread]
         self._begun = False
         self._user = protocol
-        hooks = _Hooks(self, protocol.data_received)
+        # Nothing per connection but the stream: the user's protocol is the
+        # stream's (its data_received kept as the class's function), the
+        # rare events and the hooks are this class's functions.
+        cls = _StreamConnection
         stream = _Stream(
-            self._port, sock, hooks, conn=self,
-            write_high_water=cfg.high, write_low_water=cfg.low, on_error=hooks,
+            self._port, sock, protocol, conn=self, events=_Events, owner=self, buffered=False,
+            write_high_water=cfg.high, write_low_water=cfg.low, on_error=cls._on_error,
         )
-        stream.bind_server(self._disp, cfg.limit, hooks, hooks)
+        stream.bind_server(self._disp, cfg.limit, cls._foreign_send, cls._over_limit)
         self._stream = stream
-        self.send = self.write = stream.server_write  # type: ignore[method-assign]
 
     # public API --------------------------------------------------------------
-    # send() and write() are the instance slots set in __init__.
+    # send() and write(): the stream's server_write(), a C function of the
+    # core bound as a method of the class (see the end of the module), so
+    # a call is one C call and an idle connection keeps no bound method.
 
     @property
     def closing(self) -> bool:
@@ -918,7 +906,7 @@ class _StreamConnection(Connection):
             self._stream.abort(exc)
 
     # called by the stream ------------------------------------------------------
-    # These four are the _Hooks' class-level hooks: the stream calls them
+    # These four are _Events' class-level hooks: the stream calls them
     # with the connection first, as self.
     def _on_eof(self) -> Any:
         keep = getattr(self._user, "eof_received", _noop)(self)
@@ -967,7 +955,9 @@ class _StreamConnection(Connection):
             self._owner._forget(self)
 
 
-_Hooks.eof_received = staticmethod(_StreamConnection._on_eof)  # type: ignore[attr-defined]
-_Hooks.pause_writing = staticmethod(_StreamConnection._on_pause)  # type: ignore[attr-defined]
-_Hooks.resume_writing = staticmethod(_StreamConnection._on_resume)  # type: ignore[attr-defined]
-_Hooks.connection_lost = staticmethod(_StreamConnection._on_lost)  # type: ignore[attr-defined]
+_Events.eof_received = staticmethod(_StreamConnection._on_eof)  # type: ignore[attr-defined]
+_Events.pause_writing = staticmethod(_StreamConnection._on_pause)  # type: ignore[attr-defined]
+_Events.resume_writing = staticmethod(_StreamConnection._on_resume)  # type: ignore[attr-defined]
+_Events.connection_lost = staticmethod(_StreamConnection._on_lost)  # type: ignore[attr-defined]
+if _stream_connection_send is not None:
+    _StreamConnection.send = _StreamConnection.write = _stream_connection_send  # type: ignore[assignment]

@@ -6,7 +6,7 @@ cdef extern from "iocp_native.h" nogil:
     ctypedef long long iocp_socket_t
     ctypedef int iocp_socklen_t
     cdef struct sockaddr_storage:
-        pass
+        unsigned short ss_family
 
     int IOCP_ECANCELED
     int IOCP_ETIMEDOUT
@@ -97,6 +97,7 @@ cdef extern from "iocp_native.h" nogil:
     int iocp_register(iocp_port *port, iocp_socket_t sock)
     int iocp_unregister(iocp_port *port, iocp_socket_t sock)
     iocp_op *iocp_op_alloc(iocp_port *port)
+    iocp_op *iocp_op_alloc_short(iocp_port *port)
     void iocp_op_free(iocp_port *port, iocp_op *op)
     int iocp_submit(iocp_port *port, iocp_op *op)
     int iocp_cancel(iocp_port *port, iocp_op *op)
@@ -125,5 +126,6 @@ cdef extern from "iocp_native.h" nogil:
     int iocp_sockaddr_parse(const sockaddr_storage *ss, iocp_socklen_t len,
                             char *host, size_t hostlen, int *port, uint32_t *flowinfo,
                             uint32_t *scope_id)
+    int iocp_socket_peer(iocp_socket_t sock, sockaddr_storage *out, iocp_socklen_t *outlen)
     int iocp_socket_close(iocp_socket_t sock)
     void iocp_error_message(int code, char *buf, size_t len)

@@ -2,6 +2,7 @@
  * addr.c -- socket addresses, closing a socket, and error text, so the
  * Cython layer needs no platform socket headers of its own.
  */
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -126,6 +127,23 @@ int iocp_sockaddr_parse(const struct sockaddr_storage *ss, iocp_socklen_t len,
     }
 #endif
     return family;
+}
+
+int iocp_socket_peer(iocp_socket_t sock, struct sockaddr_storage *out,
+                     iocp_socklen_t *outlen)
+{
+    iocp_socklen_t len = (iocp_socklen_t)sizeof(*out);
+
+    memset(out, 0, sizeof(*out));
+#ifdef _WIN32
+    if (getpeername(sock, (struct sockaddr *)out, &len) != 0)
+        return -(int)WSAGetLastError();
+#else
+    if (getpeername(sock, (struct sockaddr *)out, &len) != 0)
+        return -errno;
+#endif
+    *outlen = len;
+    return 0;
 }
 
 int iocp_socket_close(iocp_socket_t sock)

@@ -196,7 +196,8 @@ struct iocp_port {
     unsigned ovfcap, ovfhead, ovflen;
 
     /* Op record pool and in-flight list. */
-    iocp_op *free_ops;
+    iocp_op *free_ops;                 /* full records */
+    iocp_op *free_short_ops;           /* short ones (iocp_op_alloc_short) */
     iocp_op inflight_head;             /* sentinel of a circular list */
     int64_t live_ops, inflight;
 

@@ -178,8 +178,6 @@ typedef struct iocp_op {
                                          advance in place past sent bytes. */
     int iovcnt;
     void *user;                       /* opaque to C: the Python Operation */
-    struct sockaddr_storage addr;     /* CONNECT target; ACCEPT peer */
-    iocp_socklen_t addrlen;
 
     /* Backend private. */
     size_t done;                      /* bytes already moved (partial send) */
@@ -191,13 +189,27 @@ typedef struct iocp_op {
     void *backend_data;               /* e.g. Windows recv buffer */
     int state;                        /* backend state machine */
     int inflight;                     /* 1 from submit until final completion */
+    unsigned char short_record;       /* from iocp_op_alloc_short (pool.c) */
+#ifdef _WIN32
+    WSABUF wsabuf;
+#endif
+
+    /* The tail: not in a short record (iocp_op_alloc_short), which only
+     * RECV, RECV_INTO, POLL and POST ops may use -- no backend touches
+     * these fields for them.  An idle connection's armed recv is a short
+     * record: 120 bytes instead of 312 on Linux. */
+    struct sockaddr_storage addr;     /* CONNECT target; ACCEPT peer (set by
+                                         the caller / the backend) */
+    iocp_socklen_t addrlen;
 #ifdef _WIN32
     char accept_addrs[2 * IOCP_ACCEPT_ADDR_SPACE];
-    WSABUF wsabuf;
 #else
     struct msghdr msg;                /* io_uring SENDMSG: read at submission */
 #endif
 } iocp_op;
+
+/* Bytes of a short record (the fields before the tail). */
+#define IOCP_OP_SHORT_SIZE offsetof(iocp_op, addr)
 
 /* One completion, as handed to the caller of iocp_port_wait(). */
 typedef struct iocp_completion {
@@ -271,6 +283,9 @@ int iocp_unregister(iocp_port *port, iocp_socket_t sock);
 
 /* Op records: pooled, so steady-state submission allocates nothing. */
 iocp_op *iocp_op_alloc(iocp_port *port);
+/* A short record: no addr, addrlen, msg or accept_addrs (see iocp_op),
+ * for RECV, RECV_INTO, POLL and POST ops only.  Freed by iocp_op_free. */
+iocp_op *iocp_op_alloc_short(iocp_port *port);
 void iocp_op_free(iocp_port *port, iocp_op *op);
 
 /* Starts an op (the caller filled kind, sock, buf, len, addr, user). */
@@ -367,6 +382,9 @@ int iocp_sockaddr_unix(const char *path, size_t len, struct sockaddr_storage *ou
 int iocp_sockaddr_parse(const struct sockaddr_storage *ss, iocp_socklen_t len,
                         char *host, size_t hostlen, int *port, uint32_t *flowinfo,
                         uint32_t *scope_id);
+/* The peer's address (getpeername) into *out, its length in *outlen. */
+int iocp_socket_peer(iocp_socket_t sock, struct sockaddr_storage *out,
+                     iocp_socklen_t *outlen);
 /*
  * Closes a socket the caller owns (an accepted one nobody will use).  Plain
  * C, so the Cython layer can call it where nothing may raise.

@@ -2,8 +2,10 @@
  * pool.c -- op records and port-owned receive buffers, reused instead of
  * allocated per operation.
  *
- * Op records live on a free list for the life of the port, so a server in
- * steady state submits millions of ops without touching malloc.  Receive
+ * Op records live on free lists for the life of the port, so a server in
+ * steady state submits millions of ops without touching malloc: one of
+ * full records, one of short ones (no address or msghdr tail; an idle
+ * connection's armed recv is one).  Receive
  * buffers (IOCP_OP_RECV, where the backend picks the memory only when data
  * arrives) come in power-of-two size classes from 128 B to 64 KiB with a
  * small free list per class; larger ones go straight to malloc.  Both pools
@@ -23,21 +25,23 @@ struct iocp__buf_hdr {
     union { long double ld; void *p; long long ll; } align[]; /* data */
 };
 
-iocp_op *iocp_op_alloc(iocp_port *p)
+static iocp_op *iocp__op_alloc(iocp_port *p, int short_record)
 {
+    iocp_op **free_list = short_record ? &p->free_short_ops : &p->free_ops;
+    size_t size = short_record ? IOCP_OP_SHORT_SIZE : sizeof(iocp_op);
     iocp_op *op;
 
     if (iocp__forked(p) || iocp__owner_check(p) < 0)
         return NULL;
     iocp__lock(p);
-    op = p->free_ops;
+    op = *free_list;
     if (op) {
-        p->free_ops = op->next;
+        *free_list = op->next;
     }
     p->live_ops++;
     iocp__unlock(p);
     if (!op) {
-        op = malloc(sizeof(*op));
+        op = malloc(size);
         if (!op) {
             iocp__lock(p);
             p->live_ops--;
@@ -45,16 +49,29 @@ iocp_op *iocp_op_alloc(iocp_port *p)
             return NULL;
         }
     }
-    memset(op, 0, sizeof(*op));
+    memset(op, 0, size);
     op->sock = IOCP_INVALID_SOCKET;
     op->aux_sock = IOCP_INVALID_SOCKET;
+    op->short_record = (unsigned char)short_record;
     return op;
+}
+
+iocp_op *iocp_op_alloc(iocp_port *p)
+{
+    return iocp__op_alloc(p, 0);
+}
+
+iocp_op *iocp_op_alloc_short(iocp_port *p)
+{
+    return iocp__op_alloc(p, 1);
 }
 
 void iocp__op_free_locked(iocp_port *p, iocp_op *op)
 {
-    op->next = p->free_ops;
-    p->free_ops = op;
+    iocp_op **free_list = op->short_record ? &p->free_short_ops : &p->free_ops;
+
+    op->next = *free_list;
+    *free_list = op;
     p->live_ops--;
 }
 
@@ -74,6 +91,11 @@ void iocp__pool_destroy(iocp_port *p)
     while (p->free_ops) {
         iocp_op *op = p->free_ops;
         p->free_ops = op->next;
+        free(op);
+    }
+    while (p->free_short_ops) {
+        iocp_op *op = p->free_short_ops;
+        p->free_short_ops = op->next;
         free(op);
     }
     for (i = 0; i < IOCP__BUF_CLASSES; i++) {

@@ -705,13 +705,11 @@ static void iocp__complete_accept(iocp_port *p, struct iocp__uring *u, iocp_op *
     int multi = (op->flags & IOCP_OPF_MULTISHOT) != 0;
 
     if (res >= 0) {
-        if (op->state & IOCP__ST_MULTI) {
-            socklen_t alen = sizeof(op->addr);
-            if (getpeername(res, (struct sockaddr *)&op->addr, &alen) == 0)
-                op->addrlen = alen;
-            else
-                op->addrlen = 0;
-        }
+        /* A kernel multishot accept wrote no address (see iocp__arm_now):
+         * the record's is meaningless for a multishot op, whose
+         * connections would all share it, so none is read here either. */
+        if (op->state & IOCP__ST_MULTI)
+            op->addrlen = 0;
         if (!multi) {
             iocp__finish(p, u, op, res, 0, 0, NULL, 0);
             return;

@@ -703,16 +703,20 @@ static void iocp__ms_fail(iocp_port *p, iocp_op *op, int err)
         iocp__ms_end(p, op, -(int64_t)err, 0);
 }
 
+/* What a zero-length WSABUF points at: never written (the op may be a
+ * short record, which has no accept_addrs to point into). */
+static char iocp__no_bytes[1];
+
 /* A zero-byte WSARecv: completes when data, end of stream or an error is
- * there, and pins no buffer meanwhile.  `buf` points at op memory only
- * because a WSABUF wants an address; nothing is written there. */
+ * there, and pins no buffer meanwhile.  `buf` points at iocp__no_bytes
+ * only because a WSABUF wants an address; nothing is written there. */
 static int iocp__issue_zero_recv(iocp_op *op, const struct iocp__sockent *se)
 {
     DWORD bytes = 0, flags = 0;
     int err;
 
     memset(&op->ov, 0, sizeof(op->ov));
-    op->wsabuf.buf = op->accept_addrs;
+    op->wsabuf.buf = iocp__no_bytes;
     op->wsabuf.len = 0;
     if (WSARecv(op->sock, &op->wsabuf, 1, &bytes, &flags, &op->ov, NULL) == 0)
         return se->skip ? IOCP__INLINE : IOCP__PENDING;
@@ -944,7 +948,7 @@ static int iocp__issue_poll(iocp_port *p, iocp_op *op, struct iocp__sockent *se)
             listening)
             return -WSAENOTCONN;
     }
-    op->wsabuf.buf = op->accept_addrs;
+    op->wsabuf.buf = iocp__no_bytes;
     op->wsabuf.len = 0;
     if (want & IOCP_POLL_OUT)
         r = WSASend(op->sock, &op->wsabuf, 1, &bytes, 0, &op->ov, NULL);
