@@ -671,6 +671,29 @@ def test_multishot_accept(port, listener):
     port.unregister(listener)
 
 
+@pytest.mark.parametrize("multishot", [False, True])
+def test_accept_without_address(port, listener, multishot):
+    """address=False: the completion carries (conn, None), the socket is
+    the accepted one all the same."""
+    port.register(listener)
+    op = port.accept(listener, multishot=multishot, address=False)
+    client = socket.create_connection(listener.getsockname())
+    c = port.get(timeout=5)
+    assert c is not None and c.ok and c.operation is op
+    conn, addr = c.data
+    assert addr is None
+    assert conn.getpeername() == client.getsockname()
+    if multishot:
+        assert c.more
+        op.cancel()
+        end = port.get(timeout=5)
+        assert end.operation is op and not end.more
+    assert op.done
+    for s in (client, conn):
+        s.close()
+    port.unregister(listener)
+
+
 def test_threads_share_the_port_and_concurrency_caps_dispatch(make_port):
     port = make_port(concurrency=1)
     active = {"now": 0, "max": 0}

@@ -796,6 +796,45 @@ def test_extra_info_limits_protocol(sport) -> None:
     b.close()
 
 
+def test_addresses_outlive_the_close(sport) -> None:
+    """The stream reads its addresses once; after the close (the socket
+    gone) get_extra_info still gives them, a fresh peer tuple each time."""
+    a, b = tcp_pair()
+    want = (a.getsockname(), a.getpeername())
+    proto = Recorder()
+    st = Stream(sport, a, proto)
+    st.start()
+    st.abort()
+    pump(sport, lambda: proto.lost)
+    assert a.fileno() == -1
+    assert (st.get_extra_info("sockname"), st.get_extra_info("peername")) == want
+    assert st.get_extra_info("peername") is not st.get_extra_info("peername")
+    b.close()
+
+
+def test_data_methods_bound_per_instance_or_switched(sport) -> None:
+    """A data_received that is not the class's function (set on the
+    instance) is called as it is; set_protocol switches to the new
+    protocol's own methods."""
+    a, b = tcp_pair()
+    got: list = []
+    proto = Recorder()
+    proto.data_received = lambda data: got.append(("instance", data))
+    st = Stream(sport, a, proto)
+    st.start()
+    b.sendall(b"one")
+    pump(sport, lambda: got)
+    assert got == [("instance", b"one")] and proto.data == b""
+    other = Recorder()
+    st.set_protocol(other)
+    b.sendall(b"two")
+    pump(sport, lambda: other.data)
+    assert bytes(other.data) == b"two" and got == [("instance", b"one")]
+    st.abort()
+    pump(sport, lambda: other.lost)
+    b.close()
+
+
 def test_bad_arguments(make_port) -> None:
     port = make_port()
     a, b = tcp_pair()
