@@ -960,4 +960,4 @@ _Events.pause_writing = staticmethod(_StreamConnection._on_pause)  # type: ignor
 _Events.resume_writing = staticmethod(_StreamConnection._on_resume)  # type: ignore[attr-defined]
 _Events.connection_lost = staticmethod(_StreamConnection._on_lost)  # type: ignore[attr-defined]
 if _stream_connection_send is not None:
-    _StreamConnection.send = _StreamConnection.write = _stream_connection_send  # type: ignore[assignment]
+    _StreamConnection.send = _StreamConnection.write = _stream_connection_send  # type: ignore[method-assign]
