@@ -571,7 +571,8 @@ cdef class Stream:
 
     def stats(self) -> dict:
         """Counters for tests and diagnostics: sends and fences submitted,
-        recv arms, bytes queued and unconfirmed, sends in flight."""
+        recv arms (these three counted modulo 2**32: 4 bytes each in every
+        Stream), bytes queued and unconfirmed, sends in flight."""
         cdef Py_ssize_t n = 0
         cdef _sendrec *r = self._sq_head
         while r != NULL:

@@ -293,6 +293,11 @@ for t in "${WINE_KNOWN[@]}"; do
     echo "deselected (known Wine/Windows-test difference): $t"
     pyargs+=", r'--deselect', r'$t'"
 done
+if [ "${IOCP_WINE_ONLY_OPEN_BUGS:-0}" = 1 ] && [ ${#WINE_OPEN_BUGS[@]} -eq 0 ]; then
+    # Nothing to run alone: say so rather than run pytest with no path.
+    echo "no open Wine bugs are listed: IOCP_WINE_ONLY_OPEN_BUGS=1 runs nothing"
+    exit 0
+fi
 if [ "${IOCP_WINE_ONLY_OPEN_BUGS:-0}" = 1 ]; then
     # Only the open bugs: their ids (relative to the suite copy, pytest's
     # working directory) replace the suite path above.
