@@ -26,10 +26,12 @@
  * request fits (4 KiB buffers up to 4 KiB, 64 KiB ones up to 64 KiB; an
  * idle recv then pins no memory; the buffer goes to the caller with a
  * buf_id naming group and buffer and comes back through release_buffer),
- * else from the port pool at submit.  The groups grow with load (on
- * -ENOBUFS, at most once per reap, and when most of a group is out with
- * callers) up to recv_pool_max; a single-shot recv that still finds none
- * moves to a pool buffer.  A multishot RECV is one armed
+ * else from the port pool at submit.  The groups grow with load up to
+ * recv_pool_max, at most once per reap: when callers keep most of a group
+ * past their batches, on a single-shot recv's -ENOBUFS (one that still
+ * finds none moves to a pool buffer), and on a multishot recv's only
+ * once the ring has run dry in 16 reaps since the last growth -- a burst
+ * shorter than that waits in the sockets (see iocp__ms_grow).  A multishot RECV is one armed
  * IORING_RECV_MULTISHOT request, one completion with MORE per CQE, from
  * the group its socket's arrivals fit: the 512 B group first, one size
  * up (4 KiB, then 64 KiB) each time a buffer comes back full, one down again
@@ -39,8 +41,10 @@
  * it, or the cap is under a buffer, a single-shot recv from the group is
  * re-armed after each completion, and with no buffer ring at all a
  * POLL_ADD then a pool-buffer recv is.  -ENOBUFS ends a kernel multishot:
- * the op grows the group or waits (ST_PARKED) until buffers come back,
- * then re-arms; it never surfaces.  While it is armed the socket's other
+ * the op grows the group, or, with data waiting (MSG_PEEK), waits
+ * (ST_PARKED) until buffers come back and is re-armed in waves no larger
+ * than the ring can feed, or, idle, waits on a POLL_ADD; it never
+ * surfaces.  While it is armed the socket's other
  * recvs get -EBUSY.  RECV_INTO -> IORING_OP_RECV into the
  * caller's buffer, SEND -> IORING_OP_SEND (IORING_OP_SENDMSG for a
  * gathered send, msghdr kept in the op) re-submitted for the remainder
@@ -118,7 +122,8 @@
  * defer-taskrun, coop-taskrun, registered-ring, poll-multishot).
  * IOCP_URING_TEST_STARVE=N makes every Nth op or cancel find the SQ full,
  * to exercise the backlogs.  IOCP_URING_STATS=1 prints counters (-ENOBUFS
- * seen, buffer-group growths and waits, send chains) to stderr when a port
+ * seen, buffer-group growths and waits, idle recvs that found the ring
+ * empty, send chains) to stderr when a port
  * closes; IOCP_URING_POOL_MAX=bytes bounds the buffer groups where the
  * port options leave recv_pool_max at 0.
  */
@@ -734,24 +739,32 @@ static void iocp__complete_accept(iocp_port *p, struct iocp__uring *u, iocp_op *
 }
 
 /*
- * Re-arms every multishot recv that waited for buffers of group g.  All of
- * them: the kernel also answers -ENOBUFS to a recv issued on an idle socket
- * while the ring is empty, so a waiter may have no data and take no
- * buffer; re-arming only as many as came back could leave one with data
- * waiting for a release that never comes.  Those that find the ring empty
- * again wait again.
+ * Re-arms, oldest first, at most `room` of the multishot recvs that wait
+ * for buffers of group g: as many as the ring can feed.  Every waiter has
+ * data (iocp__recv_starved parks no idle socket), so each one re-armed
+ * takes a buffer and its completion brings the next wave with its
+ * release; re-arming them all would be a herd of -ENOBUFS, one per waiter
+ * per wave, while the ring holds fewer buffers than the socket queue has
+ * arrivals.  `room` is the group less what callers hold and what the
+ * waiters re-armed since the reap began are about to take; buffers still
+ * in CQEs make it high, and the extra ones just wait again.
  */
 static void iocp__unpark(iocp_port *p, struct iocp__uring *u, int g)
 {
     struct iocp__bgroup *b = &u->bg[g];
-    iocp_op *list = b->waiters, *op;
+    unsigned used = b->out + b->promised;
+    unsigned room = b->nbufs > used ? b->nbufs - used : 0;
+    iocp_op *op;
 
-    b->waiters = b->waiters_tail = NULL;
-    while ((op = list) != NULL) {
-        list = op->fd_next;
+    while (room > 0 && (op = b->waiters) != NULL) {
+        b->waiters = op->fd_next;
+        if (!b->waiters)
+            b->waiters_tail = NULL;
         op->fd_next = NULL;
         op->state &= ~IOCP__ST_PARKED;
         iocp__again(p, u, op);
+        b->promised++;
+        room--;
     }
 }
 
@@ -763,6 +776,7 @@ static unsigned iocp__grow(iocp_port *p, struct iocp__uring *u, int g)
 
     if (added > 0) {
         u->bg[g].grew_seq = u->reap_seq;
+        u->bg[g].starved = 0;
         if (u->bg[g].waiters)
             iocp__unpark(p, u, g);
     }
@@ -770,10 +784,10 @@ static unsigned iocp__grow(iocp_port *p, struct iocp__uring *u, int g)
 }
 
 /*
- * After -ENOBUFS: may the recv go again on the ring?  One shortage shows
- * as a burst of -ENOBUFS in one batch of CQEs, so the group grows (doubles)
- * at most once per reap and the rest of the burst re-arms on those
- * buffers; a shortage that lasts grows it again at the next reap.
+ * After -ENOBUFS on a single-shot recv: may it go again on the ring?  One
+ * shortage shows as a burst of -ENOBUFS in one batch of CQEs, so the group
+ * grows (doubles) at most once per reap and the rest of the burst re-arms
+ * on those buffers; a shortage that lasts grows it again at the next reap.
  */
 static int iocp__refill(iocp_port *p, struct iocp__uring *u, int g)
 {
@@ -782,9 +796,46 @@ static int iocp__refill(iocp_port *p, struct iocp__uring *u, int g)
     return iocp__grow(p, u, g) > 0;
 }
 
+/* Reaps in which a group's multishot recvs may find its ring empty before
+ * it grows, unless callers keep its buffers. */
+#define IOCP__STARVE_REAPS 16u
+
+/*
+ * After -ENOBUFS on a multishot recv: grow the group now (1), or let the
+ * recv wait for the buffers already on their way back (0)?  Where the
+ * buffers are decides.  Callers keeping half the group past their batch
+ * (`held`) are a shortage no release may end soon: grow.  Otherwise the
+ * ring ran dry because arrivals outran the reaping: the buffers sit in
+ * CQEs of this reap and the next, and come back when their batches are
+ * done, while the data waits in its socket as it does under a readiness
+ * loop.  Such a burst (ten thousand connections sending a first message
+ * at once) lasts a few reaps; doubling the group once per reap would make
+ * it 16 times larger for good, and every buffer the kernel has written
+ * once stays resident.  So only a shortage seen in IOCP__STARVE_REAPS
+ * reaps since the last growth grows it.  At most once per reap either
+ * way; the rest of that reap's burst re-arms on the new buffers.
+ */
+static int iocp__ms_grow(iocp_port *p, struct iocp__uring *u, int g)
+{
+    struct iocp__bgroup *b = &u->bg[g];
+
+    if (u->reaping && b->grew_seq == u->reap_seq)
+        return 1;
+    if (b->starved_seq != u->reap_seq) {
+        b->starved_seq = u->reap_seq;
+        b->starved++;
+    }
+    if (2 * b->held < b->nbufs && b->starved < IOCP__STARVE_REAPS)
+        return 0;
+    return iocp__grow(p, u, g) > 0;
+}
+
 /* A CQE gave us buffer `bid` of group g with `res` bytes: it goes to the
- * caller (ours until release_buffer).  When most of the group is out with
- * callers, grow before the kernel runs dry. */
+ * caller (ours until release_buffer).  When callers keep most of the
+ * group past their batches, grow before the kernel runs dry.  What this
+ * reap hands out does not count: a batch gives its buffers back when it
+ * is done, and a burst larger than the ring waits in the sockets instead
+ * (iocp__ms_grow). */
 static void iocp__handout(iocp_port *p, struct iocp__uring *u, iocp_op *op, int g,
                           unsigned bid, int res, unsigned flags)
 {
@@ -794,26 +845,48 @@ static void iocp__handout(iocp_port *p, struct iocp__uring *u, iocp_op *op, int 
     p->live_buffers++;
     iocp__finish(p, u, op, res, 0, flags | IOCP_CF_BUFFER, iocp__bg_addr(u, g, bid),
                  iocp__bg_buf_id(g, bid));
-    if (b->nbufs - b->out < b->nbufs / 4)
+    if (b->nbufs - b->held < b->nbufs / 4 && b->grew_seq != u->reap_seq)
         (void)iocp__grow(p, u, g);
 }
 
-/* The kernel found no buffer for a multishot recv (which then stopped):
- * grow the group, else wait until a buffer comes back.  Never surfaces. */
+/*
+ * The kernel found no buffer for a multishot recv (which then stopped):
+ * grow the group, else wait.  Never surfaces.  The kernel answers
+ * -ENOBUFS whenever the ring is empty, data or not, so the socket is
+ * asked first (MSG_PEEK, one byte, no wait): with data waiting it joins
+ * the group's waiters, re-armed as buffers come back (iocp__unpark); idle,
+ * it waits on a poll instead, as after -EAGAIN, and takes no buffer's
+ * place in the queue; at its end of stream or on an error it finishes
+ * as the recv would have.
+ */
 static void iocp__recv_starved(iocp_port *p, struct iocp__uring *u, iocp_op *op)
 {
     int g = iocp__op_group(op);
+    char byte;
+    ssize_t n;
 
     u->n_enobufs++;
     if (iocp__cancelling(u, op)) {
         iocp__finish_cancelled(p, u, op);
-    } else if (iocp__refill(p, u, g) || u->bg[g].out == 0) {
-        /* With nothing out with callers every buffer is back in the ring
-         * or on its way to us in a CQE: no release would wake a waiter. */
+        return;
+    }
+    if (iocp__ms_grow(p, u, g)) {
         iocp__arm(u, op);
-    } else {
+        return;
+    }
+    do
+        n = recv((int)op->sock, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n > 0) {
         iocp__waiter_push(&u->bg[g], op);
         u->n_parks++;
+    } else if (n == 0) {
+        iocp__finish(p, u, op, 0, 0, 0, NULL, 0);
+    } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        u->n_idle_waits++;
+        iocp__arm_poll(u, op, POLLIN);
+    } else {
+        iocp__finish(p, u, op, -errno, 0, 0, NULL, 0);
     }
 }
 
@@ -1282,12 +1355,16 @@ static void iocp__drain_backlogs(struct iocp__uring *u)
 static int iocp__reap(iocp_port *p, struct iocp__uring *u, int max)
 {
     iocp__uring_cqe c;
-    int flushed = 0;
+    int flushed = 0, g;
 
     u->ndelivered = 0;
     u->reap_seq++;
     u->reaping = 1;
     u->budget = max;
+    for (g = 0; g < IOCP__BG_COUNT; g++) {
+        u->bg[g].held = u->bg[g].out;
+        u->bg[g].promised = 0;
+    }
     iocp__owed_drain(p, u);
     for (;;) {
         /* A CQE may mean several completions: whatever does not fit is
@@ -1301,6 +1378,13 @@ static int iocp__reap(iocp_port *p, struct iocp__uring *u, int max)
         flushed = 1;
     }
     u->reaping = 0;
+    for (g = 0; g < IOCP__BG_COUNT; g++) {
+        /* The next wave of recvs that wait for buffers: the releases
+         * may all have come before their -ENOBUFS was reaped, and a wave
+         * is bounded by what callers do not hold. */
+        if (u->bg[g].waiters)
+            iocp__unpark(p, u, g);
+    }
     if (u->backlog || u->cbacklog)
         iocp__drain_backlogs(u);
     return u->ndelivered;
@@ -1385,12 +1469,13 @@ static void iocp__uring_destroy(iocp_port *p)
         /* Tests and measurements read this (IOCP_URING_STATS=1). */
         fprintf(stderr, "iocp-uring-stats enobufs=%llu grows=%llu parks=%llu "
                 "pool_bytes=%zu small_bufs=%u large_bufs=%u chains=%llu chained=%llu "
-                "regroups=%llu tiny_bufs=%u setup_flags=%u\n",
+                "regroups=%llu tiny_bufs=%u setup_flags=%u idle_waits=%llu\n",
                 (unsigned long long)u->n_enobufs, (unsigned long long)u->n_grows,
                 (unsigned long long)u->n_parks, u->pool_bytes, u->bg[IOCP__BG_SMALL].nbufs,
                 u->bg[IOCP__BG_LARGE].nbufs, (unsigned long long)u->n_chains,
                 (unsigned long long)u->n_chained, (unsigned long long)u->n_regroups,
-                u->bg[IOCP__BG_TINY].nbufs, u->setup_flags);
+                u->bg[IOCP__BG_TINY].nbufs, u->setup_flags,
+                (unsigned long long)u->n_idle_waits);
     }
     iocp__ring_unregister_fd(u);
     iocp__bg_unregister(u);

@@ -18,8 +18,9 @@
  * buffer each.  That is what bounds the pool when thousands of mostly
  * idle connections each get a short message at once (every arrival
  * holds its own buffer until the caller has taken it).  Each starts small and grows with load:
- * uring.c calls iocp__bg_grow on -ENOBUFS and when most of a group is out
- * with the caller, and a group doubles until all groups together reach the
+ * uring.c calls iocp__bg_grow when a shortage lasts (-ENOBUFS over many
+ * reaps, or callers keeping most of a group), and a group doubles until
+ * all groups together reach the
  * port's bound (iocp_port_options.recv_pool_max, default 64 MiB; each
  * group may always have one chunk, 64 KiB, whatever the bound).  A group
  * never shrinks: ids handed out must stay valid, and the memory is

@@ -159,6 +159,13 @@ struct iocp__bgroup {
     unsigned nbufs, max_bufs;      /* ids made so far; most it may make */
     unsigned out;                  /* ids out with the caller */
     unsigned grew_seq;             /* u->reap_seq of the last growth */
+    unsigned held;                 /* `out` when the current reap began:
+                                      ids callers kept past their batch */
+    unsigned starved;              /* reaps since the last growth in which
+                                      a multishot recv found the ring empty */
+    unsigned starved_seq;          /* u->reap_seq of the last of them */
+    unsigned promised;             /* waiters re-armed since this reap
+                                      began: each is about to take one */
     unsigned chunk_shift;          /* ids per chunk: 1 << chunk_shift */
     char **chunks;                 /* chunk k: ids [k << chunk_shift, ...) */
     iocp_op *waiters, *waiters_tail; /* multishot recvs waiting for
@@ -205,6 +212,7 @@ struct iocp__uring {
     size_t pool_max, pool_bytes;
     /* Counters for IOCP_URING_STATS (tests and measurements). */
     uint64_t n_enobufs, n_grows, n_parks, n_chains, n_chained, n_regroups;
+    uint64_t n_idle_waits;        /* starved multishot recvs found idle */
     int print_stats;
 
     /* Descriptors. */
