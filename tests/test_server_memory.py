@@ -77,8 +77,10 @@ def test_idle_connection_objects_are_bounded(backend: str) -> None:
         assert grown <= N * MAX_OBJECTS_PER_CONN + 8, grown / N
         conns = server.connections
         assert all(hasattr(c, "_stream") for c in conns)
-        # The threaded mode's state (its slots) is not carried along.
-        assert not any(hasattr(type(c), "_mail") or hasattr(type(c), "_lock") for c in conns)
+        # The threaded mode's state (its slots) is not carried along, nor
+        # what the owner already holds (loop, port, settings, limits).
+        owned = ("_mail", "_lock", "_loop", "_port", "_cfg", "_high", "_low", "_limit", "_exc")
+        assert not any(hasattr(type(c), name) for c in conns for name in owned)
         # The addresses are the stream's, and right.
         mine = {s.getsockname() for s in socks}
         assert {c.peername for c in conns} == mine

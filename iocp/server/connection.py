@@ -94,9 +94,8 @@ class Connection:
     # _ThreadedConnection's slots, so a stream connection (an idle one is
     # what a server holds most of) does not carry them.
     __slots__ = (
-        "_owner", "_loop", "_port", "_cfg", "_sock", "protocol",
-        "_paused", "_closing", "_eof_pending", "_torn", "_rpaused", "_exc",
-        "_high", "_low", "_limit",
+        "_owner", "_sock", "protocol",
+        "_paused", "_closing", "_eof_pending", "_torn", "_rpaused",
         "__dict__", "__weakref__",
     )
 
@@ -115,6 +114,13 @@ class Connection:
         sockname: Address,
     ) -> None:
         cfg = self._init_common(owner, sock, protocol)
+        self._loop: _Loop = owner._loop
+        self._port = owner._loop.port
+        self._cfg = cfg
+        self._high = cfg.high  # copied: read on every message
+        self._low = cfg.low
+        self._limit = cfg.limit
+        self._exc: BaseException | None = None
         self._nread = cfg.read_size
         #: The peer's address (as ``socket.getpeername()`` gives it).
         self.peername: Address = peername
@@ -151,20 +157,13 @@ class Connection:
             raise TypeError("Connection objects are made by Server and Client, not directly")
         cfg: _Settings = owner._settings
         self._owner = owner
-        self._loop: _Loop = owner._loop
-        self._port = owner._loop.port
-        self._cfg = cfg
         self._sock = sock
         self.protocol = protocol
-        self._high = cfg.high  # copied: read on every message
-        self._low = cfg.low
-        self._limit = cfg.limit
         self._paused = False
         self._rpaused = False  # pause_reading() called, resume_reading() not yet
         self._closing = False
         self._eof_pending = False  # write_eof() requested
         self._torn = False
-        self._exc: BaseException | None = None
         return cfg
 
     def _linger0(self) -> None:
@@ -674,6 +673,7 @@ class _ThreadedConnection(Connection):
     Connection's own; this class only adds the slots of their state."""
 
     __slots__ = (
+        "_loop", "_port", "_cfg", "_high", "_low", "_limit", "_exc",
         "peername", "sockname", "_on_data", "_lock", "_mail", "_busy", "_wbuf",
         "_wbuf_size", "_buffered", "_sending", "_finished", "_ops", "_recv_op",
         "_held", "_recv_pending", "_eof_seen", "_send_op", "_recv_cb", "_send_cb",
@@ -734,8 +734,9 @@ class _StreamConnection(Connection):
     ) -> None:
         assert _Stream is not None
         cfg = self._init_common(owner, sock, protocol)
-        # peername and sockname are the stream's (it reads both): not kept
-        # twice per connection.
+        # peername and sockname are the stream's (it reads both), the loop,
+        # the settings and the write limits the owner's: none is kept twice
+        # per connection.
         self._disp = owner._loop.dispatcher  # [ident of the dispatching thread]
         self._begun = False
         self._user = protocol
@@ -744,7 +745,7 @@ class _StreamConnection(Connection):
         # rare events and the hooks are this class's functions.
         cls = _StreamConnection
         stream = _Stream(
-            self._port, sock, protocol, conn=self, events=_Events, owner=self, buffered=False,
+            owner._loop.port, sock, protocol, conn=self, events=_Events, owner=self, buffered=False,
             write_high_water=cfg.high, write_low_water=cfg.low, on_error=cls._on_error,
         )
         stream.bind_server(self._disp, cfg.limit, cls._foreign_send, cls._over_limit)
@@ -797,7 +798,7 @@ class _StreamConnection(Connection):
         (``fn`` is a ``_*_here`` method: it does not look at the thread again,
         so it also runs where shutdown() took the dispatch over)."""
         try:
-            self._loop.call_soon(lambda: fn(*args))
+            self._owner._loop.call_soon(lambda: fn(*args))
         except Exception:  # the port is closed: the connection is gone too
             pass
 
@@ -816,8 +817,8 @@ class _StreamConnection(Connection):
     def _over_limit(self) -> None:
         self._stream.abort(
             WriteBufferFull(
-                f"write buffer over {self._limit} bytes: peer {_fmt_addr(self.peername)} "
-                "is not reading"
+                f"write buffer over {self._owner._settings.limit} bytes: "
+                f"peer {_fmt_addr(self.peername)} is not reading"
             )
         )
 
@@ -883,7 +884,7 @@ class _StreamConnection(Connection):
             self._stream.start()
 
     def _begin_any(self) -> None:
-        if self._loop.in_loop():
+        if self._owner._loop.in_loop():
             self._begin()
         else:
             self._post(self._begin)
@@ -944,7 +945,6 @@ class _StreamConnection(Connection):
         # has returned, which shutdown() relies on.
         self._torn = True
         self._closing = True
-        self._exc = exc
         try:
             if self._begun:  # no connection_lost without connection_made
                 getattr(self._user, "connection_lost", _noop)(self, exc)
