@@ -785,6 +785,7 @@ cdef class CompletionPort:
     cdef list _flush_list           # Streams with work for the next flush
     cdef set _streams               # live Streams (aborted by close())
     cdef Py_ssize_t _stream_events  # Stream events delivered so far
+    cdef int64_t _batch_ns          # the clock when the batch being dispatched was taken
     cdef public bint return_on_stream_events
     """When true, run() returns after a batch (or flush) in which a Stream
     called its protocol -- for an event loop built on run(), whose
@@ -1448,6 +1449,9 @@ cdef class CompletionPort:
                 # Until _convert() has turned them into Completions, these
                 # records must outlive any close() on another thread.
                 self._holders += 1
+                # The streams' activity stamps: one clock read per batch,
+                # not one per message.
+                self._batch_ns = iocp__stream_clock_ns()
         finally:
             self._waiters -= 1
         if n == IOCP_EINTR:
@@ -1546,6 +1550,8 @@ cdef class CompletionPort:
         cdef Py_ssize_t ev = 0, i, m
         cdef int rounds = 0
         cdef Stream st
+        if self._flush_list:
+            self._batch_ns = iocp__stream_clock_ns()   # held data it delivers
         while self._flush_list and rounds < 16:
             rounds += 1
             todo = self._flush_list

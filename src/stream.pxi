@@ -77,7 +77,9 @@ cdef extern from *:
     """
     /* The clock of time.monotonic(), in nanoseconds, read from C:
        iocp.server's last_activity is compared with time.monotonic()
-       values.  Seconds are made only when someone reads the stamp. */
+       values.  Seconds are made only when someone reads the stamp.  The
+       port reads it once per batch (CompletionPort._batch_ns) and the
+       streams stamp deliveries and sends with that. */
     static inline int64_t iocp__stream_clock_ns(void)
     {
     #if PY_VERSION_HEX >= 0x030D0000
@@ -610,7 +612,8 @@ cdef class Stream:
     @property
     def last_activity(self) -> float:
         """``time.monotonic()`` when data was last delivered or a send last
-        completed (when the stream was made, before either)."""
+        completed (when the stream was made, before either), to the batch:
+        the time the port took the batch of completions that brought it."""
         # As time.monotonic() turns its nanoseconds into seconds.
         if self._last_activity % 1000000000 == 0:
             return <double>(self._last_activity // 1000000000)
@@ -761,7 +764,7 @@ cdef class Stream:
         cdef Py_buffer view
         cdef Py_ssize_t off = 0, n, k
         self._bytes_in += <unsigned long long>PyBytes_GET_SIZE(data)
-        self._last_activity = iocp__stream_clock_ns()
+        self._last_activity = self._port._batch_ns
         # Local references: the call may switch the protocol.
         proto = self._protocol
         conn = self._conn
@@ -1245,7 +1248,7 @@ cdef class Stream:
                     r = r.next
         if ok:
             if rec.nbytes:
-                self._last_activity = iocp__stream_clock_ns()
+                self._last_activity = self._port._batch_ns
         elif (c.flags & IOCP_CF_CANCELLED) == 0 and c.result > 0 and <size_t>c.result < rec.nbytes:
             self._bytes_taken -= rec.nbytes - <size_t>c.result   # the unsent part
         else:
